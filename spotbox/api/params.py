@@ -1,0 +1,81 @@
+"""Query and path parameters, checked and turned into values, or a 400 naming the parameter."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from spotbox.errors import BadRequestError
+from spotbox.status import SERIAL_PATTERN, from_micros, is_valid_serial, to_micros
+
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+def serial_param(request: web.Request) -> str:
+    """The `{serial}` path part, which must look like a robot serial number."""
+    serial = request.match_info["serial"]
+    if not is_valid_serial(serial):
+        raise BadRequestError("invalid serial number", {"serial": serial, "pattern": SERIAL_PATTERN})
+    return serial
+
+
+def time_param(request: web.Request, name: str) -> datetime | None:
+    """An ISO 8601 date-time; one without an offset is taken as UTC."""
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        moment = datetime.fromisoformat(raw.strip().upper())
+    except ValueError:
+        raise BadRequestError(f"{name} is not an ISO 8601 date-time", {name: raw}) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    """An integer within [low, high]."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequestError(f"{name} must be an integer from {low} to {high}", {name: raw}) from None
+    if not low <= value <= high:
+        raise BadRequestError(f"{name} must be an integer from {low} to {high}", {name: raw})
+    return value
+
+
+def bool_param(request: web.Request, name: str) -> bool:
+    """`true`/`false` (also 1/0, yes/no); absent is false."""
+    raw = request.query.get(name)
+    if raw is None:
+        return False
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise BadRequestError(f"{name} must be true or false", {name: raw})
+
+
+def encode_cursor(ts: datetime, row_id: int) -> str:
+    """An opaque cursor for the row after (ts, id)."""
+    return base64.urlsafe_b64encode(f"{to_micros(ts)}:{row_id}".encode()).decode().rstrip("=")
+
+
+def cursor_param(request: web.Request) -> tuple[datetime, int] | None:
+    """The (ts, id) a `cursor` from a previous page points after."""
+    raw = request.query.get("cursor")
+    if not raw:
+        return None
+    try:
+        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+        micros, row_id = (int(part) for part in text.split(":"))
+        return from_micros(micros), row_id
+    except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError):
+        raise BadRequestError("cursor is not one this server issued", {"cursor": raw}) from None

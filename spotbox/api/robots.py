@@ -1,0 +1,53 @@
+"""Per-robot routes: the live feed and the history."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from spotbox.api.params import bool_param, cursor_param, encode_cursor, int_param, serial_param, time_param
+from spotbox.errors import BadRequestError, NotFoundError
+from spotbox.keys import HUB, SETTINGS, STORAGE
+from spotbox.sse import serve_feed
+from spotbox.status import dumps
+from spotbox.storage import HistoryQuery
+
+HISTORY_LIMIT_DEFAULT = 500
+HISTORY_LIMIT_MAX = 5000
+
+
+async def feed(request: web.Request) -> web.StreamResponse:
+    """GET /robots/{serial}/feed: each committed status of the robot as an SSE `status` event."""
+    serial = serial_param(request)
+    with request.app[HUB].subscribe(serial) as stream:
+        return await serve_feed(request, stream, request.app[SETTINGS].sse_ping_s)
+
+
+async def history(request: web.Request) -> web.Response:
+    """GET /robots/{serial}/history: one page of stored statuses in time order, with a cursor to the next."""
+    serial = serial_param(request)
+    start = time_param(request, "start_time")
+    end = time_param(request, "end_time")
+    if start is not None and end is not None and start > end:
+        raise BadRequestError("start_time is after end_time", {"start_time": start, "end_time": end})
+    limit = int_param(request, "limit", HISTORY_LIMIT_DEFAULT, 1, HISTORY_LIMIT_MAX)
+    include_payload = bool_param(request, "include_payload")
+    after = cursor_param(request)
+    storage = request.app[STORAGE]
+    # One extra row tells whether another page follows.
+    rows = await storage.history(HistoryQuery(serial, start, end, after, limit + 1))
+    if not rows and after is None and not await storage.robot_exists(serial):
+        raise NotFoundError("unknown robot", {"serial_number": serial})
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1].record.ts, page[-1].id) if len(rows) > limit else None
+    body = {
+        "serial_number": serial,
+        "items": [row.to_api(include_payload=include_payload) for row in page],
+        "next_cursor": next_cursor,
+    }
+    return web.Response(body=dumps(body), content_type="application/json")
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the per-robot routes."""
+    app.router.add_get("/robots/{serial}/feed", feed)
+    app.router.add_get("/robots/{serial}/history", history)

@@ -1,0 +1,95 @@
+"""The application factory: one aiohttp app owning storage, the ingest pipeline, the broker and the streams."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from spotbox.api import robots
+from spotbox.api.errors import error_middleware
+from spotbox.broker import SpotboxBroker
+from spotbox.broker.websocket import serve_mqtt_websocket
+from spotbox.keys import BROKER, HUB, PIPELINE, SETTINGS, STORAGE
+from spotbox.pipeline import IngestPipeline
+from spotbox.settings import Settings
+from spotbox.sse import FeedHub
+from spotbox.storage import open_storage
+from spotbox.validation import StatusValidator
+
+logger = logging.getLogger(__name__)
+
+
+async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Open (and migrate) the database for the app's lifetime."""
+    settings = app[SETTINGS]
+    storage = open_storage(settings.database)
+    await storage.open()
+    logger.info("storage ready: %s", settings.database.redacted())
+    app[STORAGE] = storage
+    yield
+    await storage.close()
+
+
+async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Run the one writer; on exit, let it commit what is still queued, then stop."""
+    settings = app[SETTINGS]
+    hub = app[HUB]
+    pipeline = IngestPipeline(
+        app[STORAGE],
+        StatusValidator(settings.schema_path),
+        hub.publish,
+        queue_size=settings.queue_size,
+        batch_max=settings.batch_max,
+        batch_wait_s=settings.batch_wait_ms / 1000,
+    )
+    app[PIPELINE] = pipeline
+    writer = asyncio.create_task(pipeline.run(), name="spotbox-writer")
+    yield
+    await pipeline.stop()
+    try:
+        await asyncio.wait_for(writer, timeout=settings.shutdown_timeout_s)
+    except TimeoutError:
+        logger.error("writer did not finish within %.0f s; %d statuses not stored", settings.shutdown_timeout_s,
+                     pipeline.depth)
+
+
+async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Start the embedded broker (built here: amqtt needs the running loop) and its TCP listener."""
+    settings = app[SETTINGS]
+    broker = SpotboxBroker(app[PIPELINE])
+    await broker.start()
+    try:
+        host, port = await broker.listen(settings.mqtt_host, settings.mqtt_port)
+    except BaseException:
+        await broker.shutdown()
+        raise
+    logger.info("mqtt listening on %s:%d", host, port)
+    app[BROKER] = broker
+    yield
+    await broker.stop_listening()
+    await broker.shutdown()
+
+
+async def close_streams(app: web.Application) -> None:
+    """End every SSE stream so shutdown does not wait on clients."""
+    app[HUB].close_all()
+
+
+async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
+    """GET /mqtt: MQTT over WebSocket on the HTTP port."""
+    return await serve_mqtt_websocket(request, request.app[BROKER])
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the spotbox application; nothing starts until the app is run."""
+    app = web.Application(middlewares=[error_middleware])
+    app[SETTINGS] = settings
+    app[HUB] = FeedHub()
+    app.cleanup_ctx.extend([storage_ctx, pipeline_ctx, broker_ctx])
+    app.on_shutdown.append(close_streams)
+    app.router.add_get("/mqtt", mqtt_websocket)
+    robots.add_routes(app)
+    return app

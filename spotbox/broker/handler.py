@@ -1,0 +1,77 @@
+"""The per-connection protocol handler: validation and durable storage happen here, before any acknowledgement.
+
+amqtt acknowledges a QoS 1/2 PUBLISH in the handler before the broker or any plugin sees it, and plugin hooks
+cannot veto a message (see docs/design.md). So spotbox's hook is the handler's `handle_publish`, the task amqtt
+starts for each received PUBLISH: a status is validated and committed first; only then does amqtt's own flow
+acknowledge it and queue it for routing. A rejected status is acknowledged as its protocol allows but wrapped in
+`RejectedMessage`, which `SpotboxBroker` never routes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.session import IncomingApplicationMessage
+
+from spotbox.errors import StorageError
+from spotbox.status import dumps, status_topic_serial
+from spotbox.validation import Rejection
+
+if TYPE_CHECKING:
+    from spotbox.broker.server import SpotboxBroker
+
+logger = logging.getLogger(__name__)
+
+REJECTED_TOPIC = "spotbox/rejected/{serial}"
+
+
+class RejectedMessage(IncomingApplicationMessage):
+    """An invalid status: acknowledged per protocol, never routed, stored or streamed."""
+
+    __slots__ = ()
+
+
+class SpotboxProtocolHandler(BrokerProtocolHandler):
+    """amqtt's broker handler, with status validation and commit ahead of the acknowledgement."""
+
+    def __init__(self, broker: SpotboxBroker, **kwargs: Any) -> None:
+        super().__init__(broker.plugins_manager, **kwargs)
+        self._broker = broker
+
+    async def handle_publish(self, publish_packet: PublishPacket) -> None:
+        """Validate and commit a status before amqtt acknowledges and routes it; other topics pass untouched."""
+        topic = publish_packet.topic_name
+        data = publish_packet.data
+        serial = status_topic_serial(topic) if topic is not None else None
+        if serial is None or data is None:
+            await super().handle_publish(publish_packet)
+            return
+        pipeline = self._broker.pipeline
+        verdict = pipeline.check(serial, data)
+        if isinstance(verdict, Rejection):
+            await self._broker.report_rejection(topic, verdict, data)
+            message = RejectedMessage(
+                publish_packet.packet_id, topic, publish_packet.qos, data, publish_packet.retain_flag
+            )
+            message.publish_packet = publish_packet
+            await self._handle_message_flow(message)
+            return
+        try:
+            await pipeline.commit(verdict)
+        except StorageError as exc:
+            # Not stored, so not acknowledged: an MQTT client resends an unacknowledged QoS 1/2 message.
+            logger.error("status of %s not stored, not acknowledged: %s", serial, exc)  # noqa: TRY400
+            return
+        await super().handle_publish(publish_packet)
+
+
+def rejection_report(topic: str, rejection: Rejection, payload: bytes) -> bytes:
+    """The JSON an operator sees on `spotbox/rejected/{serial}`."""
+    try:
+        shown: Any = payload.decode()
+    except UnicodeDecodeError:
+        shown = payload.decode("utf-8", errors="replace")
+    return dumps({"topic": topic, "errors": rejection.errors, "payload": shown})

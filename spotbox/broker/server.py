@@ -1,0 +1,97 @@
+"""The embedded amqtt broker, with spotbox owning its listeners: MQTT over TCP, and over WebSocket at /mqtt."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from functools import partial
+from typing import Any
+
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+from amqtt.broker import Broker
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import Session
+
+from spotbox.broker.handler import REJECTED_TOPIC, RejectedMessage, SpotboxProtocolHandler, rejection_report
+from spotbox.errors import ListenError
+from spotbox.pipeline import IngestPipeline
+from spotbox.validation import Rejection
+
+logger = logging.getLogger(__name__)
+
+TCP_LISTENER = "tcp"
+WS_LISTENER = "ws"
+
+
+def broker_config() -> dict[str, Any]:
+    """amqtt configuration: both listeners are 'external' because spotbox accepts the connections itself."""
+    return {
+        "listeners": {
+            "default": {"type": "external", "bind": "spotbox"},
+            TCP_LISTENER: {"type": "external", "bind": "spotbox"},
+            WS_LISTENER: {"type": "external", "bind": "spotbox"},
+        },
+        "plugins": {"spotbox.broker.auth.LocalAnonymousAuth": {}},
+    }
+
+
+class SpotboxBroker(Broker):
+    """amqtt's Broker, with spotbox's protocol handler and no routing of rejected statuses."""
+
+    def __init__(self, pipeline: IngestPipeline) -> None:
+        super().__init__(broker_config())
+        self.pipeline = pipeline
+        self._tcp_server: asyncio.Server | None = None
+        self.mqtt_address: tuple[str, int] | None = None
+
+    async def listen(self, host: str, port: int) -> tuple[str, int]:
+        """Accept MQTT over TCP on host:port (0 picks a free port) and return the real address."""
+        try:
+            self._tcp_server = await asyncio.start_server(
+                partial(self.stream_connected, listener_name=TCP_LISTENER), host, port, reuse_address=True
+            )
+        except OSError as exc:
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise ListenError("MQTT", host, port, "--mqtt-port (or --mqtt-host)", reason) from exc
+        address = self._tcp_server.sockets[0].getsockname()
+        self.mqtt_address = (address[0], address[1])
+        return self.mqtt_address
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        """One TCP client, for its whole life; amqtt's errors end the connection, never the broker."""
+        try:
+            await self._client_connected(listener_name, StreamReaderAdapter(reader), StreamWriterAdapter(writer))
+        except Exception:
+            logger.exception("mqtt connection from %s ended by an error", writer.get_extra_info("peername"))
+            writer.close()
+
+    async def stop_listening(self) -> None:
+        """Stop accepting new MQTT connections."""
+        if self._tcp_server is not None:
+            self._tcp_server.close()
+            await self._tcp_server.wait_closed()
+            self._tcp_server = None
+
+    async def _initialize_client_session(
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        # amqtt builds a fresh, unattached BrokerProtocolHandler here; use spotbox's in its place.
+        _, session = await super()._initialize_client_session(reader, writer, remote_address, remote_port)
+        return SpotboxProtocolHandler(self, loop=self._loop), session
+
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
+        if isinstance(wait_deliver.result(), RejectedMessage):
+            return True
+        result: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
+        return result
+
+    async def report_rejection(self, topic: str, rejection: Rejection, payload: bytes) -> None:
+        """Publish why a status was refused on `spotbox/rejected/{serial}`, for operators to watch."""
+        await self.internal_message_broadcast(
+            REJECTED_TOPIC.format(serial=rejection.serial_number), rejection_report(topic, rejection, payload)
+        )

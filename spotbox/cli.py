@@ -1,0 +1,172 @@
+"""The `spotbox` command: run, simulate. The only place Settings are built and logging is configured."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import signal
+from pathlib import Path
+
+import aiomqtt
+import click
+from aiohttp import web
+
+from spotbox.app import create_app
+from spotbox.errors import ConfigError, ListenError, SpotboxError
+from spotbox.logs import configure_logging
+from spotbox.settings import BUNDLED_SCHEMA, LOG_FORMATS, Settings
+from spotbox.simulate import MQTT_VERSIONS, Fleet, FleetConfig
+
+logger = logging.getLogger(__name__)
+
+
+@click.group()
+@click.version_option(package_name="spotbox")
+def main() -> None:
+    """spotbox: MQTT broker, validation, storage, live feed and history for a robot fleet, in one process."""
+
+
+@main.command()
+@click.option("--http-host", envvar="SPOTBOX_HTTP_HOST", default="127.0.0.1", show_default=True,
+              help="Address of the HTTP API, SSE feeds and MQTT over WebSocket (/mqtt).")
+@click.option("--http-port", envvar="SPOTBOX_HTTP_PORT", type=int, default=8000, show_default=True,
+              help="HTTP port; 0 picks a free one.")
+@click.option("--mqtt-host", envvar="SPOTBOX_MQTT_HOST", default="127.0.0.1", show_default=True,
+              help="Address of MQTT over TCP; loopback only (no users support yet).")
+@click.option("--mqtt-port", envvar="SPOTBOX_MQTT_PORT", type=int, default=1883, show_default=True,
+              help="MQTT port; 0 picks a free one.")
+@click.option("--database-url", envvar=["SPOTBOX_DATABASE_URL", "DATABASE_URL"], default="sqlite:///spotbox.db",
+              show_default=True, help="sqlite:///PATH or postgresql://user:pass@host:port/db")
+@click.option("--schema", "schema_path", envvar="SPOTBOX_SCHEMA", type=click.Path(path_type=Path),
+              default=BUNDLED_SCHEMA, show_default="bundled robot-status schema",
+              help="JSON Schema (2020-12) for robot/+/status.")
+@click.option("--log-level", envvar="SPOTBOX_LOG_LEVEL", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option("--log-format", envvar="SPOTBOX_LOG_FORMAT", default="text", show_default=True,
+              type=click.Choice(LOG_FORMATS))
+@click.option("--batch-max", envvar="SPOTBOX_BATCH_MAX", type=int, default=500, show_default=True,
+              help="Most statuses committed in one transaction.")
+@click.option("--batch-wait-ms", envvar="SPOTBOX_BATCH_WAIT_MS", type=float, default=5.0, show_default=True,
+              help="Longest wait for a batch to fill once it has one status.")
+def run(
+    http_host: str,
+    http_port: int,
+    mqtt_host: str,
+    mqtt_port: int,
+    database_url: str,
+    schema_path: Path,
+    log_level: str,
+    log_format: str,
+    batch_max: int,
+    batch_wait_ms: float,
+) -> None:
+    """Run the broker, the ingest pipeline and the HTTP API until SIGINT or SIGTERM."""
+    try:
+        settings = Settings(
+            http_host=http_host,
+            http_port=http_port,
+            mqtt_host=mqtt_host,
+            mqtt_port=mqtt_port,
+            database_url=database_url,
+            schema_path=schema_path,
+            log_level=log_level,
+            log_format=log_format,
+            batch_max=batch_max,
+            batch_wait_ms=batch_wait_ms,
+        )
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(serve(settings))
+    except SpotboxError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+async def serve(settings: Settings) -> None:
+    """Start everything, log the real listening addresses, and run until a stop signal."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, settings.http_host, settings.http_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise ListenError("HTTP", settings.http_host, settings.http_port, "--http-port (or --http-host)",
+                              reason) from exc
+        for host, port, *_ in runner.addresses:
+            logger.info("http listening on http://%s:%d", host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        logger.info("stopping")
+    finally:
+        await runner.cleanup()
+    logger.info("stopped")
+
+
+@main.command()
+@click.option("--robot-count", envvar="ROBOT_COUNT", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--publish-interval-sec", envvar="PUBLISH_INTERVAL_SEC", type=click.FloatRange(min=0), default=1.0,
+              show_default=True, help="Seconds between two statuses of one robot.")
+@click.option("--invalid-rate", envvar="INVALID_RATE", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of deliberately invalid statuses.")
+@click.option("--jitter-max-sec", envvar="JITTER_MAX_SEC", type=click.FloatRange(min=0), default=0.2,
+              show_default=True)
+@click.option("--enable-stats-log/--no-stats-log", envvar="ENABLE_STATS_LOG", default=False, show_default=True)
+@click.option("--stats-log-interval-sec", envvar="STATS_LOG_INTERVAL_SEC", type=click.FloatRange(min=0.1),
+              default=5.0, show_default=True)
+@click.option("--mqtt-version", envvar="MQTT_VERSION", type=click.Choice(list(MQTT_VERSIONS)), default="3.1.1",
+              show_default=True, help="MQTT protocol version of the robots.")
+@click.option("--count", envvar="SPOTBOX_SIM_COUNT", type=click.IntRange(min=1), default=None,
+              help="Stop after this many statuses in all (default: run until interrupted).")
+@click.option("--host", envvar="MQTT_HOST", default="127.0.0.1", show_default=True)
+@click.option("--port", envvar="MQTT_PORT", type=click.IntRange(1, 65535), default=1883, show_default=True)
+@click.option("--username", envvar="MQTT_USERNAME", default=None)
+@click.option("--password", envvar="MQTT_PASSWORD", default=None)
+@click.option("--qos", envvar="MQTT_QOS", type=click.IntRange(0, 2), default=1, show_default=True)
+@click.option("--log-level", envvar="SPOTBOX_LOG_LEVEL", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+def simulate(
+    robot_count: int,
+    publish_interval_sec: float,
+    invalid_rate: float,
+    jitter_max_sec: float,
+    enable_stats_log: bool,
+    stats_log_interval_sec: float,
+    mqtt_version: str,
+    count: int | None,
+    host: str,
+    port: int,
+    username: str | None,
+    password: str | None,
+    qos: int,
+    log_level: str,
+) -> None:
+    """Run a mock robot fleet that publishes statuses to spotbox (or any MQTT broker)."""
+    configure_logging(log_level, "text")
+    config = FleetConfig(
+        robot_count=robot_count,
+        publish_interval_s=publish_interval_sec,
+        invalid_rate=invalid_rate,
+        jitter_max_s=jitter_max_sec,
+        enable_stats_log=enable_stats_log,
+        stats_log_interval_s=stats_log_interval_sec,
+        mqtt_version=mqtt_version,
+        count=count,
+        host=host,
+        port=port,
+        username=username,
+        password=password,
+        qos=qos,
+    )
+    try:
+        stats = asyncio.run(Fleet(config).run())
+    except* aiomqtt.MqttError as group:
+        raise click.ClickException(f"MQTT broker {host}:{port}: {group.exceptions[0]}") from None
+    click.echo(f"sent {stats.valid + stats.invalid} statuses ({stats.invalid} invalid, {stats.failed} failed)")

@@ -1,0 +1,49 @@
+"""The one error root of spotbox; errors are translated to CLI or HTTP answers only at the edges."""
+
+from __future__ import annotations
+
+
+class SpotboxError(Exception):
+    """Root of every error spotbox raises on purpose."""
+
+
+class ConfigError(SpotboxError):
+    """A setting is invalid; the message names the option and how to fix it."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+
+
+class ListenError(SpotboxError):
+    """A listener could not bind its address."""
+
+    def __init__(self, what: str, host: str, port: int, option: str, reason: str) -> None:
+        super().__init__(f"cannot listen for {what} on {host}:{port} ({reason}); change {option}")
+        self.host = host
+        self.port = port
+        self.option = option
+
+
+class StorageError(SpotboxError):
+    """The database could not be opened, migrated, written or read."""
+
+
+class StorageUnavailableError(StorageError):
+    """The database cannot be reached right now; the operation may succeed later."""
+
+
+class BadRequestError(SpotboxError):
+    """An HTTP request carries a bad parameter; answered with 400."""
+
+    def __init__(self, message: str, detail: object = None) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+class NotFoundError(SpotboxError):
+    """The requested resource (a robot, a route) does not exist; answered with 404."""
+
+    def __init__(self, message: str, detail: object = None) -> None:
+        super().__init__(message)
+        self.detail = detail

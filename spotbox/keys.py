@@ -1,0 +1,17 @@
+"""The typed keys under which each component sits on the aiohttp application."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from spotbox.broker import SpotboxBroker
+from spotbox.pipeline import IngestPipeline
+from spotbox.settings import Settings
+from spotbox.sse import FeedHub
+from spotbox.storage import Storage
+
+SETTINGS = web.AppKey("settings", Settings)
+STORAGE = web.AppKey("storage", Storage)
+HUB = web.AppKey("hub", FeedHub)
+PIPELINE = web.AppKey("pipeline", IngestPipeline)
+BROKER = web.AppKey("broker", SpotboxBroker)

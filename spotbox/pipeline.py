@@ -1,0 +1,179 @@
+"""The ingest pipeline: a bounded queue that one writer drains in batches, then fans committed rows out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from spotbox.errors import StorageError, StorageUnavailableError
+from spotbox.status import StatusRecord, StoredStatus
+from spotbox.storage import Storage
+from spotbox.validation import Rejection, StatusValidator
+
+logger = logging.getLogger(__name__)
+
+_BACKOFF_FIRST_S = 0.05
+_BACKOFF_MAX_S = 5.0
+
+_Item = tuple[StatusRecord, "asyncio.Future[int | None]"]
+
+
+@dataclass
+class IngestStats:
+    """Counters since start, for logs, readiness and the bench."""
+
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    batches: int = 0
+
+
+@dataclass(slots=True)
+class Accepted:
+    """A status that was committed: its row id, or None when the same status was already stored."""
+
+    row_id: int | None
+
+
+class IngestPipeline:
+    """Validates statuses, commits them in batches through one writer, and hands stored rows to `on_stored`."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        validator: StatusValidator,
+        on_stored: Callable[[Sequence[StoredStatus]], None],
+        *,
+        queue_size: int,
+        batch_max: int,
+        batch_wait_s: float,
+    ) -> None:
+        self.storage = storage
+        self.validator = validator
+        self.stats = IngestStats()
+        self.storage_available = True
+        self._on_stored = on_stored
+        # None is the stop sentinel: the writer commits everything queued before it, then returns.
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue(queue_size)
+        self._stopping = False
+        self._batch_max = batch_max
+        self._batch_wait_s = batch_wait_s
+
+    def check(self, serial: str, raw: bytes) -> StatusRecord | Rejection:
+        """Validate one payload, counting and logging a rejection as one structured line."""
+        self.stats.received += 1
+        verdict = self.validator.check(serial, raw, datetime.now(UTC))
+        if isinstance(verdict, Rejection):
+            self.stats.rejected[verdict.field] += 1
+            logger.warning(
+                "rejected status serial=%s field=%s reason=%s",
+                verdict.serial_number,
+                verdict.field,
+                verdict.reason,
+                extra={"event": "status_rejected", "serial": verdict.serial_number, "errors": verdict.errors},
+            )
+        return verdict
+
+    async def commit(self, record: StatusRecord) -> Accepted:
+        """Queue a valid record and wait until it is committed (waits while the queue is full)."""
+        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        await self._queue.put((record, future))
+        return Accepted(await future)
+
+    @property
+    def depth(self) -> int:
+        """Records waiting for the writer."""
+        return self._queue.qsize()
+
+    async def run(self) -> None:
+        """The writer loop: take a batch, commit it (retrying while storage is away), fan it out; until stopped."""
+        while not self._stopping:
+            batch = await self._next_batch()
+            try:
+                await self._write(batch)
+            except Exception as exc:
+                # A bug, not an outage: fail this batch (nothing is acknowledged) and keep serving.
+                logger.exception("writer failed on a batch of %d statuses", len(batch))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(StorageError(f"not stored: {exc!r}"))
+
+    async def stop(self) -> None:
+        """Ask the writer to commit everything queued so far and return; call once nothing submits any more."""
+        await self._queue.put(None)
+
+    async def _next_batch(self) -> list[_Item]:
+        batch: list[_Item] = []
+        deadline = time.monotonic() + self._batch_wait_s
+        while len(batch) < self._batch_max and not self._stopping:
+            if not self._queue.empty() or not batch:
+                item = await self._queue.get()
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        item = await self._queue.get()
+                except TimeoutError:
+                    break
+            if item is None:
+                self._stopping = True
+            else:
+                batch.append(item)
+        return batch
+
+    async def _write(self, batch: list[_Item]) -> None:
+        if not batch:
+            return
+        records = [record for record, _ in batch]
+        try:
+            ids = await self._write_retrying(records)
+        except StorageError as exc:
+            # The batch holds a row the database refuses: write one by one so only that row fails.
+            logger.error("batch of %d refused (%s); writing its rows one by one", len(records), exc)  # noqa: TRY400
+            ids = []
+            for record, future in batch:
+                try:
+                    ids.extend(await self._write_retrying([record]))
+                except StorageError as single:
+                    logger.error("status of %s not stored: %s", record.serial_number, single)  # noqa: TRY400
+                    ids.append(None)
+                    if not future.done():
+                        future.set_exception(single)
+        self.stats.batches += 1
+        stored: list[StoredStatus] = []
+        for (record, future), row_id in zip(batch, ids, strict=True):
+            if row_id is None:
+                self.stats.duplicates += 1
+            else:
+                self.stats.stored += 1
+                stored.append(StoredStatus(row_id, record))
+            if not future.done():
+                future.set_result(row_id)
+        if stored:
+            self._on_stored(stored)
+
+    async def _write_retrying(self, records: list[StatusRecord]) -> list[int | None]:
+        """Write, retrying with capped exponential backoff while storage is unreachable."""
+        delay = _BACKOFF_FIRST_S
+        while True:
+            try:
+                ids = await self.storage.write_batch(records)
+            except StorageUnavailableError as exc:
+                if self.storage_available:
+                    logger.warning("storage unavailable, holding %d statuses and retrying: %s", len(records), exc)
+                self.storage_available = False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX_S)
+                continue
+            if not self.storage_available:
+                logger.info("storage is back; writing resumed")
+                self.storage_available = True
+            return ids

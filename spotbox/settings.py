@@ -1,0 +1,103 @@
+"""The one frozen Settings object; built by the CLI (or a test) and checked as it is built."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from spotbox.errors import ConfigError
+
+BUNDLED_SCHEMA = Path(__file__).parent / "schemas" / "robot-status.schema.json"
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class DatabaseURL:
+    """A parsed `--database-url`: which backend, and where."""
+
+    scheme: Literal["sqlite", "postgresql"]
+    url: str
+    sqlite_path: Path | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> DatabaseURL:
+        """Parse `sqlite:///PATH` or `postgresql://user:pass@host:port/db`; raise ConfigError otherwise."""
+        option = "--database-url"
+        parts = urlsplit(url)
+        if parts.scheme == "sqlite":
+            # sqlite:///relative.db -> "relative.db"; sqlite:////abs/x.db -> "/abs/x.db"
+            if parts.netloc or not parts.path.startswith("/") or len(parts.path) < 2:
+                raise ConfigError(option, f"{url!r} is not sqlite:///PATH (relative) or sqlite:////PATH (absolute)")
+            return cls("sqlite", url, Path(parts.path[1:]))
+        if parts.scheme in ("postgresql", "postgres"):
+            if not parts.hostname and not parts.path.strip("/"):
+                raise ConfigError(option, f"{url!r} names no host and no database")
+            return cls("postgresql", url)
+        raise ConfigError(option, f"{url!r} is neither sqlite:///PATH nor postgresql://user:pass@host:port/db")
+
+    def redacted(self) -> str:
+        """The URL with any password replaced, for logs."""
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        return self.url.replace(f":{parts.password}@", ":***@", 1)
+
+
+def _check_port(option: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(option, f"{port} is not a TCP port (0 to 65535; 0 picks a free one)")
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `spotbox run` needs, checked once when built."""
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    database_url: str = "sqlite:///spotbox.db"
+    schema_path: Path = BUNDLED_SCHEMA
+    log_level: str = "info"
+    log_format: str = "text"
+    # The ingest pipeline: a bounded queue drained by one writer in batches.
+    queue_size: int = 10_000
+    batch_max: int = 500
+    batch_wait_ms: float = 5.0
+    sse_ping_s: float = 15.0
+    shutdown_timeout_s: float = 30.0
+    database: DatabaseURL = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_port("--http-port", self.http_port)
+        _check_port("--mqtt-port", self.mqtt_port)
+        if not is_loopback(self.mqtt_host):
+            # SPEC 7: without a users file MQTT stays on loopback with anonymous clients only.
+            raise ConfigError(
+                "--mqtt-host",
+                f"{self.mqtt_host} is not a loopback address; without users MQTT only listens on loopback "
+                "(127.0.0.1, ::1 or localhost), like Mosquitto's local-only mode",
+            )
+        if not self.schema_path.is_file():
+            raise ConfigError("--schema", f"{self.schema_path} is not a readable file")
+        if self.log_level.upper() not in logging.getLevelNamesMapping():
+            raise ConfigError("--log-level", f"{self.log_level!r} is not one of debug, info, warning, error")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError("--log-format", f"{self.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+        if self.queue_size < 1 or self.batch_max < 1 or self.batch_wait_ms < 0:
+            raise ConfigError("--batch-max", "queue size and batch size must be positive, the batch wait not negative")
+        object.__setattr__(self, "database", DatabaseURL.parse(self.database_url))

@@ -1,0 +1,212 @@
+"""PostgreSQL storage: an asyncpg pool, batches inserted with one unnest() statement per transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from spotbox.errors import StorageError, StorageUnavailableError
+from spotbox.status import StatusRecord, StoredStatus, to_micros
+from spotbox.storage.base import COLUMNS, HistoryQuery, assign_ids
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE status (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            serial_number text NOT NULL,
+            ts timestamptz NOT NULL,
+            received_at timestamptz NOT NULL,
+            battery_level smallint NOT NULL,
+            battery_status text NOT NULL,
+            driving_status text NOT NULL,
+            current_drive_id uuid,
+            latitude double precision NOT NULL,
+            longitude double precision NOT NULL,
+            height double precision NOT NULL,
+            payload jsonb NOT NULL,
+            payload_hash bytea NOT NULL
+        )
+        """,
+        "CREATE UNIQUE INDEX status_dedup ON status (serial_number, ts, payload_hash)",
+        "CREATE INDEX status_robot_time ON status (serial_number, ts, id)",
+    ),
+)
+
+# Any number that fits one transaction: serializes concurrent spotbox starts on one database.
+_MIGRATION_LOCK = 0x5B07B0C5
+
+_INSERT = f"""
+INSERT INTO status ({", ".join(COLUMNS)})
+SELECT s, t, r, b, bs, ds, d::uuid, la, lo, h, p::jsonb, ph
+FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::smallint[], $5::text[], $6::text[],
+            $7::text[], $8::float8[], $9::float8[], $10::float8[], $11::text[], $12::bytea[])
+     AS u(s, t, r, b, bs, ds, d, la, lo, h, p, ph)
+ON CONFLICT (serial_number, ts, payload_hash) DO NOTHING
+RETURNING id, serial_number, ts, payload_hash
+"""
+_SELECT = (
+    "SELECT id, serial_number, ts, received_at, battery_level, battery_status, driving_status, "
+    "current_drive_id::text, latitude, longitude, height, payload::text, payload_hash FROM status"
+)
+
+# What a lost or refused connection looks like; anything else is a real error in the statement or data.
+_UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+def _stored(row: asyncpg.Record) -> StoredStatus:
+    return StoredStatus(
+        id=row[0],
+        record=StatusRecord(
+            serial_number=row[1],
+            ts=row[2],
+            received_at=row[3],
+            battery_level=row[4],
+            battery_status=row[5],
+            driving_status=row[6],
+            current_drive_id=row[7],
+            latitude=row[8],
+            longitude=row[9],
+            height=row[10],
+            payload=row[11].encode(),
+            payload_hash=bytes(row[12]),
+        ),
+    )
+
+
+class PostgresStorage:
+    """Status rows in a PostgreSQL table."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        """Create the pool and migrate; a server that cannot be reached is a StorageUnavailableError."""
+        try:
+            self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, timeout=10)
+        except _UNAVAILABLE as exc:
+            raise StorageUnavailableError(f"cannot reach PostgreSQL: {exc}") from exc
+        except (asyncpg.PostgresError, ValueError) as exc:
+            raise StorageError(f"cannot open PostgreSQL database: {exc}") from exc
+        try:
+            await self._migrate()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _migrate(self) -> None:
+        async with self._acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute("CREATE TABLE IF NOT EXISTS spotbox_schema (version integer NOT NULL)")
+            version = await conn.fetchval("SELECT version FROM spotbox_schema")
+            current = version or 0
+            if current > len(MIGRATIONS):
+                raise StorageError(
+                    f"database has schema version {current}, newer than this spotbox knows ({len(MIGRATIONS)})"
+                )
+            for step in MIGRATIONS[current:]:
+                for statement in step:
+                    await conn.execute(statement)
+            if version is None:
+                await conn.execute("INSERT INTO spotbox_schema (version) VALUES ($1)", len(MIGRATIONS))
+            elif current < len(MIGRATIONS):
+                await conn.execute("UPDATE spotbox_schema SET version = $1", len(MIGRATIONS))
+            if current < len(MIGRATIONS):
+                logger.info("postgresql schema migrated from version %d to %d", current, len(MIGRATIONS))
+
+    def _acquire(self) -> Any:
+        if self._pool is None:
+            raise StorageUnavailableError("PostgreSQL pool is not open")
+        return self._pool.acquire(timeout=10)
+
+    async def write_batch(self, records: Sequence[StatusRecord]) -> list[int | None]:
+        """Insert the whole batch with one statement, in one transaction."""
+        columns: list[list[Any]] = [[] for _ in COLUMNS]
+        for record in records:
+            for column, value in zip(columns, _values(record), strict=True):
+                column.append(value)
+        try:
+            async with self._acquire() as conn, conn.transaction():
+                rows = await conn.fetch(_INSERT, *columns)
+        except _UNAVAILABLE as exc:
+            raise StorageUnavailableError(f"PostgreSQL write failed: {exc!r}") from exc
+        except asyncpg.PostgresError as exc:
+            raise StorageError(f"PostgreSQL write failed: {exc}") from exc
+        returned = {(row[1], to_micros(row[2]), bytes(row[3])): row[0] for row in rows}
+        return assign_ids(records, returned)
+
+    async def history(self, query: HistoryQuery) -> list[StoredStatus]:
+        """Rows of one robot in (ts, id) order, after the cursor, within the time range."""
+        clauses = ["serial_number = $1"]
+        params: list[Any] = [query.serial_number]
+        if query.start is not None:
+            params.append(query.start)
+            clauses.append(f"ts >= ${len(params)}")
+        if query.end is not None:
+            params.append(query.end)
+            clauses.append(f"ts <= ${len(params)}")
+        if query.after is not None:
+            params.extend(query.after)
+            clauses.append(f"(ts, id) > (${len(params) - 1}, ${len(params)})")
+        params.append(query.limit)
+        sql = f"{_SELECT} WHERE {' AND '.join(clauses)} ORDER BY ts, id LIMIT ${len(params)}"
+        return [_stored(row) for row in await self._fetch(sql, params)]
+
+    async def robot_exists(self, serial_number: str) -> bool:
+        """True once a row of this robot is stored."""
+        return bool(await self._fetch("SELECT 1 FROM status WHERE serial_number = $1 LIMIT 1", [serial_number]))
+
+    async def ping(self) -> None:
+        """Run a trivial query."""
+        await self._fetch("SELECT 1", [])
+
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[asyncpg.Record]:
+        try:
+            async with self._acquire() as conn:
+                return list(await conn.fetch(sql, *params))
+        except _UNAVAILABLE as exc:
+            raise StorageUnavailableError(f"PostgreSQL read failed: {exc!r}") from exc
+        except asyncpg.PostgresError as exc:
+            raise StorageError(f"PostgreSQL read failed: {exc}") from exc
+
+    async def close(self) -> None:
+        """Close the pool, waiting briefly for connections in use."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), timeout=5)
+            except TimeoutError:
+                pool.terminate()
+
+
+def _values(record: StatusRecord) -> tuple[Any, ...]:
+    return (
+        record.serial_number,
+        record.ts,
+        record.received_at,
+        record.battery_level,
+        record.battery_status,
+        record.driving_status,
+        record.current_drive_id,
+        record.latitude,
+        record.longitude,
+        record.height,
+        record.payload.decode(),
+        record.payload_hash,
+    )
+

@@ -1,0 +1,215 @@
+"""SQLite storage: one aiosqlite writer connection in WAL mode, and one reader connection beside it."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from spotbox.errors import StorageError, StorageUnavailableError
+from spotbox.status import StatusRecord, StoredStatus, from_micros, to_micros
+from spotbox.storage.base import COLUMNS, HistoryQuery, assign_ids
+
+logger = logging.getLogger(__name__)
+
+# Each entry migrates the schema from version N to N+1. Never edit a released step: append a new one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE status (
+            id INTEGER PRIMARY KEY,
+            serial_number TEXT NOT NULL,
+            ts INTEGER NOT NULL,           -- microseconds since the Unix epoch, UTC
+            received_at INTEGER NOT NULL,  -- same unit
+            battery_level INTEGER NOT NULL,
+            battery_status TEXT NOT NULL,
+            driving_status TEXT NOT NULL,
+            current_drive_id TEXT,
+            latitude REAL NOT NULL,
+            longitude REAL NOT NULL,
+            height REAL NOT NULL,
+            payload TEXT NOT NULL,
+            payload_hash BLOB NOT NULL
+        )
+        """,
+        "CREATE UNIQUE INDEX status_dedup ON status (serial_number, ts, payload_hash)",
+        "CREATE INDEX status_robot_time ON status (serial_number, ts, id)",
+    ),
+)
+
+# 32766 bound variables per statement since SQLite 3.32; stay well below.
+_ROWS_PER_INSERT = 32000 // len(COLUMNS)
+_SELECT = "SELECT id, " + ", ".join(COLUMNS) + " FROM status"
+
+
+def _row_values(record: StatusRecord) -> tuple[Any, ...]:
+    return (
+        record.serial_number,
+        to_micros(record.ts),
+        to_micros(record.received_at),
+        record.battery_level,
+        record.battery_status,
+        record.driving_status,
+        record.current_drive_id,
+        record.latitude,
+        record.longitude,
+        record.height,
+        record.payload.decode(),
+        record.payload_hash,
+    )
+
+
+def _stored(row: sqlite3.Row) -> StoredStatus:
+    return StoredStatus(
+        id=row[0],
+        record=StatusRecord(
+            serial_number=row[1],
+            ts=from_micros(row[2]),
+            received_at=from_micros(row[3]),
+            battery_level=row[4],
+            battery_status=row[5],
+            driving_status=row[6],
+            current_drive_id=row[7],
+            latitude=row[8],
+            longitude=row[9],
+            height=row[10],
+            payload=row[11].encode(),
+            payload_hash=row[12],
+        ),
+    )
+
+
+class SQLiteStorage:
+    """Status rows in one SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+
+    async def _connect(self) -> aiosqlite.Connection:
+        try:
+            db = await aiosqlite.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open SQLite database {self.path}: {exc}") from exc
+        await db.execute("PRAGMA busy_timeout = 5000")
+        return db
+
+    async def open(self) -> None:
+        """Open the file (created if missing), switch to WAL and migrate."""
+        if not self.path.parent.is_dir():
+            raise StorageError(f"cannot open SQLite database {self.path}: folder {self.path.parent} does not exist")
+        self._writer = await self._connect()
+        try:
+            await self._writer.execute("PRAGMA journal_mode = WAL")
+            # FULL: a committed batch survives power loss as well as a crash, since acks wait for it.
+            await self._writer.execute("PRAGMA synchronous = FULL")
+            await self._migrate(self._writer)
+        except sqlite3.Error as exc:
+            await self.close()
+            raise StorageError(f"cannot prepare SQLite database {self.path}: {exc}") from exc
+        self._reader = await self._connect()
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await db.execute("CREATE TABLE IF NOT EXISTS spotbox_schema (version INTEGER NOT NULL)")
+            async with db.execute("SELECT version FROM spotbox_schema") as cursor:
+                row = await cursor.fetchone()
+            version = row[0] if row else 0
+            if version > len(MIGRATIONS):
+                raise StorageError(
+                    f"{self.path} has schema version {version}, newer than this spotbox knows ({len(MIGRATIONS)})"
+                )
+            for step in MIGRATIONS[version:]:
+                for statement in step:
+                    await db.execute(statement)
+            if row is None:
+                await db.execute("INSERT INTO spotbox_schema (version) VALUES (?)", (len(MIGRATIONS),))
+            elif version < len(MIGRATIONS):
+                await db.execute("UPDATE spotbox_schema SET version = ?", (len(MIGRATIONS),))
+            await db.execute("COMMIT")
+            if version < len(MIGRATIONS):
+                logger.info("sqlite schema of %s migrated from version %d to %d", self.path, version, len(MIGRATIONS))
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+
+    def _db(self, db: aiosqlite.Connection | None) -> aiosqlite.Connection:
+        if db is None:
+            raise StorageUnavailableError(f"SQLite database {self.path} is not open")
+        return db
+
+    async def write_batch(self, records: Sequence[StatusRecord]) -> list[int | None]:
+        """Insert the batch in one transaction; duplicates are skipped by the unique dedup index."""
+        db = self._db(self._writer)
+        returned: dict[tuple[str, int, bytes], int] = {}
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                for start in range(0, len(records), _ROWS_PER_INSERT):
+                    chunk = records[start : start + _ROWS_PER_INSERT]
+                    placeholders = ", ".join(["(" + ", ".join("?" * len(COLUMNS)) + ")"] * len(chunk))
+                    params = [value for record in chunk for value in _row_values(record)]
+                    sql = (
+                        f"INSERT INTO status ({', '.join(COLUMNS)}) VALUES {placeholders} "
+                        "ON CONFLICT DO NOTHING RETURNING id, serial_number, ts, payload_hash"
+                    )
+                    async with db.execute(sql, params) as cursor:
+                        async for row in cursor:
+                            returned[(row[1], row[2], row[3])] = row[0]
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            # Locked, disk full, I/O error: the batch may succeed when retried.
+            raise StorageUnavailableError(f"SQLite write failed: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite write failed: {exc}") from exc
+        return assign_ids(records, returned)
+
+    async def history(self, query: HistoryQuery) -> list[StoredStatus]:
+        """Rows of one robot in (ts, id) order, after the cursor, within the time range."""
+        clauses = ["serial_number = ?"]
+        params: list[Any] = [query.serial_number]
+        if query.start is not None:
+            clauses.append("ts >= ?")
+            params.append(to_micros(query.start))
+        if query.end is not None:
+            clauses.append("ts <= ?")
+            params.append(to_micros(query.end))
+        if query.after is not None:
+            clauses.append("(ts, id) > (?, ?)")
+            params.extend((to_micros(query.after[0]), query.after[1]))
+        params.append(query.limit)
+        sql = f"{_SELECT} WHERE {' AND '.join(clauses)} ORDER BY ts, id LIMIT ?"
+        return [_stored(row) for row in await self._fetch(sql, params)]
+
+    async def robot_exists(self, serial_number: str) -> bool:
+        """True once a row of this robot is stored."""
+        rows = await self._fetch("SELECT 1 FROM status WHERE serial_number = ? LIMIT 1", [serial_number])
+        return bool(rows)
+
+    async def ping(self) -> None:
+        """Run a trivial query on the reader connection."""
+        await self._fetch("SELECT 1", [])
+
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+        db = self._db(self._reader)
+        try:
+            async with db.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.Error as exc:
+            raise StorageUnavailableError(f"SQLite read failed: {exc}") from exc
+
+    async def close(self) -> None:
+        """Close both connections."""
+        for db in (self._reader, self._writer):
+            if db is not None:
+                await db.close()
+        self._reader = self._writer = None

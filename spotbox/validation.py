@@ -1,0 +1,125 @@
+"""Turn a raw status payload into a StatusRecord, or into the reasons it was rejected."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError, ValidationError, relevance
+
+from spotbox.errors import ConfigError
+from spotbox.status import SERIAL_PATTERN, StatusRecord, is_valid_serial
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class Rejection:
+    """Why a status was refused; `errors[0]` names the first failing field."""
+
+    serial_number: str
+    errors: list[str]
+
+    @property
+    def reason(self) -> str:
+        """The first error, as shown to the publisher and in logs."""
+        return self.errors[0]
+
+    @property
+    def field(self) -> str:
+        """The failing field of the first error (`payload` when the message is not JSON at all)."""
+        return self.reason.split(":", 1)[0]
+
+
+def _describe(error: ValidationError) -> str:
+    """`battery_level: 150 is greater than the maximum of 100`, naming the field that failed."""
+    path = [str(part) for part in error.absolute_path]
+    message = error.message
+    if error.validator == "required" and isinstance(error.instance, dict):
+        missing = next((name for name in error.validator_value if name not in error.instance), None)
+        if missing is not None:
+            path.append(missing)
+            message = "is required"
+    field = ".".join(path) if path else "payload"
+    return f"{field}: {message}"
+
+
+def _parse_timestamp(value: str) -> datetime:
+    # RFC 3339 allows a lower-case "t" and "z"; fromisoformat does not.
+    return datetime.fromisoformat(value.upper()).astimezone(UTC)
+
+
+def _finite_location(location: dict[str, Any]) -> str | None:
+    for name in ("latitude", "longitude", "height"):
+        if not math.isfinite(location[name]):
+            return f"location.{name}: {location[name]} is not a finite number"
+    return None
+
+
+class StatusValidator:
+    """The status JSON Schema, compiled once, applied to every status whatever its transport."""
+
+    def __init__(self, schema_path: Path) -> None:
+        try:
+            schema = orjson.loads(schema_path.read_bytes())
+            Draft202012Validator.check_schema(schema)
+        except (OSError, orjson.JSONDecodeError, SchemaError) as exc:
+            raise ConfigError("--schema", f"{schema_path} is not a JSON Schema 2020-12 document: {exc}") from exc
+        self._validator = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+        self.schema_path = schema_path
+
+    def check(self, serial: str, raw: bytes, received_at: datetime) -> StatusRecord | Rejection:
+        """Validate one payload published for robot `serial`."""
+        if not is_valid_serial(serial):
+            return Rejection(serial, [f"serial_number: {serial!r} does not match {SERIAL_PATTERN}"])
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            return Rejection(serial, [f"payload: not valid UTF-8 JSON ({exc})"])
+        if not isinstance(doc, dict):
+            return Rejection(serial, [f"payload: must be a JSON object, got {type(doc).__name__}"])
+        errors = sorted(self._validator.iter_errors(doc), key=relevance)
+        if errors:
+            return Rejection(serial, [_describe(error) for error in errors])
+        if b"\\u0000" in raw:
+            # PostgreSQL's jsonb cannot hold U+0000; refuse it on every backend alike.
+            return Rejection(serial, ["payload: the NUL character (\\u0000) is not accepted in strings"])
+        try:
+            return self._record(serial, doc, raw, received_at)
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            # Only reachable with an operator's --schema looser than the typed columns need.
+            return Rejection(serial, [f"payload: {exc!s} (spotbox stores every field of SPEC section 4)"])
+
+    @staticmethod
+    def _record(serial: str, doc: dict[str, Any], raw: bytes, received_at: datetime) -> StatusRecord | Rejection:
+        location = doc["location"]
+        if problem := _finite_location(location):
+            return Rejection(serial, [problem])
+        stamp = doc.get("timestamp")
+        try:
+            ts = _parse_timestamp(stamp) if stamp is not None else received_at
+        except (ValueError, OverflowError):
+            return Rejection(serial, [f"timestamp: {stamp!r} is not a representable date-time"])
+        drive_id = doc.get("current_drive_id")
+        return StatusRecord(
+            serial_number=serial,
+            ts=ts,
+            received_at=received_at,
+            battery_level=int(doc["battery_level"]),
+            battery_status=str(doc["battery_status"]),
+            driving_status=str(doc["driving_status"]),
+            current_drive_id=str(uuid.UUID(drive_id)) if drive_id is not None else None,
+            latitude=float(location["latitude"]),
+            longitude=float(location["longitude"]),
+            height=float(location["height"]),
+            payload=bytes(raw),
+            payload_hash=hashlib.blake2b(raw, digest_size=16).digest(),
+        )
