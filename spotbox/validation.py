@@ -52,6 +52,13 @@ def _describe(error: ValidationError) -> str:
     return f"{field}: {message}"
 
 
+def _first_failing(error: ValidationError) -> tuple[bool, Any]:
+    # A field's own rule names the culprit better than a conditional it only fails as a consequence
+    # (PARKED fails the enum; the drive id then fails the `else` branch too).
+    conditional = bool(error.schema_path) and error.schema_path[0] in ("if", "then", "else")
+    return conditional, relevance(error)
+
+
 def _parse_timestamp(value: str) -> datetime:
     # RFC 3339 allows a lower-case "t" and "z"; fromisoformat does not.
     return datetime.fromisoformat(value.upper()).astimezone(UTC)
@@ -86,7 +93,7 @@ class StatusValidator:
             return Rejection(serial, [f"payload: not valid UTF-8 JSON ({exc})"])
         if not isinstance(doc, dict):
             return Rejection(serial, [f"payload: must be a JSON object, got {type(doc).__name__}"])
-        errors = sorted(self._validator.iter_errors(doc), key=relevance)
+        errors = sorted(self._validator.iter_errors(doc), key=_first_failing)
         if errors:
             return Rejection(serial, [_describe(error) for error in errors])
         if b"\\u0000" in raw:

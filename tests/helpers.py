@@ -1,0 +1,122 @@
+"""What the tests use to talk to spotbox like a robot, an operator or a browser would."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import aiomqtt
+import orjson
+
+VERSIONS = {"3.1.1": aiomqtt.ProtocolVersion.V311, "5": aiomqtt.ProtocolVersion.V5}
+
+VALID_STATUS: dict[str, Any] = {
+    "battery_level": 80,
+    "battery_status": "DISCHARGING",
+    "driving_status": "MOVING",
+    "current_drive_id": "5f0c6a53-2f4e-4d8a-9d55-2b4a3c1e7f10",
+    "location": {"latitude": 52.52, "longitude": 13.405, "height": 34.0},
+    "timestamp": "2026-11-22T10:00:00Z",
+}
+
+
+def status(**changes: Any) -> dict[str, Any]:
+    """A valid status with `changes` applied; a value of `...` removes the field."""
+    doc = copy.deepcopy(VALID_STATUS)
+    for key, value in changes.items():
+        if value is ...:
+            doc.pop(key, None)
+        else:
+            doc[key] = value
+    return doc
+
+
+def payload(**changes: Any) -> bytes:
+    """`status(**changes)` encoded as JSON."""
+    return orjson.dumps(status(**changes))
+
+
+def stamp(n: int) -> str:
+    """A distinct, increasing timestamp for the n-th message of a test."""
+    return f"2026-11-22T10:{n // 60:02d}:{n % 60:02d}Z"
+
+
+@asynccontextmanager
+async def mqtt_client(
+    port: int, version: str = "3.1.1", *, transport: str = "tcp", path: str | None = None, **kwargs: Any
+) -> AsyncIterator[aiomqtt.Client]:
+    """A connected aiomqtt (paho) client of the given protocol version."""
+    client = aiomqtt.Client(
+        "127.0.0.1",
+        port,
+        identifier=kwargs.pop("identifier", f"test-{uuid.uuid4().hex[:10]}"),
+        protocol=VERSIONS[version],
+        transport=transport,  # type: ignore[arg-type]
+        websocket_path=path,
+        timeout=10,
+        **kwargs,
+    )
+    async with client:
+        yield client
+
+
+@dataclass
+class SseEvent:
+    """One parsed Server-Sent Event."""
+
+    event: str
+    id: str | None
+    data: str
+
+    def json(self) -> Any:
+        return orjson.loads(self.data)
+
+
+class FeedReader:
+    """Reads SSE events from an open feed response."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+
+    async def next(self) -> SseEvent:
+        """The next event (pings and comments skipped)."""
+        fields: dict[str, str] = {}
+        while True:
+            raw = await self.response.content.readline()
+            if not raw:
+                raise EOFError("feed closed")
+            line = raw.decode().rstrip("\r\n")
+            if not line:
+                if "data" in fields:
+                    return SseEvent(fields.get("event", "message"), fields.get("id"), fields["data"])
+                fields.clear()
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            fields[name] = value[1:] if value.startswith(" ") else value
+
+
+@asynccontextmanager
+async def open_feed(http: aiohttp.ClientSession, url: str) -> AsyncIterator[FeedReader]:
+    """Subscribe to a feed; once this returns, the server has registered the stream."""
+    async with http.get(url, timeout=aiohttp.ClientTimeout(total=None, sock_read=30)) as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        yield FeedReader(response)
+
+
+async def wait_for_history(box: Any, serial: str, count: int, timeout: float = 10) -> list[dict[str, Any]]:
+    """Poll the history until it holds `count` items; used where no event exists to wait on."""
+    async with asyncio.timeout(timeout):
+        while True:
+            items: list[dict[str, Any]] = await box.history(serial)
+            if len(items) >= count:
+                return items
+            await asyncio.sleep(0.02)
