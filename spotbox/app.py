@@ -52,8 +52,9 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         await asyncio.wait_for(writer, timeout=settings.shutdown_timeout_s)
     except TimeoutError:
-        logger.error("writer did not finish within %.0f s; %d statuses not stored", settings.shutdown_timeout_s,
-                     pipeline.depth)
+        logger.error(
+            "writer did not finish within %.0f s; %d statuses not stored", settings.shutdown_timeout_s, pipeline.depth
+        )
 
 
 async def broker_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -28,27 +28,78 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--http-host", envvar="SPOTBOX_HTTP_HOST", default="127.0.0.1", show_default=True,
-              help="Address of the HTTP API, SSE feeds and MQTT over WebSocket (/mqtt).")
-@click.option("--http-port", envvar="SPOTBOX_HTTP_PORT", type=int, default=8000, show_default=True,
-              help="HTTP port; 0 picks a free one.")
-@click.option("--mqtt-host", envvar="SPOTBOX_MQTT_HOST", default="127.0.0.1", show_default=True,
-              help="Address of MQTT over TCP; loopback only (no users support yet).")
-@click.option("--mqtt-port", envvar="SPOTBOX_MQTT_PORT", type=int, default=1883, show_default=True,
-              help="MQTT port; 0 picks a free one.")
-@click.option("--database-url", envvar=["SPOTBOX_DATABASE_URL", "DATABASE_URL"], default="sqlite:///spotbox.db",
-              show_default=True, help="sqlite:///PATH or postgresql://user:pass@host:port/db")
-@click.option("--schema", "schema_path", envvar="SPOTBOX_SCHEMA", type=click.Path(path_type=Path),
-              default=BUNDLED_SCHEMA, show_default="bundled robot-status schema",
-              help="JSON Schema (2020-12) for robot/+/status.")
-@click.option("--log-level", envvar="SPOTBOX_LOG_LEVEL", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
-@click.option("--log-format", envvar="SPOTBOX_LOG_FORMAT", default="text", show_default=True,
-              type=click.Choice(LOG_FORMATS))
-@click.option("--batch-max", envvar="SPOTBOX_BATCH_MAX", type=int, default=500, show_default=True,
-              help="Most statuses committed in one transaction.")
-@click.option("--batch-wait-ms", envvar="SPOTBOX_BATCH_WAIT_MS", type=float, default=5.0, show_default=True,
-              help="Longest wait for a batch to fill once it has one status.")
+@click.option(
+    "--http-host",
+    envvar="SPOTBOX_HTTP_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address of the HTTP API, SSE feeds and MQTT over WebSocket (/mqtt).",
+)
+@click.option(
+    "--http-port",
+    envvar="SPOTBOX_HTTP_PORT",
+    type=int,
+    default=8000,
+    show_default=True,
+    help="HTTP port; 0 picks a free one.",
+)
+@click.option(
+    "--mqtt-host",
+    envvar="SPOTBOX_MQTT_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address of MQTT over TCP; loopback only (no users support yet).",
+)
+@click.option(
+    "--mqtt-port",
+    envvar="SPOTBOX_MQTT_PORT",
+    type=int,
+    default=1883,
+    show_default=True,
+    help="MQTT port; 0 picks a free one.",
+)
+@click.option(
+    "--database-url",
+    envvar=["SPOTBOX_DATABASE_URL", "DATABASE_URL"],
+    default="sqlite:///spotbox.db",
+    show_default=True,
+    help="sqlite:///PATH or postgresql://user:pass@host:port/db",
+)
+@click.option(
+    "--schema",
+    "schema_path",
+    envvar="SPOTBOX_SCHEMA",
+    type=click.Path(path_type=Path),
+    default=BUNDLED_SCHEMA,
+    show_default="bundled robot-status schema",
+    help="JSON Schema (2020-12) for robot/+/status.",
+)
+@click.option(
+    "--log-level",
+    envvar="SPOTBOX_LOG_LEVEL",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+)
+@click.option(
+    "--log-format", envvar="SPOTBOX_LOG_FORMAT", default="text", show_default=True, type=click.Choice(LOG_FORMATS)
+)
+@click.option(
+    "--batch-max",
+    envvar="SPOTBOX_BATCH_MAX",
+    type=int,
+    default=500,
+    show_default=True,
+    help="Most statuses committed in one transaction.",
+)
+@click.option(
+    "--batch-wait-ms",
+    envvar="SPOTBOX_BATCH_WAIT_MS",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Longest wait for a batch to fill once it has one status.",
+)
 def run(
     http_host: str,
     http_port: int,
@@ -95,8 +146,9 @@ async def serve(settings: Settings) -> None:
             await site.start()
         except OSError as exc:
             reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
-            raise ListenError("HTTP", settings.http_host, settings.http_port, "--http-port (or --http-host)",
-                              reason) from exc
+            raise ListenError(
+                "HTTP", settings.http_host, settings.http_port, "--http-port (or --http-host)", reason
+            ) from exc
         for host, port, *_ in runner.addresses:
             logger.info("http listening on http://%s:%d", host, port)
         stop = asyncio.Event()
@@ -112,26 +164,58 @@ async def serve(settings: Settings) -> None:
 
 @main.command()
 @click.option("--robot-count", envvar="ROBOT_COUNT", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--publish-interval-sec", envvar="PUBLISH_INTERVAL_SEC", type=click.FloatRange(min=0), default=1.0,
-              show_default=True, help="Seconds between two statuses of one robot.")
-@click.option("--invalid-rate", envvar="INVALID_RATE", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Share of deliberately invalid statuses.")
-@click.option("--jitter-max-sec", envvar="JITTER_MAX_SEC", type=click.FloatRange(min=0), default=0.2,
-              show_default=True)
+@click.option(
+    "--publish-interval-sec",
+    envvar="PUBLISH_INTERVAL_SEC",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds between two statuses of one robot.",
+)
+@click.option(
+    "--invalid-rate",
+    envvar="INVALID_RATE",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Share of deliberately invalid statuses.",
+)
+@click.option("--jitter-max-sec", envvar="JITTER_MAX_SEC", type=click.FloatRange(min=0), default=0.2, show_default=True)
 @click.option("--enable-stats-log/--no-stats-log", envvar="ENABLE_STATS_LOG", default=False, show_default=True)
-@click.option("--stats-log-interval-sec", envvar="STATS_LOG_INTERVAL_SEC", type=click.FloatRange(min=0.1),
-              default=5.0, show_default=True)
-@click.option("--mqtt-version", envvar="MQTT_VERSION", type=click.Choice(list(MQTT_VERSIONS)), default="3.1.1",
-              show_default=True, help="MQTT protocol version of the robots.")
-@click.option("--count", envvar="SPOTBOX_SIM_COUNT", type=click.IntRange(min=1), default=None,
-              help="Stop after this many statuses in all (default: run until interrupted).")
+@click.option(
+    "--stats-log-interval-sec",
+    envvar="STATS_LOG_INTERVAL_SEC",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+)
+@click.option(
+    "--mqtt-version",
+    envvar="MQTT_VERSION",
+    type=click.Choice(list(MQTT_VERSIONS)),
+    default="3.1.1",
+    show_default=True,
+    help="MQTT protocol version of the robots.",
+)
+@click.option(
+    "--count",
+    envvar="SPOTBOX_SIM_COUNT",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after this many statuses in all (default: run until interrupted).",
+)
 @click.option("--host", envvar="MQTT_HOST", default="127.0.0.1", show_default=True)
 @click.option("--port", envvar="MQTT_PORT", type=click.IntRange(1, 65535), default=1883, show_default=True)
 @click.option("--username", envvar="MQTT_USERNAME", default=None)
 @click.option("--password", envvar="MQTT_PASSWORD", default=None)
 @click.option("--qos", envvar="MQTT_QOS", type=click.IntRange(0, 2), default=1, show_default=True)
-@click.option("--log-level", envvar="SPOTBOX_LOG_LEVEL", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option(
+    "--log-level",
+    envvar="SPOTBOX_LOG_LEVEL",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+)
 def simulate(
     robot_count: int,
     publish_interval_sec: float,

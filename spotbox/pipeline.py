@@ -137,13 +137,13 @@ class IngestPipeline:
             ids = await self._write_retrying(records)
         except StorageError as exc:
             # The batch holds a row the database refuses: write one by one so only that row fails.
-            logger.error("batch of %d refused (%s); writing its rows one by one", len(records), exc)  # noqa: TRY400
+            logger.error("batch of %d refused (%s); writing its rows one by one", len(records), exc)
             ids = []
             for record, future in batch:
                 try:
                     ids.extend(await self._write_retrying([record]))
                 except StorageError as single:
-                    logger.error("status of %s not stored: %s", record.serial_number, single)  # noqa: TRY400
+                    logger.error("status of %s not stored: %s", record.serial_number, single)
                     ids.append(None)
                     if not future.done():
                         future.set_exception(single)

@@ -83,7 +83,7 @@ class StatusValidator:
         self._validator = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
         self.schema_path = schema_path
 
-    def check(self, serial: str, raw: bytes, received_at: datetime) -> StatusRecord | Rejection:
+    def check(self, serial: str, raw: bytes, received_at: datetime) -> StatusRecord | Rejection:  # noqa: PLR0911
         """Validate one payload published for robot `serial`."""
         if not is_valid_serial(serial):
             return Rejection(serial, [f"serial_number: {serial!r} does not match {SERIAL_PATTERN}"])

@@ -30,8 +30,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("location_missing", status(location=...), "location"),
     ("location_not_object", status(location=[52.5, 13.4, 34.0]), "location"),
     ("latitude_missing", status(location={"longitude": 13.4, "height": 34.0}), "location.latitude"),
-    ("longitude_string", status(location={"latitude": 52.5, "longitude": "13.4", "height": 34.0}),
-     "location.longitude"),
+    (
+        "longitude_string",
+        status(location={"latitude": 52.5, "longitude": "13.4", "height": 34.0}),
+        "location.longitude",
+    ),
     ("height_null", status(location={"latitude": 52.5, "longitude": 13.4, "height": None}), "location.height"),
     ("timestamp_words", status(timestamp="yesterday"), "timestamp"),
     ("timestamp_without_offset", status(timestamp="2026-11-22T10:00:00"), "timestamp"),

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -105,9 +106,9 @@ class Box:
     def pipeline(self) -> IngestPipeline:
         return self.server.app[PIPELINE]
 
-    async def history(self, serial: str, **params: str) -> list[dict[str, object]]:
+    async def history(self, serial: str, **params: str) -> list[dict[str, Any]]:
         """Every stored status of `serial`, following cursors."""
-        items: list[dict[str, object]] = []
+        items: list[dict[str, Any]] = []
         query = dict(params)
         while True:
             async with self.http.get(f"{self.base_url}/robots/{serial}/history", params=query) as resp:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import uuid
 from collections.abc import AsyncIterator
@@ -110,13 +109,3 @@ async def open_feed(http: aiohttp.ClientSession, url: str) -> AsyncIterator[Feed
         assert response.status == 200, await response.text()
         assert response.headers["Content-Type"].startswith("text/event-stream")
         yield FeedReader(response)
-
-
-async def wait_for_history(box: Any, serial: str, count: int, timeout: float = 10) -> list[dict[str, Any]]:
-    """Poll the history until it holds `count` items; used where no event exists to wait on."""
-    async with asyncio.timeout(timeout):
-        while True:
-            items: list[dict[str, Any]] = await box.history(serial)
-            if len(items) >= count:
-                return items
-            await asyncio.sleep(0.02)

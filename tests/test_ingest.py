@@ -59,9 +59,19 @@ async def test_mosquitto_pub_status_is_stored(box: Box) -> None:
     """Test that mosquitto_pub (MQTT 3.1.1, QoS 1), a real third-party client, publishes a stored status."""
     mosquitto_pub = require_tool("mosquitto_pub")
     proc = await asyncio.create_subprocess_exec(
-        mosquitto_pub, "-p", str(box.mqtt_port), "-V", "mqttv311", "-q", "1",
-        "-t", "robot/ROBOT-003/status", "-m", payload().decode(),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        mosquitto_pub,
+        "-p",
+        str(box.mqtt_port),
+        "-V",
+        "mqttv311",
+        "-q",
+        "1",
+        "-t",
+        "robot/ROBOT-003/status",
+        "-m",
+        payload().decode(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(10):
         _, err = await proc.communicate()
@@ -117,7 +127,7 @@ async def test_status_without_timestamp_is_stored_with_receive_time(box: Box) ->
         await robot.publish("robot/ROBOT-005/status", payload(timestamp=...), qos=1)
     after = datetime.now(UTC)
     [item] = await box.history("ROBOT-005")
-    ts = datetime.fromisoformat(item["ts"])  # type: ignore[arg-type]
+    ts = datetime.fromisoformat(item["ts"])
     assert item["ts"] == item["received_at"]
     assert before - timedelta(milliseconds=1) <= ts <= after
 
@@ -161,6 +171,7 @@ async def test_retained_status_is_the_last_valid_one(box: Box) -> None:
 
 async def test_mqtt_over_websocket_on_the_http_port(box: Box) -> None:
     """Test that an MQTT client over WebSocket at /mqtt on the HTTP port publishes a stored status."""
+    assert box.server.port is not None
     async with mqtt_client(box.server.port, transport="websockets", path="/mqtt") as robot:
         await robot.publish("robot/ROBOT-010/status", payload(), qos=1)
     assert len(await box.history("ROBOT-010")) == 1

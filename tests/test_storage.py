@@ -39,7 +39,9 @@ async def test_batch_returns_ids_and_round_trips_every_field(storage: Storage) -
     written = [record("R1", 1), record("R1", 2, driving_status="IDLE", current_drive_id=None, firmware="x")]
     ids = await storage.write_batch(written)
     assert all(isinstance(row_id, int) for row_id in ids)
-    assert ids[0] is not None and ids[1] is not None and ids[0] < ids[1]
+    assert ids[0] is not None
+    assert ids[1] is not None
+    assert ids[0] < ids[1]
     rows = await storage.history(HistoryQuery("R1"))
     assert [row.id for row in rows] == ids
     for row, original in zip(rows, written, strict=True):
@@ -60,7 +62,9 @@ async def test_redelivered_status_is_stored_once(storage: Storage) -> None:
     """Test that the same robot, ts and payload is stored once, within a batch and across batches."""
     first = record("R1", 1)
     ids = await storage.write_batch([first, first, record("R1", 2)])
-    assert ids[0] is not None and ids[1] is None and ids[2] is not None
+    assert ids[0] is not None
+    assert ids[1] is None
+    assert ids[2] is not None
     assert await storage.write_batch([first]) == [None]
     # Same ts, different payload: a different status, stored.
     other = await storage.write_batch([record("R1", 1, battery_level=42)])
@@ -74,9 +78,7 @@ async def test_history_orders_by_ts_and_filters_range_and_cursor(storage: Storag
     await storage.write_batch([record("R2", 1)])
     rows = await storage.history(HistoryQuery("R1"))
     assert [row.record.ts for row in rows] == [T0 + timedelta(minutes=m) for m in (1, 2, 3, 4, 5)]
-    ranged = await storage.history(
-        HistoryQuery("R1", start=T0 + timedelta(minutes=2), end=T0 + timedelta(minutes=4))
-    )
+    ranged = await storage.history(HistoryQuery("R1", start=T0 + timedelta(minutes=2), end=T0 + timedelta(minutes=4)))
     assert [row.record.ts.minute for row in ranged] == [2, 3, 4]
     page = await storage.history(HistoryQuery("R1", limit=2))
     rest = await storage.history(HistoryQuery("R1", after=(page[-1].record.ts, page[-1].id)))

@@ -18,9 +18,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def error_response(status: int, error: str, detail: Any = None) -> web.Response:
     """A JSON error answer."""
-    return web.Response(
-        status=status, body=dumps({"error": error, "detail": detail}), content_type="application/json"
-    )
+    return web.Response(status=status, body=dumps({"error": error, "detail": detail}), content_type="application/json")
 
 
 @web.middleware

@@ -63,7 +63,7 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
             await pipeline.commit(verdict)
         except StorageError as exc:
             # Not stored, so not acknowledged: an MQTT client resends an unacknowledged QoS 1/2 message.
-            logger.error("status of %s not stored, not acknowledged: %s", serial, exc)  # noqa: TRY400
+            logger.error("status of %s not stored, not acknowledged: %s", serial, exc)
             return
         await super().handle_publish(publish_packet)
 

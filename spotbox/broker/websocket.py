@@ -24,7 +24,7 @@ class WebSocketReader(ReaderAdapter):
 
     async def read(self, n: int = -1) -> bytes:
         """Up to `n` bytes (all buffered bytes for -1); fewer only at end of stream."""
-        while not self._eof and (n < 0 and not self._buffer or len(self._buffer) < n):
+        while not self._eof and ((n < 0 and not self._buffer) or len(self._buffer) < n):
             message = await self._ws.receive()
             if message.type == WSMsgType.BINARY:
                 self._buffer.extend(message.data)

@@ -65,7 +65,4 @@ def assign_ids(records: Sequence[StatusRecord], returned: dict[tuple[str, int, b
     RETURNING order is unspecified, so rows are matched by their dedup key; a record whose key was not returned
     (already stored), or that repeats an earlier record of the same batch, is a duplicate: None.
     """
-    ids: list[int | None] = []
-    for record in records:
-        ids.append(returned.pop(record.dedup_key, None))
-    return ids
+    return [returned.pop(record.dedup_key, None) for record in records]

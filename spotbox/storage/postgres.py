@@ -209,4 +209,3 @@ def _values(record: StatusRecord) -> tuple[Any, ...]:
         record.payload.decode(),
         record.payload_hash,
     )
-

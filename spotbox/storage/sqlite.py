@@ -122,7 +122,7 @@ class SQLiteStorage:
                 row = await cursor.fetchone()
             version = row[0] if row else 0
             if version > len(MIGRATIONS):
-                raise StorageError(
+                raise StorageError(  # noqa: TRY301 - rolled back by the handler below
                     f"{self.path} has schema version {version}, newer than this spotbox knows ({len(MIGRATIONS)})"
                 )
             for step in MIGRATIONS[version:]:
