@@ -10,9 +10,11 @@ from pathlib import Path
 
 import aiomqtt
 import click
+import orjson
 from aiohttp import web
 
 from spotbox.app import create_app
+from spotbox.bench import BenchConfig, format_table, run_bench
 from spotbox.errors import ConfigError, ListenError, SpotboxError
 from spotbox.logs import configure_logging
 from spotbox.settings import BUNDLED_SCHEMA, LOG_FORMATS, Settings
@@ -254,3 +256,38 @@ def simulate(
     except* aiomqtt.MqttError as group:
         raise click.ClickException(f"MQTT broker {host}:{port}: {group.exceptions[0]}") from None
     click.echo(f"sent {stats.valid + stats.invalid} statuses ({stats.invalid} invalid, {stats.failed} failed)")
+
+
+@main.command()
+@click.option("--robots", type=click.IntRange(min=1), default=10, show_default=True, help="Publishing robots.")
+@click.option("--messages", type=click.IntRange(min=1), default=20_000, show_default=True, help="Statuses in all.")
+@click.option(
+    "--rate", type=click.FloatRange(min=1), default=None, help="Paced total rate per second (default: flat out)."
+)
+@click.option("--window", type=click.IntRange(min=1), default=10, show_default=True, help="Unacknowledged per robot.")
+@click.option("--sse", type=click.IntRange(min=0), default=10, show_default=True, help="Robots followed over SSE.")
+@click.option(
+    "--database-url", default=None, help="Where to store (a fresh database is made next to it); default SQLite."
+)
+@click.option("--baseline/--no-baseline", default=True, show_default=True, help="Also measure Mosquitto + subscriber.")
+@click.option("--baseline-messages", type=click.IntRange(min=1), default=3_000, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench(
+    robots: int,
+    messages: int,
+    rate: float | None,
+    window: int,
+    sse: int,
+    database_url: str | None,
+    baseline: bool,
+    baseline_messages: int,
+    as_json: bool,
+) -> None:
+    """Measure stored statuses per second, publish-to-SSE latency and memory, against the classic stack."""
+    configure_logging("warning", "text")
+    config = BenchConfig(robots, messages, rate, window, sse, database_url, baseline, baseline_messages)
+    try:
+        figures = asyncio.run(run_bench(config))
+    except SpotboxError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(orjson.dumps(figures).decode() if as_json else format_table(figures))

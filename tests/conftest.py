@@ -36,9 +36,9 @@ def unavailable(reason: str) -> None:
 
 def require_tool(name: str) -> str:
     """Path of a command-line tool the test drives (mosquitto_pub, ...)."""
-    path = shutil.which(name)
+    path = shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/sbin")
     if path is None:
-        unavailable(f"{name} is not installed (apt-get install mosquitto-clients)")
+        unavailable(f"{name} is not installed (apt-get install mosquitto mosquitto-clients)")
     assert path is not None
     return path
 

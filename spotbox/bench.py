@@ -1,0 +1,263 @@
+"""`spotbox bench`: the whole path over real sockets, against the classic stack in the same run.
+
+spotbox: a real `spotbox run` subprocess; N robots publish over MQTT at QoS 1 (loadgen); SSE subscribers
+follow some robots. Since a PUBACK is only sent after commit, acknowledged = stored; the row count is
+checked in the database afterwards all the same. Classic stack: Mosquitto plus `spotbox.classic` (subscribe,
+validate, insert each message), same load, same kind of database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+
+from spotbox import loadgen
+from spotbox.errors import SpotboxError
+from spotbox.settings import DatabaseURL
+
+LISTENING = re.compile(rb"(mqtt|http) listening on (?:http://)?[\d.]+:(\d+)")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One bench run."""
+
+    robots: int = 10
+    messages: int = 20_000
+    rate: float | None = None
+    window: int = 10
+    sse: int = 10
+    database_url: str | None = None
+    baseline: bool = True
+    baseline_messages: int = 3_000
+
+
+@dataclass
+class Figures:
+    """What one stack achieved."""
+
+    stored: int
+    seconds: float
+    stored_per_s: float
+    latency_ms: dict[str, float] | None
+    peak_rss_mb: float
+
+
+class BenchError(SpotboxError):
+    """The bench could not run (a process did not start, a count did not add up)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _fresh_database(base: str | None, workdir: Path, name: str) -> str:
+    """An empty database of the asked kind: a new SQLite file, or a new PostgreSQL database next to `base`."""
+    if base is None or DatabaseURL.parse(base).scheme == "sqlite":
+        return f"sqlite:///{workdir / f'{name}.db'}"
+    conn = await asyncpg.connect(base)
+    db = f"spotbox_bench_{name}_{os.getpid()}"
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{db}"')
+    finally:
+        await conn.close()
+    return re.sub(r"/[^/?]*(\?|$)", f"/{db}\\1", base, count=1) if base.count("/") >= 3 else f"{base}/{db}"
+
+
+async def _count_rows(database_url: str) -> int:
+    database = DatabaseURL.parse(database_url)
+    if database.scheme == "sqlite":
+        import sqlite3  # noqa: PLC0415
+
+        with sqlite3.connect(str(database.sqlite_path)) as db:
+            return int(db.execute("SELECT count(*) FROM status").fetchone()[0])
+    conn = await asyncpg.connect(database_url)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM status"))
+    finally:
+        await conn.close()
+
+
+async def _follow(http: aiohttp.ClientSession, url: str, expect: int, latencies: list[float]) -> None:
+    async with http.get(url, timeout=aiohttp.ClientTimeout(total=None, sock_read=60)) as resp:
+        seen = 0
+        async for raw in resp.content:
+            if raw.startswith(b"data: "):
+                received = time.time()
+                ts = datetime.fromisoformat(orjson.loads(raw[6:])["ts"]).timestamp()
+                latencies.append((received - ts) * 1000)
+                seen += 1
+                if seen >= expect:
+                    return
+
+
+async def bench_spotbox(config: BenchConfig, database_url: str) -> Figures:
+    """Run `spotbox run` and measure it under the configured load."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "spotbox",
+        "run",
+        "--mqtt-port",
+        "0",
+        "--http-port",
+        "0",
+        "--database-url",
+        database_url,
+        "--log-level",
+        "info",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    ports: dict[bytes, int] = {}
+    try:
+        async with asyncio.timeout(30):
+            while len(ports) < 2:
+                line = await proc.stderr.readline()
+                if not line:
+                    raise BenchError("spotbox run exited before listening")
+                if match := LISTENING.search(line):
+                    ports[match.group(1)] = int(match.group(2))
+        # Keep reading the server's log so a chatty run can never block it on a full pipe.
+        drain = asyncio.create_task(proc.stderr.read(), name="bench-server-log")
+        per_robot = config.messages // config.robots
+        latencies: list[float] = []
+        async with aiohttp.ClientSession() as http:
+            followers = [
+                asyncio.create_task(
+                    _follow(http, f"http://127.0.0.1:{ports[b'http']}/robots/BENCH-{i:04d}/feed", per_robot, latencies)
+                )
+                for i in range(min(config.sse, config.robots))
+            ]
+            await asyncio.sleep(0.5)  # let the feeds subscribe before the first publish
+            result = await loadgen.drive(
+                "127.0.0.1", ports[b"mqtt"], config.robots, per_robot * config.robots, config.window, config.rate
+            )
+            async with asyncio.timeout(60):
+                await asyncio.gather(*followers)
+        peak = _peak_rss_mb(proc.pid)
+        drain.cancel()
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            await proc.wait()
+    stored = await _count_rows(database_url)
+    if stored != result.acked:
+        raise BenchError(f"{result.acked} statuses acknowledged but {stored} stored")
+    seconds = result.last_ack - result.first_send
+    latency = {"p50": statistics.median(latencies), "p99": statistics.quantiles(latencies, n=100)[98]}
+    return Figures(stored, seconds, stored / seconds, latency, peak)
+
+
+async def bench_classic(config: BenchConfig, database_url: str, workdir: Path) -> Figures | None:
+    """Mosquitto plus a subscriber that inserts each message, under the same kind of load."""
+    # Debian installs the broker in /usr/sbin, often not on a user's PATH.
+    mosquitto = shutil.which("mosquitto", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
+    if mosquitto is None:
+        return None
+    port = _free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 0\n")
+    broker = await asyncio.create_subprocess_exec(mosquitto, "-c", str(conf), stderr=asyncio.subprocess.DEVNULL)
+    subscriber = None
+    try:
+        await asyncio.sleep(0.3)
+        count = config.baseline_messages
+        subscriber = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "spotbox.classic",
+            str(port),
+            database_url,
+            str(count),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert subscriber.stdout is not None
+        async with asyncio.timeout(30):
+            await subscriber.stdout.readline()  # subscribed
+        started_wall = time.time()
+        await loadgen.drive("127.0.0.1", port, config.robots, count, config.window, config.rate)
+        async with asyncio.timeout(600):
+            done = orjson.loads(await subscriber.stdout.readline())
+        peak = _peak_rss_mb(broker.pid) + _peak_rss_mb(subscriber.pid)
+        await subscriber.wait()
+    finally:
+        for proc in (subscriber, broker):
+            if proc is not None and proc.returncode is None:
+                proc.terminate()
+                await proc.wait()
+    seconds = done["last_insert_wall"] - started_wall
+    return Figures(done["stored"], seconds, done["stored"] / seconds, None, peak)
+
+
+async def run_bench(config: BenchConfig) -> dict[str, Any]:
+    """Both stacks, one after the other, on this machine; the figures as one JSON-able dict."""
+    with tempfile.TemporaryDirectory(prefix="spotbox-bench-") as tmp:
+        workdir = Path(tmp)
+        spotbox = await bench_spotbox(config, await _fresh_database(config.database_url, workdir, "spotbox"))
+        baseline = None
+        if config.baseline:
+            baseline = await bench_classic(
+                config, await _fresh_database(config.database_url, workdir, "classic"), workdir
+            )
+    backend = DatabaseURL.parse(config.database_url).scheme if config.database_url else "sqlite"
+    return {
+        "config": {**asdict(config), "database": backend, "database_url": None},
+        "stored": spotbox.stored,
+        "seconds": round(spotbox.seconds, 3),
+        "stored_per_s": round(spotbox.stored_per_s, 1),
+        "latency_ms": {k: round(v, 2) for k, v in (spotbox.latency_ms or {}).items()},
+        "peak_rss_mb": round(spotbox.peak_rss_mb, 1),
+        "baseline": None
+        if baseline is None
+        else {
+            "stored": baseline.stored,
+            "seconds": round(baseline.seconds, 3),
+            "stored_per_s": round(baseline.stored_per_s, 1),
+            "peak_rss_mb": round(baseline.peak_rss_mb, 1),
+        },
+        "ratio_vs_baseline": None if baseline is None else round(spotbox.stored_per_s / baseline.stored_per_s, 2),
+    }
+
+
+def format_table(figures: dict[str, Any]) -> str:
+    """The figures as a small text table."""
+    rows = [("", "spotbox", "classic (mosquitto + subscriber)")]
+    base = figures["baseline"] or {}
+    rows.append(("stored messages", str(figures["stored"]), str(base.get("stored", "-"))))
+    rows.append(("stored per second", str(figures["stored_per_s"]), str(base.get("stored_per_s", "-"))))
+    rows.append(("publish->SSE p50 ms", str(figures["latency_ms"]["p50"]), "-"))
+    rows.append(("publish->SSE p99 ms", str(figures["latency_ms"]["p99"]), "-"))
+    rows.append(("peak RSS MB", str(figures["peak_rss_mb"]), str(base.get("peak_rss_mb", "-"))))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+    ratio = figures["ratio_vs_baseline"]
+    lines.append(f"ratio vs classic stack: {ratio}x" if ratio is not None else "classic stack: mosquitto not found")
+    return "\n".join(lines)
