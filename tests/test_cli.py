@@ -42,22 +42,30 @@ async def run_spotbox(*args: str, env: dict[str, str] | None = None) -> asyncio.
     )
 
 
-@asynccontextmanager
-async def spotbox_process(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[Process]:
-    """`spotbox run` until both listeners log their real address; SIGTERM at the end must exit 0."""
+async def start_spotbox(*args: str, env: dict[str, str] | None = None) -> Process:
+    """`spotbox run`, once both listeners have logged their real address."""
     proc = await run_spotbox(*args, env=env)
     assert proc.stderr is not None
     ports: dict[bytes, int] = {}
     log: list[bytes] = []
+    async with asyncio.timeout(20):
+        while len(ports) < 2:
+            line = await proc.stderr.readline()
+            assert line, b"".join(log).decode()
+            log.append(line)
+            if match := LISTENING.search(line):
+                ports[match.group(1)] = int(match.group(3))
+    return Process(proc, ports[b"mqtt"], ports[b"http"], log)
+
+
+@asynccontextmanager
+async def spotbox_process(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[Process]:
+    """`spotbox run` until both listeners log their real address; SIGTERM at the end must exit 0."""
+    started = await start_spotbox(*args, env=env)
+    proc, log = started.proc, started.log
+    assert proc.stderr is not None
     try:
-        async with asyncio.timeout(20):
-            while len(ports) < 2:
-                line = await proc.stderr.readline()
-                assert line, b"".join(log).decode()
-                log.append(line)
-                if match := LISTENING.search(line):
-                    ports[match.group(1)] = int(match.group(3))
-        yield Process(proc, ports[b"mqtt"], ports[b"http"], log)
+        yield started
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
