@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs
 import orjson
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError, relevance
@@ -81,6 +82,13 @@ class StatusValidator:
         except (OSError, orjson.JSONDecodeError, SchemaError) as exc:
             raise ConfigError("--schema", f"{schema_path} is not a JSON Schema 2020-12 document: {exc}") from exc
         self._validator = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+        # jsonschema is the reference and writes every rejection reason; jsonschema-rs (about 1 us against
+        # about 200 us, the largest cost of ingest in the profile) only answers "valid?" for the common case.
+        self._fast: Any = None
+        try:
+            self._fast = jsonschema_rs.validator_for(schema, validate_formats=True)
+        except (ValueError, jsonschema_rs.ValidationError) as exc:
+            logger.info("fast validator cannot compile %s (%s); validating with jsonschema only", schema_path, exc)
         self.schema_path = schema_path
 
     def check(self, serial: str, raw: bytes, received_at: datetime) -> StatusRecord | Rejection:  # noqa: PLR0911
@@ -93,9 +101,10 @@ class StatusValidator:
             return Rejection(serial, [f"payload: not valid UTF-8 JSON ({exc})"])
         if not isinstance(doc, dict):
             return Rejection(serial, [f"payload: must be a JSON object, got {type(doc).__name__}"])
-        errors = sorted(self._validator.iter_errors(doc), key=_first_failing)
-        if errors:
-            return Rejection(serial, [_describe(error) for error in errors])
+        if self._fast is None or not self._fast.is_valid(doc):
+            errors = sorted(self._validator.iter_errors(doc), key=_first_failing)
+            if errors:
+                return Rejection(serial, [_describe(error) for error in errors])
         if b"\\u0000" in raw:
             # PostgreSQL's jsonb cannot hold U+0000; refuse it on every backend alike.
             return Rejection(serial, ["payload: the NUL character (\\u0000) is not accepted in strings"])

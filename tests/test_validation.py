@@ -6,8 +6,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs
 import orjson
 import pytest
+from jsonschema import Draft202012Validator
 
 from spotbox.errors import ConfigError
 from spotbox.settings import BUNDLED_SCHEMA
@@ -118,3 +120,17 @@ def test_operator_schema_looser_than_storage_is_rejected_cleanly(tmp_path: Path)
     verdict = StatusValidator(loose).check("R1", payload(location=...), NOW)
     assert isinstance(verdict, Rejection)
     assert verdict.field == "payload"
+
+
+@pytest.mark.parametrize(
+    ("name", "doc", "valid"),
+    [(name, doc, False) for name, doc, _ in INVALID] + [(name, doc, True) for name, doc in VALID],
+    ids=[case[0] for case in INVALID] + [case[0] for case in VALID],
+)
+def test_fast_validator_agrees_with_jsonschema(name: str, doc: dict[str, Any], valid: bool) -> None:
+    """Test that jsonschema-rs (the hot path's "valid?") and jsonschema (the reference) agree on every case."""
+    schema = orjson.loads(BUNDLED_SCHEMA.read_bytes())
+    reference = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    fast = jsonschema_rs.validator_for(schema, validate_formats=True)
+    assert reference.is_valid(doc) is valid, name
+    assert fast.is_valid(doc) is valid, name
