@@ -90,6 +90,17 @@ async def _fresh_database(base: str | None, workdir: Path, name: str) -> str:
     return re.sub(r"/[^/?]*(\?|$)", f"/{db}\\1", base, count=1) if base.count("/") >= 3 else f"{base}/{db}"
 
 
+async def _drop_database(base: str | None, url: str) -> None:
+    """Remove a PostgreSQL database `_fresh_database` made (SQLite files go with the temporary folder)."""
+    if base is None or DatabaseURL.parse(url).scheme == "sqlite":
+        return
+    conn = await asyncpg.connect(base)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1].split("?", maxsplit=1)[0]}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
 async def _count_rows(database_url: str) -> int:
     database = DatabaseURL.parse(database_url)
     if database.scheme == "sqlite":
