@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -48,13 +49,20 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     app[PIPELINE] = pipeline
     writer = asyncio.create_task(pipeline.run(), name="spotbox-writer")
     yield
-    await pipeline.stop()
     try:
-        await asyncio.wait_for(writer, timeout=settings.shutdown_timeout_s)
+        # Both steps can wait on storage (a full queue, a batch being retried): bound them together.
+        async with asyncio.timeout(settings.shutdown_timeout_s):
+            await pipeline.stop()
+            await writer
     except TimeoutError:
         logger.error(
-            "writer did not finish within %.0f s; %d statuses not stored", settings.shutdown_timeout_s, pipeline.depth
+            "writer did not finish within %.0f s; %d unacknowledged statuses not stored",
+            settings.shutdown_timeout_s,
+            pipeline.depth,
         )
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
 
 
 async def broker_ctx(app: web.Application) -> AsyncIterator[None]:

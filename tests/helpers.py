@@ -58,7 +58,7 @@ async def mqtt_client(
         protocol=VERSIONS[version],
         transport=transport,  # type: ignore[arg-type]
         websocket_path=path,
-        timeout=10,
+        timeout=kwargs.pop("timeout", 10),
         **kwargs,
     )
     async with client:

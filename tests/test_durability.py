@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import aiomqtt
 import orjson
+import pytest
 
+from spotbox.errors import StorageUnavailableError
+from spotbox.settings import Settings
+from spotbox.status import StatusRecord
+from spotbox.storage import Storage
+from tests.conftest import Box, BoxFactory
 from tests.helpers import mqtt_client
 from tests.test_cli import start_spotbox
 
@@ -86,3 +94,56 @@ async def test_kill_9_loses_nothing_acknowledged(database_url: str) -> None:
     expected = {orjson.loads(nth_status(n))["timestamp"] for n in acked}
     missing = expected - set(stored)
     assert not missing, f"{len(missing)} acknowledged statuses lost"
+
+
+class Outage:
+    """A fault at the storage I/O seam: write_batch raises StorageUnavailableError while `down` is set."""
+
+    def __init__(self, storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.down = True
+        self.failed_calls = 0
+        self.retried = asyncio.Event()
+        real = storage.write_batch
+
+        async def write_batch(records: Sequence[StatusRecord]) -> list[int | None]:
+            if self.down:
+                self.failed_calls += 1
+                if self.failed_calls >= 3:
+                    self.retried.set()
+                raise StorageUnavailableError("injected outage")
+            return await real(records)
+
+        monkeypatch.setattr(storage, "write_batch", write_batch)
+
+
+async def test_outage_holds_the_ack_and_catches_up(box: Box, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that while storage fails, PUBACK is withheld and retried; when it returns, the status is stored."""
+    outage = Outage(box.storage, monkeypatch)
+    async with mqtt_client(box.mqtt_port) as robot:
+        publish = asyncio.create_task(robot.publish("robot/ROBOT-OUT/status", nth_status(1), qos=1))
+        async with asyncio.timeout(10):
+            await outage.retried.wait()
+        assert not publish.done(), "acknowledged while storage was down"
+        assert not box.pipeline.storage_available
+        outage.down = False
+        async with asyncio.timeout(10):
+            await publish
+    assert box.pipeline.storage_available
+    assert len(await box.history("ROBOT-OUT")) == 1
+
+
+async def test_shutdown_during_outage_is_bounded(
+    make_box: BoxFactory, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test that stopping spotbox while storage is down ends within the shutdown timeout, without acking."""
+    box = await make_box(dataclasses.replace(settings, shutdown_timeout_s=0.5))
+    outage = Outage(box.storage, monkeypatch)
+    async with mqtt_client(box.mqtt_port, timeout=1) as robot:
+        publish = asyncio.create_task(robot.publish("robot/ROBOT-OUT/status", nth_status(1), qos=1))
+        async with asyncio.timeout(10):
+            await outage.retried.wait()
+        # Shutdown gives up on the writer after shutdown_timeout_s instead of waiting for storage forever.
+        async with asyncio.timeout(5):
+            await box.server.close()
+        with pytest.raises(aiomqtt.MqttError):
+            await publish
