@@ -80,6 +80,7 @@ async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await broker.stop_listening()
     await broker.shutdown()
+    await broker.close_connections()
 
 
 async def close_streams(app: web.Application) -> None:

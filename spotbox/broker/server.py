@@ -43,6 +43,7 @@ class SpotboxBroker(Broker):
         super().__init__(broker_config())
         self.pipeline = pipeline
         self._tcp_server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[Any]] = set()
         self.mqtt_address: tuple[str, int] | None = None
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
@@ -62,18 +63,30 @@ class SpotboxBroker(Broker):
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
         """One TCP client, for its whole life; amqtt's errors end the connection, never the broker."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
         try:
             await self._client_connected(listener_name, StreamReaderAdapter(reader), StreamWriterAdapter(writer))
         except Exception:
             logger.exception("mqtt connection from %s ended by an error", writer.get_extra_info("peername"))
-            writer.close()
+        finally:
+            # Some of amqtt's refusal paths return without closing the socket.
+            if not writer.is_closing():
+                writer.close()
+            self._connections.discard(task)
 
     async def stop_listening(self) -> None:
         """Stop accepting new MQTT connections."""
         if self._tcp_server is not None:
             self._tcp_server.close()
-            await self._tcp_server.wait_closed()
             self._tcp_server = None
+
+    async def close_connections(self) -> None:
+        """End the connection tasks amqtt's shutdown left running, and wait for them."""
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
