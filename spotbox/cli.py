@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import signal
 from pathlib import Path
@@ -147,9 +146,8 @@ async def serve(settings: Settings) -> None:
         try:
             await site.start()
         except OSError as exc:
-            reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
             raise ListenError(
-                "HTTP", settings.http_host, settings.http_port, "--http-port (or --http-host)", reason
+                "HTTP", settings.http_host, settings.http_port, "--http-port (or --http-host)", exc
             ) from exc
         for host, port, *_ in runner.addresses:
             logger.info("http listening on http://%s:%d", host, port)

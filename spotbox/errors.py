@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class SpotboxError(Exception):
     """Root of every error spotbox raises on purpose."""
@@ -18,7 +20,8 @@ class ConfigError(SpotboxError):
 class ListenError(SpotboxError):
     """A listener could not bind its address."""
 
-    def __init__(self, what: str, host: str, port: int, option: str, reason: str) -> None:
+    def __init__(self, what: str, host: str, port: int, option: str, cause: OSError) -> None:
+        reason = "address already in use" if cause.errno == errno.EADDRINUSE else (cause.strerror or str(cause))
         super().__init__(f"cannot listen for {what} on {host}:{port} ({reason}); change {option}")
         self.host = host
         self.port = port

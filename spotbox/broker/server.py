@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 from functools import partial
 from typing import Any
@@ -53,8 +52,7 @@ class SpotboxBroker(Broker):
                 partial(self.stream_connected, listener_name=TCP_LISTENER), host, port, reuse_address=True
             )
         except OSError as exc:
-            reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
-            raise ListenError("MQTT", host, port, "--mqtt-port (or --mqtt-host)", reason) from exc
+            raise ListenError("MQTT", host, port, "--mqtt-port (or --mqtt-host)", exc) from exc
         address = self._tcp_server.sockets[0].getsockname()
         self.mqtt_address = (address[0], address[1])
         return self.mqtt_address
