@@ -25,6 +25,18 @@ def is_valid_serial(serial: str) -> bool:
     return SERIAL_RE.fullmatch(serial) is not None
 
 
+def parse_utc(text: str) -> datetime:
+    """An ISO 8601 / RFC 3339 date-time as an aware UTC datetime; one without an offset is taken as UTC.
+
+    Raises ValueError when `text` is not a date-time.
+    """
+    # RFC 3339 allows a lower-case "t" and "z"; fromisoformat does not.
+    moment = datetime.fromisoformat(text.upper())
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
 def to_micros(moment: datetime) -> int:
     """Microseconds since the Unix epoch: the exact, sortable integer SQLite stores for a time."""
     delta = moment - EPOCH

@@ -7,7 +7,7 @@ import logging
 import math
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError, relevance
 
 from spotbox.errors import ConfigError
-from spotbox.status import SERIAL_PATTERN, StatusRecord, is_valid_serial
+from spotbox.status import SERIAL_PATTERN, StatusRecord, is_valid_serial, parse_utc
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +58,6 @@ def _first_failing(error: ValidationError) -> tuple[bool, Any]:
     # (PARKED fails the enum; the drive id then fails the `else` branch too).
     conditional = bool(error.schema_path) and error.schema_path[0] in ("if", "then", "else")
     return conditional, relevance(error)
-
-
-def _parse_timestamp(value: str) -> datetime:
-    # RFC 3339 allows a lower-case "t" and "z"; fromisoformat does not.
-    return datetime.fromisoformat(value.upper()).astimezone(UTC)
 
 
 def _finite_location(location: dict[str, Any]) -> str | None:
@@ -121,7 +116,7 @@ class StatusValidator:
             return Rejection(serial, [problem])
         stamp = doc.get("timestamp")
         try:
-            ts = _parse_timestamp(stamp) if stamp is not None else received_at
+            ts = parse_utc(stamp) if stamp is not None else received_at
         except (ValueError, OverflowError):
             return Rejection(serial, [f"timestamp: {stamp!r} is not a representable date-time"])
         drive_id = doc.get("current_drive_id")

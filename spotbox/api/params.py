@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import UTC, datetime
+from datetime import datetime
 
 from aiohttp import web
 
 from spotbox.errors import BadRequestError
-from spotbox.status import SERIAL_PATTERN, from_micros, is_valid_serial, to_micros
+from spotbox.status import SERIAL_PATTERN, from_micros, is_valid_serial, parse_utc, to_micros
 
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
@@ -29,12 +29,9 @@ def time_param(request: web.Request, name: str) -> datetime | None:
     if raw is None or raw == "":
         return None
     try:
-        moment = datetime.fromisoformat(raw.strip().upper())
+        return parse_utc(raw.strip())
     except ValueError:
         raise BadRequestError(f"{name} is not an ISO 8601 date-time", {name: raw}) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
 
 
 def int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
