@@ -31,14 +31,6 @@ class IngestStats:
     stored: int = 0
     duplicates: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
-    batches: int = 0
-
-
-@dataclass(slots=True)
-class Accepted:
-    """A status that was committed: its row id, or None when the same status was already stored."""
-
-    row_id: int | None
 
 
 class IngestPipeline:
@@ -80,11 +72,14 @@ class IngestPipeline:
             )
         return verdict
 
-    async def commit(self, record: StatusRecord) -> Accepted:
-        """Queue a valid record and wait until it is committed (waits while the queue is full)."""
+    async def commit(self, record: StatusRecord) -> int | None:
+        """Queue a valid record and wait until it is committed (waits while the queue is full).
+
+        Returns its row id, or None when the same status was already stored.
+        """
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         await self._queue.put((record, future))
-        return Accepted(await future)
+        return await future
 
     @property
     def depth(self) -> int:
@@ -147,7 +142,6 @@ class IngestPipeline:
                     ids.append(None)
                     if not future.done():
                         future.set_exception(single)
-        self.stats.batches += 1
         stored: list[StoredStatus] = []
         for (record, future), row_id in zip(batch, ids, strict=True):
             if row_id is None:

@@ -133,11 +133,12 @@ class Fleet:
         )
 
     def _take_ticket(self) -> bool:
-        """Claim the right to publish one more message under `--count`."""
+        """Claim the right to publish one more message under `--count`; the last claim wakes every robot."""
         if self.config.count is not None and self.stats.sent >= self.config.count:
-            self._done.set()
             return False
         self.stats.sent += 1
+        if self.stats.sent == self.config.count:
+            self._done.set()
         return True
 
     async def run(self) -> FleetStats:
@@ -178,9 +179,6 @@ class Fleet:
                         self.stats.invalid += 1
                     else:
                         self.stats.valid += 1
-                if self.config.count is not None and self.stats.sent >= self.config.count:
-                    self._done.set()
-                    break
                 jitter = robot.rng.uniform(0, self.config.jitter_max_s)
                 try:
                     async with asyncio.timeout(self.config.publish_interval_s + jitter):
