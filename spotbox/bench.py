@@ -18,10 +18,13 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -76,29 +79,28 @@ def _peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def _fresh_database(base: str | None, workdir: Path, name: str) -> str:
-    """An empty database of the asked kind: a new SQLite file, or a new PostgreSQL database next to `base`."""
+@asynccontextmanager
+async def _scratch_database(base: str | None, workdir: Path, name: str) -> AsyncIterator[str]:
+    """An empty database of the asked kind for one run: a SQLite file in `workdir` (removed with it), or a
+    PostgreSQL database on `base`'s server, dropped afterwards."""
     if base is None or DatabaseURL.parse(base).scheme == "sqlite":
-        return f"sqlite:///{workdir / f'{name}.db'}"
-    conn = await asyncpg.connect(base)
+        yield f"sqlite:///{workdir / f'{name}.db'}"
+        return
     db = f"spotbox_bench_{name}_{os.getpid()}"
+    conn = await asyncpg.connect(base)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
         await conn.execute(f'CREATE DATABASE "{db}"')
     finally:
         await conn.close()
-    return re.sub(r"/[^/?]*(\?|$)", f"/{db}\\1", base, count=1) if base.count("/") >= 3 else f"{base}/{db}"
-
-
-async def _drop_database(base: str | None, url: str) -> None:
-    """Remove a PostgreSQL database `_fresh_database` made (SQLite files go with the temporary folder)."""
-    if base is None or DatabaseURL.parse(url).scheme == "sqlite":
-        return
-    conn = await asyncpg.connect(base)
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1].split("?", maxsplit=1)[0]}" WITH (FORCE)')
+        yield urlunsplit(urlsplit(base)._replace(path=f"/{db}"))
     finally:
-        await conn.close()
+        conn = await asyncpg.connect(base)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        finally:
+            await conn.close()
 
 
 async def _count_rows(database_url: str) -> int:
@@ -232,12 +234,12 @@ async def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Both stacks, one after the other, on this machine; the figures as one JSON-able dict."""
     with tempfile.TemporaryDirectory(prefix="spotbox-bench-") as tmp:
         workdir = Path(tmp)
-        spotbox = await bench_spotbox(config, await _fresh_database(config.database_url, workdir, "spotbox"))
+        async with _scratch_database(config.database_url, workdir, "spotbox") as spotbox_db:
+            spotbox = await bench_spotbox(config, spotbox_db)
         baseline = None
         if config.baseline:
-            baseline = await bench_classic(
-                config, await _fresh_database(config.database_url, workdir, "classic"), workdir
-            )
+            async with _scratch_database(config.database_url, workdir, "classic") as classic_db:
+                baseline = await bench_classic(config, classic_db, workdir)
     backend = DatabaseURL.parse(config.database_url).scheme if config.database_url else "sqlite"
     return {
         "config": {**asdict(config), "database": backend, "database_url": None},

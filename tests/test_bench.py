@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
 import orjson
 
-from tests.conftest import require_tool
+from tests.conftest import SPOTBOX, require_tool
 
 
 async def test_bench_json_reports_both_stacks() -> None:
     """Test that a small bench run stores every message it sent and reports spotbox and the classic stack."""
     require_tool("mosquitto")  # the classic stack's broker
-    spotbox = str(Path(sys.executable).parent / "spotbox")
     proc = await asyncio.create_subprocess_exec(
-        spotbox,
+        SPOTBOX,
         "bench",
         "--robots",
         "2",

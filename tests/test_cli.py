@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,10 +15,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import SPOTBOX, require_tool
 from tests.helpers import open_feed, payload
 
-SPOTBOX = str(Path(sys.executable).parent / "spotbox")
 LISTENING = re.compile(rb"(mqtt|http) listening on (?:http://)?([\d.]+):(\d+)")
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
 import orjson
 
@@ -15,7 +13,7 @@ from spotbox.settings import BUNDLED_SCHEMA
 from spotbox.simulate import Fleet, FleetConfig, Robot, spoil
 from spotbox.status import StatusRecord
 from spotbox.validation import Rejection, StatusValidator
-from tests.conftest import Box
+from tests.conftest import SPOTBOX, Box
 
 VALIDATOR = StatusValidator(BUNDLED_SCHEMA)
 
@@ -76,9 +74,8 @@ async def test_fleet_stores_exactly_its_valid_statuses(box: Box) -> None:
 
 async def test_simulate_command_with_assignment_env_vars(box: Box) -> None:
     """Test `spotbox simulate --count 20 --invalid-rate 0.3` as a user runs it, robots from ROBOT_COUNT."""
-    spotbox = str(Path(sys.executable).parent / "spotbox")
     proc = await asyncio.create_subprocess_exec(
-        spotbox,
+        SPOTBOX,
         "simulate",
         "--count",
         "20",
