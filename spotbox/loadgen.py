@@ -24,14 +24,15 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _string(text: str) -> bytes:
+def mqtt_string(text: str) -> bytes:
+    """A UTF-8 string field: 2-byte length, then the bytes."""
     raw = text.encode()
     return struct.pack("!H", len(raw)) + raw
 
 
 def connect_packet(client_id: str) -> bytes:
     """CONNECT, MQTT 3.1.1, clean session, keep-alive 60 s."""
-    body = _string("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + _string(client_id)
+    body = mqtt_string("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + mqtt_string(client_id)
     return b"\x10" + _varint(len(body)) + body
 
 
@@ -73,7 +74,7 @@ async def robot(
     writer.write(connect_packet(f"bench-{serial}"))
     if await reader.readexactly(4) != b"\x20\x02\x00\x00":
         raise ConnectionError(f"{serial}: CONNECT refused")
-    topic = _string(f"robot/{serial}/status")
+    topic = mqtt_string(f"robot/{serial}/status")
     slots = asyncio.Semaphore(window)
 
     async def read_acks() -> None:

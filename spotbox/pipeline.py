@@ -53,6 +53,9 @@ class IngestPipeline:
         self._on_stored = on_stored
         # None is the stop sentinel: the writer commits everything queued before it, then returns.
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue(queue_size)
+        # Set whenever the writer has taken from the queue; readers of publishing sockets wait on it when full.
+        self._room = asyncio.Event()
+        self._room.set()
         self._stopping = False
         self._batch_max = batch_max
         self._batch_wait_s = batch_wait_s
@@ -80,6 +83,17 @@ class IngestPipeline:
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         await self._queue.put((record, future))
         return await future
+
+    @property
+    def full(self) -> bool:
+        """True while the queue holds `queue_size` statuses: readers of publishing sockets should wait."""
+        return self._queue.full()
+
+    async def wait_for_room(self) -> None:
+        """Return once the queue has room (the writer sets `_room` each time it takes a status)."""
+        while self._queue.full():
+            self._room.clear()
+            await self._room.wait()
 
     @property
     def depth(self) -> int:
@@ -118,6 +132,7 @@ class IngestPipeline:
                         item = await self._queue.get()
                 except TimeoutError:
                     break
+            self._room.set()
             if item is None:
                 self._stopping = True
             else:

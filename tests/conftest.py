@@ -19,6 +19,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from spotbox.app import create_app
+from spotbox.broker import SpotboxBroker
 from spotbox.keys import BROKER, PIPELINE, STORAGE
 from spotbox.pipeline import IngestPipeline
 from spotbox.settings import Settings
@@ -93,13 +94,17 @@ class Box:
 
     @property
     def mqtt_port(self) -> int:
-        address = self.server.app[BROKER].mqtt_address
+        address = self.broker.mqtt_address
         assert address is not None
         return address[1]
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def broker(self) -> SpotboxBroker:
+        return self.server.app[BROKER]
 
     @property
     def storage(self) -> Storage:

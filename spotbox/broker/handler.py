@@ -9,11 +9,15 @@ acknowledge it and queue it for routing. A rejected status is acknowledged as it
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from amqtt.broker import BrokerContext
+from amqtt.events import MQTTEvents
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.publish import PublishPacket
+from amqtt.plugins.manager import PluginManager
 from amqtt.session import IncomingApplicationMessage
 
 from spotbox.errors import StorageError
@@ -34,21 +38,80 @@ class RejectedMessage(IncomingApplicationMessage):
     __slots__ = ()
 
 
+# Statuses one connection may have read but not yet committed; past it, the connection is not read until one is.
+READ_WINDOW = 64
+
+
+class ReadGate:
+    """amqtt's plugin manager as one connection's reader loop sees it, with backpressure added.
+
+    `fire_event(PACKET_RECEIVED)` is the one call amqtt's reader loop awaits between reading a packet and starting
+    the task that handles it. Waiting there stops the loop reading from that socket (and so the publisher, through
+    TCP flow control) at a packet boundary, without touching amqtt's framing. A PUBLISH waits while this connection
+    has READ_WINDOW publishes not yet committed, or while the ingest queue is full: memory stays bounded by the
+    queue plus READ_WINDOW per connection, whatever the load, and nothing is dropped.
+    """
+
+    def __init__(self, broker: SpotboxBroker) -> None:
+        self._broker = broker
+        self._plugins: PluginManager[BrokerContext] = broker.plugins_manager
+        self._in_flight = 0
+        self._slot_freed = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._plugins, name)
+
+    async def fire_event(self, event_name: Any, *, wait: bool = False, **kwargs: Any) -> None:
+        """Hold a PUBLISH until this connection and the queue have room, then let amqtt's plugins see it."""
+        if event_name == MQTTEvents.PACKET_RECEIVED and isinstance(kwargs.get("packet"), PublishPacket):
+            pipeline = self._broker.pipeline
+            if self._in_flight >= READ_WINDOW or pipeline.full:
+                self._broker.paused_connections += 1
+                try:
+                    while self._in_flight >= READ_WINDOW:
+                        self._slot_freed.clear()
+                        await self._slot_freed.wait()
+                    await pipeline.wait_for_room()
+                finally:
+                    self._broker.paused_connections -= 1
+            self._in_flight += 1
+        await self._plugins.fire_event(event_name, wait=wait, **kwargs)
+
+    def release(self) -> None:
+        """One publish this connection read is committed, refused or routed: its slot is free."""
+        self._in_flight -= 1
+        self._slot_freed.set()
+
+
 class SpotboxProtocolHandler(BrokerProtocolHandler):
     """amqtt's broker handler, with status validation and commit ahead of the acknowledgement."""
 
     def __init__(self, broker: SpotboxBroker, **kwargs: Any) -> None:
-        super().__init__(broker.plugins_manager, **kwargs)
+        gate = ReadGate(broker)
+        super().__init__(gate, **kwargs)
+        self._gate = gate
         self._broker = broker
 
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
         """Validate and commit a status before amqtt acknowledges and routes it; other topics pass untouched."""
+        try:
+            outcome = await self._ingest(publish_packet)
+        finally:
+            # Released before any acknowledgement flow: a QoS 2 flow waits for a PUBREL the reader must read.
+            self._gate.release()
+        if isinstance(outcome, RejectedMessage):
+            await self._handle_message_flow(outcome)
+        elif outcome:
+            await super().handle_publish(publish_packet)
+
+    async def _ingest(self, publish_packet: PublishPacket) -> RejectedMessage | bool:
+        """True to let amqtt acknowledge and route the publish, a RejectedMessage to acknowledge it only, False to
+        leave it unacknowledged (not stored: an MQTT client resends an unacknowledged QoS 1/2 message)."""
         topic = publish_packet.topic_name
         data = publish_packet.data
         serial = status_topic_serial(topic) if topic is not None else None
         if serial is None or data is None:
-            await super().handle_publish(publish_packet)
-            return
+            return True
         pipeline = self._broker.pipeline
         verdict = pipeline.check(serial, data)
         if isinstance(verdict, Rejection):
@@ -57,15 +120,13 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
                 publish_packet.packet_id, topic, publish_packet.qos, data, publish_packet.retain_flag
             )
             message.publish_packet = publish_packet
-            await self._handle_message_flow(message)
-            return
+            return message
         try:
             await pipeline.commit(verdict)
         except StorageError as exc:
-            # Not stored, so not acknowledged: an MQTT client resends an unacknowledged QoS 1/2 message.
             logger.error("status of %s not stored, not acknowledged: %s", serial, exc)
-            return
-        await super().handle_publish(publish_packet)
+            return False
+        return True
 
 
 def rejection_report(topic: str, rejection: Rejection, payload: bytes) -> bytes:

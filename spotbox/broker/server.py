@@ -44,6 +44,8 @@ class SpotboxBroker(Broker):
         self._tcp_server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
         self.mqtt_address: tuple[str, int] | None = None
+        # Connections whose reading is paused for backpressure (see handler.ReadGate).
+        self.paused_connections = 0
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
         """Accept MQTT over TCP on host:port (0 picks a free port) and return the real address."""
