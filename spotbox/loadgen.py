@@ -30,16 +30,16 @@ def mqtt_string(text: str) -> bytes:
     return struct.pack("!H", len(raw)) + raw
 
 
-def connect_packet(client_id: str) -> bytes:
-    """CONNECT, MQTT 3.1.1, clean session, keep-alive 60 s."""
-    body = mqtt_string("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + mqtt_string(client_id)
+def connect_packet(client_id: str, *, clean: bool = True) -> bytes:
+    """CONNECT, MQTT 3.1.1, keep-alive 60 s, a clean session unless `clean` is false."""
+    body = mqtt_string("MQTT") + bytes([4, 0x02 if clean else 0]) + struct.pack("!H", 60) + mqtt_string(client_id)
     return b"\x10" + _varint(len(body)) + body
 
 
-def publish_packet(topic: bytes, packet_id: int, payload: bytes, qos: int) -> bytes:
-    """PUBLISH with a 2-byte-length topic already encoded."""
+def publish_packet(topic: bytes, packet_id: int, payload: bytes, qos: int, *, dup: bool = False) -> bytes:
+    """PUBLISH with a 2-byte-length topic already encoded; `dup` marks a resend."""
     body = topic + (struct.pack("!H", packet_id) if qos else b"") + payload
-    return bytes([0x30 | (qos << 1)]) + _varint(len(body)) + body
+    return bytes([0x30 | (dup << 3) | (qos << 1)]) + _varint(len(body)) + body
 
 
 @dataclass

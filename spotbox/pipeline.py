@@ -60,10 +60,10 @@ class IngestPipeline:
         self._batch_max = batch_max
         self._batch_wait_s = batch_wait_s
 
-    def check(self, serial: str, raw: bytes) -> StatusRecord | Rejection:
-        """Validate one payload, counting and logging a rejection as one structured line."""
+    def check(self, serial: str, raw: bytes, received_at: datetime | None = None) -> StatusRecord | Rejection:
+        """Validate one payload received now (or at `received_at`), counting and logging a rejection as one line."""
         self.stats.received += 1
-        verdict = self.validator.check(serial, raw, datetime.now(UTC))
+        verdict = self.validator.check(serial, raw, received_at or datetime.now(UTC))
         if isinstance(verdict, Rejection):
             self.stats.rejected[verdict.field] += 1
             logger.warning(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -72,6 +73,11 @@ class StatusRecord:
     def dedup_key(self) -> tuple[str, int, bytes]:
         """Same robot, same ts, same payload: one row."""
         return (self.serial_number, to_micros(self.ts), self.payload_hash)
+
+
+def payload_digest(raw: bytes) -> bytes:
+    """The digest that, with serial and ts, identifies a status for deduplication."""
+    return hashlib.blake2b(raw, digest_size=16).digest()
 
 
 @dataclass(slots=True, frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import uuid
@@ -17,7 +16,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError, relevance
 
 from spotbox.errors import ConfigError
-from spotbox.status import SERIAL_PATTERN, StatusRecord, is_valid_serial, parse_utc
+from spotbox.status import SERIAL_PATTERN, StatusRecord, is_valid_serial, parse_utc, payload_digest
 
 logger = logging.getLogger(__name__)
 
@@ -132,5 +131,5 @@ class StatusValidator:
             longitude=float(location["longitude"]),
             height=float(location["height"]),
             payload=bytes(raw),
-            payload_hash=hashlib.blake2b(raw, digest_size=16).digest(),
+            payload_hash=payload_digest(raw),
         )

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import struct
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 import aiomqtt
 import orjson
+
+from spotbox.loadgen import connect_packet, mqtt_string, publish_packet
 
 VERSIONS = {"3.1.1": aiomqtt.ProtocolVersion.V311, "5": aiomqtt.ProtocolVersion.V5}
 
@@ -109,3 +114,64 @@ async def open_feed(http: aiohttp.ClientSession, url: str) -> AsyncIterator[Feed
         assert response.status == 200, await response.text()
         assert response.headers["Content-Type"].startswith("text/event-stream")
         yield FeedReader(response)
+
+
+T0 = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)
+
+
+def nth_status(n: int) -> bytes:
+    """The n-th status: a unique timestamp identifies it in the history."""
+    ts = (T0 + timedelta(milliseconds=n)).isoformat().replace("+00:00", "Z")
+    return orjson.dumps(
+        {
+            "battery_level": 50,
+            "battery_status": "DISCHARGING",
+            "driving_status": "IDLE",
+            "location": {"latitude": 1.0, "longitude": 2.0, "height": 3.0},
+            "timestamp": ts,
+        }
+    )
+
+
+class RawPublisher:
+    """An MQTT 3.1.1 publisher on a bare socket, for what client libraries hide: DUP flags, packet ids, pipelining."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, serial: str) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.topic = mqtt_string(f"robot/{serial}/status")
+
+    async def publish(self, packet_id: int, body: bytes, *, dup: bool = False, qos: int = 1) -> None:
+        """Write one PUBLISH of `body` to the robot's status topic."""
+        self.writer.write(publish_packet(self.topic, packet_id, body, qos, dup=dup))
+        await self.writer.drain()
+
+    async def publish_many(self, numbers: range) -> None:
+        """Write one QoS 1 PUBLISH per number (the status `nth_status(n)`, packet id n + 1) without waiting."""
+        for n in numbers:
+            self.writer.write(publish_packet(self.topic, n + 1, nth_status(n), 1))
+        await self.writer.drain()
+
+    async def acked_ids(self, count: int) -> set[int]:
+        """Read `count` PUBACKs; the packet ids they acknowledge."""
+        ids: set[int] = set()
+        for _ in range(count):
+            header = await self.reader.readexactly(4)
+            assert header[:2] == b"\x40\x02", header
+            ids.add(struct.unpack("!H", header[2:])[0])
+        return ids
+
+
+@asynccontextmanager
+async def raw_publisher(
+    port: int, serial: str, *, client_id: str | None = None, clean: bool = True
+) -> AsyncIterator[RawPublisher]:
+    """A connected RawPublisher, disconnected at the end."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(connect_packet(client_id or f"raw-{serial}", clean=clean))
+    assert (await reader.readexactly(4))[::3] == b"\x20\x00", "CONNECT refused"
+    try:
+        yield RawPublisher(reader, writer, serial)
+    finally:
+        writer.write(b"\xe0\x00")
+        writer.close()

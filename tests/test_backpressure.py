@@ -4,56 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import struct
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import pytest
 
 from spotbox.broker.handler import READ_WINDOW
-from spotbox.loadgen import connect_packet, mqtt_string, publish_packet
 from spotbox.settings import Settings
 from tests.conftest import BoxFactory
-from tests.test_durability import Outage, nth_status
-
-CONNACK_OK = b"\x20\x02\x00\x00"
-
-
-class RawPublisher:
-    """An MQTT 3.1.1 publisher on a bare socket: it writes QoS 1 PUBLISH packets and counts PUBACKs."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, serial: str) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.topic = mqtt_string(f"robot/{serial}/status")
-
-    async def publish(self, numbers: range) -> None:
-        """Write one QoS 1 PUBLISH per number (the status `nth_status(n)`, packet id n + 1) without waiting."""
-        for n in numbers:
-            self.writer.write(publish_packet(self.topic, n + 1, nth_status(n), 1))
-        await self.writer.drain()
-
-    async def acked_ids(self, count: int) -> set[int]:
-        """Read `count` PUBACKs; the packet ids they acknowledge."""
-        ids: set[int] = set()
-        for _ in range(count):
-            header = await self.reader.readexactly(4)
-            assert header[:2] == b"\x40\x02", header
-            ids.add(struct.unpack("!H", header[2:])[0])
-        return ids
-
-
-@asynccontextmanager
-async def raw_publisher(port: int, serial: str) -> AsyncIterator[RawPublisher]:
-    """A connected RawPublisher, disconnected at the end."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(connect_packet(f"raw-{serial}"))
-    assert await reader.readexactly(4) == CONNACK_OK
-    try:
-        yield RawPublisher(reader, writer, serial)
-    finally:
-        writer.write(b"\xe0\x00")
-        writer.close()
+from tests.helpers import raw_publisher
+from tests.test_durability import Outage
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -79,7 +38,7 @@ async def test_connection_window_pauses_reading(
     outage = Outage(box.storage, monkeypatch)
     sent = READ_WINDOW * 3
     async with raw_publisher(box.mqtt_port, "ROBOT-WIN") as robot:
-        await robot.publish(range(sent))
+        await robot.publish_many(range(sent))
         await until(lambda: box.pipeline.stats.received == READ_WINDOW and box.broker.paused_connections == 1)
         # Paused: no PUBLISH past the window is read until a commit frees a slot, and none is acknowledged.
         assert box.pipeline.stats.received == READ_WINDOW
@@ -101,12 +60,12 @@ async def test_full_queue_pauses_reading(
         raw_publisher(box.mqtt_port, "ROBOT-FILL") as first,
         raw_publisher(box.mqtt_port, "ROBOT-WAIT") as second,
     ):
-        await first.publish(range(20))
+        await first.publish_many(range(20))
         # The writer holds one batch while storage is down; once 5 more fill the queue, reading stops.
         await until(lambda: box.pipeline.full and box.broker.paused_connections == 1)
         read = box.pipeline.stats.received
         assert read < 20
-        await second.publish(range(100, 110))
+        await second.publish_many(range(100, 110))
         await until(lambda: box.broker.paused_connections == 2)
         assert box.pipeline.stats.received == read, "a publisher was read while the queue was full"
         outage.down = False

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import aiomqtt
@@ -17,26 +16,11 @@ from spotbox.settings import Settings
 from spotbox.status import StatusRecord
 from spotbox.storage import Storage
 from tests.conftest import Box, BoxFactory
-from tests.helpers import mqtt_client
+from tests.helpers import mqtt_client, nth_status
 from tests.test_cli import start_spotbox
 
-T0 = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)
 MESSAGES = 3000
 KILL_AFTER = 400
-
-
-def nth_status(n: int) -> bytes:
-    """The n-th status: a unique timestamp identifies it in the history."""
-    ts = (T0 + timedelta(milliseconds=n)).isoformat().replace("+00:00", "Z")
-    return orjson.dumps(
-        {
-            "battery_level": 50,
-            "battery_status": "DISCHARGING",
-            "driving_status": "IDLE",
-            "location": {"latitude": 1.0, "longitude": 2.0, "height": 3.0},
-            "timestamp": ts,
-        }
-    )
 
 
 async def history_ts(base: str, serial: str) -> list[str]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from amqtt.broker import BrokerContext
@@ -21,7 +23,7 @@ from amqtt.plugins.manager import PluginManager
 from amqtt.session import IncomingApplicationMessage
 
 from spotbox.errors import StorageError
-from spotbox.status import dumps, status_topic_serial
+from spotbox.status import dumps, payload_digest, status_topic_serial
 from spotbox.validation import Rejection
 
 if TYPE_CHECKING:
@@ -37,6 +39,11 @@ class RejectedMessage(IncomingApplicationMessage):
 
     __slots__ = ()
 
+
+# Session attribute: packet id -> (payload digest, first receive time) of recent QoS 1/2 statuses without a timestamp.
+# Packet ids are reused once acknowledged, so only the last few matter: those a client may still resend.
+_UNSTAMPED = "spotbox.unstamped"
+_UNSTAMPED_MAX = 256
 
 # Statuses one connection may have read but not yet committed; past it, the connection is not read until one is.
 READ_WINDOW = 64
@@ -113,7 +120,7 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
         if serial is None or data is None:
             return True
         pipeline = self._broker.pipeline
-        verdict = pipeline.check(serial, data)
+        verdict = pipeline.check(serial, data, self._first_received_at(publish_packet))
         if isinstance(verdict, Rejection):
             await self._broker.report_rejection(topic, verdict, data)
             message = RejectedMessage(
@@ -121,12 +128,38 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
             )
             message.publish_packet = publish_packet
             return message
+        if publish_packet.qos and verdict.ts == verdict.received_at:
+            self._remember_unstamped(publish_packet, verdict.payload_hash, verdict.received_at)
         try:
             await pipeline.commit(verdict)
         except StorageError as exc:
             logger.error("status of %s not stored, not acknowledged: %s", serial, exc)
             return False
         return True
+
+    def _first_received_at(self, publish_packet: PublishPacket) -> datetime | None:
+        """For a resend (DUP) of a status without a timestamp, when it was first received, else None.
+
+        Such a status takes its receive time as `ts`. A robot that saw no PUBACK resends it with the same packet id
+        and DUP set; giving it its first receive time gives it the same `ts`, so storage keeps it once.
+        """
+        if not publish_packet.dup_flag or self.session is None:
+            return None
+        unstamped: OrderedDict[int, tuple[bytes, datetime]] | None = self.session.attributes.get(_UNSTAMPED)
+        first = unstamped.get(publish_packet.packet_id) if unstamped else None
+        if first is None or first[0] != payload_digest(publish_packet.data):
+            return None
+        return first[1]
+
+    def _remember_unstamped(self, publish_packet: PublishPacket, digest: bytes, received_at: datetime) -> None:
+        """Keep the receive time of a QoS 1/2 status without a timestamp, in the session, for its resends."""
+        if self.session is None:
+            return
+        unstamped = self.session.attributes.setdefault(_UNSTAMPED, OrderedDict())
+        unstamped[publish_packet.packet_id] = (digest, received_at)
+        unstamped.move_to_end(publish_packet.packet_id)
+        if len(unstamped) > _UNSTAMPED_MAX:
+            unstamped.popitem(last=False)
 
 
 def rejection_report(topic: str, rejection: Rejection, payload: bytes) -> bytes:
