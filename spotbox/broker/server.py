@@ -59,6 +59,11 @@ class SpotboxBroker(Broker):
         self.mqtt_address = (address[0], address[1])
         return self.mqtt_address
 
+    @property
+    def listening(self) -> bool:
+        """True while the MQTT TCP listener accepts connections."""
+        return self._tcp_server is not None and self._tcp_server.is_serving()
+
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:

@@ -62,8 +62,8 @@ _UNAVAILABLE = (
     asyncio.TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
+    # Class 57: the server is shutting down, crashed, starting up or cancelled the statement.
+    asyncpg.exceptions.OperatorInterventionError,
     asyncpg.TooManyConnectionsError,
 )
 
