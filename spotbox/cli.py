@@ -15,6 +15,7 @@ from aiohttp import web
 from spotbox.app import create_app
 from spotbox.bench import BenchConfig, format_table, run_bench
 from spotbox.errors import ConfigError, ListenError, SpotboxError
+from spotbox.loadgen import PROTOCOL_LEVELS
 from spotbox.logs import configure_logging
 from spotbox.settings import BUNDLED_SCHEMA, LOG_FORMATS, Settings
 from spotbox.simulate import MQTT_VERSIONS, Fleet, FleetConfig
@@ -269,6 +270,14 @@ def simulate(
 )
 @click.option("--baseline/--no-baseline", default=True, show_default=True, help="Also measure Mosquitto + subscriber.")
 @click.option("--baseline-messages", type=click.IntRange(min=1), default=3_000, show_default=True)
+@click.option("--qos", type=click.IntRange(0, 2), default=1, show_default=True, help="QoS of every publish.")
+@click.option(
+    "--mqtt-version",
+    type=click.Choice(sorted(PROTOCOL_LEVELS)),
+    default="3.1.1",
+    show_default=True,
+    help="Protocol the robots speak (5 needs a broker that speaks MQTT 5).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(
     robots: int,
@@ -279,11 +288,15 @@ def bench(
     database_url: str | None,
     baseline: bool,
     baseline_messages: int,
+    qos: int,
+    mqtt_version: str,
     as_json: bool,
 ) -> None:
     """Measure stored statuses per second, publish-to-SSE latency and memory, against the classic stack."""
     configure_logging("warning", "text")
-    config = BenchConfig(robots, messages, rate, window, sse, database_url, baseline, baseline_messages)
+    config = BenchConfig(
+        robots, messages, rate, window, sse, database_url, baseline, baseline_messages, qos, mqtt_version
+    )
     try:
         figures = asyncio.run(run_bench(config))
     except SpotboxError as exc:

@@ -1,7 +1,7 @@
-"""A cheap MQTT 3.1.1 QoS 1 load generator for `spotbox bench`: pre-framed packets, a window in flight.
+"""A cheap MQTT load generator for `spotbox bench`: pre-framed packets, a window in flight per robot.
 
 A general client library costs more per message than the broker under test (see MEASURED.md), so the bench
-writes PUBLISH packets itself and reads nothing but CONNACK and PUBACK.
+writes PUBLISH packets itself and reads only the acknowledgements: MQTT 3.1.1 or 5.0, QoS 0, 1 or 2.
 """
 
 from __future__ import annotations
@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import orjson
+
+# Protocol level byte of CONNECT, by the version names the CLI takes.
+PROTOCOL_LEVELS = {"3.1.1": 4, "5": 5}
+
+CONNACK, PUBACK, PUBREC, PUBCOMP = 0x20, 0x40, 0x50, 0x70
 
 
 def _varint(n: int) -> bytes:
@@ -30,24 +35,57 @@ def mqtt_string(text: str) -> bytes:
     return struct.pack("!H", len(raw)) + raw
 
 
-def connect_packet(client_id: str, *, clean: bool = True) -> bytes:
-    """CONNECT, MQTT 3.1.1, keep-alive 60 s, a clean session unless `clean` is false."""
-    body = mqtt_string("MQTT") + bytes([4, 0x02 if clean else 0]) + struct.pack("!H", 60) + mqtt_string(client_id)
+def connect_packet(client_id: str, *, clean: bool = True, version: str = "3.1.1") -> bytes:
+    """CONNECT, keep-alive 60 s, a clean session unless `clean` is false; MQTT 5 with no properties."""
+    level = PROTOCOL_LEVELS[version]
+    properties = b"\x00" if level == 5 else b""
+    flags = 0x02 if clean else 0
+    body = mqtt_string("MQTT") + bytes([level, flags]) + struct.pack("!H", 60) + properties + mqtt_string(client_id)
     return b"\x10" + _varint(len(body)) + body
 
 
-def publish_packet(topic: bytes, packet_id: int, payload: bytes, qos: int, *, dup: bool = False) -> bytes:
-    """PUBLISH with a 2-byte-length topic already encoded; `dup` marks a resend."""
-    body = topic + (struct.pack("!H", packet_id) if qos else b"") + payload
+def publish_packet(
+    topic: bytes, packet_id: int, payload: bytes, qos: int, *, dup: bool = False, version: str = "3.1.1"
+) -> bytes:
+    """PUBLISH with a 2-byte-length topic already encoded; `dup` marks a resend; MQTT 5 with no properties."""
+    properties = b"\x00" if version == "5" else b""
+    body = topic + (struct.pack("!H", packet_id) if qos else b"") + properties + payload
     return bytes([0x30 | (dup << 3) | (qos << 1)]) + _varint(len(body)) + body
+
+
+async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """The next packet from the broker: its type (high nibble of the first byte) and its body."""
+    first = (await reader.readexactly(1))[0]
+    length, shift = 0, 0
+    while True:
+        byte = (await reader.readexactly(1))[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return first & 0xF0, await reader.readexactly(length)
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the robots send: how many, how fast, at which QoS and protocol version."""
+
+    robots: int
+    messages: int
+    window: int = 10
+    rate: float | None = None
+    qos: int = 1
+    version: str = "3.1.1"
 
 
 @dataclass
 class LoadResult:
     """What the publishers saw."""
 
+    sent: int = 0
     acked: int = 0
     first_send: float = 0.0
+    last_send: float = 0.0
     last_ack: float = 0.0
     errors: list[str] = field(default_factory=list)
 
@@ -66,31 +104,50 @@ def status_payload(n: int) -> bytes:
     )
 
 
-async def robot(
-    host: str, port: int, serial: str, messages: int, window: int, interval: float | None, result: LoadResult
+async def _read_acks(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    load: Load,
+    messages: int,
+    slots: asyncio.Semaphore,
+    result: LoadResult,
 ) -> None:
-    """One robot connection publishing `messages` statuses at QoS 1, `window` unacknowledged at most."""
+    """Count PUBACKs (QoS 1) or answer PUBRECs and count PUBCOMPs (QoS 2), freeing a window slot for each."""
+    done = 0
+    while done < messages:
+        kind, body = await read_packet(reader)
+        if kind == PUBREC:
+            writer.write(b"\x62\x02" + body[:2])  # PUBREL
+            continue
+        if kind != (PUBACK if load.qos == 1 else PUBCOMP):
+            raise ConnectionError(f"expected an acknowledgement, got packet type {kind >> 4}")
+        # MQTT 5 acknowledgements may carry a reason code: 0x80 and above is a refusal.
+        if len(body) > 2 and body[2] >= 0x80:
+            result.errors.append(f"packet {struct.unpack('!H', body[:2])[0]} refused: reason {body[2]:#04x}")
+        done += 1
+        result.acked += 1
+        result.last_ack = time.perf_counter()
+        slots.release()
+
+
+async def robot(host: str, port: int, serial: str, messages: int, load: Load, result: LoadResult) -> None:
+    """One robot connection publishing `messages` statuses, `load.window` unacknowledged at most."""
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(connect_packet(f"bench-{serial}"))
-    if await reader.readexactly(4) != b"\x20\x02\x00\x00":
-        raise ConnectionError(f"{serial}: CONNECT refused")
+    writer.write(connect_packet(f"bench-{serial}", version=load.version))
+    kind, body = await read_packet(reader)
+    if kind != CONNACK or body[1] != 0:
+        raise ConnectionError(f"{serial}: CONNECT (MQTT {load.version}) refused: {body.hex()}")
     topic = mqtt_string(f"robot/{serial}/status")
-    slots = asyncio.Semaphore(window)
-
-    async def read_acks() -> None:
-        for _ in range(messages):
-            header = await reader.readexactly(4)
-            if header[0] != 0x40:
-                raise ConnectionError(f"{serial}: expected PUBACK, got packet type {header[0] >> 4}")
-            result.acked += 1
-            result.last_ack = time.perf_counter()
-            slots.release()
-
-    acks = asyncio.create_task(read_acks(), name=f"acks-{serial}")
+    slots = asyncio.Semaphore(load.window)
+    interval = load.robots / load.rate if load.rate else None
+    acks = None
+    if load.qos:
+        acks = asyncio.create_task(_read_acks(reader, writer, load, messages, slots, result), name=f"acks-{serial}")
     next_at = time.perf_counter()
     try:
         for n in range(messages):
-            await slots.acquire()
+            if load.qos:
+                await slots.acquire()
             if interval is not None:
                 next_at += interval
                 delay = next_at - time.perf_counter()
@@ -98,24 +155,29 @@ async def robot(
                     await asyncio.sleep(delay)
             if not result.first_send:
                 result.first_send = time.perf_counter()
-            writer.write(publish_packet(topic, n % 65535 + 1, status_payload(n), 1))
-            if n % window == 0:
+            writer.write(publish_packet(topic, n % 65535 + 1, status_payload(n), load.qos, version=load.version))
+            result.sent += 1
+            if n % load.window == 0:
                 await writer.drain()
         await writer.drain()
-        await acks
+        result.last_send = time.perf_counter()
+        if acks is not None:
+            await acks
     finally:
-        acks.cancel()
+        if acks is not None:
+            acks.cancel()
         writer.write(b"\xe0\x00")  # DISCONNECT
         writer.close()
 
 
-async def drive(host: str, port: int, robots: int, messages: int, window: int, rate: float | None) -> LoadResult:
-    """Spread `messages` over `robots` connections; `rate` (total per second) paces them, None goes flat out."""
+async def drive(host: str, port: int, load: Load) -> LoadResult:
+    """Spread `load.messages` over `load.robots` connections; `load.rate` (total per second) paces them."""
     result = LoadResult()
-    per_robot = [messages // robots + (1 if i < messages % robots else 0) for i in range(robots)]
-    interval = robots / rate if rate else None
+    per_robot = [
+        load.messages // load.robots + (1 if i < load.messages % load.robots else 0) for i in range(load.robots)
+    ]
     async with asyncio.TaskGroup() as group:
         for i, count in enumerate(per_robot):
             if count:
-                group.create_task(robot(host, port, f"BENCH-{i:04d}", count, window, interval, result))
+                group.create_task(robot(host, port, f"BENCH-{i:04d}", count, load, result))
     return result

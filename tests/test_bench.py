@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+from pathlib import Path
 
 import orjson
+import pytest
 
+from spotbox import loadgen
 from tests.conftest import SPOTBOX, require_tool
 
 
@@ -37,3 +41,45 @@ async def test_bench_json_reports_both_stacks() -> None:
     assert figures["peak_rss_mb"] > 0
     assert figures["baseline"]["stored"] == 50
     assert figures["ratio_vs_baseline"] > 0
+
+
+@pytest.mark.parametrize("qos", ["0", "2"])
+async def test_bench_at_other_qos(qos: str) -> None:
+    """Test that a bench run at QoS 0 (timed by the database) and QoS 2 (PUBREC/PUBREL/PUBCOMP) stores every status."""
+    proc = await asyncio.create_subprocess_exec(
+        SPOTBOX,
+        "bench",
+        *("--robots", "2", "--messages", "100", "--sse", "1", "--qos", qos, "--no-baseline", "--json"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(120):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    figures = orjson.loads(out)
+    assert figures["config"]["qos"] == int(qos)
+    assert figures["stored"] == 100
+    assert figures["baseline"] is None
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+async def test_loadgen_speaks_mqtt5(tmp_path: Path, qos: int) -> None:
+    """Test that the bench's publishers complete MQTT 5 flows with a real MQTT 5 broker (Mosquitto)."""
+    mosquitto = require_tool("mosquitto")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    broker = await asyncio.create_subprocess_exec(mosquitto, "-c", str(conf), stderr=asyncio.subprocess.PIPE)
+    try:
+        assert broker.stderr is not None
+        async with asyncio.timeout(10):
+            while b"running" not in await broker.stderr.readline():
+                pass
+            result = await loadgen.drive("127.0.0.1", port, loadgen.Load(2, 50, qos=qos, version="5"))
+    finally:
+        broker.terminate()
+        await broker.wait()
+    assert result.acked == result.sent == 50
+    assert result.errors == []
