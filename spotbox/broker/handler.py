@@ -10,6 +10,7 @@ acknowledge it and queue it for routing. A rejected status is acknowledged as it
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections import OrderedDict
 from datetime import datetime
@@ -17,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from amqtt.broker import BrokerContext
 from amqtt.events import MQTTEvents
+from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.plugins.manager import PluginManager
 from amqtt.session import IncomingApplicationMessage
@@ -32,6 +35,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REJECTED_TOPIC = "spotbox/rejected/{serial}"
+
+
+class _Outcome(enum.Enum):
+    STORED = enum.auto()
+    NOT_STORED = enum.auto()
+    OTHER_TOPIC = enum.auto()
 
 
 class RejectedMessage(IncomingApplicationMessage):
@@ -100,7 +109,7 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
         self._broker = broker
 
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
-        """Validate and commit a status before amqtt acknowledges and routes it; other topics pass untouched."""
+        """Validate and commit a status before it is acknowledged and routed; other topics pass to amqtt untouched."""
         try:
             outcome = await self._ingest(publish_packet)
         finally:
@@ -108,17 +117,23 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
             self._gate.release()
         if isinstance(outcome, RejectedMessage):
             await self._handle_message_flow(outcome)
-        elif outcome:
+        elif outcome is _Outcome.STORED and publish_packet.qos != QOS_2 and self.session is not None:
+            # amqtt's flow would queue the message for this client's delivery loop, which wakes once per message
+            # (new waiter tasks each time) only to hand it to the broadcast queue: route it from here instead.
+            await self._broker.route_stored(self.session, publish_packet)
+            if publish_packet.qos == QOS_1:
+                await self._send_packet(PubackPacket.build(publish_packet.packet_id))
+        elif outcome is not _Outcome.NOT_STORED:
             await super().handle_publish(publish_packet)
 
-    async def _ingest(self, publish_packet: PublishPacket) -> RejectedMessage | bool:
-        """True to let amqtt acknowledge and route the publish, a RejectedMessage to acknowledge it only, False to
-        leave it unacknowledged (not stored: an MQTT client resends an unacknowledged QoS 1/2 message)."""
+    async def _ingest(self, publish_packet: PublishPacket) -> RejectedMessage | _Outcome:
+        """Validate and commit a status: STORED, NOT_STORED (left unacknowledged: an MQTT client resends an
+        unacknowledged QoS 1/2 message), a RejectedMessage to acknowledge only, or OTHER_TOPIC."""
         topic = publish_packet.topic_name
         data = publish_packet.data
         serial = status_topic_serial(topic) if topic is not None else None
         if serial is None or data is None:
-            return True
+            return _Outcome.OTHER_TOPIC
         pipeline = self._broker.pipeline
         verdict = pipeline.check(serial, data, self._first_received_at(publish_packet))
         if isinstance(verdict, Rejection):
@@ -134,8 +149,8 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
             await pipeline.commit(verdict)
         except StorageError as exc:
             logger.error("status of %s not stored, not acknowledged: %s", serial, exc)
-            return False
-        return True
+            return _Outcome.NOT_STORED
+        return _Outcome.STORED
 
     def _first_received_at(self, publish_packet: PublishPacket) -> datetime | None:
         """For a resend (DUP) of a status without a timestamp, when it was first received, else None.

@@ -8,9 +8,11 @@ from functools import partial
 from typing import Any
 
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
-from amqtt.broker import Broker
+from amqtt.broker import Broker, BrokerEvents
+from amqtt.contexts import Action
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import Session
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.session import IncomingApplicationMessage, Session
 
 from spotbox.broker.handler import REJECTED_TOPIC, RejectedMessage, SpotboxProtocolHandler, rejection_report
 from spotbox.errors import ListenError
@@ -107,6 +109,39 @@ class SpotboxBroker(Broker):
             return True
         result: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
         return result
+
+    async def route_stored(self, session: Session, packet: PublishPacket) -> None:
+        """Route a committed status as amqtt's delivery step does (plugin events, publish filtering, broadcast,
+        retain), called straight from the publishing connection instead of through its per-message client loop."""
+        topic = packet.topic_name
+        message = IncomingApplicationMessage(packet.packet_id, topic, packet.qos, packet.data, packet.retain_flag)
+        message.publish_packet = packet
+        await self.plugins_manager.fire_event(
+            BrokerEvents.MESSAGE_RECEIVED, client_id=session.client_id, message=message
+        )
+        if not await self._topic_filtering(session, topic=topic, action=Action.PUBLISH):
+            logger.info("%s may not publish to %s; not routed", session.client_id, topic)
+            return
+        await self.plugins_manager.fire_event(
+            BrokerEvents.MESSAGE_BROADCAST, client_id=session.client_id, message=message
+        )
+        await self._broadcast_message(session, topic, packet.data)
+        if packet.retain_flag:
+            await self.retain_message(session, topic, packet.data, packet.qos)
+
+    async def _broadcast_loop(self) -> None:
+        # amqtt runs each broadcast in a new task raced against the shutdown future with asyncio.wait: two tasks
+        # and a wait per routed message. Run each broadcast inline; shutdown (which sets that future) cancels us.
+        loop_task = asyncio.current_task()
+        assert loop_task is not None
+        self._broadcast_shutdown_waiter.add_done_callback(lambda _: loop_task.cancel())
+        deliveries = self._tasks_queue
+        while True:
+            while deliveries and deliveries[0].done():
+                delivery = deliveries.popleft()
+                if not delivery.cancelled() and (error := delivery.exception()) is not None:
+                    logger.error("delivery to a subscriber failed: %r", error)
+            await self._run_broadcast(deliveries)
 
     async def report_rejection(self, topic: str, rejection: Rejection, payload: bytes) -> None:
         """Publish why a status was refused on `spotbox/rejected/{serial}`, for operators to watch."""
