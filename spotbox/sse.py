@@ -149,13 +149,14 @@ class Replay:
     async def send(self, response: EventSourceResponse, stream: FeedStream) -> bool:
         """Send the missed rows, a page at a time; False when `stream` closed before the last one was sent."""
         while self._page:
-            if stream.closed:
-                return False
             for row in self._page:
                 await _send(response, status_event(row))
             self.last_id = self._page[-1].id
             if len(self._page) < REPLAY_PAGE:
                 break
+            # Overflowed, shut down or left: no point reading on (a short last page, though, completes the replay).
+            if stream.closed:
+                return False
             await self.fetch()
         return True
 
