@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from spotbox.api import health, robots
+from spotbox import metrics
+from spotbox.api import docs, feeds, health, robots
 from spotbox.api.errors import error_middleware
 from spotbox.broker import SpotboxBroker
 from spotbox.broker.websocket import serve_mqtt_websocket
@@ -42,6 +43,7 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         app[STORAGE],
         StatusValidator(settings.schema_path),
         hub.publish,
+        on_rejected=hub.publish_rejected,
         queue_size=settings.queue_size,
         batch_max=settings.batch_max,
         batch_wait_s=settings.batch_wait_ms / 1000,
@@ -103,4 +105,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/mqtt", mqtt_websocket)
     robots.add_routes(app)
     health.add_routes(app)
+    feeds.add_routes(app)
+    metrics.add_routes(app)
+    docs.add_routes(app)
     return app

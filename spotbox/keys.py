@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from spotbox.broker import SpotboxBroker
 from spotbox.pipeline import IngestPipeline
@@ -15,3 +16,4 @@ STORAGE = web.AppKey("storage", Storage)
 HUB = web.AppKey("hub", FeedHub)
 PIPELINE = web.AppKey("pipeline", IngestPipeline)
 BROKER = web.AppKey("broker", SpotboxBroker)
+METRICS = web.AppKey("metrics", CollectorRegistry)

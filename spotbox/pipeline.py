@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from prometheus_client import Histogram
+
 from spotbox.errors import StorageError, StorageUnavailableError
 from spotbox.status import StatusRecord, StoredStatus
 from spotbox.storage import Storage
@@ -19,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_MAX_S = 5.0
+# A SQLite batch commits in about a millisecond, a PostgreSQL one in a few; seconds mean trouble.
+COMMIT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 _Item = tuple[StatusRecord, "asyncio.Future[int | None]"]
 
@@ -34,7 +38,10 @@ class IngestStats:
 
 
 class IngestPipeline:
-    """Validates statuses, commits them in batches through one writer, and hands stored rows to `on_stored`."""
+    """Validates statuses, commits them in batches through one writer, and hands stored rows to `on_stored`.
+
+    `on_rejected` hears of each refused status as it is refused; both callbacks must return at once.
+    """
 
     def __init__(
         self,
@@ -42,6 +49,7 @@ class IngestPipeline:
         validator: StatusValidator,
         on_stored: Callable[[Sequence[StoredStatus]], None],
         *,
+        on_rejected: Callable[[Rejection, datetime], None] | None = None,
         queue_size: int,
         batch_max: int,
         batch_wait_s: float,
@@ -51,6 +59,14 @@ class IngestPipeline:
         self.stats = IngestStats()
         self.storage_available = True
         self._on_stored = on_stored
+        self._on_rejected = on_rejected
+        # Not registered anywhere: each app's /metrics collects it from its own pipeline.
+        self.commit_seconds = Histogram(
+            "spotbox_batch_commit_seconds",
+            "Time to commit one batch of statuses to storage.",
+            buckets=COMMIT_BUCKETS_S,
+            registry=None,
+        )
         # None is the stop sentinel: the writer commits everything queued before it, then returns.
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue(queue_size)
         # Set whenever the writer has taken from the queue; readers of publishing sockets wait on it when full.
@@ -63,7 +79,8 @@ class IngestPipeline:
     def check(self, serial: str, raw: bytes, received_at: datetime | None = None) -> StatusRecord | Rejection:
         """Validate one payload received now (or at `received_at`), counting and logging a rejection as one line."""
         self.stats.received += 1
-        verdict = self.validator.check(serial, raw, received_at or datetime.now(UTC))
+        received_at = received_at or datetime.now(UTC)
+        verdict = self.validator.check(serial, raw, received_at)
         if isinstance(verdict, Rejection):
             self.stats.rejected[verdict.field] += 1
             logger.warning(
@@ -73,6 +90,8 @@ class IngestPipeline:
                 verdict.reason,
                 extra={"event": "status_rejected", "serial": verdict.serial_number, "errors": verdict.errors},
             )
+            if self._on_rejected is not None:
+                self._on_rejected(verdict, received_at)
         return verdict
 
     async def commit(self, record: StatusRecord) -> int | None:
@@ -173,6 +192,7 @@ class IngestPipeline:
         """Write, retrying with capped exponential backoff while storage is unreachable."""
         delay = _BACKOFF_FIRST_S
         while True:
+            started = time.perf_counter()
             try:
                 ids = await self.storage.write_batch(records)
             except StorageUnavailableError as exc:
@@ -182,6 +202,7 @@ class IngestPipeline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX_S)
                 continue
+            self.commit_seconds.observe(time.perf_counter() - started)
             if not self.storage_available:
                 logger.info("storage is back; writing resumed")
                 self.storage_available = True

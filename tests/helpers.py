@@ -6,7 +6,7 @@ import asyncio
 import copy
 import struct
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -108,9 +108,12 @@ class FeedReader:
 
 
 @asynccontextmanager
-async def open_feed(http: aiohttp.ClientSession, url: str) -> AsyncIterator[FeedReader]:
-    """Subscribe to a feed; once this returns, the server has registered the stream."""
-    async with http.get(url, timeout=aiohttp.ClientTimeout(total=None, sock_read=30)) as response:
+async def open_feed(
+    http: aiohttp.ClientSession, url: str, headers: Mapping[str, str] | None = None
+) -> AsyncIterator[FeedReader]:
+    """Subscribe to a feed (resuming with a `Last-Event-ID` header, say); once this returns, the stream is live."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=30)
+    async with http.get(url, headers=headers, timeout=timeout) as response:
         assert response.status == 200, await response.text()
         assert response.headers["Content-Type"].startswith("text/event-stream")
         yield FeedReader(response)

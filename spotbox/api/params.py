@@ -76,3 +76,23 @@ def cursor_param(request: web.Request) -> tuple[datetime, int] | None:
         return from_micros(micros), row_id
     except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError):
         raise BadRequestError("cursor is not one this server issued", {"cursor": raw}) from None
+
+
+# Row ids are signed 64-bit integers on both backends.
+_ROW_ID_MAX = 2**63 - 1
+
+
+def last_event_id_param(request: web.Request) -> int | None:
+    """The row id a reconnecting SSE client saw last: the `Last-Event-ID` header, else `last_event_id`.
+
+    The query parameter is for EventSource polyfills that cannot set the header; absent or empty is None.
+    """
+    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    if not raw:
+        return None
+    # Length first: int() refuses strings over 4300 digits with an error of its own.
+    if not (raw.isascii() and raw.isdecimal()) or len(raw) > 19 or int(raw) > _ROW_ID_MAX:
+        raise BadRequestError(
+            "Last-Event-ID must be a row id (an integer from 0) sent by this feed", {"last_event_id": raw}
+        )
+    return int(raw)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from spotbox.api.feeds import follow
 from spotbox.api.params import bool_param, cursor_param, encode_cursor, int_param, serial_param, time_param
 from spotbox.errors import BadRequestError, NotFoundError
-from spotbox.keys import HUB, SETTINGS, STORAGE
-from spotbox.sse import serve_feed
+from spotbox.keys import STORAGE
 from spotbox.status import dumps
 from spotbox.storage import HistoryQuery
 
@@ -16,10 +16,11 @@ HISTORY_LIMIT_MAX = 5000
 
 
 async def feed(request: web.Request) -> web.StreamResponse:
-    """GET /robots/{serial}/feed: each committed status of the robot as an SSE `status` event."""
-    serial = serial_param(request)
-    with request.app[HUB].subscribe(serial) as stream:
-        return await serve_feed(request, stream, request.app[SETTINGS].sse_ping_s)
+    """GET /robots/{serial}/feed: each committed status of the robot as an SSE `status` event.
+
+    With `Last-Event-ID`, the rows after it are replayed from storage first.
+    """
+    return await follow(request, serial_param(request))
 
 
 async def history(request: web.Request) -> web.Response:

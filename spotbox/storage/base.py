@@ -52,6 +52,9 @@ class Storage(Protocol):
     async def robot_exists(self, serial_number: str) -> bool:
         """True once any status of this robot is stored."""
 
+    async def rows_after(self, serial_number: str | None, after_id: int, limit: int) -> list[StoredStatus]:
+        """Up to `limit` rows with id greater than `after_id`, by id: of one robot, or of the fleet for None."""
+
     async def ping(self) -> None:
         """Raise StorageUnavailableError unless the database answers."""
 

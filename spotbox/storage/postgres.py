@@ -37,6 +37,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE UNIQUE INDEX status_dedup ON status (serial_number, ts, payload_hash)",
         "CREATE INDEX status_robot_time ON status (serial_number, ts, id)",
     ),
+    # A feed resuming from Last-Event-ID reads one robot's rows after an id; the fleet feed uses the primary key.
+    ("CREATE INDEX status_robot_id ON status (serial_number, id)",),
 )
 
 # Any number that fits one transaction: serializes concurrent spotbox starts on one database.
@@ -170,6 +172,15 @@ class PostgresStorage:
     async def robot_exists(self, serial_number: str) -> bool:
         """True once a row of this robot is stored."""
         return bool(await self._fetch("SELECT 1 FROM status WHERE serial_number = $1 LIMIT 1", [serial_number]))
+
+    async def rows_after(self, serial_number: str | None, after_id: int, limit: int) -> list[StoredStatus]:
+        """Rows with id greater than `after_id` in id order, of one robot or (None) of every robot."""
+        if serial_number is None:
+            rows = await self._fetch(f"{_SELECT} WHERE id > $1 ORDER BY id LIMIT $2", [after_id, limit])
+        else:
+            sql = f"{_SELECT} WHERE serial_number = $1 AND id > $2 ORDER BY id LIMIT $3"
+            rows = await self._fetch(sql, [serial_number, after_id, limit])
+        return [_stored(row) for row in rows]
 
     async def ping(self) -> None:
         """Run a trivial query."""

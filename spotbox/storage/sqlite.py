@@ -39,6 +39,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE UNIQUE INDEX status_dedup ON status (serial_number, ts, payload_hash)",
         "CREATE INDEX status_robot_time ON status (serial_number, ts, id)",
     ),
+    # A feed resuming from Last-Event-ID reads one robot's rows after an id; the fleet feed uses the primary key.
+    ("CREATE INDEX status_robot_id ON status (serial_number, id)",),
 )
 
 # 32766 bound variables per statement since SQLite 3.32; stay well below.
@@ -194,6 +196,15 @@ class SQLiteStorage:
         """True once a row of this robot is stored."""
         rows = await self._fetch("SELECT 1 FROM status WHERE serial_number = ? LIMIT 1", [serial_number])
         return bool(rows)
+
+    async def rows_after(self, serial_number: str | None, after_id: int, limit: int) -> list[StoredStatus]:
+        """Rows with id greater than `after_id` in id order, of one robot or (None) of every robot."""
+        if serial_number is None:
+            rows = await self._fetch(f"{_SELECT} WHERE id > ? ORDER BY id LIMIT ?", [after_id, limit])
+        else:
+            sql = f"{_SELECT} WHERE serial_number = ? AND id > ? ORDER BY id LIMIT ?"
+            rows = await self._fetch(sql, [serial_number, after_id, limit])
+        return [_stored(row) for row in rows]
 
     async def ping(self) -> None:
         """Run a trivial query on the reader connection."""

@@ -1,0 +1,61 @@
+"""GET /metrics: Prometheus text read from the live pipeline, broker and feeds at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from spotbox.keys import BROKER, HUB, METRICS, PIPELINE
+
+
+class SpotboxCollector:
+    """Reads the counters the components already keep, so nothing is counted twice."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    def collect(self) -> Iterator[Metric]:
+        """One sample of each spotbox metric; components not started yet are skipped."""
+        pipeline = self._app.get(PIPELINE)
+        if pipeline is not None:
+            stats = pipeline.stats
+            yield CounterMetricFamily(
+                "spotbox_messages_received", "Statuses received over MQTT or HTTP.", value=stats.received
+            )
+            yield CounterMetricFamily("spotbox_messages_stored", "Statuses committed to storage.", value=stats.stored)
+            yield CounterMetricFamily(
+                "spotbox_messages_duplicates", "Redelivered statuses already stored.", value=stats.duplicates
+            )
+            rejected = CounterMetricFamily(
+                "spotbox_messages_rejected",
+                "Statuses refused by validation, by the field that failed first.",
+                labels=["reason"],
+            )
+            for reason, count in sorted(stats.rejected.items()):
+                rejected.add_metric([reason], count)
+            yield rejected
+            yield GaugeMetricFamily(
+                "spotbox_queue_depth", "Valid statuses waiting for the writer.", value=pipeline.depth
+            )
+            yield from pipeline.commit_seconds.collect()
+        broker = self._app.get(BROKER)
+        if broker is not None:
+            connected = sum(1 for session, _ in broker.sessions.values() if session.transitions.state == "connected")
+            yield GaugeMetricFamily(
+                "spotbox_mqtt_clients_connected", "MQTT clients connected (TCP and WebSocket).", value=connected
+            )
+        yield GaugeMetricFamily(
+            "spotbox_sse_streams_open", "Open SSE feeds, per robot and fleet.", value=self._app[HUB].stream_count
+        )
+
+
+def add_routes(app: web.Application) -> None:
+    """Give the app its own registry (tests run many apps in one process) and serve it at /metrics."""
+    registry = CollectorRegistry()
+    registry.register(SpotboxCollector(app))
+    app[METRICS] = registry
+    app.router.add_get("/metrics", make_aiohttp_handler(registry))
