@@ -48,6 +48,11 @@ class SpotboxCollector:
             yield GaugeMetricFamily(
                 "spotbox_mqtt_clients_connected", "MQTT clients connected (TCP and WebSocket).", value=connected
             )
+            yield GaugeMetricFamily(
+                "spotbox_mqtt_connections_paused",
+                "MQTT connections not being read for backpressure (ingest queue or connection window full).",
+                value=broker.paused_connections,
+            )
         yield GaugeMetricFamily(
             "spotbox_sse_streams_open", "Open SSE feeds, per robot and fleet.", value=self._app[HUB].stream_count
         )

@@ -13,6 +13,7 @@ from spotbox.settings import Settings
 from tests.conftest import BoxFactory
 from tests.helpers import raw_publisher
 from tests.test_durability import Outage
+from tests.test_metrics import scrape
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -68,6 +69,9 @@ async def test_full_queue_pauses_reading(
         await second.publish_many(range(100, 110))
         await until(lambda: box.broker.paused_connections == 2)
         assert box.pipeline.stats.received == read, "a publisher was read while the queue was full"
+        metrics = await scrape(box)
+        assert metrics["spotbox_mqtt_connections_paused"] == 2
+        assert metrics["spotbox_queue_depth"] == 5
         outage.down = False
         async with asyncio.timeout(20):
             assert await first.acked_ids(20) == set(range(1, 21))

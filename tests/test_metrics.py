@@ -55,6 +55,7 @@ async def test_metrics_count_real_mqtt_traffic(box: Box) -> None:
     assert metrics['spotbox_batch_commit_seconds_bucket{le="+Inf"}'] == commits
     assert metrics["spotbox_batch_commit_seconds_sum"] > 0
     assert metrics["spotbox_mqtt_clients_connected"] == 2
+    assert metrics["spotbox_mqtt_connections_paused"] == 0
     assert metrics["spotbox_sse_streams_open"] == 1
 
 
