@@ -20,7 +20,6 @@ from amqtt.broker import BrokerContext
 from amqtt.events import MQTTEvents
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.plugins.manager import PluginManager
 from amqtt.session import IncomingApplicationMessage
@@ -48,6 +47,9 @@ class RejectedMessage(IncomingApplicationMessage):
 
     __slots__ = ()
 
+
+# PUBACK: packet type 4, remaining length 2 (then the packet id).
+PUBACK_HEADER = b"\x40\x02"
 
 # Session attribute: packet id -> (payload digest, first receive time) of recent QoS 1/2 statuses without a timestamp.
 # Packet ids are reused once acknowledged, so only the last few matter: those a client may still resend.
@@ -107,6 +109,8 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
         super().__init__(gate, **kwargs)
         self._gate = gate
         self._broker = broker
+        self._acks = bytearray()
+        self._ack_flush: asyncio.Task[None] | None = None
 
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
         """Validate and commit a status before it is acknowledged and routed; other topics pass to amqtt untouched."""
@@ -122,7 +126,7 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
             # (new waiter tasks each time) only to hand it to the broadcast queue: route it from here instead.
             await self._broker.route_stored(self.session, publish_packet)
             if publish_packet.qos == QOS_1:
-                await self._send_packet(PubackPacket.build(publish_packet.packet_id))
+                self._acknowledge(publish_packet.packet_id)
         elif outcome is not _Outcome.NOT_STORED:
             await super().handle_publish(publish_packet)
 
@@ -151,6 +155,31 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
             logger.error("status of %s not stored, not acknowledged: %s", serial, exc)
             return _Outcome.NOT_STORED
         return _Outcome.STORED
+
+    def _acknowledge(self, packet_id: int) -> None:
+        """Queue a PUBACK; the acks of one committed batch go out in one write, not one system call each.
+
+        A batch commit resolves its statuses' futures together, so their handlers all run in the same event-loop
+        turn; the flush task starts after them.
+        """
+        self._acks += PUBACK_HEADER + packet_id.to_bytes(2, "big")
+        if self._ack_flush is None:
+            self._ack_flush = asyncio.create_task(self._flush_acks(), name="spotbox-puback-flush")
+
+    async def _flush_acks(self) -> None:
+        data, self._acks = bytes(self._acks), bytearray()
+        try:
+            if self.writer is not None:
+                async with self._write_lock:
+                    self.writer.write(data)
+                    await self.writer.drain()
+        except (ConnectionError, RuntimeError) as exc:
+            # The client is gone; it resends what it saw no PUBACK for.
+            logger.debug("PUBACKs not sent: %r", exc)
+        finally:
+            self._ack_flush = None
+            if self._acks:
+                self._ack_flush = asyncio.create_task(self._flush_acks(), name="spotbox-puback-flush")
 
     def _first_received_at(self, publish_packet: PublishPacket) -> datetime | None:
         """For a resend (DUP) of a status without a timestamp, when it was first received, else None.
