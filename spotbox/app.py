@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from spotbox.api import robots
+from spotbox.api import fleet, ingest, robots, stats
 from spotbox.api.errors import error_middleware
 from spotbox.broker import SpotboxBroker
 from spotbox.broker.websocket import serve_mqtt_websocket
@@ -95,11 +95,14 @@ async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
 
 def create_app(settings: Settings) -> web.Application:
     """Build the spotbox application; nothing starts until the app is run."""
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[error_middleware], client_max_size=ingest.MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[HUB] = FeedHub()
     app.cleanup_ctx.extend([storage_ctx, pipeline_ctx, broker_ctx])
     app.on_shutdown.append(close_streams)
     app.router.add_get("/mqtt", mqtt_websocket)
     robots.add_routes(app)
+    fleet.add_routes(app)
+    ingest.add_routes(app)
+    stats.add_routes(app)
     return app

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from spotbox.errors import StorageError, StorageUnavailableError
-from spotbox.status import StatusRecord, StoredStatus
+from spotbox.stats import StatsWindow
+from spotbox.status import StatusRecord, StoredStatus, is_valid_serial
 from spotbox.storage import Storage
 from spotbox.validation import Rejection, StatusValidator
 
@@ -49,6 +50,8 @@ class IngestPipeline:
         self.storage = storage
         self.validator = validator
         self.stats = IngestStats()
+        # The last hour, per robot, for /stats; `stats` keeps the totals since start.
+        self.window = StatsWindow()
         self.storage_available = True
         self._on_stored = on_stored
         # None is the stop sentinel: the writer commits everything queued before it, then returns.
@@ -61,6 +64,8 @@ class IngestPipeline:
         """Validate one payload, counting and logging a rejection as one structured line."""
         self.stats.received += 1
         verdict = self.validator.check(serial, raw, datetime.now(UTC))
+        rejected = verdict.field if isinstance(verdict, Rejection) else None
+        self.window.count(serial if is_valid_serial(serial) else None, rejected)
         if isinstance(verdict, Rejection):
             self.stats.rejected[verdict.field] += 1
             logger.warning(

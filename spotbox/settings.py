@@ -80,6 +80,8 @@ class Settings:
     batch_wait_ms: float = 5.0
     sse_ping_s: float = 15.0
     shutdown_timeout_s: float = 30.0
+    # HTTP ingest answers 503 when a status is not committed within this time, rather than holding the request.
+    ingest_timeout_s: float = 10.0
     database: DatabaseURL = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
