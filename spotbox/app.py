@@ -13,8 +13,9 @@ from spotbox.api import fleet, ingest, robots, stats
 from spotbox.api.errors import error_middleware
 from spotbox.broker import SpotboxBroker
 from spotbox.broker.websocket import serve_mqtt_websocket
-from spotbox.keys import BROKER, HUB, PIPELINE, SETTINGS, STORAGE
+from spotbox.keys import BROKER, HUB, PIPELINE, RETENTION, SETTINGS, STORAGE
 from spotbox.pipeline import IngestPipeline
+from spotbox.retention import Retention
 from spotbox.settings import Settings
 from spotbox.sse import FeedHub
 from spotbox.storage import open_storage
@@ -83,6 +84,21 @@ async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
     await broker.close_connections()
 
 
+async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Delete rows past the retention period in the background, once at start and then on a schedule."""
+    settings = app[SETTINGS]
+    assert settings.retention_days is not None
+    retention = Retention(
+        app[STORAGE], settings.retention_days, interval_s=settings.retention_interval_s, batch=settings.retention_batch
+    )
+    app[RETENTION] = retention
+    task = asyncio.create_task(retention.run(), name="spotbox-retention")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def close_streams(app: web.Application) -> None:
     """End every SSE stream so shutdown does not wait on clients."""
     app[HUB].close_all()
@@ -99,6 +115,8 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[HUB] = FeedHub()
     app.cleanup_ctx.extend([storage_ctx, pipeline_ctx, broker_ctx])
+    if settings.retention_days is not None:
+        app.cleanup_ctx.append(retention_ctx)
     app.on_shutdown.append(close_streams)
     app.router.add_get("/mqtt", mqtt_websocket)
     robots.add_routes(app)

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from spotbox.broker import SpotboxBroker
 from spotbox.pipeline import IngestPipeline
+from spotbox.retention import Retention
 from spotbox.settings import Settings
 from spotbox.sse import FeedHub
 from spotbox.storage import Storage
@@ -15,3 +16,4 @@ STORAGE = web.AppKey("storage", Storage)
 HUB = web.AppKey("hub", FeedHub)
 PIPELINE = web.AppKey("pipeline", IngestPipeline)
 BROKER = web.AppKey("broker", SpotboxBroker)
+RETENTION = web.AppKey("retention", Retention)

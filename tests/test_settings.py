@@ -23,6 +23,8 @@ from spotbox.settings import DatabaseURL, Settings
         ({"log_format": "xml"}, "--log-format"),
         ({"batch_max": 0}, "--batch-max"),
         ({"queue_size": 0}, "--batch-max"),
+        ({"retention_days": 0}, "--retention-days"),
+        ({"retention_days": -7}, "--retention-days"),
         ({"database_url": "mysql://localhost/db"}, "--database-url"),
         ({"database_url": "sqlite://relative.db"}, "--database-url"),
         ({"database_url": "sqlite:///"}, "--database-url"),
