@@ -108,4 +108,6 @@ class Settings:
             raise ConfigError("--batch-max", "queue size and batch size must be positive, the batch wait not negative")
         if self.retention_days is not None and self.retention_days < 1:
             raise ConfigError("--retention-days", f"{self.retention_days} is not a positive number of days")
+        if self.retention_batch < 1 or self.retention_interval_s <= 0:
+            raise ConfigError("--retention-days", "the retention batch and interval must be positive")
         object.__setattr__(self, "database", DatabaseURL.parse(self.database_url))

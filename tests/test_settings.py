@@ -25,6 +25,8 @@ from spotbox.settings import DatabaseURL, Settings
         ({"queue_size": 0}, "--batch-max"),
         ({"retention_days": 0}, "--retention-days"),
         ({"retention_days": -7}, "--retention-days"),
+        ({"retention_batch": 0}, "--retention-days"),
+        ({"retention_interval_s": 0}, "--retention-days"),
         ({"database_url": "mysql://localhost/db"}, "--database-url"),
         ({"database_url": "sqlite://relative.db"}, "--database-url"),
         ({"database_url": "sqlite:///"}, "--database-url"),

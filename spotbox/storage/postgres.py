@@ -12,19 +12,8 @@ import asyncpg
 
 from spotbox.errors import StorageError, StorageUnavailableError
 from spotbox.status import StatusRecord, StoredStatus, to_micros
-from spotbox.storage.base import (
-    COLUMNS,
-    ROBOTS_CTE,
-    Bucket,
-    DownsampleQuery,
-    HistoryQuery,
-    assign_ids,
-    bucket_of,
-    downsample_sql,
-    latest_per_robot_sql,
-    latest_sql,
-    time_range_sql,
-)
+from spotbox.storage import base
+from spotbox.storage.base import COLUMNS, Bucket, DownsampleQuery, HistoryQuery, assign_ids
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +60,7 @@ _SELECT = (
 # Buckets aligned on the Unix epoch, like SQLite's; date_bin is exact (integer microseconds inside).
 _BUCKET = "date_bin($4::interval, ts, TIMESTAMPTZ '1970-01-01 00:00:00+00')"
 # LATERAL makes the planner probe the (serial_number, ts, id) index robot by robot instead of scanning.
-_DELETE_BEFORE = f"""{ROBOTS_CTE}
+_DELETE_BEFORE = f"""{base.ROBOTS_CTE}
 DELETE FROM status WHERE id = ANY(ARRAY(
     SELECT old.id FROM robots
     CROSS JOIN LATERAL (SELECT id FROM status WHERE serial_number = robots.serial AND ts < $1 LIMIT $2) AS old
@@ -195,23 +184,23 @@ class PostgresStorage:
 
     async def latest(self, serial_number: str) -> StoredStatus | None:
         """The robot's row with the greatest (ts, id)."""
-        rows = await self._fetch(latest_sql(_SELECT, "$"), [serial_number])
+        rows = await self._fetch(base.latest_sql(_SELECT, "$"), [serial_number])
         return _stored(rows[0]) if rows else None
 
     async def latest_per_robot(self) -> list[StoredStatus]:
         """The latest row of every robot, by serial number."""
-        return [_stored(row) for row in await self._fetch(latest_per_robot_sql(_SELECT, ' COLLATE "C"'), [])]
+        return [_stored(row) for row in await self._fetch(base.latest_per_robot_sql(_SELECT, ' COLLATE "C"'), [])]
 
     async def time_range(self, serial_number: str) -> tuple[datetime, datetime] | None:
         """The first and last ts of the robot."""
-        ((first, last),) = await self._fetch(time_range_sql("$"), [serial_number])
+        ((first, last),) = await self._fetch(base.time_range_sql("$"), [serial_number])
         return None if first is None else (first, last)
 
     async def downsample(self, query: DownsampleQuery) -> list[Bucket]:
         """Buckets computed by PostgreSQL with date_bin."""
         params = (query.serial_number, query.start, query.end, query.interval)
-        rows = await self._fetch(downsample_sql(query.agg, "$", _BUCKET), params)
-        return [bucket_of(row[0], row) for row in rows]
+        rows = await self._fetch(base.downsample_sql(query.agg, "$", _BUCKET), params)
+        return [base.bucket_of(row[0], row) for row in rows]
 
     async def delete_before(self, cutoff: datetime, limit: int) -> int:
         """One DELETE of at most `limit` old rows, in its own transaction."""

@@ -14,19 +14,8 @@ import aiosqlite
 
 from spotbox.errors import StorageError, StorageUnavailableError
 from spotbox.status import StatusRecord, StoredStatus, from_micros, to_micros
-from spotbox.storage.base import (
-    COLUMNS,
-    ROBOTS_CTE,
-    Bucket,
-    DownsampleQuery,
-    HistoryQuery,
-    assign_ids,
-    bucket_of,
-    downsample_sql,
-    latest_per_robot_sql,
-    latest_sql,
-    time_range_sql,
-)
+from spotbox.storage import base
+from spotbox.storage.base import COLUMNS, Bucket, DownsampleQuery, HistoryQuery, assign_ids
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +52,7 @@ _BUCKET = "ts - ((ts % ?4) + ?4) % ?4"
 # Each robot's old rows through the (serial_number, ts, id) index; no full scan to find what to delete.
 # (The statement starts with DELETE, not WITH, so that sqlite3 reports its rowcount.)
 _DELETE_BEFORE = f"""
-DELETE FROM status WHERE id IN ({ROBOTS_CTE}
+DELETE FROM status WHERE id IN ({base.ROBOTS_CTE}
     SELECT s.id FROM robots JOIN status AS s ON s.serial_number = robots.serial AND s.ts < ?1 LIMIT ?2
 )"""
 
@@ -228,16 +217,16 @@ class SQLiteStorage:
 
     async def latest(self, serial_number: str) -> StoredStatus | None:
         """The robot's row with the greatest (ts, id)."""
-        rows = await self._fetch(latest_sql(_SELECT, "?"), [serial_number])
+        rows = await self._fetch(base.latest_sql(_SELECT, "?"), [serial_number])
         return _stored(rows[0]) if rows else None
 
     async def latest_per_robot(self) -> list[StoredStatus]:
         """The latest row of every robot, by serial number."""
-        return [_stored(row) for row in await self._fetch(latest_per_robot_sql(_SELECT), [])]
+        return [_stored(row) for row in await self._fetch(base.latest_per_robot_sql(_SELECT), [])]
 
     async def time_range(self, serial_number: str) -> tuple[datetime, datetime] | None:
         """The first and last ts of the robot."""
-        ((first, last),) = await self._fetch(time_range_sql("?"), [serial_number])
+        ((first, last),) = await self._fetch(base.time_range_sql("?"), [serial_number])
         return None if first is None else (from_micros(first), from_micros(last))
 
     async def downsample(self, query: DownsampleQuery) -> list[Bucket]:
@@ -248,8 +237,8 @@ class SQLiteStorage:
             to_micros(query.end),
             query.interval // timedelta(microseconds=1),
         )
-        rows = await self._fetch(downsample_sql(query.agg, "?", _BUCKET), params)
-        return [bucket_of(from_micros(row[0]), row) for row in rows]
+        rows = await self._fetch(base.downsample_sql(query.agg, "?", _BUCKET), params)
+        return [base.bucket_of(from_micros(row[0]), row) for row in rows]
 
     async def delete_before(self, cutoff: datetime, limit: int) -> int:
         """One DELETE of at most `limit` old rows on the writer connection, between two ingest batches."""
