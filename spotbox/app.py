@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from spotbox import metrics
-from spotbox.api import docs, feeds, health, robots
+from spotbox.api import docs, feeds, fleet, health, ingest, robots, stats
 from spotbox.api.errors import error_middleware
 from spotbox.broker import SpotboxBroker
 from spotbox.broker.websocket import serve_mqtt_websocket
-from spotbox.keys import BROKER, HUB, PIPELINE, SETTINGS, STORAGE
+from spotbox.keys import BROKER, HUB, PIPELINE, RETENTION, SETTINGS, STORAGE
 from spotbox.pipeline import IngestPipeline
+from spotbox.retention import Retention
 from spotbox.settings import Settings
 from spotbox.sse import FeedHub
 from spotbox.storage import open_storage
@@ -85,6 +86,21 @@ async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
     await broker.close_connections()
 
 
+async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Delete rows past the retention period in the background, once at start and then on a schedule."""
+    settings = app[SETTINGS]
+    assert settings.retention_days is not None
+    retention = Retention(
+        app[STORAGE], settings.retention_days, interval_s=settings.retention_interval_s, batch=settings.retention_batch
+    )
+    app[RETENTION] = retention
+    task = asyncio.create_task(retention.run(), name="spotbox-retention")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def close_streams(app: web.Application) -> None:
     """End every SSE stream so shutdown does not wait on clients."""
     app[HUB].close_all()
@@ -97,10 +113,12 @@ async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
 
 def create_app(settings: Settings) -> web.Application:
     """Build the spotbox application; nothing starts until the app is run."""
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[error_middleware], client_max_size=ingest.MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[HUB] = FeedHub()
     app.cleanup_ctx.extend([storage_ctx, pipeline_ctx, broker_ctx])
+    if settings.retention_days is not None:
+        app.cleanup_ctx.append(retention_ctx)
     app.on_shutdown.append(close_streams)
     app.router.add_get("/mqtt", mqtt_websocket)
     robots.add_routes(app)
@@ -108,4 +126,7 @@ def create_app(settings: Settings) -> web.Application:
     feeds.add_routes(app)
     metrics.add_routes(app)
     docs.add_routes(app)
+    fleet.add_routes(app)
+    ingest.add_routes(app)
+    stats.add_routes(app)
     return app

@@ -102,6 +102,14 @@ def main() -> None:
     show_default=True,
     help="Longest wait for a batch to fill once it has one status.",
 )
+@click.option(
+    "--retention-days",
+    envvar="SPOTBOX_RETENTION_DAYS",
+    type=int,
+    default=None,
+    show_default="keep forever",
+    help="Delete statuses whose ts is older than this many days (at start, then every 10 minutes).",
+)
 def run(
     http_host: str,
     http_port: int,
@@ -113,6 +121,7 @@ def run(
     log_format: str,
     batch_max: int,
     batch_wait_ms: float,
+    retention_days: int | None,
 ) -> None:
     """Run the broker, the ingest pipeline and the HTTP API until SIGINT or SIGTERM."""
     try:
@@ -127,6 +136,7 @@ def run(
             log_format=log_format,
             batch_max=batch_max,
             batch_wait_ms=batch_wait_ms,
+            retention_days=retention_days,
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None

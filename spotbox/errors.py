@@ -50,3 +50,20 @@ class NotFoundError(SpotboxError):
     def __init__(self, message: str, detail: object = None) -> None:
         super().__init__(message)
         self.detail = detail
+
+
+class InvalidStatusError(SpotboxError):
+    """A status sent over HTTP failed validation; answered with 422 and every error."""
+
+    def __init__(self, errors: list[str], field: str) -> None:
+        super().__init__("invalid status")
+        self.errors = errors
+        self.field = field
+
+
+class PayloadTooLargeError(SpotboxError):
+    """A request body is over the size limit; answered with 413 before it is read whole."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(f"body larger than {max_bytes} bytes")
+        self.max_bytes = max_bytes

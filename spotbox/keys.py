@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from spotbox.broker import SpotboxBroker
 from spotbox.pipeline import IngestPipeline
+from spotbox.retention import Retention
 from spotbox.settings import Settings
 from spotbox.sse import FeedHub
 from spotbox.storage import Storage
@@ -17,3 +18,4 @@ HUB = web.AppKey("hub", FeedHub)
 PIPELINE = web.AppKey("pipeline", IngestPipeline)
 BROKER = web.AppKey("broker", SpotboxBroker)
 METRICS = web.AppKey("metrics", CollectorRegistry)
+RETENTION = web.AppKey("retention", Retention)

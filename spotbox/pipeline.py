@@ -13,7 +13,8 @@ from datetime import UTC, datetime
 from prometheus_client import Histogram
 
 from spotbox.errors import StorageError, StorageUnavailableError
-from spotbox.status import StatusRecord, StoredStatus
+from spotbox.stats import StatsWindow
+from spotbox.status import StatusRecord, StoredStatus, is_valid_serial
 from spotbox.storage import Storage
 from spotbox.validation import Rejection, StatusValidator
 
@@ -57,6 +58,8 @@ class IngestPipeline:
         self.storage = storage
         self.validator = validator
         self.stats = IngestStats()
+        # The last hour, per robot, for /stats; `stats` keeps the totals since start.
+        self.window = StatsWindow()
         self.storage_available = True
         self._on_stored = on_stored
         self._on_rejected = on_rejected
@@ -81,6 +84,8 @@ class IngestPipeline:
         self.stats.received += 1
         received_at = received_at or datetime.now(UTC)
         verdict = self.validator.check(serial, raw, received_at)
+        rejected = verdict.field if isinstance(verdict, Rejection) else None
+        self.window.count(serial if is_valid_serial(serial) else None, rejected)
         if isinstance(verdict, Rejection):
             self.stats.rejected[verdict.field] += 1
             logger.warning(

@@ -80,6 +80,12 @@ class Settings:
     batch_wait_ms: float = 5.0
     sse_ping_s: float = 15.0
     shutdown_timeout_s: float = 30.0
+    # HTTP ingest answers 503 when a status is not committed within this time, rather than holding the request.
+    ingest_timeout_s: float = 10.0
+    # Rows with ts older than this many days are deleted; None keeps them forever.
+    retention_days: int | None = None
+    retention_interval_s: float = 600.0
+    retention_batch: int = 5000
     database: DatabaseURL = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -100,4 +106,8 @@ class Settings:
             raise ConfigError("--log-format", f"{self.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
         if self.queue_size < 1 or self.batch_max < 1 or self.batch_wait_ms < 0:
             raise ConfigError("--batch-max", "queue size and batch size must be positive, the batch wait not negative")
+        if self.retention_days is not None and self.retention_days < 1:
+            raise ConfigError("--retention-days", f"{self.retention_days} is not a positive number of days")
+        if self.retention_batch < 1 or self.retention_interval_s <= 0:
+            raise ConfigError("--retention-days", "the retention batch and interval must be positive")
         object.__setattr__(self, "database", DatabaseURL.parse(self.database_url))

@@ -48,15 +48,15 @@ def require_tool(name: str) -> str:
 
 
 @asynccontextmanager
-async def fresh_postgres_database() -> AsyncIterator[str]:
-    """A new, empty PostgreSQL database on the test server, dropped afterwards; yields its URL."""
+async def fresh_postgres_database(options: str = "") -> AsyncIterator[str]:
+    """A new, empty PostgreSQL database on the test server (CREATE DATABASE `options`), dropped afterwards."""
     name = f"spotbox_test_{uuid.uuid4().hex[:12]}"
     try:
         admin = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         unavailable(f"PostgreSQL at {PG_ADMIN_URL} is not reachable: {exc}")
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.execute(f'CREATE DATABASE "{name}" {options}')
     finally:
         await admin.close()
     try:

@@ -11,18 +11,23 @@ from spotbox.settings import BUNDLED_SCHEMA, DatabaseURL
 from spotbox.status import StatusRecord
 from spotbox.storage import HistoryQuery, Storage, open_storage
 from spotbox.validation import StatusValidator
+from tests.conftest import fresh_postgres_database
 from tests.helpers import payload
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 VALIDATOR = StatusValidator(BUNDLED_SCHEMA)
 
 
-def record(serial: str, minute: int, **changes: object) -> StatusRecord:
-    """A validated record of `serial` at T0 + `minute` minutes."""
-    ts = (T0 + timedelta(minutes=minute)).isoformat()
-    verdict = VALIDATOR.check(serial, payload(timestamp=ts, **changes), T0 + timedelta(minutes=minute, seconds=1))
+def record_at(serial: str, ts: datetime, **changes: object) -> StatusRecord:
+    """A validated record of `serial` with timestamp `ts`, received one second later."""
+    verdict = VALIDATOR.check(serial, payload(timestamp=ts.isoformat(), **changes), ts + timedelta(seconds=1))
     assert isinstance(verdict, StatusRecord)
     return verdict
+
+
+def record(serial: str, minute: int, **changes: object) -> StatusRecord:
+    """A validated record of `serial` at T0 + `minute` minutes."""
+    return record_at(serial, T0 + timedelta(minutes=minute), **changes)
 
 
 @pytest.fixture
@@ -105,3 +110,71 @@ async def test_reopening_keeps_rows_and_does_not_migrate_again(database_url: str
         assert len(await second.history(HistoryQuery("R1"))) == 1
     finally:
         await second.close()
+
+
+async def test_latest_is_the_greatest_ts_then_id(storage: Storage) -> None:
+    """Test that a robot's latest row is the one with the greatest ts (ties: greatest id), not the last written."""
+    assert await storage.latest("R1") is None
+    await storage.write_batch([record("R1", 5), record("R1", 1)])
+    await storage.write_batch([record("R1", 3)])
+    latest = await storage.latest("R1")
+    assert latest is not None
+    assert latest.record.ts == T0 + timedelta(minutes=5)
+    # Same ts, another payload: both stored, the later row wins the tie.
+    [tie_id] = await storage.write_batch([record("R1", 5, battery_level=9)])
+    latest = await storage.latest("R1")
+    assert latest is not None
+    assert (latest.id, latest.record.battery_level) == (tie_id, 9)
+
+
+async def test_latest_per_robot_is_one_row_per_robot_in_serial_order(storage: Storage) -> None:
+    """Test that the fleet listing has each robot once, with its own latest row, in byte order of serials."""
+    assert await storage.latest_per_robot() == []
+    serials = ["b-2", "B-1", "a", "A.9", "10", "9"]
+    for n, serial in enumerate(serials):
+        await storage.write_batch([record(serial, minute, battery_level=n + minute) for minute in (3, 9, 1)])
+    rows = await storage.latest_per_robot()
+    assert [row.record.serial_number for row in rows] == sorted(serials)
+    for row in rows:
+        n = serials.index(row.record.serial_number)
+        assert (row.record.ts, row.record.battery_level) == (T0 + timedelta(minutes=9), n + 9)
+        latest = await storage.latest(row.record.serial_number)
+        assert latest is not None
+        assert row.id == latest.id
+
+
+async def test_time_range_is_first_and_last_ts(storage: Storage) -> None:
+    """Test that a robot's time range spans its first and last ts, and is None for a robot never seen."""
+    await storage.write_batch([record("R1", minute) for minute in (4, 2, 8)] + [record("R2", 30)])
+    assert await storage.time_range("R1") == (T0 + timedelta(minutes=2), T0 + timedelta(minutes=8))
+    assert await storage.time_range("R3") is None
+
+
+async def test_delete_before_is_bounded_and_spares_newer_rows(storage: Storage) -> None:
+    """Test that delete_before removes at most `limit` rows per call, only rows before the cutoff, of every robot."""
+    await storage.write_batch([record(serial, minute) for serial in ("R1", "R2") for minute in range(10)])
+    cutoff = T0 + timedelta(minutes=6)  # minutes 0 to 5 of both robots: 12 rows
+    assert await storage.delete_before(cutoff, 5) == 5
+    assert await storage.delete_before(cutoff, 5) == 5
+    assert await storage.delete_before(cutoff, 5) == 2
+    assert await storage.delete_before(cutoff, 5) == 0
+    for serial in ("R1", "R2"):
+        rows = await storage.history(HistoryQuery(serial))
+        assert [row.record.ts for row in rows] == [T0 + timedelta(minutes=m) for m in range(6, 10)]
+
+
+@pytest.mark.postgres
+async def test_fleet_order_is_byte_order_whatever_the_postgres_locale() -> None:
+    """Test that a PostgreSQL database with a linguistic (ICU en-US) collation lists robots in SQLite's order."""
+    icu = "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+    async with fresh_postgres_database(icu) as url:
+        store = open_storage(DatabaseURL.parse(url))
+        await store.open()
+        try:
+            serials = ["b-2", "B-1", "a", "A.9"]
+            await store.write_batch([record(serial, 1) for serial in serials])
+            rows = await store.latest_per_robot()
+        finally:
+            await store.close()
+    # en-US would give a, A.9, B-1, b-2.
+    assert [row.record.serial_number for row in rows] == ["A.9", "B-1", "a", "b-2"]

@@ -8,17 +8,48 @@ from typing import Any
 
 from aiohttp import web
 
-from spotbox.errors import BadRequestError, NotFoundError, StorageUnavailableError
+from spotbox.errors import (
+    BadRequestError,
+    InvalidStatusError,
+    NotFoundError,
+    PayloadTooLargeError,
+    StorageUnavailableError,
+)
 from spotbox.status import dumps
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# Seconds a client is asked to wait while storage is away: about the writer's longest retry backoff.
+RETRY_AFTER_S = 5
 
-def error_response(status: int, error: str, detail: Any = None) -> web.Response:
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON answer, encoded the way every spotbox answer is."""
+    return web.Response(status=status, body=dumps(body), content_type="application/json", headers=headers)
+
+
+def error_response(status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None) -> web.Response:
     """A JSON error answer."""
-    return web.Response(status=status, body=dumps({"error": error, "detail": detail}), content_type="application/json")
+    return json_response({"error": error, "detail": detail}, status, headers)
+
+
+ClientError = BadRequestError | NotFoundError | PayloadTooLargeError | InvalidStatusError
+
+
+def client_error_response(exc: ClientError) -> web.Response:
+    """The 4xx answer to an error in the request, with the data its error carries as detail."""
+    match exc:
+        case BadRequestError():
+            status, detail = 400, exc.detail
+        case NotFoundError():
+            status, detail = 404, exc.detail
+        case PayloadTooLargeError():
+            status, detail = 413, {"max_bytes": exc.max_bytes}
+        case InvalidStatusError():
+            status, detail = 422, {"errors": exc.errors, "field": exc.field}
+    return error_response(status, str(exc), detail)
 
 
 @web.middleware
@@ -26,13 +57,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Translate spotbox and aiohttp errors into the one JSON error shape, at the HTTP edge only."""
     try:
         return await handler(request)
-    except BadRequestError as exc:
-        return error_response(400, str(exc), exc.detail)
-    except NotFoundError as exc:
-        return error_response(404, str(exc), exc.detail)
+    except (BadRequestError, NotFoundError, PayloadTooLargeError, InvalidStatusError) as exc:
+        return client_error_response(exc)
     except StorageUnavailableError as exc:
         logger.warning("%s %s: storage unavailable: %s", request.method, request.path, exc)
-        return error_response(503, "storage unavailable, retry later", None)
+        return error_response(503, "storage unavailable, retry later", None, {"Retry-After": str(RETRY_AFTER_S)})
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from spotbox.api.downsample import downsampled_history
 from spotbox.api.feeds import follow
 from spotbox.api.params import bool_param, cursor_param, encode_cursor, int_param, serial_param, time_param
 from spotbox.errors import BadRequestError, NotFoundError
@@ -30,6 +31,8 @@ async def history(request: web.Request) -> web.Response:
     end = time_param(request, "end_time")
     if start is not None and end is not None and start > end:
         raise BadRequestError("start_time is after end_time", {"start_time": start, "end_time": end})
+    if "interval" in request.query or "agg" in request.query:
+        return await downsampled_history(request, serial, start, end)
     limit = int_param(request, "limit", HISTORY_LIMIT_DEFAULT, 1, HISTORY_LIMIT_MAX)
     include_payload = bool_param(request, "include_payload")
     after = cursor_param(request)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Protocol
+from datetime import datetime, timedelta
+from typing import Any, Literal, Protocol
 
 from spotbox.status import StatusRecord, StoredStatus
 
@@ -37,6 +37,31 @@ class HistoryQuery:
     limit: int = 500
 
 
+Aggregate = Literal["avg", "min", "max", "last", "count"]
+AGGREGATES: tuple[Aggregate, ...] = ("avg", "min", "max", "last", "count")
+
+
+@dataclass(frozen=True, slots=True)
+class DownsampleQuery:
+    """One robot's battery level (and position, for `last`) per time bucket, buckets aligned on the Unix epoch."""
+
+    serial_number: str
+    interval: timedelta
+    agg: Aggregate
+    start: datetime
+    end: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """One downsampled bucket: its start, its row count, and the aggregate (a float for avg, None for count)."""
+
+    start: datetime
+    count: int
+    battery_level: float | int | None
+    location: tuple[float, float, float] | None = None
+
+
 class Storage(Protocol):
     """Where validated statuses are kept. One writer calls `write_batch`; readers may run concurrently."""
 
@@ -55,6 +80,21 @@ class Storage(Protocol):
     async def rows_after(self, serial_number: str | None, after_id: int, limit: int) -> list[StoredStatus]:
         """Up to `limit` rows with id greater than `after_id`, by id: of one robot, or of the fleet for None."""
 
+    async def latest(self, serial_number: str) -> StoredStatus | None:
+        """The robot's row with the greatest (ts, id), or None for a robot never seen."""
+
+    async def latest_per_robot(self) -> list[StoredStatus]:
+        """The latest row (by ts, id) of every robot, ordered by serial number."""
+
+    async def time_range(self, serial_number: str) -> tuple[datetime, datetime] | None:
+        """The first and last ts of the robot's rows, or None for a robot never seen."""
+
+    async def downsample(self, query: DownsampleQuery) -> list[Bucket]:
+        """The non-empty buckets of `query`, oldest first, aggregated by the database."""
+
+    async def delete_before(self, cutoff: datetime, limit: int) -> int:
+        """Delete at most `limit` rows with ts before `cutoff` in one short transaction; how many went."""
+
     async def ping(self) -> None:
         """Raise StorageUnavailableError unless the database answers."""
 
@@ -69,3 +109,78 @@ def assign_ids(records: Sequence[StatusRecord], returned: dict[tuple[str, int, b
     (already stored), or that repeats an earlier record of the same batch, is a duplicate: None.
     """
     return [returned.pop(record.dedup_key, None) for record in records]
+
+
+# The robots seen, one index probe each on (serial_number, ts, id): a loose index scan, so listing the fleet
+# costs per robot, not per stored row. The last step yields one NULL serial, which joins nothing.
+ROBOTS_CTE = """
+WITH RECURSIVE robots(serial) AS (
+    SELECT min(serial_number) FROM status
+    UNION ALL
+    SELECT (SELECT min(serial_number) FROM status WHERE serial_number > robots.serial)
+    FROM robots WHERE robots.serial IS NOT NULL
+)"""
+
+
+def latest_per_robot_sql(select: str, collate: str = "") -> str:
+    """`select` ("SELECT columns FROM status") limited to each robot's latest row, found through the index.
+
+    `collate` makes the final order byte order on every backend, whatever the database's locale.
+    """
+    return (
+        f"{ROBOTS_CTE} {select} JOIN robots ON status.id = (SELECT s.id FROM status AS s "
+        f"WHERE s.serial_number = robots.serial ORDER BY s.ts DESC, s.id DESC LIMIT 1) ORDER BY robots.serial{collate}"
+    )
+
+
+def latest_sql(select: str, mark: str) -> str:
+    """`select` limited to one robot's latest row; `mark` is the backend's numbered placeholder ("?" or "$")."""
+    return f"{select} WHERE serial_number = {mark}1 ORDER BY ts DESC, id DESC LIMIT 1"
+
+
+def time_range_sql(mark: str) -> str:
+    """First and last ts of one robot; two subqueries so that each is one index probe on every backend."""
+    return (
+        f"SELECT (SELECT min(ts) FROM status WHERE serial_number = {mark}1), "
+        f"(SELECT max(ts) FROM status WHERE serial_number = {mark}1)"
+    )
+
+
+_LEVEL_AGGREGATES = {
+    "avg": "CAST(avg(battery_level) AS DOUBLE PRECISION)",
+    "min": "min(battery_level)",
+    "max": "max(battery_level)",
+    "count": "NULL",
+}
+
+
+def downsample_sql(agg: Aggregate, mark: str, bucket: str) -> str:
+    """The downsampling query: parameters 1 serial, 2 start, 3 end; `bucket` is the backend's bucket start of ts.
+
+    Columns: bucket start, row count, battery level aggregate, then latitude, longitude, height (`last` only).
+    """
+    where = f"serial_number = {mark}1 AND ts >= {mark}2 AND ts <= {mark}3"
+    if agg != "last":
+        return (
+            f"SELECT {bucket} AS bucket, count(*), {_LEVEL_AGGREGATES[agg]}, NULL, NULL, NULL "
+            f"FROM status WHERE {where} GROUP BY 1 ORDER BY 1"
+        )
+    # The last row of a bucket is the one with the greatest (ts, id), the order history pages use.
+    return f"""
+    WITH picked AS (
+        SELECT {bucket} AS bucket, ts, id, battery_level, latitude, longitude, height FROM status WHERE {where}
+    ), ranked AS (
+        SELECT bucket, count(*) OVER (PARTITION BY bucket) AS n,
+               row_number() OVER (PARTITION BY bucket ORDER BY ts DESC, id DESC) AS recency,
+               battery_level, latitude, longitude, height
+        FROM picked
+    )
+    SELECT bucket, n, battery_level, latitude, longitude, height FROM ranked WHERE recency = 1 ORDER BY bucket
+    """
+
+
+def bucket_of(start: datetime, row: Sequence[Any]) -> Bucket:
+    """A Bucket from a row of `downsample_sql`, its start already converted by the backend."""
+    count, level, latitude, longitude, height = row[1:6]
+    location = None if latitude is None else (latitude, longitude, height)
+    return Bucket(start, count, level, location)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
 from spotbox.errors import StorageError, StorageUnavailableError
 from spotbox.status import StatusRecord, StoredStatus, to_micros
-from spotbox.storage.base import COLUMNS, HistoryQuery, assign_ids
+from spotbox.storage import base
+from spotbox.storage.base import COLUMNS, Bucket, DownsampleQuery, HistoryQuery, assign_ids
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,15 @@ _SELECT = (
     "SELECT id, serial_number, ts, received_at, battery_level, battery_status, driving_status, "
     "current_drive_id::text, latitude, longitude, height, payload::text, payload_hash FROM status"
 )
+# Buckets aligned on the Unix epoch, like SQLite's; date_bin is exact (integer microseconds inside).
+_BUCKET = "date_bin($4::interval, ts, TIMESTAMPTZ '1970-01-01 00:00:00+00')"
+# LATERAL makes the planner probe the (serial_number, ts, id) index robot by robot instead of scanning.
+_DELETE_BEFORE = f"""{base.ROBOTS_CTE}
+DELETE FROM status WHERE id = ANY(ARRAY(
+    SELECT old.id FROM robots
+    CROSS JOIN LATERAL (SELECT id FROM status WHERE serial_number = robots.serial AND ts < $1 LIMIT $2) AS old
+    LIMIT $2
+))"""
 
 # What a lost or refused connection looks like; anything else is a real error in the statement or data.
 _UNAVAILABLE = (
@@ -181,6 +192,37 @@ class PostgresStorage:
             sql = f"{_SELECT} WHERE serial_number = $1 AND id > $2 ORDER BY id LIMIT $3"
             rows = await self._fetch(sql, [serial_number, after_id, limit])
         return [_stored(row) for row in rows]
+
+    async def latest(self, serial_number: str) -> StoredStatus | None:
+        """The robot's row with the greatest (ts, id)."""
+        rows = await self._fetch(base.latest_sql(_SELECT, "$"), [serial_number])
+        return _stored(rows[0]) if rows else None
+
+    async def latest_per_robot(self) -> list[StoredStatus]:
+        """The latest row of every robot, by serial number."""
+        return [_stored(row) for row in await self._fetch(base.latest_per_robot_sql(_SELECT, ' COLLATE "C"'), [])]
+
+    async def time_range(self, serial_number: str) -> tuple[datetime, datetime] | None:
+        """The first and last ts of the robot."""
+        ((first, last),) = await self._fetch(base.time_range_sql("$"), [serial_number])
+        return None if first is None else (first, last)
+
+    async def downsample(self, query: DownsampleQuery) -> list[Bucket]:
+        """Buckets computed by PostgreSQL with date_bin."""
+        params = (query.serial_number, query.start, query.end, query.interval)
+        rows = await self._fetch(base.downsample_sql(query.agg, "$", _BUCKET), params)
+        return [base.bucket_of(row[0], row) for row in rows]
+
+    async def delete_before(self, cutoff: datetime, limit: int) -> int:
+        """One DELETE of at most `limit` old rows, in its own transaction."""
+        try:
+            async with self._acquire() as conn:
+                status: str = await conn.execute(_DELETE_BEFORE, cutoff, limit)
+        except _UNAVAILABLE as exc:
+            raise StorageUnavailableError(f"PostgreSQL delete failed: {exc!r}") from exc
+        except asyncpg.PostgresError as exc:
+            raise StorageError(f"PostgreSQL delete failed: {exc}") from exc
+        return int(status.rsplit(" ", 1)[1])  # "DELETE <count>"
 
     async def ping(self) -> None:
         """Run a trivial query."""

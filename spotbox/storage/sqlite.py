@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,8 @@ import aiosqlite
 
 from spotbox.errors import StorageError, StorageUnavailableError
 from spotbox.status import StatusRecord, StoredStatus, from_micros, to_micros
-from spotbox.storage.base import COLUMNS, HistoryQuery, assign_ids
+from spotbox.storage import base
+from spotbox.storage.base import COLUMNS, Bucket, DownsampleQuery, HistoryQuery, assign_ids
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 # 32766 bound variables per statement since SQLite 3.32; stay well below.
 _ROWS_PER_INSERT = 32000 // len(COLUMNS)
 _SELECT = "SELECT id, " + ", ".join(COLUMNS) + " FROM status"
+# Floor of ts (integer microseconds) to a multiple of the interval, also before 1970 where % is negative.
+_BUCKET = "ts - ((ts % ?4) + ?4) % ?4"
+# Each robot's old rows through the (serial_number, ts, id) index; no full scan to find what to delete.
+# (The statement starts with DELETE, not WITH, so that sqlite3 reports its rowcount.)
+_DELETE_BEFORE = f"""
+DELETE FROM status WHERE id IN ({base.ROBOTS_CTE}
+    SELECT s.id FROM robots JOIN status AS s ON s.serial_number = robots.serial AND s.ts < ?1 LIMIT ?2
+)"""
 
 
 def _row_values(record: StatusRecord) -> tuple[Any, ...]:
@@ -92,6 +103,9 @@ class SQLiteStorage:
         self.path = path
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        # Ingest and retention share the writer connection; a statement of one must not land in the other's
+        # transaction.
+        self._write_lock = asyncio.Lock()
 
     async def _connect(self) -> aiosqlite.Connection:
         try:
@@ -149,6 +163,12 @@ class SQLiteStorage:
     async def write_batch(self, records: Sequence[StatusRecord]) -> list[int | None]:
         """Insert the batch in one transaction; duplicates are skipped by the unique dedup index."""
         db = self._db(self._writer)
+        async with self._write_lock:
+            returned = await self._insert(db, records)
+        return assign_ids(records, returned)
+
+    @staticmethod
+    async def _insert(db: aiosqlite.Connection, records: Sequence[StatusRecord]) -> dict[tuple[str, int, bytes], int]:
         returned: dict[tuple[str, int, bytes], int] = {}
         try:
             await db.execute("BEGIN IMMEDIATE")
@@ -173,7 +193,7 @@ class SQLiteStorage:
             raise StorageUnavailableError(f"SQLite write failed: {exc}") from exc
         except sqlite3.Error as exc:
             raise StorageError(f"SQLite write failed: {exc}") from exc
-        return assign_ids(records, returned)
+        return returned
 
     async def history(self, query: HistoryQuery) -> list[StoredStatus]:
         """Rows of one robot in (ts, id) order, after the cursor, within the time range."""
@@ -205,6 +225,43 @@ class SQLiteStorage:
             sql = f"{_SELECT} WHERE serial_number = ? AND id > ? ORDER BY id LIMIT ?"
             rows = await self._fetch(sql, [serial_number, after_id, limit])
         return [_stored(row) for row in rows]
+
+    async def latest(self, serial_number: str) -> StoredStatus | None:
+        """The robot's row with the greatest (ts, id)."""
+        rows = await self._fetch(base.latest_sql(_SELECT, "?"), [serial_number])
+        return _stored(rows[0]) if rows else None
+
+    async def latest_per_robot(self) -> list[StoredStatus]:
+        """The latest row of every robot, by serial number."""
+        return [_stored(row) for row in await self._fetch(base.latest_per_robot_sql(_SELECT), [])]
+
+    async def time_range(self, serial_number: str) -> tuple[datetime, datetime] | None:
+        """The first and last ts of the robot."""
+        ((first, last),) = await self._fetch(base.time_range_sql("?"), [serial_number])
+        return None if first is None else (from_micros(first), from_micros(last))
+
+    async def downsample(self, query: DownsampleQuery) -> list[Bucket]:
+        """Buckets computed by SQLite over integer microseconds."""
+        params = (
+            query.serial_number,
+            to_micros(query.start),
+            to_micros(query.end),
+            query.interval // timedelta(microseconds=1),
+        )
+        rows = await self._fetch(base.downsample_sql(query.agg, "?", _BUCKET), params)
+        return [base.bucket_of(from_micros(row[0]), row) for row in rows]
+
+    async def delete_before(self, cutoff: datetime, limit: int) -> int:
+        """One DELETE of at most `limit` old rows on the writer connection, between two ingest batches."""
+        db = self._db(self._writer)
+        async with self._write_lock:
+            try:
+                async with db.execute(_DELETE_BEFORE, (to_micros(cutoff), limit)) as cursor:
+                    return cursor.rowcount
+            except sqlite3.OperationalError as exc:
+                raise StorageUnavailableError(f"SQLite delete failed: {exc}") from exc
+            except sqlite3.Error as exc:
+                raise StorageError(f"SQLite delete failed: {exc}") from exc
 
     async def ping(self) -> None:
         """Run a trivial query on the reader connection."""

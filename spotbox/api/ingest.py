@@ -1,0 +1,67 @@
+"""POST /robots/{serial}/status: HTTP ingest for robots without MQTT, through the same pipeline as MQTT."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from aiohttp import web
+
+from spotbox.api.errors import json_response
+from spotbox.api.params import serial_param
+from spotbox.errors import BadRequestError, InvalidStatusError, PayloadTooLargeError, StorageUnavailableError
+from spotbox.keys import BROKER, PIPELINE, SETTINGS
+from spotbox.validation import Rejection
+
+# The largest status body accepted, as for MQTT payloads; aiohttp's client_max_size enforces it while reading.
+MAX_BODY_BYTES = 1024 * 1024
+
+
+async def _body(request: web.Request) -> bytes:
+    # A declared length over the limit is refused before a byte of the body is read.
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise PayloadTooLargeError(MAX_BODY_BYTES)
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLargeError(MAX_BODY_BYTES) from None
+
+
+def _is_json(raw: bytes) -> bool:
+    try:
+        orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+async def post_status(request: web.Request) -> web.Response:
+    """Validate a status and answer 202 once it is committed: 400 not JSON, 422 invalid, 503 storage away."""
+    serial = serial_param(request)
+    raw = await _body(request)
+    pipeline = request.app[PIPELINE]
+    # check() counts and logs the status exactly as it does one that came over MQTT.
+    verdict = pipeline.check(serial, raw)
+    if isinstance(verdict, Rejection):
+        # Operators watching spotbox/rejected/+ see every rejection, whatever the transport.
+        await request.app[BROKER].report_rejection(f"robot/{serial}/status", verdict, raw)
+        if not _is_json(raw):
+            raise BadRequestError("body is not JSON", {"errors": verdict.errors, "field": verdict.field})
+        raise InvalidStatusError(verdict.errors, verdict.field)
+    if not pipeline.storage_available:
+        # The writer is retrying a batch: answer now rather than hold the request for the whole outage.
+        raise StorageUnavailableError("the writer is waiting for storage")
+    timeout = request.app[SETTINGS].ingest_timeout_s
+    try:
+        async with asyncio.timeout(timeout):
+            row_id = await pipeline.commit(verdict)
+    except TimeoutError:
+        # Not acknowledged, like an MQTT status without PUBACK: the client retries, the dedup key
+        # (robot, ts, payload) keeps a status with a timestamp from being stored twice.
+        raise StorageUnavailableError(f"status not committed within {timeout:g} s") from None
+    return json_response({"id": row_id, "duplicate": row_id is None}, status=202)
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the HTTP ingest route."""
+    app.router.add_post("/robots/{serial}/status", post_status)

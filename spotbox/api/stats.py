@@ -1,0 +1,18 @@
+"""GET /stats: the last hour of ingest, MQTT and HTTP alike, from the pipeline's in-memory window."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from spotbox.api.errors import json_response
+from spotbox.keys import PIPELINE
+
+
+async def stats(request: web.Request) -> web.Response:
+    """GET /stats: received, valid and rejected statuses by reason over the last hour, in all and per robot."""
+    return json_response(request.app[PIPELINE].window.snapshot())
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the statistics route."""
+    app.router.add_get("/stats", stats)

@@ -1,0 +1,68 @@
+"""GET /robots and GET /robots/{serial}: every robot seen, with its latest status by ts and when it was last seen."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import Box
+from tests.helpers import mqtt_client, payload
+from tests.test_history_api import get, seed
+
+
+async def test_robots_lists_each_robot_with_its_latest_status(box: Box) -> None:
+    """Test that /robots has each robot once, by serial, with the row of greatest ts and its received_at."""
+    await seed(box, "R2", [1, 5, 3])
+    await seed(box, "R1", [2])
+    status, body = await get(box, "/robots")
+    assert status == 200
+    assert [item["serial_number"] for item in body["items"]] == ["R1", "R2"]
+    for item, minute in zip(body["items"], ["02", "05"], strict=True):
+        history = await box.history(item["serial_number"])
+        newest = max(history, key=lambda row: (row["ts"], row["id"]))
+        assert item["latest"] == newest
+        assert item["latest"]["ts"] == f"2026-11-22T10:{minute}:00Z"
+        assert item["last_seen"] == newest["received_at"]
+        assert set(item) == {"serial_number", "last_seen", "latest"}
+
+
+async def test_empty_fleet_is_an_empty_list(box: Box) -> None:
+    """Test that before any status arrives, /robots answers 200 with no items."""
+    assert await get(box, "/robots") == (200, {"items": []})
+
+
+async def test_one_robot_follows_what_mqtt_commits(box: Box) -> None:
+    """Test that /robots/{serial} is the latest status by ts: a newer one replaces it, an older one does not."""
+    async with mqtt_client(box.mqtt_port) as robot:
+        await robot.publish("robot/ROBOT-F1/status", payload(timestamp="2026-11-22T10:00:00Z"), qos=1)
+        status, first = await get(box, "/robots/ROBOT-F1")
+        assert status == 200
+        await robot.publish("robot/ROBOT-F1/status", payload(timestamp="2026-11-22T10:05:00Z", battery_level=7), qos=1)
+        _, newer = await get(box, "/robots/ROBOT-F1")
+        # A late, older status (a robot emptying its buffer) is stored but is not the latest.
+        await robot.publish("robot/ROBOT-F1/status", payload(timestamp="2026-11-22T09:00:00Z", battery_level=3), qos=1)
+        _, after_old = await get(box, "/robots/ROBOT-F1")
+    assert first["latest"]["battery_level"] == 80
+    assert newer["latest"]["battery_level"] == 7
+    assert newer["latest"]["ts"] == "2026-11-22T10:05:00Z"
+    assert after_old == newer
+    assert newer["serial_number"] == "ROBOT-F1"
+    assert newer["last_seen"] == newer["latest"]["received_at"]
+    _, fleet = await get(box, "/robots")
+    assert fleet["items"] == [newer]
+
+
+async def test_unknown_robot_is_404(box: Box) -> None:
+    """Test that a robot never seen is a 404 in the one error shape."""
+    await seed(box, "R1", [1])
+    status, body = await get(box, "/robots/NEVER-SEEN")
+    assert status == 404
+    assert body == {"error": "unknown robot", "detail": {"serial_number": "NEVER-SEEN"}}
+
+
+@pytest.mark.parametrize("serial", ["a" * 65, "bad%20serial", "semi;colon"])
+async def test_bad_serial_is_400(box: Box, serial: str) -> None:
+    """Test that a serial that cannot be a robot's is a 400 naming the pattern."""
+    status, body = await get(box, f"/robots/{serial}")
+    assert status == 400
+    assert body["error"] == "invalid serial number"
+    assert body["detail"]["pattern"] == "[A-Za-z0-9_.-]{1,64}"
