@@ -67,6 +67,7 @@ class Figures:
     stored_per_s: float
     latency_ms: dict[str, float] | None
     peak_rss_mb: float
+    rss_mb: dict[str, float] | None = None
 
 
 class BenchError(SpotboxError):
@@ -79,11 +80,31 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _peak_rss_mb(pid: int) -> float:
+def _proc_status_mb(pid: int, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _peak_rss_mb(pid: int) -> float:
+    return _proc_status_mb(pid, "VmHWM")
+
+
+async def _sample_rss(pid: int, samples: list[float], every_s: float = 1.0) -> None:
+    """Record the server's resident memory every `every_s` seconds until cancelled."""
+    while True:
+        samples.append(_proc_status_mb(pid, "VmRSS"))
+        await asyncio.sleep(every_s)
+
+
+def _rss_growth(samples: list[float]) -> dict[str, float] | None:
+    """Memory once warmed up (after the first tenth of the run) against memory at the end: is it flat?"""
+    if len(samples) < 2:
+        return None
+    warm = samples[max(1, len(samples) // 10)] if len(samples) > 2 else samples[0]
+    end = samples[-1]
+    return {"warm": round(warm, 1), "end": round(end, 1), "growth_pct": round(100 * (end - warm) / warm, 1)}
 
 
 @asynccontextmanager
@@ -195,7 +216,12 @@ async def bench_spotbox(config: BenchConfig, database_url: str) -> Figures:
                 for i in range(min(config.sse, config.robots))
             ]
             await asyncio.sleep(0.5)  # let the feeds subscribe before the first publish
-            result = await loadgen.drive("127.0.0.1", ports[b"mqtt"], config.load(per_robot * config.robots))
+            rss: list[float] = []
+            sampler = asyncio.create_task(_sample_rss(proc.pid, rss), name="bench-rss")
+            try:
+                result = await loadgen.drive("127.0.0.1", ports[b"mqtt"], config.load(per_robot * config.robots))
+            finally:
+                sampler.cancel()
             if result.errors:
                 raise BenchError(f"{len(result.errors)} publishes refused; the first: {result.errors[0]}")
             end = result.last_ack if config.qos else await _stored_at(database_url, result.sent)
@@ -212,7 +238,7 @@ async def bench_spotbox(config: BenchConfig, database_url: str) -> Figures:
         raise BenchError(f"{result.acked} statuses acknowledged but {stored} stored")
     seconds = end - result.first_send
     latency = {"p50": statistics.median(latencies), "p99": statistics.quantiles(latencies, n=100)[98]}
-    return Figures(stored, seconds, stored / seconds, latency, peak)
+    return Figures(stored, seconds, stored / seconds, latency, peak, _rss_growth(rss))
 
 
 async def bench_classic(config: BenchConfig, database_url: str, workdir: Path) -> Figures | None:
@@ -274,6 +300,7 @@ async def run_bench(config: BenchConfig) -> dict[str, Any]:
         "stored_per_s": round(spotbox.stored_per_s, 1),
         "latency_ms": {k: round(v, 2) for k, v in (spotbox.latency_ms or {}).items()},
         "peak_rss_mb": round(spotbox.peak_rss_mb, 1),
+        "rss_mb": spotbox.rss_mb,
         "baseline": None
         if baseline is None
         else {
@@ -295,6 +322,9 @@ def format_table(figures: dict[str, Any]) -> str:
     rows.append(("publish->SSE p50 ms", str(figures["latency_ms"]["p50"]), "-"))
     rows.append(("publish->SSE p99 ms", str(figures["latency_ms"]["p99"]), "-"))
     rows.append(("peak RSS MB", str(figures["peak_rss_mb"]), str(base.get("peak_rss_mb", "-"))))
+    if figures["rss_mb"] is not None:
+        growth = figures["rss_mb"]
+        rows.append(("RSS warm -> end MB", f"{growth['warm']} -> {growth['end']} ({growth['growth_pct']:+}%)", "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
     ratio = figures["ratio_vs_baseline"]

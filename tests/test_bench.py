@@ -27,6 +27,9 @@ async def test_bench_json_reports_both_stacks() -> None:
         "2",
         "--baseline-messages",
         "50",
+        # Paced over 2.5 s, so the server's memory is sampled more than once.
+        "--rate",
+        "80",
         "--json",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -39,6 +42,8 @@ async def test_bench_json_reports_both_stacks() -> None:
     assert figures["stored_per_s"] > 0
     assert 0 < figures["latency_ms"]["p50"] <= figures["latency_ms"]["p99"]
     assert figures["peak_rss_mb"] > 0
+    assert 0 < figures["rss_mb"]["warm"] <= figures["peak_rss_mb"]
+    assert 0 < figures["rss_mb"]["end"] <= figures["peak_rss_mb"]
     assert figures["baseline"]["stored"] == 50
     assert figures["ratio_vs_baseline"] > 0
 
