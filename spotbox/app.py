@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from spotbox.api import robots
+from spotbox.api import dashboard, robots
 from spotbox.api.errors import error_middleware
 from spotbox.broker import SpotboxBroker
 from spotbox.broker.websocket import serve_mqtt_websocket
@@ -102,4 +102,5 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(close_streams)
     app.router.add_get("/mqtt", mqtt_websocket)
     robots.add_routes(app)
+    dashboard.add_routes(app)
     return app
