@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
@@ -189,7 +190,7 @@ async def test_readme_docker_commands_run_as_the_image_runs_them(tmp_path: Path)
     compose = yaml.safe_load((EXAMPLES / "docker-compose.yml").read_text())
     data = tmp_path / "data"
     data.mkdir()
-    health = [sys.executable if part == "python" else part for part in docker.exec_form("HEALTHCHECK")[1:]]
+    health = [sys.executable if part == "python" else part for part in docker.exec_form("HEALTHCHECK")]
     commands = readme_docker_commands()
     assert commands[0] == f"docker build -t {IMAGE} ."
     started = 0
@@ -348,8 +349,13 @@ async def test_systemd_unit_command_runs(tmp_path: Path) -> None:
     assert code == 0, out
     env = dict(item.split("=", 1) for item in unit["Service"]["Environment"])
     env = dict(zip(env, relocated(list(env.values()), paths), strict=True))
-    async with spotbox_process(
-        *relocated(command[2:], paths), env={**env, "SPOTBOX_HTTP_PORT": "0", "SPOTBOX_MQTT_PORT": "0"}
+    async with (
+        spotbox_process(
+            *relocated(command[2:], paths), env={**env, "SPOTBOX_HTTP_PORT": "0", "SPOTBOX_MQTT_PORT": "0"}
+        ) as box,
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{box.http_port}/") as resp,
     ):
-        pass
+        assert resp.status == 200
+        assert "spotbox" in await resp.text()
     assert (tmp_path / "state" / "spotbox.db").is_file()
