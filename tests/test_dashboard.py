@@ -76,7 +76,7 @@ async def test_page_and_its_files_are_served(sqlite_box: Box) -> None:
         html = await resp.text()
     assert '<table id="fleet-table">' in html
     assets = re.findall(r'(?:href|src)="(static/[^"]+)"', html)
-    assert sorted(assets) == ["static/dashboard.css", "static/dashboard.js"]
+    assert sorted(assets) == ["static/charts.js", "static/dashboard.css", "static/dashboard.js"]
     types = {"css": "text/css", "js": "javascript"}
     for asset in assets:
         async with sqlite_box.http.get(f"{sqlite_box.base_url}/{asset}") as resp:

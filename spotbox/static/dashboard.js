@@ -13,12 +13,11 @@
   const MAX_POSITIONS = 600;
   const SHOWN_POSITIONS = 10;
   const SHOWN_REJECTIONS = 20;
-  const SVG_NS = "http://www.w3.org/2000/svg";
 
   const robots = new Map(); // serial -> {serial, latest, lastSeen, rejected, lastRejection}
   const totals = { received: null, valid: null, rejected: null };
-  let view = null; // the selected robot: {serial, buckets: Map(bucketStart -> {sum, count}), positions: Map(id -> status)}
-  let feed = null;
+  // The selected robot: {serial, buckets: Map(bucket start -> {sum, count}), positions: Map(row id -> status)}.
+  let view = null;
 
   const $ = (selector) => document.querySelector(selector);
 
@@ -220,7 +219,7 @@
 
   function connectFeed() {
     setConnection("connecting", "connecting\u2026");
-    feed = new EventSource("feed");
+    const feed = new EventSource("feed");
     feed.addEventListener("open", () => setConnection("live", "live"));
     feed.addEventListener("status", (event) => onStatus(JSON.parse(event.data)));
     feed.addEventListener("rejected", (event) => onRejected(JSON.parse(event.data)));
@@ -233,7 +232,6 @@
       // A refused stream (not 200, e.g. spotbox restarting) is not retried by the browser: retry from a fresh
       // snapshot rather than replaying an unbounded backlog.
       setConnection("offline", "live feed unavailable, retrying");
-      feed = null;
       setTimeout(() => {
         connectFeed();
         loadRobots();
@@ -305,6 +303,7 @@
     $("#detail").hidden = false;
     $("#detail-title").textContent = serial;
     $("#detail-error").hidden = true;
+    delete $("#detail").dataset.loaded;
     renderDetail();
     try {
       await loadView(target);
@@ -325,115 +324,40 @@
     $("#detail-latest").textContent = latest
       ? `battery ${latest.battery_level} %, ${lower(latest.battery_status)}, ${lower(latest.driving_status)}` +
         (latest.current_drive_id ? ` (drive ${latest.current_drive_id})` : "") +
-        ` at ${latest.location.latitude}, ${latest.location.longitude}`
+        ` at ${latest.location.latitude.toFixed(5)}, ${latest.location.longitude.toFixed(5)}`
       : "no valid status yet";
     drawChart();
     drawTrack();
     renderPositions();
   }
 
-  // ---- drawing ----------------------------------------------------------------------------------------------
-
-  function svg(parent, tag, attributes, text) {
-    const element = document.createElementNS(SVG_NS, tag);
-    for (const [name, value] of Object.entries(attributes)) element.setAttribute(name, String(value));
-    if (text !== undefined) element.textContent = text;
-    parent.append(element);
-    return element;
-  }
+  // ---- drawing (charts.js draws; this picks what) -------------------------------------------------------------
 
   function drawChart() {
-    const chart = $("#battery-chart");
-    chart.replaceChildren();
-    const [width, height] = [600, 220];
-    const left = 40;
-    const right = 10;
-    const top = 10;
-    const bottom = 24;
     const end = Date.now();
     const begin = end - HOUR_MS;
-    const x = (t) => left + ((t - begin) / HOUR_MS) * (width - left - right);
-    const y = (level) => top + (1 - level / 100) * (height - top - bottom);
-    for (const level of [0, 25, 50, 75, 100]) {
-      svg(chart, "line", { class: "grid", x1: left, x2: width - right, y1: y(level), y2: y(level) });
-      svg(chart, "text", { class: "axis", x: left - 6, y: y(level) + 4, "text-anchor": "end" }, `${level}`);
-    }
-    for (let t = Math.ceil(begin / (15 * MINUTE_MS)) * 15 * MINUTE_MS; t <= end; t += 15 * MINUTE_MS) {
-      const label = new Date(t).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-      svg(chart, "text", { class: "axis", x: x(t), y: height - 6, "text-anchor": "middle" }, label);
-    }
     const points = [...view.buckets.entries()]
       .filter(([start]) => start >= begin - MINUTE_MS && start <= end)
       .sort((a, b) => a[0] - b[0])
       .map(([start, bucket]) => [start, bucket.sum / bucket.count]);
-    chart.dataset.points = String(points.length);
-    if (points.length === 0) {
-      svg(chart, "text", { class: "empty", x: width / 2, y: height / 2, "text-anchor": "middle" },
-        "no status in the last hour");
-      return;
-    }
-    // A gap of more than two buckets (the robot was silent) breaks the line instead of bridging it.
-    let segment = [];
-    const segments = [segment];
-    for (const [index, point] of points.entries()) {
-      if (index > 0 && point[0] - points[index - 1][0] > 2 * MINUTE_MS) {
-        segment = [];
-        segments.push(segment);
-      }
-      segment.push(`${x(Math.max(point[0], begin)).toFixed(1)},${y(point[1]).toFixed(1)}`);
-    }
-    for (const line of segments) svg(chart, "polyline", { class: "battery", points: line.join(" ") });
-    const [lastStart, lastLevel] = points[points.length - 1];
-    const dot = svg(chart, "circle", { class: "battery", cx: x(Math.max(lastStart, begin)), cy: y(lastLevel), r: 4 });
-    const at = new Date(lastStart).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-    svg(dot, "title", {}, `${Math.round(lastLevel)} % (average of the minute from ${at})`);
+    window.spotboxCharts.battery($("#battery-chart"), points, begin, end, MINUTE_MS);
   }
 
-  function recentPositions() {
+  function shownPositions() {
+    const all = [...view.positions.values()].sort((a, b) => time(a.ts) - time(b.ts) || a.id - b.id);
     const since = Date.now() - TRACK_MS;
-    return [...view.positions.values()]
-      .filter((status) => time(status.ts) >= since)
-      .sort((a, b) => time(a.ts) - time(b.ts) || a.id - b.id);
+    const recent = all.filter((status) => time(status.ts) >= since);
+    // A robot reporting past timestamps has no "last five minutes": show its last positions instead.
+    return recent.length > 0 ? recent : all.slice(-SHOWN_POSITIONS);
   }
 
   function drawTrack() {
-    const track = $("#track");
-    track.replaceChildren();
-    const size = 240;
-    const pad = 16;
-    // Positions may be older than five minutes when a robot reports a past timestamp: then show its last ones.
-    let points = recentPositions();
-    if (points.length === 0) points = [...view.positions.values()].slice(-SHOWN_POSITIONS);
-    track.dataset.points = String(points.length);
-    if (points.length === 0) {
-      svg(track, "text", { class: "empty", x: size / 2, y: size / 2, "text-anchor": "middle" }, "no positions");
-      return;
-    }
-    // Equirectangular projection around the track: fine at the scale of a site.
-    const lats = points.map((p) => p.location.latitude);
-    const lons = points.map((p) => p.location.longitude);
-    const scaleLon = Math.cos((((Math.min(...lats) + Math.max(...lats)) / 2) * Math.PI) / 180);
-    const spanX = (Math.max(...lons) - Math.min(...lons)) * scaleLon;
-    const spanY = Math.max(...lats) - Math.min(...lats);
-    const span = Math.max(spanX, spanY) || 1e-6;
-    const scale = (size - 2 * pad) / span;
-    const offsetX = (size - spanX * scale) / 2;
-    const offsetY = (size - spanY * scale) / 2;
-    const px = (p) => offsetX + (p.location.longitude - Math.min(...lons)) * scaleLon * scale;
-    const py = (p) => size - offsetY - (p.location.latitude - Math.min(...lats)) * scale;
-    svg(track, "polyline", {
-      class: "track",
-      points: points.map((p) => `${px(p).toFixed(1)},${py(p).toFixed(1)}`).join(" "),
-    });
-    const last = points[points.length - 1];
-    svg(track, "circle", { class: "track", cx: px(last), cy: py(last), r: 5 });
+    window.spotboxCharts.track($("#track"), shownPositions().map((status) => status.location));
   }
 
   function renderPositions() {
     const body = $("#positions tbody");
-    let points = recentPositions();
-    if (points.length === 0) points = [...view.positions.values()];
-    const rows = points.slice(-SHOWN_POSITIONS).reverse().map((status) => {
+    const rows = shownPositions().slice(-SHOWN_POSITIONS).reverse().map((status) => {
       const row = document.createElement("tr");
       const values = [
         new Date(time(status.ts)).toLocaleTimeString(),
