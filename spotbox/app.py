@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from spotbox import metrics
-from spotbox.api import docs, feeds, fleet, health, ingest, robots, stats
+from spotbox.api import dashboard, docs, feeds, fleet, health, ingest, robots, stats
 from spotbox.api.errors import error_middleware
 from spotbox.broker import SpotboxBroker
 from spotbox.broker.websocket import serve_mqtt_websocket
@@ -129,4 +129,5 @@ def create_app(settings: Settings) -> web.Application:
     fleet.add_routes(app)
     ingest.add_routes(app)
     stats.add_routes(app)
+    dashboard.add_routes(app)
     return app
