@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -13,31 +14,24 @@ from spotbox import loadgen
 from tests.conftest import SPOTBOX, require_tool
 
 
-async def test_bench_json_reports_both_stacks() -> None:
-    """Test that a small bench run stores every message it sent and reports spotbox and the classic stack."""
-    require_tool("mosquitto")  # the classic stack's broker
+async def bench_json(*args: str) -> Any:
+    """Run `spotbox bench ARGS --json` as a user would; its figures."""
     proc = await asyncio.create_subprocess_exec(
-        SPOTBOX,
-        "bench",
-        "--robots",
-        "2",
-        "--messages",
-        "200",
-        "--sse",
-        "2",
-        "--baseline-messages",
-        "50",
-        # Paced over 2.5 s, so the server's memory is sampled more than once.
-        "--rate",
-        "80",
-        "--json",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        SPOTBOX, "bench", *args, "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     async with asyncio.timeout(120):
         out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
-    figures = orjson.loads(out)
+    return orjson.loads(out)
+
+
+async def test_bench_json_reports_both_stacks() -> None:
+    """Test that a small bench run stores every message it sent and reports spotbox and the classic stack."""
+    require_tool("mosquitto")  # the classic stack's broker
+    # Paced over 2.5 s, so the server's memory is sampled more than once.
+    figures = await bench_json(
+        *("--robots", "2", "--messages", "200", "--sse", "2", "--baseline-messages", "50", "--rate", "80")
+    )
     assert figures["stored"] == 200
     assert figures["stored_per_s"] > 0
     assert 0 < figures["latency_ms"]["p50"] <= figures["latency_ms"]["p99"]
@@ -51,17 +45,7 @@ async def test_bench_json_reports_both_stacks() -> None:
 @pytest.mark.parametrize("qos", ["0", "2"])
 async def test_bench_at_other_qos(qos: str) -> None:
     """Test that a bench run at QoS 0 (timed by the database) and QoS 2 (PUBREC/PUBREL/PUBCOMP) stores every status."""
-    proc = await asyncio.create_subprocess_exec(
-        SPOTBOX,
-        "bench",
-        *("--robots", "2", "--messages", "100", "--sse", "1", "--qos", qos, "--no-baseline", "--json"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(120):
-        out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    figures = orjson.loads(out)
+    figures = await bench_json(*("--robots", "2", "--messages", "100", "--sse", "1", "--qos", qos, "--no-baseline"))
     assert figures["config"]["qos"] == int(qos)
     assert figures["stored"] == 100
     assert figures["baseline"] is None
