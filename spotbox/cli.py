@@ -18,6 +18,7 @@ from spotbox.errors import ConfigError, ListenError, SpotboxError
 from spotbox.logs import configure_logging
 from spotbox.settings import BUNDLED_SCHEMA, LOG_FORMATS, Settings
 from spotbox.simulate import MQTT_VERSIONS, Fleet, FleetConfig
+from spotbox.users_cli import users
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,9 @@ logger = logging.getLogger(__name__)
 @click.version_option(package_name="spotbox")
 def main() -> None:
     """spotbox: MQTT broker, validation, storage, live feed and history for a robot fleet, in one process."""
+
+
+main.add_command(users)
 
 
 @main.command()
