@@ -68,7 +68,7 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
 async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
     """Start the embedded broker (built here: amqtt needs the running loop) and its TCP listener."""
     settings = app[SETTINGS]
-    broker = SpotboxBroker(app[PIPELINE])
+    broker = SpotboxBroker(app[PIPELINE], settings.users)
     await broker.start()
     try:
         host, port = await broker.listen(settings.mqtt_host, settings.mqtt_port)

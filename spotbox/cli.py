@@ -53,7 +53,7 @@ main.add_command(users)
     envvar="SPOTBOX_MQTT_HOST",
     default="127.0.0.1",
     show_default=True,
-    help="Address of MQTT over TCP; loopback only (no users support yet).",
+    help="Address of MQTT over TCP; anything but loopback needs --users.",
 )
 @click.option(
     "--mqtt-port",
@@ -78,6 +78,15 @@ main.add_command(users)
     default=BUNDLED_SCHEMA,
     show_default="bundled robot-status schema",
     help="JSON Schema (2020-12) for robot/+/status.",
+)
+@click.option(
+    "--users",
+    "users_path",
+    envvar="SPOTBOX_USERS",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    show_default="none: anonymous MQTT, loopback only",
+    help="MQTT users file (spotbox users add): every MQTT client must then log in.",
 )
 @click.option(
     "--log-level",
@@ -116,6 +125,7 @@ def run(
     log_format: str,
     batch_max: int,
     batch_wait_ms: float,
+    users_path: Path | None,
 ) -> None:
     """Run the broker, the ingest pipeline and the HTTP API until SIGINT or SIGTERM."""
     try:
@@ -130,6 +140,7 @@ def run(
             log_format=log_format,
             batch_max=batch_max,
             batch_wait_ms=batch_wait_ms,
+            users_path=users_path,
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None

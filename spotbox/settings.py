@@ -10,6 +10,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from spotbox.errors import ConfigError
+from spotbox.users import Users
 
 BUNDLED_SCHEMA = Path(__file__).parent / "schemas" / "robot-status.schema.json"
 LOG_FORMATS = ("text", "json")
@@ -80,18 +81,25 @@ class Settings:
     batch_wait_ms: float = 5.0
     sse_ping_s: float = 15.0
     shutdown_timeout_s: float = 30.0
+    # MQTT users (SPEC section 7): None is the local-only anonymous mode.
+    users_path: Path | None = None
     database: DatabaseURL = field(init=False, repr=False)
+    users: Users | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_port("--http-port", self.http_port)
         _check_port("--mqtt-port", self.mqtt_port)
-        if not is_loopback(self.mqtt_host):
+        users = Users.load(self.users_path) if self.users_path is not None else None
+        if users is not None and not users.by_name:
+            raise ConfigError("--users", f"{self.users_path} has no users; add one with spotbox users add NAME")
+        if users is None and not is_loopback(self.mqtt_host):
             # SPEC 7: without a users file MQTT stays on loopback with anonymous clients only.
             raise ConfigError(
                 "--mqtt-host",
-                f"{self.mqtt_host} is not a loopback address; without users MQTT only listens on loopback "
+                f"{self.mqtt_host} is not a loopback address; without --users MQTT only listens on loopback "
                 "(127.0.0.1, ::1 or localhost), like Mosquitto's local-only mode",
             )
+        object.__setattr__(self, "users", users)
         if not self.schema_path.is_file():
             raise ConfigError("--schema", f"{self.schema_path} is not a readable file")
         if self.log_level.upper() not in logging.getLevelNamesMapping():

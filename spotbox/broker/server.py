@@ -15,6 +15,7 @@ from amqtt.session import Session
 from spotbox.broker.handler import REJECTED_TOPIC, RejectedMessage, SpotboxProtocolHandler, rejection_report
 from spotbox.errors import ListenError
 from spotbox.pipeline import IngestPipeline
+from spotbox.users import Users
 from spotbox.validation import Rejection
 
 logger = logging.getLogger(__name__)
@@ -23,24 +24,31 @@ TCP_LISTENER = "tcp"
 WS_LISTENER = "ws"
 
 
-def broker_config() -> dict[str, Any]:
+def broker_config(users: Users | None) -> dict[str, Any]:
     """amqtt configuration: both listeners are 'external' because spotbox accepts the connections itself."""
+    plugins: dict[str, Any] = {"spotbox.broker.auth.LocalAnonymousAuth": {}}
+    if users is not None:
+        plugins = {
+            "spotbox.broker.auth.PasswordAuth": {"users": users},
+            "spotbox.broker.auth.TopicGrants": {"users": users},
+        }
     return {
         "listeners": {
             "default": {"type": "external", "bind": "spotbox"},
             TCP_LISTENER: {"type": "external", "bind": "spotbox"},
             WS_LISTENER: {"type": "external", "bind": "spotbox"},
         },
-        "plugins": {"spotbox.broker.auth.LocalAnonymousAuth": {}},
+        "plugins": plugins,
     }
 
 
 class SpotboxBroker(Broker):
     """amqtt's Broker, with spotbox's protocol handler and no routing of rejected statuses."""
 
-    def __init__(self, pipeline: IngestPipeline) -> None:
-        super().__init__(broker_config())
+    def __init__(self, pipeline: IngestPipeline, users: Users | None = None) -> None:
+        super().__init__(broker_config(users))
         self.pipeline = pipeline
+        self.users = users
         self._tcp_server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
         self.mqtt_address: tuple[str, int] | None = None
