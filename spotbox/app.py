@@ -12,6 +12,7 @@ from aiohttp import web
 from spotbox.api import robots
 from spotbox.api.errors import error_middleware
 from spotbox.broker import SpotboxBroker
+from spotbox.broker.limits import MqttLimits
 from spotbox.broker.websocket import serve_mqtt_websocket
 from spotbox.keys import BROKER, HUB, PIPELINE, SETTINGS, STORAGE
 from spotbox.pipeline import IngestPipeline
@@ -40,7 +41,7 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     hub = app[HUB]
     pipeline = IngestPipeline(
         app[STORAGE],
-        StatusValidator(settings.schema_path),
+        StatusValidator(settings.schema_path, max_depth=settings.max_json_depth),
         hub.publish,
         queue_size=settings.queue_size,
         batch_max=settings.batch_max,
@@ -68,7 +69,8 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
 async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
     """Start the embedded broker (built here: amqtt needs the running loop) and its TCP listener."""
     settings = app[SETTINGS]
-    broker = SpotboxBroker(app[PIPELINE], settings.users)
+    limits = MqttLimits(settings.max_payload, settings.max_topic_length, settings.max_connections)
+    broker = SpotboxBroker(app[PIPELINE], settings.users, limits)
     await broker.start()
     try:
         host, port = await broker.listen(settings.mqtt_host, settings.mqtt_port)

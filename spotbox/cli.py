@@ -89,6 +89,38 @@ main.add_command(users)
     help="MQTT users file (spotbox users add): every MQTT client must then log in.",
 )
 @click.option(
+    "--max-payload",
+    envvar="SPOTBOX_MAX_PAYLOAD",
+    type=int,
+    default=1024 * 1024,
+    show_default=True,
+    help="Largest MQTT payload in bytes; a bigger PUBLISH closes the connection before it is read.",
+)
+@click.option(
+    "--max-topic-length",
+    envvar="SPOTBOX_MAX_TOPIC_LENGTH",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Longest MQTT topic in bytes.",
+)
+@click.option(
+    "--max-connections",
+    envvar="SPOTBOX_MAX_CONNECTIONS",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="Most MQTT clients connected at once (TCP and WebSocket); more are refused.",
+)
+@click.option(
+    "--max-json-depth",
+    envvar="SPOTBOX_MAX_JSON_DEPTH",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Deepest nesting of objects and arrays in a status.",
+)
+@click.option(
     "--log-level",
     envvar="SPOTBOX_LOG_LEVEL",
     default="info",
@@ -126,6 +158,10 @@ def run(
     batch_max: int,
     batch_wait_ms: float,
     users_path: Path | None,
+    max_payload: int,
+    max_topic_length: int,
+    max_connections: int,
+    max_json_depth: int,
 ) -> None:
     """Run the broker, the ingest pipeline and the HTTP API until SIGINT or SIGTERM."""
     try:
@@ -141,6 +177,10 @@ def run(
             batch_max=batch_max,
             batch_wait_ms=batch_wait_ms,
             users_path=users_path,
+            max_payload=max_payload,
+            max_topic_length=max_topic_length,
+            max_connections=max_connections,
+            max_json_depth=max_json_depth,
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None

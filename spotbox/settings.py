@@ -14,6 +14,7 @@ from spotbox.users import Users
 
 BUNDLED_SCHEMA = Path(__file__).parent / "schemas" / "robot-status.schema.json"
 LOG_FORMATS = ("text", "json")
+MQTT_MAX_REMAINING_LENGTH = 268_435_455  # [MQTT-2.2.3]
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,11 @@ class Settings:
     shutdown_timeout_s: float = 30.0
     # MQTT users (SPEC section 7): None is the local-only anonymous mode.
     users_path: Path | None = None
+    # Input limits (SPEC section 7): each refusal is logged with its reason.
+    max_payload: int = 1024 * 1024
+    max_topic_length: int = 1024
+    max_connections: int = 1000
+    max_json_depth: int = 32
     database: DatabaseURL = field(init=False, repr=False)
     users: Users | None = field(init=False, repr=False, compare=False)
 
@@ -108,4 +114,12 @@ class Settings:
             raise ConfigError("--log-format", f"{self.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
         if self.queue_size < 1 or self.batch_max < 1 or self.batch_wait_ms < 0:
             raise ConfigError("--batch-max", "queue size and batch size must be positive, the batch wait not negative")
+        if not 1 <= self.max_payload <= MQTT_MAX_REMAINING_LENGTH - 65535 - 4:
+            raise ConfigError("--max-payload", f"{self.max_payload} is not from 1 to 256 MiB (MQTT's own limit)")
+        if not 1 <= self.max_topic_length <= 65535:
+            raise ConfigError("--max-topic-length", f"{self.max_topic_length} is not from 1 to 65535")
+        if self.max_connections < 1:
+            raise ConfigError("--max-connections", f"{self.max_connections} is not a positive number")
+        if self.max_json_depth < 2:
+            raise ConfigError("--max-json-depth", f"{self.max_json_depth} is below 2, the depth of a status")
         object.__setattr__(self, "database", DatabaseURL.parse(self.database_url))

@@ -73,9 +73,12 @@ class RawClient:
         return body[1]
 
     async def closed_by_server(self) -> bool:
-        """True once the server closes the connection (reads until end of stream)."""
-        while await self.reader.read(65536):
-            pass
+        """True once the server closes the connection (reads until end of stream, or a reset)."""
+        try:
+            while await self.reader.read(65536):
+                pass
+        except ConnectionResetError:
+            pass  # closed with our unread bytes still in its buffer: the kernel answers with a reset
         return True
 
 

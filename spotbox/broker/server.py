@@ -7,12 +7,13 @@ import logging
 from functools import partial
 from typing import Any
 
-from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
 from spotbox.broker.handler import REJECTED_TOPIC, RejectedMessage, SpotboxProtocolHandler, rejection_report
+from spotbox.broker.limits import MqttLimits, PacketGuard
 from spotbox.errors import ListenError
 from spotbox.pipeline import IngestPipeline
 from spotbox.users import Users
@@ -45,12 +46,14 @@ def broker_config(users: Users | None) -> dict[str, Any]:
 class SpotboxBroker(Broker):
     """amqtt's Broker, with spotbox's protocol handler and no routing of rejected statuses."""
 
-    def __init__(self, pipeline: IngestPipeline, users: Users | None = None) -> None:
+    def __init__(self, pipeline: IngestPipeline, users: Users | None = None, limits: MqttLimits | None = None) -> None:
         super().__init__(broker_config(users))
         self.pipeline = pipeline
         self.users = users
+        self.limits = limits or MqttLimits()
         self._tcp_server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
+        self._clients = 0
         self.mqtt_address: tuple[str, int] | None = None
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
@@ -73,7 +76,7 @@ class SpotboxBroker(Broker):
         assert task is not None
         self._connections.add(task)
         try:
-            await self._client_connected(listener_name, StreamReaderAdapter(reader), StreamWriterAdapter(writer))
+            await self.serve_client(StreamReaderAdapter(reader), StreamWriterAdapter(writer), listener_name)
         except Exception:
             logger.exception("mqtt connection from %s ended by an error", writer.get_extra_info("peername"))
         finally:
@@ -81,6 +84,20 @@ class SpotboxBroker(Broker):
             if not writer.is_closing():
                 writer.close()
             self._connections.discard(task)
+
+    async def serve_client(self, reader: ReaderAdapter, writer: WriterAdapter, listener_name: str) -> None:
+        """One MQTT client over any transport, within the connection and packet limits; the caller closes it."""
+        peer = "{}:{}".format(*(writer.get_peer_info() or ("?", "?")))
+        if self._clients >= self.limits.max_connections:
+            logger.warning(
+                "mqtt connection from %s refused: --max-connections %d reached", peer, self.limits.max_connections
+            )
+            return
+        self._clients += 1
+        try:
+            await self._client_connected(listener_name, PacketGuard(reader, self.limits, peer), writer)
+        finally:
+            self._clients -= 1
 
     async def stop_listening(self) -> None:
         """Stop accepting new MQTT connections."""

@@ -1,0 +1,132 @@
+"""MQTT input limits, enforced as bytes arrive: a packet over the limits is refused from its header, unread.
+
+amqtt reads a packet by asking its reader for the fixed header, then for as many bytes as the header announces.
+`PacketGuard` sits between amqtt and the connection: it reads each packet itself, checks the announced sizes
+(and for a PUBLISH, its topic) before reading the rest, and only then hands the bytes on. A refused packet ends
+the connection with one log line giving the reason; amqtt sees the end of the stream and cleans up as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from amqtt.adapters import ReaderAdapter
+
+logger = logging.getLogger(__name__)
+
+_PUBLISH = 3
+_MAX_REMAINING_LENGTH_BYTES = 4  # [MQTT-2.2.3]: remaining length takes at most 4 bytes
+
+
+@dataclass(frozen=True)
+class MqttLimits:
+    """How big an MQTT packet, topic and crowd of clients spotbox accepts."""
+
+    max_payload: int = 1024 * 1024
+    max_topic_length: int = 1024
+    max_connections: int = 1000
+
+    @property
+    def max_packet(self) -> int:
+        """The largest remaining length of any packet: a PUBLISH with the largest topic and payload."""
+        return self.max_payload + self.max_topic_length + 4
+
+
+class _RefusedError(Exception):
+    """A packet breaks a limit or the protocol; the connection ends."""
+
+
+class PacketGuard(ReaderAdapter):
+    """A reader that passes on whole MQTT packets, each checked against the limits before its body is read."""
+
+    def __init__(self, inner: ReaderAdapter, limits: MqttLimits, peer: str) -> None:
+        self._inner = inner
+        self._limits = limits
+        self._peer = peer
+        self._buffer = bytearray()
+        self._eof = False
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to `n` bytes (what is buffered for -1); fewer only once the stream has ended or was refused."""
+        while not self._eof and len(self._buffer) < max(n, 1):
+            try:
+                self._buffer += await self._next_packet()
+            except _RefusedError as exc:
+                logger.warning("mqtt connection from %s closed: %s", self._peer, exc)
+                self._eof = True
+        size = len(self._buffer) if n < 0 else min(n, len(self._buffer))
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def feed_eof(self) -> None:
+        """Mark the end of stream."""
+        self._eof = True
+        self._inner.feed_eof()
+
+    async def _exactly(self, n: int) -> bytes:
+        """`n` bytes from the connection; fewer means it ended (and the guard passes on what came)."""
+        if n <= 0:
+            return b""
+        try:
+            data: bytes = await self._inner.read(n)
+        except asyncio.IncompleteReadError as exc:
+            data = exc.partial
+        except (ConnectionError, OSError):
+            data = b""
+        if len(data) < n:
+            self._eof = True
+        return data
+
+    async def _next_packet(self) -> bytes:
+        header = bytearray(await self._exactly(1))
+        length, shift = 0, 0
+        while header and not self._eof:
+            byte = await self._exactly(1)
+            if not byte:
+                break
+            header += byte
+            length |= (byte[0] & 0x7F) << shift
+            shift += 7
+            if not byte[0] & 0x80:
+                break
+            if len(header) > _MAX_REMAINING_LENGTH_BYTES:
+                raise _RefusedError("malformed remaining length in a fixed header")
+        if self._eof:
+            return bytes(header)
+        if header[0] >> 4 == _PUBLISH:
+            return bytes(header) + await self._publish_body(header[0], length)
+        if length > self._limits.max_packet:
+            raise _RefusedError(
+                f"a packet of {length} bytes is over the limit of {self._limits.max_packet} (--max-payload)"
+            )
+        return bytes(header) + await self._exactly(length)
+
+    async def _publish_body(self, first: int, length: int) -> bytes:
+        """A PUBLISH body, after checking its topic and the size of its payload."""
+        size_bytes = await self._exactly(2)
+        if self._eof:
+            return size_bytes
+        topic_length = int.from_bytes(size_bytes, "big")
+        if topic_length > self._limits.max_topic_length:
+            raise _RefusedError(
+                f"a topic of {topic_length} bytes is over --max-topic-length {self._limits.max_topic_length}"
+            )
+        packet_id_length = 2 if first & 0x06 else 0
+        payload_length = length - 2 - topic_length - packet_id_length
+        if payload_length < 0:
+            raise _RefusedError("malformed PUBLISH: its remaining length is shorter than its topic")
+        if payload_length > self._limits.max_payload:
+            raise _RefusedError(
+                f"a PUBLISH payload of {payload_length} bytes is over --max-payload {self._limits.max_payload}"
+            )
+        topic = await self._exactly(topic_length)
+        try:
+            text = topic.decode()
+        except UnicodeDecodeError:
+            raise _RefusedError("a PUBLISH topic is not valid UTF-8 [MQTT-1.5.3-1]") from None
+        if "\0" in text:
+            raise _RefusedError("a PUBLISH topic contains U+0000 [MQTT-1.5.3-2]")
+        return size_bytes + topic + await self._exactly(length - 2 - topic_length)
