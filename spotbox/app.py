@@ -73,11 +73,11 @@ async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
     broker = SpotboxBroker(app[PIPELINE], settings.users, limits)
     await broker.start()
     try:
-        host, port = await broker.listen(settings.mqtt_host, settings.mqtt_port)
+        host, port = await broker.listen(settings.mqtt_host, settings.mqtt_port, settings.ssl_context)
     except BaseException:
         await broker.shutdown()
         raise
-    logger.info("mqtt listening on %s:%d", host, port)
+    logger.info("mqtt listening on %s:%d%s", host, port, " (TLS)" if settings.ssl_context else "")
     app[BROKER] = broker
     yield
     await broker.stop_listening()

@@ -89,6 +89,20 @@ main.add_command(users)
     help="MQTT users file (spotbox users add): every MQTT client must then log in.",
 )
 @click.option(
+    "--tls-cert",
+    envvar="SPOTBOX_TLS_CERT",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM certificate (chain): MQTT over TCP and HTTP, so also MQTT over WebSocket, then speak TLS.",
+)
+@click.option(
+    "--tls-key",
+    envvar="SPOTBOX_TLS_KEY",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM private key of --tls-cert.",
+)
+@click.option(
     "--max-payload",
     envvar="SPOTBOX_MAX_PAYLOAD",
     type=int,
@@ -162,6 +176,8 @@ def run(
     max_topic_length: int,
     max_connections: int,
     max_json_depth: int,
+    tls_cert: Path | None,
+    tls_key: Path | None,
 ) -> None:
     """Run the broker, the ingest pipeline and the HTTP API until SIGINT or SIGTERM."""
     try:
@@ -181,6 +197,8 @@ def run(
             max_topic_length=max_topic_length,
             max_connections=max_connections,
             max_json_depth=max_json_depth,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
@@ -197,15 +215,16 @@ async def serve(settings: Settings) -> None:
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.http_host, settings.http_port)
+        site = web.TCPSite(runner, settings.http_host, settings.http_port, ssl_context=settings.ssl_context)
         try:
             await site.start()
         except OSError as exc:
             raise ListenError(
                 "HTTP", settings.http_host, settings.http_port, "--http-port (or --http-host)", exc
             ) from exc
+        scheme = "https" if settings.ssl_context else "http"
         for host, port, *_ in runner.addresses:
-            logger.info("http listening on http://%s:%d", host, port)
+            logger.info("http listening on %s://%s:%d", scheme, host, port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -64,6 +65,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _server_ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """The TLS context of both listeners, or None without a certificate."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigError("--tls-cert", "give both --tls-cert and --tls-key, or neither")
+    # The default server context: TLS 1.2 or later, the library's vetted cipher choice.
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("--tls-cert", f"cannot load the certificate {cert} with the key {key}: {exc}") from None
+    return context
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything `spotbox run` needs, checked once when built."""
@@ -89,7 +105,11 @@ class Settings:
     max_topic_length: int = 1024
     max_connections: int = 1000
     max_json_depth: int = 32
+    # TLS for MQTT over TCP and for HTTP (so also MQTT over WebSocket): both files, or neither.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     database: DatabaseURL = field(init=False, repr=False)
+    ssl_context: ssl.SSLContext | None = field(init=False, repr=False, compare=False)
     users: Users | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -123,3 +143,4 @@ class Settings:
         if self.max_json_depth < 2:
             raise ConfigError("--max-json-depth", f"{self.max_json_depth} is below 2, the depth of a status")
         object.__setattr__(self, "database", DatabaseURL.parse(self.database_url))
+        object.__setattr__(self, "ssl_context", _server_ssl_context(self.tls_cert, self.tls_key))

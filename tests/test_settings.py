@@ -33,6 +33,8 @@ from spotbox.settings import DatabaseURL, Settings
         ({"max_connections": 0}, "--max-connections"),
         ({"max_json_depth": 1}, "--max-json-depth"),
         ({"users_path": Path("/no/such/users.json")}, "--users"),
+        ({"tls_key": Path("/no/such/key.pem")}, "--tls-cert"),
+        ({"tls_cert": Path("/no/such/cert.pem"), "tls_key": Path("/no/such/key.pem")}, "--tls-cert"),
     ],
 )
 def test_each_check_fires(changes: dict[str, Any], option: str) -> None:

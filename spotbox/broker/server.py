@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from functools import partial
 from typing import Any
 
@@ -56,11 +57,15 @@ class SpotboxBroker(Broker):
         self._clients = 0
         self.mqtt_address: tuple[str, int] | None = None
 
-    async def listen(self, host: str, port: int) -> tuple[str, int]:
-        """Accept MQTT over TCP on host:port (0 picks a free port) and return the real address."""
+    async def listen(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> tuple[str, int]:
+        """Accept MQTT over TCP (over TLS with a context) on host:port (0 picks a free port); return the address."""
         try:
             self._tcp_server = await asyncio.start_server(
-                partial(self.stream_connected, listener_name=TCP_LISTENER), host, port, reuse_address=True
+                partial(self.stream_connected, listener_name=TCP_LISTENER),
+                host,
+                port,
+                reuse_address=True,
+                ssl=ssl_context,
             )
         except OSError as exc:
             raise ListenError("MQTT", host, port, "--mqtt-port (or --mqtt-host)", exc) from exc
