@@ -82,6 +82,9 @@ class SpotboxBroker(Broker):
         self._connections.add(task)
         try:
             await self.serve_client(StreamReaderAdapter(reader), StreamWriterAdapter(writer), listener_name)
+        except OSError as exc:
+            # The client hung up while amqtt was still writing to it (a refusal, for instance): not a fault.
+            logger.info("mqtt connection from %s lost: %s", writer.get_extra_info("peername"), exc)
         except Exception:
             logger.exception("mqtt connection from %s ended by an error", writer.get_extra_info("peername"))
         finally:
