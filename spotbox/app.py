@@ -90,6 +90,13 @@ async def close_streams(app: web.Application) -> None:
     app[HUB].close_all()
 
 
+async def disconnect_mqtt(app: web.Application) -> None:
+    """Stop accepting MQTT clients and cut the connected ones, so shutdown waits on none of them (TCP or /mqtt)."""
+    if BROKER in app:
+        await app[BROKER].stop_listening()
+        app[BROKER].abort_clients()
+
+
 async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
     """GET /mqtt: MQTT over WebSocket on the HTTP port."""
     return await serve_mqtt_websocket(request, request.app[BROKER])
@@ -101,7 +108,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[HUB] = FeedHub()
     app.cleanup_ctx.extend([storage_ctx, pipeline_ctx, broker_ctx])
-    app.on_shutdown.append(close_streams)
+    app.on_shutdown.extend([disconnect_mqtt, close_streams])
     app.router.add_get("/mqtt", mqtt_websocket)
     robots.add_routes(app)
     return app

@@ -45,6 +45,11 @@ def publish_packet(topic: bytes, payload: bytes, qos: int = 1, packet_id: int = 
     return bytes([0x30 | (qos << 1)]) + remaining_length(len(body)) + body
 
 
+def subscribe_packet(body: bytes) -> bytes:
+    """SUBSCRIBE with a hand-made body (packet id, then filters with their QoS)."""
+    return b"\x82" + remaining_length(len(body)) + body
+
+
 @dataclass
 class RawClient:
     reader: asyncio.StreamReader

@@ -20,7 +20,14 @@ from spotbox.status import StatusRecord
 from spotbox.validation import Rejection, StatusValidator
 from tests.conftest import Box, BoxFactory
 from tests.helpers import VALID_STATUS, mqtt_client, payload
-from tests.raw_mqtt import CONNACK_ACCEPTED, connect_packet, mqtt_string, publish_packet, raw_client, remaining_length
+from tests.raw_mqtt import (
+    CONNACK_ACCEPTED,
+    connect_packet,
+    mqtt_string,
+    publish_packet,
+    raw_client,
+    subscribe_packet,
+)
 from tests.test_limits import NOW
 
 CONNECT = connect_packet("bad-client")
@@ -56,10 +63,6 @@ async def send_and_hang_up(box: Box, data: bytes, *, connect_first: bool) -> Non
                 assert await client.connack() == CONNACK_ACCEPTED
         with contextlib.suppress(ConnectionError):  # the server may already have hung up on us
             await client.send(data)
-
-
-def subscribe_packet(body: bytes) -> bytes:
-    return b"\x82" + remaining_length(len(body)) + body
 
 
 MALFORMED = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from amqtt.errors import ProtocolHandlerError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import IncomingApplicationMessage
@@ -45,6 +46,14 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
 
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
         """Validate and commit a status before amqtt acknowledges and routes it; other topics pass untouched."""
+        try:
+            await self._check_and_publish(publish_packet)
+        except ProtocolHandlerError as exc:
+            # amqtt cancels this task when the connection closes, turns the cancellation into this error, and
+            # never awaits the task: without this, each lost acknowledgement would log a traceback.
+            logger.debug("publish on a closing connection: %s", exc)
+
+    async def _check_and_publish(self, publish_packet: PublishPacket) -> None:
         topic = publish_packet.topic_name
         data = publish_packet.data
         if topic is not None and not may_publish(self._broker.users, self.session, topic):

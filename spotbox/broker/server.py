@@ -54,7 +54,8 @@ class SpotboxBroker(Broker):
         self.limits = limits or MqttLimits()
         self._tcp_server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
-        self._clients = 0
+        # The transport of every connected MQTT client (TCP and WebSocket): their count is the connection limit.
+        self._transports: set[asyncio.WriteTransport] = set()
         self.mqtt_address: tuple[str, int] | None = None
 
     async def listen(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> tuple[str, int]:
@@ -81,7 +82,9 @@ class SpotboxBroker(Broker):
         assert task is not None
         self._connections.add(task)
         try:
-            await self.serve_client(StreamReaderAdapter(reader), StreamWriterAdapter(writer), listener_name)
+            await self.serve_client(
+                StreamReaderAdapter(reader), StreamWriterAdapter(writer), listener_name, writer.transport
+            )
         except OSError as exc:
             # The client hung up while amqtt was still writing to it (a refusal, for instance): not a fault.
             logger.info("mqtt connection from %s lost: %s", writer.get_extra_info("peername"), exc)
@@ -93,19 +96,31 @@ class SpotboxBroker(Broker):
                 writer.close()
             self._connections.discard(task)
 
-    async def serve_client(self, reader: ReaderAdapter, writer: WriterAdapter, listener_name: str) -> None:
+    async def serve_client(
+        self, reader: ReaderAdapter, writer: WriterAdapter, listener_name: str, transport: asyncio.WriteTransport
+    ) -> None:
         """One MQTT client over any transport, within the connection and packet limits; the caller closes it."""
         peer = "{}:{}".format(*(writer.get_peer_info() or ("?", "?")))
-        if self._clients >= self.limits.max_connections:
+        if len(self._transports) >= self.limits.max_connections:
             logger.warning(
                 "mqtt connection from %s refused: --max-connections %d reached", peer, self.limits.max_connections
             )
             return
-        self._clients += 1
+        self._transports.add(transport)
         try:
             await self._client_connected(listener_name, PacketGuard(reader, self.limits, peer), writer)
         finally:
-            self._clients -= 1
+            self._transports.discard(transport)
+
+    def abort_clients(self) -> None:
+        """Cut every client connection at once, for shutdown.
+
+        amqtt's shutdown closes each connection by flushing it first, which waits forever on a client that has
+        stopped reading. Cut connections lose only acknowledgements not yet sent, for statuses already committed:
+        their publishers send them again and storage keeps one copy.
+        """
+        for transport in list(self._transports):
+            transport.abort()
 
     async def stop_listening(self) -> None:
         """Stop accepting new MQTT connections."""

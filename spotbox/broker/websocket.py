@@ -88,8 +88,11 @@ async def serve_mqtt_websocket(request: web.Request, broker: SpotboxBroker) -> w
     # Clients send one MQTT packet per WebSocket message; a bigger message is refused by aiohttp, unread.
     ws = web.WebSocketResponse(protocols=("mqtt",), max_msg_size=broker.limits.max_packet + 5)
     await ws.prepare(request)
+    transport = request.transport
+    if transport is None:  # the client is already gone
+        return ws
     try:
-        await broker.serve_client(WebSocketReader(ws), WebSocketWriter(ws, request), WS_LISTENER)
+        await broker.serve_client(WebSocketReader(ws), WebSocketWriter(ws, request), WS_LISTENER, transport)
     except Exception:
         logger.exception("mqtt websocket connection ended by an error")
     finally:
