@@ -159,3 +159,27 @@ def test_an_empty_or_missing_users_file_is_refused(tmp_path: Path) -> None:
     Users(tmp_path / "empty.json").save()
     with pytest.raises(Exception, match="has no users"):
         Settings(users_path=tmp_path / "empty.json")
+
+
+@pytest.mark.parametrize("credentials", [(None, None), ("ROBOT-A", "wrong")], ids=["anonymous", "wrong-password"])
+async def test_refused_client_cannot_take_over_a_session(
+    secured: Box, credentials: tuple[str | None, str | None]
+) -> None:
+    """Test that a refused CONNECT with a connected robot's client id neither disconnects it nor drops its session."""
+    async with (
+        mqtt_client(secured.mqtt_port, identifier="robot-a", **login("ROBOT-A")) as robot_a,
+        mqtt_client(secured.mqtt_port, **login("operator")) as operator,
+    ):
+        await robot_a.subscribe("robot/ROBOT-A/cmd", qos=1)
+        async with raw_client(secured.mqtt_port) as intruder:
+            await intruder.send(connect_packet("robot-a", *credentials))
+            async with asyncio.timeout(10):
+                assert await intruder.connack() == CONNACK_NOT_AUTHORIZED
+                assert await intruder.closed_by_server()
+        # The robot is still connected, still subscribed, and still stores its statuses.
+        await operator.publish("robot/ROBOT-A/cmd", b"still-there", qos=1)
+        async with asyncio.timeout(10):
+            message = await anext(robot_a.messages)
+        await robot_a.publish("robot/ROBOT-A/status", payload(timestamp=stamp(5)), qos=1, timeout=10)
+    assert message.payload == b"still-there"
+    assert [item["ts"] for item in await secured.history("ROBOT-A")] == [stamp(5)]

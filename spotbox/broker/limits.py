@@ -51,15 +51,24 @@ class PacketGuard(ReaderAdapter):
     async def read(self, n: int = -1) -> bytes:
         """Up to `n` bytes (what is buffered for -1); fewer only once the stream has ended or was refused."""
         while not self._eof and len(self._buffer) < max(n, 1):
-            try:
-                self._buffer += await self._next_packet()
-            except _RefusedError as exc:
-                logger.warning("mqtt connection from %s closed: %s", self._peer, exc)
-                self._eof = True
+            await self._fill()
         size = len(self._buffer) if n < 0 else min(n, len(self._buffer))
         data = bytes(self._buffer[:size])
         del self._buffer[:size]
         return data
+
+    async def peek_packet(self) -> bytes:
+        """The next whole packet, left in place for the next reads (empty at the end of the stream)."""
+        if not self._buffer and not self._eof:
+            await self._fill()
+        return bytes(self._buffer)
+
+    async def _fill(self) -> None:
+        try:
+            self._buffer += await self._next_packet()
+        except _RefusedError as exc:
+            logger.warning("mqtt connection from %s closed: %s", self._peer, exc)
+            self._eof = True
 
     def feed_eof(self) -> None:
         """Mark the end of stream."""

@@ -8,8 +8,12 @@ import ssl
 from functools import partial
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
+from amqtt.adapters import BufferReader, ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.broker import Broker
+from amqtt.errors import AMQTTError, CodecError, MQTTError, NoDataError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.connect import ConnectPacket
+from amqtt.mqtt.packet import CONNECT
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
@@ -22,6 +26,7 @@ from spotbox.validation import Rejection
 
 logger = logging.getLogger(__name__)
 
+MQTT_3_1_1 = 4  # the CONNECT protocol level amqtt speaks
 TCP_LISTENER = "tcp"
 WS_LISTENER = "ws"
 
@@ -56,6 +61,8 @@ class SpotboxBroker(Broker):
         self._connections: set[asyncio.Task[Any]] = set()
         # The transport of every connected MQTT client (TCP and WebSocket): their count is the connection limit.
         self._transports: set[asyncio.WriteTransport] = set()
+        # (address, port) of a connection whose CONNECT passed the login -> its (client id, username).
+        self._logged_in: dict[tuple[str, int], tuple[str | None, str | None]] = {}
         self.mqtt_address: tuple[str, int] | None = None
 
     async def listen(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> tuple[str, int]:
@@ -111,6 +118,8 @@ class SpotboxBroker(Broker):
             await self._client_connected(listener_name, PacketGuard(reader, self.limits, peer), writer)
         finally:
             self._transports.discard(transport)
+            if info := writer.get_peer_info():
+                self._logged_in.pop(info, None)
 
     def abort_clients(self) -> None:
         """Cut every client connection at once, for shutdown.
@@ -137,9 +146,49 @@ class SpotboxBroker(Broker):
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
+        await self._login_first(reader, writer, remote_address, remote_port)
         # amqtt builds a fresh, unattached BrokerProtocolHandler here; use spotbox's in its place.
         _, session = await super()._initialize_client_session(reader, writer, remote_address, remote_port)
         return SpotboxProtocolHandler(self, loop=self._loop), session
+
+    async def _login_first(self, reader: PacketGuard, writer: WriterAdapter, address: str, port: int) -> None:
+        """Check the CONNECT's login before amqtt touches the session of its client id.
+
+        amqtt deletes (clean session) or takes over (connected client) the session of the client id before it
+        checks the login, so a refused client could end another client's session. Here the same plugins check
+        the login first; a refusal gets its CONNACK and MQTTError, which amqtt's caller logs and ends quietly.
+        """
+        raw = await reader.peek_packet()
+        if not raw or raw[0] >> 4 != CONNECT:
+            return  # amqtt refuses it below, before any session is touched
+        try:
+            connect = await ConnectPacket.from_stream(BufferReader(raw))
+        except (AMQTTError, MQTTError, CodecError, NoDataError, ValueError, UnicodeDecodeError):
+            return  # malformed: amqtt reads it again below and refuses it its own way
+        if connect.proto_name != "MQTT" or connect.proto_level != MQTT_3_1_1 or connect.payload is None:
+            return  # amqtt answers these with "unacceptable protocol version" or closes the connection
+        candidate = Session()
+        candidate.client_id = connect.client_id
+        candidate.username = connect.username
+        candidate.password = connect.password
+        candidate.remote_address = address
+        candidate.remote_port = port
+        if await self._authenticate(candidate, None):
+            self._logged_in[(address, port)] = (connect.client_id, connect.username)
+            return
+        await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+        await writer.close()
+        raise MQTTError(f"login of {connect.client_id!r} from {address}:{port} refused")
+
+    async def _authenticate(self, session: Session, listener: Any) -> bool:
+        # The login this connection passed in _login_first: not checked (argon2, tens of milliseconds) twice.
+        if self._logged_in.pop((session.remote_address, session.remote_port), None) == (
+            session.client_id,
+            session.username,
+        ):
+            return True
+        result: bool = await super()._authenticate(session, listener)
+        return result
 
     async def _handle_message_delivery(
         self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
