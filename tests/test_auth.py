@@ -161,11 +161,15 @@ def test_an_empty_or_missing_users_file_is_refused(tmp_path: Path) -> None:
         Settings(users_path=tmp_path / "empty.json")
 
 
-@pytest.mark.parametrize("credentials", [(None, None), ("ROBOT-A", "wrong")], ids=["anonymous", "wrong-password"])
+@pytest.mark.parametrize(
+    "credentials",
+    [(None, None), ("ROBOT-A", "wrong"), ("ROBOT-B", PASSWORDS["ROBOT-B"])],
+    ids=["anonymous", "wrong-password", "other-user"],
+)
 async def test_refused_client_cannot_take_over_a_session(
     secured: Box, credentials: tuple[str | None, str | None]
 ) -> None:
-    """Test that a refused CONNECT with a connected robot's client id neither disconnects it nor drops its session."""
+    """Test that a CONNECT with a robot's client id but not its login neither disconnects it nor takes its session."""
     async with (
         mqtt_client(secured.mqtt_port, identifier="robot-a", **login("ROBOT-A")) as robot_a,
         mqtt_client(secured.mqtt_port, **login("operator")) as operator,

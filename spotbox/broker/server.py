@@ -152,7 +152,7 @@ class SpotboxBroker(Broker):
         return SpotboxProtocolHandler(self, loop=self._loop), session
 
     async def _login_first(self, reader: PacketGuard, writer: WriterAdapter, address: str, port: int) -> None:
-        """Check the CONNECT's login before amqtt touches the session of its client id.
+        """Check the CONNECT's login, and that its client id is not another user's, before amqtt uses the id.
 
         amqtt deletes (clean session) or takes over (connected client) the session of the client id before it
         checks the login, so a refused client could end another client's session. Here the same plugins check
@@ -174,8 +174,17 @@ class SpotboxBroker(Broker):
         candidate.remote_address = address
         candidate.remote_port = port
         if await self._authenticate(candidate, None):
-            self._logged_in[(address, port)] = (connect.client_id, connect.username)
-            return
+            owner = self._sessions.get(connect.client_id, (None, None))[0]
+            if owner is None or owner.username == connect.username:
+                self._logged_in[(address, port)] = (connect.client_id, connect.username)
+                return
+            # Taking over another user's session would hand over its subscriptions and queued messages.
+            logger.warning(
+                "mqtt connection refused: client id %r is in use by user %r, not %r",
+                connect.client_id,
+                owner.username,
+                connect.username,
+            )
         await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
         await writer.close()
         raise MQTTError(f"login of {connect.client_id!r} from {address}:{port} refused")
