@@ -1,9 +1,11 @@
 """MQTT input limits, enforced as bytes arrive: a packet over the limits is refused from its header, unread.
 
 amqtt reads a packet by asking its reader for the fixed header, then for as many bytes as the header announces.
-`PacketGuard` sits between amqtt and the connection: it reads each packet itself, checks the announced sizes
-(and for a PUBLISH, its topic) before reading the rest, and only then hands the bytes on. A refused packet ends
-the connection with one log line giving the reason; amqtt sees the end of the stream and cleans up as usual.
+`PacketGuard` sits between amqtt and the connection: it reads each packet itself, checks the announced size
+before reading the body (for a PUBLISH big enough to break --max-payload, its topic length too, so that the
+payload size is exact), checks a PUBLISH topic (length, UTF-8, no U+0000), and only then hands the bytes on.
+A refused packet ends the connection with one log line giving the reason; amqtt sees the end of the stream
+and cleans up as usual.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ class MqttLimits:
     def max_packet(self) -> int:
         """The largest remaining length of any packet: a PUBLISH with the largest topic and payload."""
         return self.max_payload + self.max_topic_length + 4
+
+
+def _topic_too_long(topic_length: int, limits: MqttLimits) -> str:
+    return f"a topic of {topic_length} bytes is over --max-topic-length {limits.max_topic_length}"
 
 
 class _RefusedError(Exception):
@@ -90,52 +96,57 @@ class PacketGuard(ReaderAdapter):
         return data
 
     async def _next_packet(self) -> bytes:
-        header = bytearray(await self._exactly(1))
-        length, shift = 0, 0
-        while header and not self._eof:
+        # Two reads for most packets: the type and first length byte, then the whole body.
+        header = bytearray(await self._exactly(2))
+        if self._eof:
+            return bytes(header)
+        length, shift = header[1] & 0x7F, 7
+        while header[-1] & 0x80:
+            if len(header) > _MAX_REMAINING_LENGTH_BYTES:
+                raise _RefusedError("malformed remaining length in a fixed header")
             byte = await self._exactly(1)
             if not byte:
-                break
+                return bytes(header)
             header += byte
             length |= (byte[0] & 0x7F) << shift
             shift += 7
-            if not byte[0] & 0x80:
-                break
-            if len(header) > _MAX_REMAINING_LENGTH_BYTES:
-                raise _RefusedError("malformed remaining length in a fixed header")
-        if self._eof:
-            return bytes(header)
         if header[0] >> 4 == _PUBLISH:
             return bytes(header) + await self._publish_body(header[0], length)
         if length > self._limits.max_packet:
-            raise _RefusedError(
-                f"a packet of {length} bytes is over the limit of {self._limits.max_packet} (--max-payload)"
-            )
+            limit = self._limits.max_packet
+            raise _RefusedError(f"a packet of {length} bytes is over the limit of {limit} (--max-payload)")
         return bytes(header) + await self._exactly(length)
 
     async def _publish_body(self, first: int, length: int) -> bytes:
-        """A PUBLISH body, after checking its topic and the size of its payload."""
-        size_bytes = await self._exactly(2)
+        """A PUBLISH body; its payload size is checked before the payload is read, its topic once read."""
+        limits = self._limits
+        if length > limits.max_payload:
+            # Only a packet this big can carry a payload over the limit: its topic length tells exactly.
+            body = await self._exactly(2)
+            if self._eof:
+                return body
+            topic_length = int.from_bytes(body, "big")
+            payload_length = length - 2 - topic_length - (2 if first & 0x06 else 0)
+            if topic_length > limits.max_topic_length:
+                raise _RefusedError(_topic_too_long(topic_length, limits))
+            if payload_length > limits.max_payload:
+                raise _RefusedError(
+                    f"a PUBLISH payload of {payload_length} bytes is over --max-payload {limits.max_payload}"
+                )
+            body += await self._exactly(length - 2)
+        else:
+            body = await self._exactly(length)
         if self._eof:
-            return size_bytes
-        topic_length = int.from_bytes(size_bytes, "big")
-        if topic_length > self._limits.max_topic_length:
-            raise _RefusedError(
-                f"a topic of {topic_length} bytes is over --max-topic-length {self._limits.max_topic_length}"
-            )
-        packet_id_length = 2 if first & 0x06 else 0
-        payload_length = length - 2 - topic_length - packet_id_length
-        if payload_length < 0:
+            return body
+        topic_length = int.from_bytes(body[:2], "big")
+        if topic_length > limits.max_topic_length:
+            raise _RefusedError(_topic_too_long(topic_length, limits))
+        if 2 + topic_length > length:
             raise _RefusedError("malformed PUBLISH: its remaining length is shorter than its topic")
-        if payload_length > self._limits.max_payload:
-            raise _RefusedError(
-                f"a PUBLISH payload of {payload_length} bytes is over --max-payload {self._limits.max_payload}"
-            )
-        topic = await self._exactly(topic_length)
         try:
-            text = topic.decode()
+            topic = body[2 : 2 + topic_length].decode()
         except UnicodeDecodeError:
             raise _RefusedError("a PUBLISH topic is not valid UTF-8 [MQTT-1.5.3-1]") from None
-        if "\0" in text:
+        if "\0" in topic:
             raise _RefusedError("a PUBLISH topic contains U+0000 [MQTT-1.5.3-2]")
-        return size_bytes + topic + await self._exactly(length - 2 - topic_length)
+        return body
