@@ -13,6 +13,7 @@ from spotbox import metrics
 from spotbox.api import dashboard, docs, feeds, fleet, health, ingest, robots, stats
 from spotbox.api.errors import error_middleware
 from spotbox.broker import SpotboxBroker
+from spotbox.broker.limits import MqttLimits
 from spotbox.broker.websocket import serve_mqtt_websocket
 from spotbox.keys import BROKER, HUB, PIPELINE, RETENTION, SETTINGS, STORAGE
 from spotbox.pipeline import IngestPipeline
@@ -42,7 +43,7 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     hub = app[HUB]
     pipeline = IngestPipeline(
         app[STORAGE],
-        StatusValidator(settings.schema_path),
+        StatusValidator(settings.schema_path, max_depth=settings.max_json_depth),
         hub.publish,
         on_rejected=hub.publish_rejected,
         queue_size=settings.queue_size,
@@ -71,14 +72,15 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
 async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
     """Start the embedded broker (built here: amqtt needs the running loop) and its TCP listener."""
     settings = app[SETTINGS]
-    broker = SpotboxBroker(app[PIPELINE])
+    limits = MqttLimits(settings.max_payload, settings.max_topic_length, settings.max_connections)
+    broker = SpotboxBroker(app[PIPELINE], settings.users, limits)
     await broker.start()
     try:
-        host, port = await broker.listen(settings.mqtt_host, settings.mqtt_port)
+        host, port = await broker.listen(settings.mqtt_host, settings.mqtt_port, settings.ssl_context)
     except BaseException:
         await broker.shutdown()
         raise
-    logger.info("mqtt listening on %s:%d", host, port)
+    logger.info("mqtt listening on %s:%d%s", host, port, " (TLS)" if settings.ssl_context else "")
     app[BROKER] = broker
     yield
     await broker.stop_listening()
@@ -106,6 +108,13 @@ async def close_streams(app: web.Application) -> None:
     app[HUB].close_all()
 
 
+async def disconnect_mqtt(app: web.Application) -> None:
+    """Stop accepting MQTT clients and cut the connected ones, so shutdown waits on none of them (TCP or /mqtt)."""
+    if BROKER in app:
+        await app[BROKER].stop_listening()
+        app[BROKER].abort_clients()
+
+
 async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
     """GET /mqtt: MQTT over WebSocket on the HTTP port."""
     return await serve_mqtt_websocket(request, request.app[BROKER])
@@ -119,7 +128,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.extend([storage_ctx, pipeline_ctx, broker_ctx])
     if settings.retention_days is not None:
         app.cleanup_ctx.append(retention_ctx)
-    app.on_shutdown.append(close_streams)
+    app.on_shutdown.extend([disconnect_mqtt, close_streams])
     app.router.add_get("/mqtt", mqtt_websocket)
     robots.add_routes(app)
     health.add_routes(app)

@@ -19,6 +19,7 @@ from spotbox.loadgen import PROTOCOL_LEVELS
 from spotbox.logs import configure_logging
 from spotbox.settings import BUNDLED_SCHEMA, LOG_FORMATS, Settings
 from spotbox.simulate import MQTT_VERSIONS, Fleet, FleetConfig
+from spotbox.users_cli import users
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 @click.version_option(package_name="spotbox")
 def main() -> None:
     """spotbox: MQTT broker, validation, storage, live feed and history for a robot fleet, in one process."""
+
+
+main.add_command(users)
 
 
 @main.command()
@@ -50,7 +54,7 @@ def main() -> None:
     envvar="SPOTBOX_MQTT_HOST",
     default="127.0.0.1",
     show_default=True,
-    help="Address of MQTT over TCP; loopback only (no users support yet).",
+    help="Address of MQTT over TCP; anything but loopback needs --users.",
 )
 @click.option(
     "--mqtt-port",
@@ -75,6 +79,61 @@ def main() -> None:
     default=BUNDLED_SCHEMA,
     show_default="bundled robot-status schema",
     help="JSON Schema (2020-12) for robot/+/status.",
+)
+@click.option(
+    "--users",
+    "users_path",
+    envvar="SPOTBOX_USERS",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    show_default="none: anonymous MQTT, loopback only",
+    help="MQTT users file (spotbox users add): every MQTT client must then log in.",
+)
+@click.option(
+    "--tls-cert",
+    envvar="SPOTBOX_TLS_CERT",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM certificate (chain): MQTT over TCP and HTTP, so also MQTT over WebSocket, then speak TLS.",
+)
+@click.option(
+    "--tls-key",
+    envvar="SPOTBOX_TLS_KEY",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM private key of --tls-cert.",
+)
+@click.option(
+    "--max-payload",
+    envvar="SPOTBOX_MAX_PAYLOAD",
+    type=int,
+    default=1024 * 1024,
+    show_default=True,
+    help="Largest MQTT payload in bytes; a bigger PUBLISH closes the connection before it is read.",
+)
+@click.option(
+    "--max-topic-length",
+    envvar="SPOTBOX_MAX_TOPIC_LENGTH",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Longest MQTT topic in bytes.",
+)
+@click.option(
+    "--max-connections",
+    envvar="SPOTBOX_MAX_CONNECTIONS",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="Most MQTT clients connected at once (TCP and WebSocket); more are refused.",
+)
+@click.option(
+    "--max-json-depth",
+    envvar="SPOTBOX_MAX_JSON_DEPTH",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Deepest nesting of objects and arrays in a status.",
 )
 @click.option(
     "--log-level",
@@ -122,6 +181,13 @@ def run(
     batch_max: int,
     batch_wait_ms: float,
     retention_days: int | None,
+    users_path: Path | None,
+    max_payload: int,
+    max_topic_length: int,
+    max_connections: int,
+    max_json_depth: int,
+    tls_cert: Path | None,
+    tls_key: Path | None,
 ) -> None:
     """Run the broker, the ingest pipeline and the HTTP API until SIGINT or SIGTERM."""
     try:
@@ -137,6 +203,13 @@ def run(
             batch_max=batch_max,
             batch_wait_ms=batch_wait_ms,
             retention_days=retention_days,
+            users_path=users_path,
+            max_payload=max_payload,
+            max_topic_length=max_topic_length,
+            max_connections=max_connections,
+            max_json_depth=max_json_depth,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
@@ -153,15 +226,16 @@ async def serve(settings: Settings) -> None:
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.http_host, settings.http_port)
+        site = web.TCPSite(runner, settings.http_host, settings.http_port, ssl_context=settings.ssl_context)
         try:
             await site.start()
         except OSError as exc:
             raise ListenError(
                 "HTTP", settings.http_host, settings.http_port, "--http-port (or --http-host)", exc
             ) from exc
+        scheme = "https" if settings.ssl_context else "http"
         for host, port, *_ in runner.addresses:
-            logger.info("http listening on http://%s:%d", host, port)
+            logger.info("http listening on %s://%s:%d", scheme, host, port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

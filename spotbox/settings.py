@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
 from spotbox.errors import ConfigError
+from spotbox.users import Users
 
 BUNDLED_SCHEMA = Path(__file__).parent / "schemas" / "robot-status.schema.json"
 LOG_FORMATS = ("text", "json")
+MQTT_MAX_REMAINING_LENGTH = 268_435_455  # [MQTT-2.2.3]
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _server_ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """The TLS context of both listeners, or None without a certificate."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigError("--tls-cert", "give both --tls-cert and --tls-key, or neither")
+    # The default server context: TLS 1.2 or later, the library's vetted cipher choice.
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("--tls-cert", f"cannot load the certificate {cert} with the key {key}: {exc}") from None
+    return context
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything `spotbox run` needs, checked once when built."""
@@ -86,18 +104,34 @@ class Settings:
     retention_days: int | None = None
     retention_interval_s: float = 600.0
     retention_batch: int = 5000
+    # MQTT users (SPEC section 7): None is the local-only anonymous mode.
+    users_path: Path | None = None
+    # Input limits (SPEC section 7): each refusal is logged with its reason.
+    max_payload: int = 1024 * 1024
+    max_topic_length: int = 1024
+    max_connections: int = 1000
+    max_json_depth: int = 32
+    # TLS for MQTT over TCP and for HTTP (so also MQTT over WebSocket): both files, or neither.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     database: DatabaseURL = field(init=False, repr=False)
+    ssl_context: ssl.SSLContext | None = field(init=False, repr=False, compare=False)
+    users: Users | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_port("--http-port", self.http_port)
         _check_port("--mqtt-port", self.mqtt_port)
-        if not is_loopback(self.mqtt_host):
+        users = Users.load(self.users_path) if self.users_path is not None else None
+        if users is not None and not users.by_name:
+            raise ConfigError("--users", f"{self.users_path} has no users; add one with spotbox users add NAME")
+        if users is None and not is_loopback(self.mqtt_host):
             # SPEC 7: without a users file MQTT stays on loopback with anonymous clients only.
             raise ConfigError(
                 "--mqtt-host",
-                f"{self.mqtt_host} is not a loopback address; without users MQTT only listens on loopback "
+                f"{self.mqtt_host} is not a loopback address; without --users MQTT only listens on loopback "
                 "(127.0.0.1, ::1 or localhost), like Mosquitto's local-only mode",
             )
+        object.__setattr__(self, "users", users)
         if not self.schema_path.is_file():
             raise ConfigError("--schema", f"{self.schema_path} is not a readable file")
         if self.log_level.upper() not in logging.getLevelNamesMapping():
@@ -110,4 +144,13 @@ class Settings:
             raise ConfigError("--retention-days", f"{self.retention_days} is not a positive number of days")
         if self.retention_batch < 1 or self.retention_interval_s <= 0:
             raise ConfigError("--retention-days", "the retention batch and interval must be positive")
+        if not 1 <= self.max_payload <= MQTT_MAX_REMAINING_LENGTH - 65535 - 4:
+            raise ConfigError("--max-payload", f"{self.max_payload} is not from 1 to 256 MiB (MQTT's own limit)")
+        if not 1 <= self.max_topic_length <= 65535:
+            raise ConfigError("--max-topic-length", f"{self.max_topic_length} is not from 1 to 65535")
+        if self.max_connections < 1:
+            raise ConfigError("--max-connections", f"{self.max_connections} is not a positive number")
+        if self.max_json_depth < 2:
+            raise ConfigError("--max-json-depth", f"{self.max_json_depth} is below 2, the depth of a status")
         object.__setattr__(self, "database", DatabaseURL.parse(self.database_url))
+        object.__setattr__(self, "ssl_context", _server_ssl_context(self.tls_cert, self.tls_key))

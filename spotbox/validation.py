@@ -66,10 +66,22 @@ def _finite_location(location: dict[str, Any]) -> str | None:
     return None
 
 
+def _deeper_than(doc: Any, limit: int) -> bool:
+    """True when objects and arrays nest more than `limit` levels (the status object itself is level 1)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
 class StatusValidator:
     """The status JSON Schema, compiled once, applied to every status whatever its transport."""
 
-    def __init__(self, schema_path: Path) -> None:
+    def __init__(self, schema_path: Path, *, max_depth: int = 32) -> None:
         try:
             schema = orjson.loads(schema_path.read_bytes())
             Draft202012Validator.check_schema(schema)
@@ -84,17 +96,24 @@ class StatusValidator:
         except (ValueError, jsonschema_rs.ValidationError) as exc:
             logger.info("fast validator cannot compile %s (%s); validating with jsonschema only", schema_path, exc)
         self.schema_path = schema_path
+        self.max_depth = max_depth
 
     def check(self, serial: str, raw: bytes, received_at: datetime) -> StatusRecord | Rejection:  # noqa: PLR0911
         """Validate one payload published for robot `serial`."""
         if not is_valid_serial(serial):
             return Rejection(serial, [f"serial_number: {serial!r} does not match {SERIAL_PATTERN}"])
+        too_deep = f"payload: nests objects and arrays deeper than {self.max_depth} levels (--max-json-depth)"
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            return Rejection(serial, [f"payload: not valid UTF-8 JSON ({exc})"])
+            # orjson stops at 1024 levels by itself; that is the same refusal, not a syntax error.
+            return Rejection(
+                serial, [too_deep if "depth limit" in str(exc) else f"payload: not valid UTF-8 JSON ({exc})"]
+            )
         if not isinstance(doc, dict):
             return Rejection(serial, [f"payload: must be a JSON object, got {type(doc).__name__}"])
+        if _deeper_than(doc, self.max_depth):
+            return Rejection(serial, [too_deep])
         if self._fast is None or not self._fast.is_valid(doc):
             errors = sorted(self._validator.iter_errors(doc), key=_first_failing)
             if errors:

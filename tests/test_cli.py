@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import SPOTBOX, require_tool
 from tests.helpers import open_feed, payload
 
-LISTENING = re.compile(rb"(mqtt|http) listening on (?:http://)?([\d.]+):(\d+)")
+LISTENING = re.compile(rb"(mqtt|http) listening on (?:https?://)?([\d.]+):(\d+)")
 
 
 @dataclass

@@ -31,6 +31,14 @@ from spotbox.settings import DatabaseURL, Settings
         ({"database_url": "sqlite://relative.db"}, "--database-url"),
         ({"database_url": "sqlite:///"}, "--database-url"),
         ({"database_url": "postgresql://"}, "--database-url"),
+        ({"max_payload": 0}, "--max-payload"),
+        ({"max_payload": 300_000_000}, "--max-payload"),
+        ({"max_topic_length": 65536}, "--max-topic-length"),
+        ({"max_connections": 0}, "--max-connections"),
+        ({"max_json_depth": 1}, "--max-json-depth"),
+        ({"users_path": Path("/no/such/users.json")}, "--users"),
+        ({"tls_key": Path("/no/such/key.pem")}, "--tls-cert"),
+        ({"tls_cert": Path("/no/such/cert.pem"), "tls_key": Path("/no/such/key.pem")}, "--tls-cert"),
     ],
 )
 def test_each_check_fires(changes: dict[str, Any], option: str) -> None:

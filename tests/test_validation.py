@@ -58,7 +58,7 @@ def test_reason_reads_like_the_spec(validator: StatusValidator) -> None:
         (b"\xff\xfe{}", "payload: not valid UTF-8 JSON"),
         (b"[1, 2, 3]", "payload: must be a JSON object, got list"),
         (b"", "payload: not valid UTF-8 JSON"),
-        (b"[" * 5000 + b"]" * 5000, "payload: not valid UTF-8 JSON"),
+        (b"[" * 5000 + b"]" * 5000, "payload: nests objects and arrays deeper than 32 levels"),
         (payload(firmware="a\u0000b"), "payload: the NUL character"),
         (payload().replace(b'"latitude":52.52', b'"latitude":1e400'), "payload: not valid UTF-8 JSON"),
     ],

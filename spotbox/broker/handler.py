@@ -3,8 +3,9 @@
 amqtt acknowledges a QoS 1/2 PUBLISH in the handler before the broker or any plugin sees it, and plugin hooks
 cannot veto a message (see docs/design.md). So spotbox's hook is the handler's `handle_publish`, the task amqtt
 starts for each received PUBLISH: a status is validated and committed first; only then does amqtt's own flow
-acknowledge it and queue it for routing. A rejected status is acknowledged as its protocol allows but wrapped in
-`RejectedMessage`, which `SpotboxBroker` never routes.
+acknowledge it and queue it for routing. A rejected status, and any publish the user is not granted (checked
+first, on every topic), is acknowledged as its protocol allows but wrapped in `RejectedMessage`, which
+`SpotboxBroker` never routes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from amqtt.broker import BrokerContext
+from amqtt.errors import ProtocolHandlerError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -24,6 +26,7 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.plugins.manager import PluginManager
 from amqtt.session import IncomingApplicationMessage
 
+from spotbox.broker.auth import may_publish
 from spotbox.errors import StorageError
 from spotbox.status import dumps, payload_digest, status_topic_serial
 from spotbox.validation import Rejection
@@ -39,6 +42,7 @@ REJECTED_TOPIC = "spotbox/rejected/{serial}"
 class _Outcome(enum.Enum):
     STORED = enum.auto()
     NOT_STORED = enum.auto()
+    REFUSED = enum.auto()
     OTHER_TOPIC = enum.auto()
 
 
@@ -115,12 +119,20 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
         """Validate and commit a status before it is acknowledged and routed; other topics pass to amqtt untouched."""
         try:
+            await self._handle_publish(publish_packet)
+        except ProtocolHandlerError as exc:
+            # amqtt cancels this task when the connection closes, turns the cancellation into this error, and
+            # never awaits the task: without this, each lost acknowledgement would log a traceback.
+            logger.debug("publish on a closing connection: %s", exc)
+
+    async def _handle_publish(self, publish_packet: PublishPacket) -> None:
+        try:
             outcome = await self._ingest(publish_packet)
         finally:
             # Released before any acknowledgement flow: a QoS 2 flow waits for a PUBREL the reader must read.
             self._gate.release()
-        if isinstance(outcome, RejectedMessage):
-            await self._handle_message_flow(outcome)
+        if outcome is _Outcome.REFUSED:
+            await self._acknowledge_only(publish_packet)
         elif outcome is _Outcome.STORED and publish_packet.qos != QOS_2 and self.session is not None:
             # amqtt's flow would queue the message for this client's delivery loop, which wakes once per message
             # (new waiter tasks each time) only to hand it to the broadcast queue: route it from here instead.
@@ -130,11 +142,16 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
         elif outcome is not _Outcome.NOT_STORED:
             await super().handle_publish(publish_packet)
 
-    async def _ingest(self, publish_packet: PublishPacket) -> RejectedMessage | _Outcome:
-        """Validate and commit a status: STORED, NOT_STORED (left unacknowledged: an MQTT client resends an
-        unacknowledged QoS 1/2 message), a RejectedMessage to acknowledge only, or OTHER_TOPIC."""
+    async def _ingest(self, publish_packet: PublishPacket) -> _Outcome:
+        """Check the user's grant, then validate and commit a status: STORED; NOT_STORED (left unacknowledged: an
+        MQTT client resends an unacknowledged QoS 1/2 message); REFUSED (denied or invalid: acknowledged only);
+        or OTHER_TOPIC for amqtt to route as it is."""
         topic = publish_packet.topic_name
         data = publish_packet.data
+        if topic is not None and not may_publish(self._broker.users, self.session, topic):
+            # MQTT 3.1.1 has no way to say no to a PUBLISH: acknowledge it as the protocol requires, drop it.
+            logger.warning("mqtt publish denied: user %r may not publish to %r", self._username, topic)
+            return _Outcome.REFUSED
         serial = status_topic_serial(topic) if topic is not None else None
         if serial is None or data is None:
             return _Outcome.OTHER_TOPIC
@@ -142,11 +159,7 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
         verdict = pipeline.check(serial, data, self._first_received_at(publish_packet))
         if isinstance(verdict, Rejection):
             await self._broker.report_rejection(topic, verdict, data)
-            message = RejectedMessage(
-                publish_packet.packet_id, topic, publish_packet.qos, data, publish_packet.retain_flag
-            )
-            message.publish_packet = publish_packet
-            return message
+            return _Outcome.REFUSED
         if publish_packet.qos and verdict.ts == verdict.received_at:
             self._remember_unstamped(publish_packet, verdict.payload_hash, verdict.received_at)
         try:
@@ -204,6 +217,22 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
         unstamped.move_to_end(publish_packet.packet_id)
         if len(unstamped) > _UNSTAMPED_MAX:
             unstamped.popitem(last=False)
+
+    @property
+    def _username(self) -> str | None:
+        return self.session.username if self.session is not None else None
+
+    async def _acknowledge_only(self, publish_packet: PublishPacket) -> None:
+        """Run the protocol's acknowledgement flow for a message that is then never routed, stored or streamed."""
+        message = RejectedMessage(
+            publish_packet.packet_id,
+            publish_packet.topic_name,
+            publish_packet.qos,
+            publish_packet.data,
+            publish_packet.retain_flag,
+        )
+        message.publish_packet = publish_packet
+        await self._handle_message_flow(message)
 
 
 def rejection_report(topic: str, rejection: Rejection, payload: bytes) -> bytes:

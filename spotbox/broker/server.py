@@ -4,56 +4,80 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from functools import partial
 from typing import Any
 
-from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+from amqtt.adapters import BufferReader, ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.broker import Broker, BrokerEvents
 from amqtt.contexts import Action
+from amqtt.errors import AMQTTError, CodecError, MQTTError, NoDataError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.connect import ConnectPacket
+from amqtt.mqtt.packet import CONNECT
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import IncomingApplicationMessage, Session
 
 from spotbox.broker.handler import REJECTED_TOPIC, RejectedMessage, SpotboxProtocolHandler, rejection_report
+from spotbox.broker.limits import MqttLimits, PacketGuard
 from spotbox.errors import ListenError
 from spotbox.pipeline import IngestPipeline
+from spotbox.users import Users
 from spotbox.validation import Rejection
 
 logger = logging.getLogger(__name__)
 
+MQTT_3_1_1 = 4  # the CONNECT protocol level amqtt speaks
 TCP_LISTENER = "tcp"
 WS_LISTENER = "ws"
 
 
-def broker_config() -> dict[str, Any]:
+def broker_config(users: Users | None) -> dict[str, Any]:
     """amqtt configuration: both listeners are 'external' because spotbox accepts the connections itself."""
+    plugins: dict[str, Any] = {"spotbox.broker.auth.LocalAnonymousAuth": {}}
+    if users is not None:
+        plugins = {
+            "spotbox.broker.auth.PasswordAuth": {"users": users},
+            "spotbox.broker.auth.TopicGrants": {"users": users},
+        }
     return {
         "listeners": {
             "default": {"type": "external", "bind": "spotbox"},
             TCP_LISTENER: {"type": "external", "bind": "spotbox"},
             WS_LISTENER: {"type": "external", "bind": "spotbox"},
         },
-        "plugins": {"spotbox.broker.auth.LocalAnonymousAuth": {}},
+        "plugins": plugins,
     }
 
 
 class SpotboxBroker(Broker):
     """amqtt's Broker, with spotbox's protocol handler and no routing of rejected statuses."""
 
-    def __init__(self, pipeline: IngestPipeline) -> None:
-        super().__init__(broker_config())
+    def __init__(self, pipeline: IngestPipeline, users: Users | None = None, limits: MqttLimits | None = None) -> None:
+        super().__init__(broker_config(users))
         self.pipeline = pipeline
+        self.users = users
+        self.limits = limits or MqttLimits()
         self._tcp_server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
+        # The transport of every connected MQTT client (TCP and WebSocket): their count is the connection limit.
+        self._transports: set[asyncio.WriteTransport] = set()
+        # (address, port) of a connection whose CONNECT passed the login -> its (client id, username).
+        self._logged_in: dict[tuple[str, int], tuple[str | None, str | None]] = {}
         self.mqtt_address: tuple[str, int] | None = None
         # Connections whose reading is paused for backpressure (see handler.ReadGate).
         self.paused_connections = 0
 
-    async def listen(self, host: str, port: int) -> tuple[str, int]:
-        """Accept MQTT over TCP on host:port (0 picks a free port) and return the real address."""
+    async def listen(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> tuple[str, int]:
+        """Accept MQTT over TCP (over TLS with a context) on host:port (0 picks a free port); return the address."""
         try:
             self._tcp_server = await asyncio.start_server(
-                partial(self.stream_connected, listener_name=TCP_LISTENER), host, port, reuse_address=True
+                partial(self.stream_connected, listener_name=TCP_LISTENER),
+                host,
+                port,
+                reuse_address=True,
+                ssl=ssl_context,
             )
         except OSError as exc:
             raise ListenError("MQTT", host, port, "--mqtt-port (or --mqtt-host)", exc) from exc
@@ -74,7 +98,12 @@ class SpotboxBroker(Broker):
         assert task is not None
         self._connections.add(task)
         try:
-            await self._client_connected(listener_name, StreamReaderAdapter(reader), StreamWriterAdapter(writer))
+            await self.serve_client(
+                StreamReaderAdapter(reader), StreamWriterAdapter(writer), listener_name, writer.transport
+            )
+        except OSError as exc:
+            # The client hung up while amqtt was still writing to it (a refusal, for instance): not a fault.
+            logger.info("mqtt connection from %s lost: %s", writer.get_extra_info("peername"), exc)
         except Exception:
             logger.exception("mqtt connection from %s ended by an error", writer.get_extra_info("peername"))
         finally:
@@ -82,6 +111,34 @@ class SpotboxBroker(Broker):
             if not writer.is_closing():
                 writer.close()
             self._connections.discard(task)
+
+    async def serve_client(
+        self, reader: ReaderAdapter, writer: WriterAdapter, listener_name: str, transport: asyncio.WriteTransport
+    ) -> None:
+        """One MQTT client over any transport, within the connection and packet limits; the caller closes it."""
+        peer = "{}:{}".format(*(writer.get_peer_info() or ("?", "?")))
+        if len(self._transports) >= self.limits.max_connections:
+            logger.warning(
+                "mqtt connection from %s refused: --max-connections %d reached", peer, self.limits.max_connections
+            )
+            return
+        self._transports.add(transport)
+        try:
+            await self._client_connected(listener_name, PacketGuard(reader, self.limits, peer), writer)
+        finally:
+            self._transports.discard(transport)
+            if info := writer.get_peer_info():
+                self._logged_in.pop(info, None)
+
+    def abort_clients(self) -> None:
+        """Cut every client connection at once, for shutdown.
+
+        amqtt's shutdown closes each connection by flushing it first, which waits forever on a client that has
+        stopped reading. Cut connections lose only acknowledgements not yet sent, for statuses already committed:
+        their publishers send them again and storage keeps one copy.
+        """
+        for transport in list(self._transports):
+            transport.abort()
 
     async def stop_listening(self) -> None:
         """Stop accepting new MQTT connections."""
@@ -98,9 +155,58 @@ class SpotboxBroker(Broker):
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
+        await self._login_first(reader, writer, remote_address, remote_port)
         # amqtt builds a fresh, unattached BrokerProtocolHandler here; use spotbox's in its place.
         _, session = await super()._initialize_client_session(reader, writer, remote_address, remote_port)
         return SpotboxProtocolHandler(self, loop=self._loop), session
+
+    async def _login_first(self, reader: PacketGuard, writer: WriterAdapter, address: str, port: int) -> None:
+        """Check the CONNECT's login, and that its client id is not another user's, before amqtt uses the id.
+
+        amqtt deletes (clean session) or takes over (connected client) the session of the client id before it
+        checks the login, so a refused client could end another client's session. Here the same plugins check
+        the login first; a refusal gets its CONNACK and MQTTError, which amqtt's caller logs and ends quietly.
+        """
+        raw = await reader.peek_packet()
+        if not raw or raw[0] >> 4 != CONNECT:
+            return  # amqtt refuses it below, before any session is touched
+        try:
+            connect = await ConnectPacket.from_stream(BufferReader(raw))
+        except (AMQTTError, MQTTError, CodecError, NoDataError, ValueError, UnicodeDecodeError):
+            return  # malformed: amqtt reads it again below and refuses it its own way
+        if connect.proto_name != "MQTT" or connect.proto_level != MQTT_3_1_1 or connect.payload is None:
+            return  # amqtt answers these with "unacceptable protocol version" or closes the connection
+        candidate = Session()
+        candidate.client_id = connect.client_id
+        candidate.username = connect.username
+        candidate.password = connect.password
+        candidate.remote_address = address
+        candidate.remote_port = port
+        if await self._authenticate(candidate, None):
+            owner = self._sessions.get(connect.client_id, (None, None))[0]
+            if owner is None or owner.username == connect.username:
+                self._logged_in[(address, port)] = (connect.client_id, connect.username)
+                return
+            # Taking over another user's session would hand over its subscriptions and queued messages.
+            logger.warning(
+                "mqtt connection refused: client id %r is in use by user %r, not %r",
+                connect.client_id,
+                owner.username,
+                connect.username,
+            )
+        await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+        await writer.close()
+        raise MQTTError(f"login of {connect.client_id!r} from {address}:{port} refused")
+
+    async def _authenticate(self, session: Session, listener: Any) -> bool:
+        # The login this connection passed in _login_first: not checked (argon2, tens of milliseconds) twice.
+        if self._logged_in.pop((session.remote_address, session.remote_port), None) == (
+            session.client_id,
+            session.username,
+        ):
+            return True
+        result: bool = await super()._authenticate(session, listener)
+        return result
 
     async def _handle_message_delivery(
         self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]

@@ -32,6 +32,9 @@ class WebSocketReader(ReaderAdapter):
                 # MQTT over WebSocket must use binary frames [MQTT-6.0.0-1]: treat text as the end.
                 logger.warning("mqtt websocket client sent a text frame; closing")
                 self._eof = True
+            elif message.type == WSMsgType.ERROR:
+                logger.warning("mqtt websocket connection closed: %s", self._ws.exception())
+                self._eof = True
             else:
                 self._eof = True
         size = len(self._buffer) if n < 0 else min(n, len(self._buffer))
@@ -82,10 +85,14 @@ class WebSocketWriter(WriterAdapter):
 
 async def serve_mqtt_websocket(request: web.Request, broker: SpotboxBroker) -> web.WebSocketResponse:
     """Hand one WebSocket client (subprotocol `mqtt`) to the broker for its whole connection."""
-    ws = web.WebSocketResponse(protocols=("mqtt",), max_msg_size=4 * 1024 * 1024)
+    # Clients send one MQTT packet per WebSocket message; a bigger message is refused by aiohttp, unread.
+    ws = web.WebSocketResponse(protocols=("mqtt",), max_msg_size=broker.limits.max_packet + 5)
     await ws.prepare(request)
+    transport = request.transport
+    if transport is None:  # the client is already gone
+        return ws
     try:
-        await broker.external_connected(WebSocketReader(ws), WebSocketWriter(ws, request), WS_LISTENER)
+        await broker.serve_client(WebSocketReader(ws), WebSocketWriter(ws, request), WS_LISTENER, transport)
     except Exception:
         logger.exception("mqtt websocket connection ended by an error")
     finally:

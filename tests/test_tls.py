@@ -1,0 +1,81 @@
+"""TLS: spotbox run with a certificate speaks MQTT over TLS, HTTPS, and MQTT over secure WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import require_tool
+from tests.helpers import mqtt_client, payload, stamp
+from tests.raw_mqtt import connect_packet, raw_client
+from tests.test_auth import PASSWORDS, login, write_users
+from tests.test_cli import failed_start, spotbox_process
+
+
+@pytest.fixture
+async def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made with the openssl command."""
+    openssl = require_tool("openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    proc = await asyncio.create_subprocess_exec(
+        openssl,
+        *("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"),
+        *("-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost"),
+        *("-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return cert, key
+
+
+async def test_tls_for_mqtt_websocket_and_http(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
+    """Test that clients verifying the certificate publish over MQTT/TLS and WSS and read history over HTTPS."""
+    cert, key = certificate
+    users = write_users(tmp_path / "users.json")
+    trusted = ssl.create_default_context(cafile=str(cert))
+    args = ("--mqtt-port", "0", "--http-port", "0", "--database-url", f"sqlite:///{tmp_path / 'spotbox.db'}")
+    # With users, a public MQTT address is allowed: the same start a gateway on a plant network makes.
+    tls = ("--tls-cert", str(cert), "--tls-key", str(key), "--users", str(users), "--mqtt-host", "0.0.0.0")
+    async with spotbox_process(*args, *tls) as box:
+        async with mqtt_client(box.mqtt_port, tls_context=trusted, **login("ROBOT-A")) as robot:
+            await robot.publish("robot/ROBOT-A/status", payload(timestamp=stamp(1)), qos=1)
+        async with mqtt_client(
+            box.http_port, transport="websockets", path="/mqtt", tls_context=trusted, **login("ROBOT-A")
+        ) as robot:
+            await robot.publish("robot/ROBOT-A/status", payload(timestamp=stamp(2)), qos=1)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"https://127.0.0.1:{box.http_port}/robots/ROBOT-A/history", ssl=trusted) as resp,
+        ):
+            assert resp.status == 200
+            page = await resp.json()
+        assert [item["ts"] for item in page["items"]] == [stamp(1), stamp(2)]
+
+        # Plain MQTT on the TLS port gets no CONNACK: the bytes are not a TLS handshake.
+        async with raw_client(box.mqtt_port) as plain:
+            await plain.send(connect_packet("plain", "ROBOT-A", PASSWORDS["ROBOT-A"]))
+            async with asyncio.timeout(10):
+                assert await plain.closed_by_server()
+        # A client that does not trust this certificate refuses the server: it really is the one serving.
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.open_connection("127.0.0.1", box.mqtt_port, ssl=ssl.create_default_context())
+
+
+@pytest.mark.parametrize(
+    ("which", "expected"),
+    [("cert-only", "give both --tls-cert and --tls-key"), ("swapped", "cannot load the certificate")],
+)
+async def test_bad_tls_files_are_a_one_line_error(certificate: tuple[Path, Path], which: str, expected: str) -> None:
+    """Test that a missing key or unusable files stop spotbox run with one line naming --tls-cert."""
+    cert, key = certificate
+    tls = ("--tls-cert", str(cert)) if which == "cert-only" else ("--tls-cert", str(key), "--tls-key", str(cert))
+    error = await failed_start("--mqtt-port", "0", "--http-port", "0", *tls)
+    assert "--tls-cert" in error
+    assert expected in error
