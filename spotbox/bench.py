@@ -163,14 +163,14 @@ async def _stored_at(database_url: str, expected: int) -> float:
         await asyncio.sleep(0.02)
 
 
-async def _follow(http: aiohttp.ClientSession, url: str, expect: int, latencies: list[float]) -> None:
+async def _follow(http: aiohttp.ClientSession, url: str, expect: int, latencies: list[tuple[float, float]]) -> None:
     async with http.get(url, timeout=aiohttp.ClientTimeout(total=None, sock_read=60)) as resp:
         seen = 0
         async for raw in resp.content:
             if raw.startswith(b"data: "):
                 received = time.time()
                 ts = datetime.fromisoformat(orjson.loads(raw[6:])["ts"]).timestamp()
-                latencies.append((received - ts) * 1000)
+                latencies.append((ts, (received - ts) * 1000))
                 seen += 1
                 if seen >= expect:
                     return
@@ -207,7 +207,7 @@ async def bench_spotbox(config: BenchConfig, database_url: str) -> Figures:
         # Keep reading the server's log so a chatty run can never block it on a full pipe.
         drain = asyncio.create_task(proc.stderr.read(), name="bench-server-log")
         per_robot = config.messages // config.robots
-        latencies: list[float] = []
+        latencies: list[tuple[float, float]] = []
         async with aiohttp.ClientSession() as http:
             followers = [
                 asyncio.create_task(
@@ -237,8 +237,27 @@ async def bench_spotbox(config: BenchConfig, database_url: str) -> Figures:
     if config.qos and stored != result.acked:
         raise BenchError(f"{result.acked} statuses acknowledged but {stored} stored")
     seconds = end - result.first_send
-    latency = {"p50": statistics.median(latencies), "p99": statistics.quantiles(latencies, n=100)[98]}
-    return Figures(stored, seconds, stored / seconds, latency, peak, _rss_growth(rss))
+    return Figures(stored, seconds, stored / seconds, _latency_figures(latencies), peak, _rss_growth(rss))
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (0.0, 0.0)
+    return statistics.median(values), statistics.quantiles(values, n=100)[98]
+
+
+def _latency_figures(latencies: list[tuple[float, float]]) -> dict[str, float]:
+    """p50/p99 over every status followed, and over the steady state: the middle 90% by publish time.
+
+    The first and last 5% hold the connection storm of the start and the disconnects of robots that finish,
+    which a fleet that stays connected does not see; both figures are reported.
+    """
+    by_time = sorted(latencies)
+    trim = len(by_time) // 20
+    steady = [latency for _, latency in by_time[trim : len(by_time) - trim]]
+    p50, p99 = _percentiles([latency for _, latency in by_time])
+    steady_p50, steady_p99 = _percentiles(steady)
+    return {"p50": p50, "p99": p99, "steady_p50": steady_p50, "steady_p99": steady_p99}
 
 
 async def bench_classic(config: BenchConfig, database_url: str, workdir: Path) -> Figures | None:
@@ -319,8 +338,10 @@ def format_table(figures: dict[str, Any]) -> str:
     base = figures["baseline"] or {}
     rows.append(("stored messages", str(figures["stored"]), str(base.get("stored", "-"))))
     rows.append(("stored per second", str(figures["stored_per_s"]), str(base.get("stored_per_s", "-"))))
+    latency = figures["latency_ms"]
     rows.append(("publish->SSE p50 ms", str(figures["latency_ms"]["p50"]), "-"))
     rows.append(("publish->SSE p99 ms", str(figures["latency_ms"]["p99"]), "-"))
+    rows.append(("  steady state p50 / p99", f"{latency['steady_p50']} / {latency['steady_p99']}", "-"))
     rows.append(("peak RSS MB", str(figures["peak_rss_mb"]), str(base.get("peak_rss_mb", "-"))))
     if figures["rss_mb"] is not None:
         growth = figures["rss_mb"]

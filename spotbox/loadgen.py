@@ -130,29 +130,42 @@ async def _read_acks(
         slots.release()
 
 
-async def robot(host: str, port: int, serial: str, messages: int, load: Load, result: LoadResult) -> None:
-    """One robot connection publishing `messages` statuses, `load.window` unacknowledged at most."""
+async def robot(
+    host: str,
+    port: int,
+    index: int,
+    messages: int,
+    load: Load,
+    connected: asyncio.Barrier,
+    result: LoadResult,
+) -> None:
+    """Robot `index`: connect, wait until every robot is connected, then publish `messages` statuses with
+    `load.window` unacknowledged at most; a paced robot starts at its own phase of the interval, as robots that
+    are not synchronised would."""
+    serial = f"BENCH-{index:04d}"
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(connect_packet(f"bench-{serial}", version=load.version))
     kind, body = await read_packet(reader)
     if kind != CONNACK or body[1] != 0:
         raise ConnectionError(f"{serial}: CONNECT (MQTT {load.version}) refused: {body.hex()}")
+    await connected.wait()
     topic = mqtt_string(f"robot/{serial}/status")
     slots = asyncio.Semaphore(load.window)
     interval = load.robots / load.rate if load.rate else None
     acks = None
     if load.qos:
         acks = asyncio.create_task(_read_acks(reader, writer, load, messages, slots, result), name=f"acks-{serial}")
-    next_at = time.perf_counter()
+    # When this robot publishes next; paced robots start at their own phase of the interval.
+    next_at = time.perf_counter() + (interval * index / load.robots if interval else 0.0)
     try:
         for n in range(messages):
             if load.qos:
                 await slots.acquire()
             if interval is not None:
-                next_at += interval
                 delay = next_at - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                next_at += interval
             if not result.first_send:
                 result.first_send = time.perf_counter()
             writer.write(publish_packet(topic, n % 65535 + 1, status_payload(n), load.qos, version=load.version))
@@ -176,8 +189,9 @@ async def drive(host: str, port: int, load: Load) -> LoadResult:
     per_robot = [
         load.messages // load.robots + (1 if i < load.messages % load.robots else 0) for i in range(load.robots)
     ]
+    counts = [count for count in per_robot if count]
+    connected = asyncio.Barrier(len(counts))
     async with asyncio.TaskGroup() as group:
-        for i, count in enumerate(per_robot):
-            if count:
-                group.create_task(robot(host, port, f"BENCH-{i:04d}", count, load, result))
+        for i, count in enumerate(counts):
+            group.create_task(robot(host, port, i, count, load, connected, result))
     return result
