@@ -93,7 +93,13 @@ class IngestPipeline:
                 verdict.serial_number,
                 verdict.field,
                 verdict.reason,
-                extra={"event": "status_rejected", "serial": verdict.serial_number, "errors": verdict.errors},
+                extra={
+                    "event": "status_rejected",
+                    "serial": verdict.serial_number,
+                    "field": verdict.field,
+                    "reason": verdict.reason,
+                    "errors": verdict.errors,
+                },
             )
             if self._on_rejected is not None:
                 self._on_rejected(verdict, received_at)

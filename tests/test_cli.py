@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.conftest import SPOTBOX, require_tool
-from tests.helpers import open_feed, payload
+from tests.helpers import mqtt_client, open_feed, payload
 
 LISTENING = re.compile(rb"(mqtt|http) listening on (?:https?://)?([\d.]+):(\d+)")
 
@@ -158,3 +159,24 @@ async def test_public_mqtt_address_without_users_is_refused() -> None:
     error = await failed_start("--mqtt-host", "0.0.0.0", "--mqtt-port", "0", "--http-port", "0")
     assert "--mqtt-host" in error
     assert "loopback" in error
+
+
+async def test_json_logs_are_one_object_per_line_with_rejections(tmp_path: Path) -> None:
+    """Test that with --log-format json every line spotbox logs is one JSON object, a rejection with its serial,
+    field and reason among them."""
+    args = ("--mqtt-port", "0", "--http-port", "0", "--log-format", "json")
+    async with spotbox_process(*args, "--database-url", f"sqlite:///{tmp_path / 'db.sqlite'}") as box:
+        async with mqtt_client(box.mqtt_port) as robot:
+            await robot.publish("robot/ROBOT-LOG/status", payload(battery_level=150), qos=1)
+        stderr = box.proc.stderr
+        assert stderr is not None
+        async with asyncio.timeout(10):
+            while b"status_rejected" not in b"".join(box.log):
+                box.log.append(await stderr.readline())
+    records = [orjson.loads(line) for line in box.log if line.strip()]
+    assert all(isinstance(record, dict) and {"time", "level", "logger", "message"} <= set(record) for record in records)
+    rejection = next(record for record in records if record.get("event") == "status_rejected")
+    assert rejection["serial"] == "ROBOT-LOG"
+    assert rejection["field"] == "battery_level"
+    assert rejection["reason"] == "battery_level: 150 is greater than the maximum of 100"
+    assert rejection["level"] == "warning"
