@@ -10,10 +10,12 @@ from urllib.parse import urljoin
 
 import pytest
 from aiohttp import web
+from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
 from spotbox.settings import Settings
 from tests.conftest import Box, BoxFactory, require_tool
+from tests.helpers import mqtt_client, payload, stamp
 
 # Every route of SPEC section 6 and the HTTP contract, including those other parts of spotbox add.
 DOCUMENTED = {
@@ -31,8 +33,8 @@ DOCUMENTED = {
     ("get", "/openapi.json"),
     ("get", "/docs"),
 }
-# MQTT over WebSocket is a protocol endpoint, not an HTTP API route.
-UNDOCUMENTED = {"/mqtt", "/static/{name}"}  # MQTT over WebSocket; the dashboard's own files
+# MQTT over WebSocket is a protocol endpoint and the dashboard's files are its own, not HTTP API routes.
+UNDOCUMENTED = {"/mqtt", "/static/{name}"}
 
 
 @pytest.fixture
@@ -128,3 +130,51 @@ async def test_docs_page_renders_every_operation_in_a_browser(sqlite_box: Box, t
     assert shown == operations(document)
     for name in document["components"]["schemas"]:
         assert f'id="schema-{name}"' in html
+
+
+# Real requests, one or more for each documented JSON answer, with the status each must get.
+REAL_ANSWERS = [
+    ("get", "/robots", None, 200),
+    ("get", "/robots/R1", None, 200),
+    ("get", "/robots/NEVER-SEEN", None, 404),
+    ("get", "/robots/bad!serial", None, 400),
+    ("post", "/robots/R1/status", payload(timestamp=stamp(30)), 202),
+    ("post", "/robots/R1/status", payload(battery_level=150), 422),
+    ("post", "/robots/R1/status", b"{not json", 400),
+    ("get", "/robots/R1/history", None, 200),
+    ("get", "/robots/R1/history?include_payload=true&limit=1", None, 200),
+    ("get", "/robots/R1/history?interval=1m&agg=avg", None, 200),
+    ("get", "/robots/R1/history?interval=1m&agg=last", None, 200),
+    ("get", "/robots/R1/history?interval=1m&agg=count", None, 200),
+    ("get", "/robots/R1/history?limit=0", None, 400),
+    ("get", "/stats", None, 200),
+    ("get", "/health", None, 200),
+    ("get", "/ready", None, 200),
+]
+
+
+def response_schema(document: dict[str, Any], method: str, path: str, status: int) -> dict[str, Any]:
+    """The documented JSON schema of one answer, with the document's components beside it for its $refs."""
+    for template, item in document["paths"].items():
+        if re.fullmatch(re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(template)), path) and method in item:
+            answer = item[method]["responses"][str(status)]
+            if "$ref" in answer:
+                answer = document["components"]["responses"][answer["$ref"].rsplit("/", 1)[1]]
+            schema: dict[str, Any] = answer["content"]["application/json"]["schema"]
+            return {**schema, "components": document["components"]}
+    raise AssertionError(f"{method.upper()} {path} is not documented")
+
+
+async def test_real_answers_match_the_documented_schemas(box: Box) -> None:
+    """Test that what each route really answers (successes and errors) validates against /openapi.json."""
+    document = await fetch_openapi(box)
+    async with mqtt_client(box.mqtt_port) as robot:
+        for n in range(3):
+            await robot.publish("robot/R1/status", payload(timestamp=stamp(n)), qos=1)
+    for method, target, body, status in REAL_ANSWERS:
+        async with box.http.request(method, f"{box.base_url}{target}", data=body) as resp:
+            assert resp.status == status, (method, target, await resp.text())
+            answer = await resp.json()
+        path = target.split("?", 1)[0]
+        errors = list(Draft202012Validator(response_schema(document, method, path, status)).iter_errors(answer))
+        assert not errors, (method, target, answer, [error.message for error in errors])
