@@ -211,3 +211,15 @@ async def test_denied_publish_gets_0x87(secured: Box) -> None:
         assert code.value == 0
     assert await secured.history("ROBOT-B") == []
     assert len(await secured.history("ROBOT-A")) == 1
+
+
+async def test_denied_subscription_gets_0x87(secured: Box) -> None:
+    """Test that a subscription outside the user's grants gets SUBACK 0x87 while a granted one is given its QoS."""
+    async with wire_client(secured.mqtt_port, username="ROBOT-A", password=PASSWORDS["ROBOT-A"].encode()) as (wire, _):
+        filters = [mqtt5.TopicFilter("robot/ROBOT-B/#"), mqtt5.TopicFilter("robot/ROBOT-A/#", max_qos=mqtt5.QoS(1))]
+        await wire.send(mqtt5.SubscribePacket(1, filters))
+        suback = await wire.expect(mqtt5.SubAckPacket)
+        assert suback.reason_codes == [
+            mqtt5.SubAckReasonCode.NOT_AUTHORIZED,
+            mqtt5.SubAckReasonCode.GRANTED_QOS_AT_LEAST_ONCE,
+        ]

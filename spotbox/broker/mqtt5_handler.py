@@ -297,7 +297,7 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
             raise _ClosedError(Reason.SUBSCRIPTION_IDS_NOT_SUPPORTED, "subscription identifiers are not supported")
         patterns = [topic_filter.pattern for topic_filter in packet.topic_filters]
         codes: list[int | None] = [
-            mqtt5.SubAckReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED if pattern.startswith("$share/") else None
+            int(mqtt5.SubAckReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED) if pattern.startswith("$share/") else None
             for pattern in patterns
         ]
         served = [
