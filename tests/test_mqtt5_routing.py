@@ -4,6 +4,7 @@ reason codes, retained messages, wills, topic aliases and keep-alive, as a bare 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import mqtt5
 import pytest
@@ -13,7 +14,7 @@ from tests.helpers import mqtt_client
 from tests.mqtt5_clients import Wire, wire_client
 
 Q0, Q1, Q2 = mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE, mqtt5.QoS.EXACTLY_ONCE
-PROPERTIES = {
+PROPERTIES: dict[str, Any] = {
     "payload_format_indicator": 1,
     "message_expiry_interval": 3600,
     "content_type": "text/plain",
