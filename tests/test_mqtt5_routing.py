@@ -207,3 +207,13 @@ async def test_persistent_session_gets_queued_message(port: int) -> None:
     async with wire_client(port, **kept) as (wire, connack):
         assert connack.session_present
         assert (await wire.expect(mqtt5.PublishPacket)).payload == b"while away"
+
+
+async def test_message_over_the_clients_maximum_packet_size_is_not_sent(port: int) -> None:
+    """Test that a message too big for a subscriber's Maximum Packet Size is skipped, and the next one delivered."""
+    async with wire_client(port, max_packet_size=64) as (subscriber, _), wire_client(port) as (publisher, _):
+        assert await subscribe(subscriber, "robot/R8/cmd", qos=Q0) == [0]
+        await publisher.send(
+            mqtt5.PublishPacket("robot/R8/cmd", b"x" * 100), mqtt5.PublishPacket("robot/R8/cmd", b"small")
+        )
+        assert (await subscriber.expect(mqtt5.PublishPacket)).payload == b"small"
