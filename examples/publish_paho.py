@@ -1,9 +1,8 @@
 """Publish one robot status with paho-mqtt (the plain, synchronous MQTT client) and report spotbox's answer.
 
-MQTT 3.1.1 by default, because spotbox's embedded broker (amqtt 0.12) speaks 3.1.1 today; a 3.1.1 PUBACK cannot
-say "invalid", so a rejected status shows up on `spotbox/rejected/{serial}` instead. `--mqtt-version 5` speaks
-MQTT 5, where spotbox answers an invalid status with PUBACK reason code 0x99 and a reason string naming the failing
-field; that needs spotbox's MQTT 5 support (a separate issue): until then the broker refuses the MQTT 5 connection.
+MQTT 3.1.1 by default; a 3.1.1 PUBACK cannot say "invalid", so a rejected status shows up on
+`spotbox/rejected/{serial}` instead. `--mqtt-version 5` speaks MQTT 5, where spotbox answers an invalid status with
+PUBACK reason code 0x99 and a reason string naming the failing field.
 
 Usage: python examples/publish_paho.py [SERIAL] [--mqtt-version 3.1.1|5] [--battery-level N]
 Environment: MQTT_HOST (127.0.0.1), MQTT_PORT (1883), MQTT_USERNAME and MQTT_PASSWORD (when spotbox has users).

@@ -278,9 +278,9 @@ async def serve(settings: Settings) -> None:
     "--mqtt-version",
     envvar="MQTT_VERSION",
     type=click.Choice(list(MQTT_VERSIONS)),
-    default="3.1.1",
+    default="5",
     show_default=True,
-    help="MQTT protocol version of the robots.",
+    help="MQTT protocol version of the robots (5: refusals come back as PUBACK reason codes, and are logged).",
 )
 @click.option(
     "--count",
@@ -360,7 +360,7 @@ def simulate(
     type=click.Choice(sorted(PROTOCOL_LEVELS)),
     default="3.1.1",
     show_default=True,
-    help="Protocol the robots speak (5 needs a broker that speaks MQTT 5).",
+    help="Protocol the robots speak.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(

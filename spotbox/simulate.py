@@ -29,7 +29,7 @@ class FleetConfig:
     jitter_max_s: float = 0.2
     enable_stats_log: bool = False
     stats_log_interval_s: float = 5.0
-    mqtt_version: str = "3.1.1"
+    mqtt_version: str = "5"
     count: int | None = None
     host: str = "127.0.0.1"
     port: int = 1883
@@ -47,6 +47,7 @@ class FleetStats:
     valid: int = 0
     invalid: int = 0
     failed: int = 0
+    refused: int = 0  # acknowledged with an MQTT 5 failure reason code (0x99 invalid, 0x87 not authorized)
     rejections_seen: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -123,7 +124,7 @@ class Fleet:
         self._done = asyncio.Event()
 
     def _client(self, identifier: str) -> aiomqtt.Client:
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.config.host,
             self.config.port,
             identifier=identifier,
@@ -131,6 +132,27 @@ class Fleet:
             username=self.config.username,
             password=self.config.password,
         )
+        self._hear_refusals(client, identifier)
+        return client
+
+    def _hear_refusals(self, client: aiomqtt.Client, identifier: str) -> None:
+        """Log each MQTT 5 PUBACK/PUBREC with a failure reason code (0x99 and the failing field, for instance).
+
+        aiomqtt completes `publish` without looking at the reason code; its paho client's `on_publish` callback
+        (run on this event loop) has it, so it is wrapped here.
+        """
+        # aiomqtt exposes no hook for acknowledgement reason codes: its paho client is the way in.
+        paho_client: Any = client._client
+        on_publish = paho_client.on_publish
+
+        def refused_or_not(paho: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+            if getattr(reason_code, "is_failure", False):
+                self.stats.refused += 1
+                reason = getattr(properties, "ReasonString", "")
+                logger.warning("%s publish refused by spotbox: %s %s", identifier, reason_code, reason)
+            on_publish(paho, userdata, mid, reason_code, properties)
+
+        paho_client.on_publish = refused_or_not
 
     def _take_ticket(self) -> bool:
         """Claim the right to publish one more message under `--count`; the last claim wakes every robot."""
@@ -206,10 +228,11 @@ class Fleet:
     def _log_summary(self) -> None:
         elapsed = max(time.monotonic() - self.stats.started, 1e-9)
         logger.info(
-            "sent=%d valid=%d invalid=%d failed=%d rate=%.1f/s",
+            "sent=%d valid=%d invalid=%d refused=%d failed=%d rate=%.1f/s",
             self.stats.sent,
             self.stats.valid,
             self.stats.invalid,
+            self.stats.refused,
             self.stats.failed,
             (self.stats.valid + self.stats.invalid) / elapsed,
         )

@@ -76,6 +76,19 @@ async def test_paho_example_publishes_over_mqtt_311_by_default(box: Box) -> None
     assert [item["battery_level"] for item in await box.history("ROBOT-PAHO")] == [61]
 
 
+async def test_paho_example_over_mqtt5_reports_0x99(box: Box) -> None:
+    """Test that publish_paho.py --mqtt-version 5 stores a valid status, and exits 2 naming 0x99's field otherwise."""
+    script = str(EXAMPLES / "publish_paho.py")
+    code, _, err = await run_example(sys.executable, script, "ROBOT-P5", "--mqtt-version", "5", env=box_env(box))
+    assert code == 0, err
+    code, _, err = await run_example(
+        sys.executable, script, "ROBOT-P5", "--mqtt-version", "5", "--battery-level", "150", env=box_env(box)
+    )
+    assert code == 2, err
+    assert "battery_level: 150 is greater than the maximum of 100" in err
+    assert len(await box.history("ROBOT-P5")) == 1
+
+
 async def test_mosquitto_example_publishes_and_invalid_is_not_stored(box: Box) -> None:
     """Test that publish_mosquitto.sh stores a valid status, and an invalid one is acknowledged but not stored."""
     require_tool("mosquitto_pub")

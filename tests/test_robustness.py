@@ -70,7 +70,8 @@ MALFORMED = {
     "garbage": (False, b"\xff\xff\xff\xff\xff\xff\xff"),
     "reserved-type-0": (False, b"\x00\x00"),
     "bad-protocol-name": (False, CONNECT.replace(b"MQTT", b"MQTX")),
-    "mqtt-5-connect": (False, CONNECT.replace(b"MQTT\x04", b"MQTT\x05")),
+    # A 3.1.1 CONNECT relabelled level 5: no properties length, so a malformed MQTT 5 CONNECT.
+    "mqtt-5-connect-without-properties": (False, CONNECT.replace(b"MQTT\x04", b"MQTT\x05")),
     "remaining-length-too-long": (False, b"\x10\xff\xff\xff\xff\x7f"),
     "truncated-connect": (False, CONNECT[:9]),
     "publish-before-connect": (False, publish_packet(b"robot/X/status", payload())),

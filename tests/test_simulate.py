@@ -64,6 +64,8 @@ async def test_fleet_stores_exactly_its_valid_statuses(box: Box) -> None:
     assert stats.valid + stats.invalid == 20
     assert stats.invalid > 0
     assert stats.failed == 0
+    # MQTT 5 by default: each invalid status came back as a PUBACK with a failure reason code.
+    assert stats.refused == stats.invalid
     stored = (await box.history("ROBOT-001")) + (await box.history("ROBOT-002"))
     assert len(stored) == stats.valid
     assert box.pipeline.stats.rejected.total() == stats.invalid
@@ -91,7 +93,10 @@ async def test_simulate_command_with_assignment_env_vars(box: Box) -> None:
         out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     assert b"sent 20 statuses" in out
-    valid = 20 - box.pipeline.stats.rejected.total()
+    rejected = box.pipeline.stats.rejected.total()
+    # The robots (MQTT 5 by default) log each 0x99 PUBACK with the failing field.
+    assert err.decode().count("publish refused by spotbox: Payload format invalid") == rejected
+    valid = 20 - rejected
     per_robot = [len(await box.history(f"ROBOT-00{n}")) for n in (1, 2, 3)]
     assert all(count > 0 for count in per_robot)
     assert sum(per_robot) == valid

@@ -14,6 +14,7 @@ import asyncio
 import enum
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +43,20 @@ REJECTED_TOPIC = "spotbox/rejected/{serial}"
 class _Outcome(enum.Enum):
     STORED = enum.auto()
     NOT_STORED = enum.auto()
-    REFUSED = enum.auto()
     OTHER_TOPIC = enum.auto()
+
+
+# MQTT 5 reason codes of a refused PUBLISH (a 3.1.1 publisher cannot be told; it gets the plain acknowledgement).
+NOT_AUTHORIZED = 0x87
+PAYLOAD_FORMAT_INVALID = 0x99
+
+
+@dataclass(slots=True, frozen=True)
+class Refusal:
+    """Why a publish is acknowledged but never routed, stored or streamed: a reason code and a reason string."""
+
+    reason_code: int
+    reason: str
 
 
 class RejectedMessage(IncomingApplicationMessage):
@@ -131,8 +144,8 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
         finally:
             # Released before any acknowledgement flow: a QoS 2 flow waits for a PUBREL the reader must read.
             self._gate.release()
-        if outcome is _Outcome.REFUSED:
-            await self._acknowledge_only(publish_packet)
+        if isinstance(outcome, Refusal):
+            await self._refuse(publish_packet, outcome)
         elif outcome is _Outcome.STORED and publish_packet.qos != QOS_2 and self.session is not None:
             # amqtt's flow would queue the message for this client's delivery loop, which wakes once per message
             # (new waiter tasks each time) only to hand it to the broadcast queue: route it from here instead.
@@ -142,16 +155,16 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
         elif outcome is not _Outcome.NOT_STORED:
             await super().handle_publish(publish_packet)
 
-    async def _ingest(self, publish_packet: PublishPacket) -> _Outcome:
+    async def _ingest(self, publish_packet: PublishPacket) -> _Outcome | Refusal:
         """Check the user's grant, then validate and commit a status: STORED; NOT_STORED (left unacknowledged: an
-        MQTT client resends an unacknowledged QoS 1/2 message); REFUSED (denied or invalid: acknowledged only);
+        MQTT client resends an unacknowledged QoS 1/2 message); a Refusal (denied or invalid: acknowledged only);
         or OTHER_TOPIC for amqtt to route as it is."""
         topic = publish_packet.topic_name
         data = publish_packet.data
         if topic is not None and not may_publish(self._broker.users, self.session, topic):
             # MQTT 3.1.1 has no way to say no to a PUBLISH: acknowledge it as the protocol requires, drop it.
             logger.warning("mqtt publish denied: user %r may not publish to %r", self._username, topic)
-            return _Outcome.REFUSED
+            return Refusal(NOT_AUTHORIZED, f"user {self._username!r} may not publish to {topic!r}")
         serial = status_topic_serial(topic) if topic is not None else None
         if serial is None or data is None:
             return _Outcome.OTHER_TOPIC
@@ -159,7 +172,7 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
         verdict = pipeline.check(serial, data, self._first_received_at(publish_packet))
         if isinstance(verdict, Rejection):
             await self._broker.report_rejection(topic, verdict, data)
-            return _Outcome.REFUSED
+            return Refusal(PAYLOAD_FORMAT_INVALID, verdict.reason)
         if publish_packet.qos and verdict.ts == verdict.received_at:
             self._remember_unstamped(publish_packet, verdict.payload_hash, verdict.received_at)
         try:
@@ -221,6 +234,10 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
     @property
     def _username(self) -> str | None:
         return self.session.username if self.session is not None else None
+
+    async def _refuse(self, publish_packet: PublishPacket, refusal: Refusal) -> None:
+        """Answer a refused publish: MQTT 3.1.1 has no way to say no, so it gets the plain acknowledgement."""
+        await self._acknowledge_only(publish_packet)
 
     async def _acknowledge_only(self, publish_packet: PublishPacket) -> None:
         """Run the protocol's acknowledgement flow for a message that is then never routed, stored or streamed."""

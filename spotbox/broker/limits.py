@@ -69,6 +69,16 @@ class PacketGuard(ReaderAdapter):
             await self._fill()
         return bytes(self._buffer)
 
+    async def next_packet(self) -> bytes:
+        """The next whole packet, taken (empty at the end of the stream or after a refused packet)."""
+        if not self._buffer and not self._eof:
+            await self._fill()
+            if self._eof:
+                self._buffer.clear()  # a packet cut short by the end of the stream
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
     async def _fill(self) -> None:
         try:
             self._buffer += await self._next_packet()

@@ -8,6 +8,7 @@ import ssl
 from functools import partial
 from typing import Any
 
+import mqtt5
 from amqtt.adapters import BufferReader, ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.broker import Broker, BrokerEvents
 from amqtt.contexts import Action
@@ -18,9 +19,19 @@ from amqtt.mqtt.packet import CONNECT
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import IncomingApplicationMessage, Session
+from amqtt.utils import gen_client_id
 
 from spotbox.broker.handler import REJECTED_TOPIC, RejectedMessage, SpotboxProtocolHandler, rejection_report
 from spotbox.broker.limits import MqttLimits, PacketGuard
+from spotbox.broker.mqtt5_connect import (
+    client_of,
+    decode_connect,
+    fill_session,
+    is_mqtt5_connect,
+    password_text,
+    refuse,
+)
+from spotbox.broker.mqtt5_handler import Mqtt5ProtocolHandler
 from spotbox.errors import ListenError
 from spotbox.pipeline import IngestPipeline
 from spotbox.users import Users
@@ -155,19 +166,21 @@ class SpotboxBroker(Broker):
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
-        await self._login_first(reader, writer, remote_address, remote_port)
+        raw = await reader.peek_packet()
+        if is_mqtt5_connect(raw):
+            return await self._initialize_mqtt5_session(raw, reader, writer, remote_address, remote_port)
+        await self._login_first(raw, writer, remote_address, remote_port)
         # amqtt builds a fresh, unattached BrokerProtocolHandler here; use spotbox's in its place.
         _, session = await super()._initialize_client_session(reader, writer, remote_address, remote_port)
         return SpotboxProtocolHandler(self, loop=self._loop), session
 
-    async def _login_first(self, reader: PacketGuard, writer: WriterAdapter, address: str, port: int) -> None:
-        """Check the CONNECT's login, and that its client id is not another user's, before amqtt uses the id.
+    async def _login_first(self, raw: bytes, writer: WriterAdapter, address: str, port: int) -> None:
+        """Check an MQTT 3.1.1 CONNECT's login, and that its client id is not another user's, before amqtt uses the id.
 
         amqtt deletes (clean session) or takes over (connected client) the session of the client id before it
         checks the login, so a refused client could end another client's session. Here the same plugins check
         the login first; a refusal gets its CONNACK and MQTTError, which amqtt's caller logs and ends quietly.
         """
-        raw = await reader.peek_packet()
         if not raw or raw[0] >> 4 != CONNECT:
             return  # amqtt refuses it below, before any session is touched
         try:
@@ -176,27 +189,71 @@ class SpotboxBroker(Broker):
             return  # malformed: amqtt reads it again below and refuses it its own way
         if connect.proto_name != "MQTT" or connect.proto_level != MQTT_3_1_1 or connect.payload is None:
             return  # amqtt answers these with "unacceptable protocol version" or closes the connection
-        candidate = Session()
-        candidate.client_id = connect.client_id
-        candidate.username = connect.username
-        candidate.password = connect.password
-        candidate.remote_address = address
-        candidate.remote_port = port
-        if await self._authenticate(candidate, None):
-            owner = self._sessions.get(connect.client_id, (None, None))[0]
-            if owner is None or owner.username == connect.username:
-                self._logged_in[(address, port)] = (connect.client_id, connect.username)
-                return
-            # Taking over another user's session would hand over its subscriptions and queued messages.
-            logger.warning(
-                "mqtt connection refused: client id %r is in use by user %r, not %r",
-                connect.client_id,
-                owner.username,
-                connect.username,
-            )
+        if await self._check_login(connect.client_id, connect.username, connect.password, address, port) is None:
+            return
         await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
         await writer.close()
         raise MQTTError(f"login of {connect.client_id!r} from {address}:{port} refused")
+
+    async def _check_login(
+        self, client_id: str, username: str | None, password: str | None, address: str, port: int
+    ) -> mqtt5.ConnAckReasonCode | None:
+        """None when the login passes and the client id is free or this user's own; else the MQTT 5 refusal code."""
+        candidate = Session()
+        candidate.client_id = client_id
+        candidate.username = username
+        candidate.password = password
+        candidate.remote_address = address
+        candidate.remote_port = port
+        if not await self._authenticate(candidate, None):
+            # A users file and a username: the password (or the name) was wrong; otherwise no login is allowed here.
+            if self.users is not None and username:
+                return mqtt5.ConnAckReasonCode.BAD_USER_NAME_OR_PASSWORD
+            return mqtt5.ConnAckReasonCode.NOT_AUTHORIZED
+        owner = self._sessions.get(client_id, (None, None))[0]
+        if owner is None or owner.username == username:
+            self._logged_in[(address, port)] = (client_id, username)
+            return None
+        # Taking over another user's session would hand over its subscriptions and queued messages.
+        logger.warning(
+            "mqtt connection refused: client id %r is in use by user %r, not %r", client_id, owner.username, username
+        )
+        return mqtt5.ConnAckReasonCode.NOT_AUTHORIZED
+
+    async def _initialize_mqtt5_session(
+        self, raw: bytes, reader: PacketGuard, writer: WriterAdapter, address: str, port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        """Read an MQTT 5 CONNECT, check its login, and give amqtt the session and handler to drive.
+
+        The same steps as amqtt's `_initialize_client_session` (clean start deletes the old session, else it is
+        resumed), in MQTT 5 terms, with the login checked first as for 3.1.1.
+        """
+        await reader.next_packet()  # the CONNECT peeked at: this path reads it, amqtt never does
+        connect = decode_connect(raw)
+        if connect.authentication_method is not None:
+            bad_method = mqtt5.ConnAckReasonCode.BAD_AUTHENTICATION_METHOD
+            raise await refuse(writer, bad_method, "enhanced authentication is not supported")
+        client_id, assigned = connect.client_id, None
+        if not client_id:
+            client_id = assigned = gen_client_id()  # [MQTT-3.1.3-6], told in the CONNACK [MQTT-3.2.2-16]
+        code = await self._check_login(client_id, connect.username, password_text(connect), address, port)
+        if code is not None:
+            raise await refuse(writer, code, f"login of {client_id!r} refused")
+        client = client_of(connect, assigned)
+        existing = self._sessions.get(client_id, (None, None))[0]
+        if connect.clean_start or existing is None:
+            await self._delete_session(client_id)
+            session = Session()
+            session.client_id = client_id
+            session.parent = 0
+        else:
+            session = existing
+            session.parent = 1
+        session.remote_address = address
+        session.remote_port = port
+        session.ssl_object = writer.get_ssl_info()
+        fill_session(session, connect, client)
+        return Mqtt5ProtocolHandler(self, client, loop=self._loop), session
 
     async def _authenticate(self, session: Session, listener: Any) -> bool:
         # The login this connection passed in _login_first: not checked (argon2, tens of milliseconds) twice.
