@@ -67,7 +67,7 @@ class Figures:
     stored_per_s: float
     latency_ms: dict[str, float] | None
     peak_rss_mb: float
-    rss_mb: dict[str, float] | None = None
+    rss_mb: dict[str, Any] | None = None
 
 
 class BenchError(SpotboxError):
@@ -98,13 +98,20 @@ async def _sample_rss(pid: int, samples: list[float], every_s: float = 1.0) -> N
         await asyncio.sleep(every_s)
 
 
-def _rss_growth(samples: list[float]) -> dict[str, float] | None:
-    """Memory once warmed up (after the first tenth of the run) against memory at the end: is it flat?"""
+def _rss_growth(samples: list[float]) -> dict[str, Any] | None:
+    """Memory once warmed up (after the first tenth of the run) against memory at the end: is it flat? With the
+    curve at each tenth of the run, to tell a leak (steady climb) from a warm-up (climb, then flat)."""
     if len(samples) < 2:
         return None
     warm = samples[max(1, len(samples) // 10)] if len(samples) > 2 else samples[0]
     end = samples[-1]
-    return {"warm": round(warm, 1), "end": round(end, 1), "growth_pct": round(100 * (end - warm) / warm, 1)}
+    curve = [round(samples[i * (len(samples) - 1) // 10], 1) for i in range(11)]
+    return {
+        "warm": round(warm, 1),
+        "end": round(end, 1),
+        "growth_pct": round(100 * (end - warm) / warm, 1),
+        "curve": curve,
+    }
 
 
 @asynccontextmanager

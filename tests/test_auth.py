@@ -187,3 +187,30 @@ async def test_refused_client_cannot_take_over_a_session(
         await robot_a.publish("robot/ROBOT-A/status", payload(timestamp=stamp(5)), qos=1, timeout=10)
     assert message.payload == b"still-there"
     assert [item["ts"] for item in await secured.history("ROBOT-A")] == [stamp(5)]
+
+
+async def test_routing_survives_subscriptions_changing_while_it_runs(secured: Box) -> None:
+    """Test that clients subscribing while messages are routed (topic filtering awaits per subscriber) do not
+    stop the broker routing: a message published afterwards still arrives."""
+    async with (
+        mqtt_client(secured.mqtt_port, **login("operator")) as watcher,
+        mqtt_client(secured.mqtt_port, **login("operator")) as commander,
+    ):
+        for n in range(20):
+            await watcher.subscribe(f"robot/R{n}/cmd")
+
+        async def churn() -> None:
+            for n in range(200):
+                await watcher.subscribe(f"robot/NEW{n}/cmd")
+
+        async def command() -> None:
+            for _ in range(200):
+                await commander.publish("robot/R1/cmd", b"go")
+
+        await asyncio.gather(churn(), command())
+        await watcher.subscribe("robot/PROBE/cmd", qos=1)
+        await commander.publish("robot/PROBE/cmd", b"probe", qos=1)
+        async with asyncio.timeout(10):
+            async for message in watcher.messages:
+                if str(message.topic) == "robot/PROBE/cmd":
+                    break

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -62,11 +63,26 @@ def broker_config(users: Users | None) -> dict[str, Any]:
     }
 
 
+class _Subscriptions(dict[str, list[tuple[Session, int]]]):
+    """amqtt's topic filter -> subscribers map, iterated over a copy.
+
+    amqtt awaits inside loops over this map (topic filtering plugins while routing, retained messages on
+    reconnect); a client subscribing or leaving meanwhile changed its size mid-loop and raised RuntimeError.
+    """
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().__iter__()))
+
+    def items(self) -> list[tuple[str, list[tuple[Session, int]]]]:  # type: ignore[override]
+        return list(super().items())
+
+
 class SpotboxBroker(Broker):
     """amqtt's Broker, with spotbox's protocol handler and no routing of rejected statuses."""
 
     def __init__(self, pipeline: IngestPipeline, users: Users | None = None, limits: MqttLimits | None = None) -> None:
         super().__init__(broker_config(users))
+        self._subscriptions = _Subscriptions(self._subscriptions)  # type: ignore[has-type]
         self.pipeline = pipeline
         self.users = users
         self.limits = limits or MqttLimits()
@@ -304,7 +320,11 @@ class SpotboxBroker(Broker):
                 delivery = deliveries.popleft()
                 if not delivery.cancelled() and (error := delivery.exception()) is not None:
                     logger.error("delivery to a subscriber failed: %r", error)
-            await self._run_broadcast(deliveries)
+            try:
+                await self._run_broadcast(deliveries)
+            except Exception:
+                # One message's routing failed; routing itself must go on (amqtt's loop also skipped it).
+                logger.exception("routing a message failed; it was not delivered to every subscriber")
 
     async def report_rejection(self, topic: str, rejection: Rejection, payload: bytes) -> None:
         """Publish why a status was refused on `spotbox/rejected/{serial}`, for operators to watch."""
