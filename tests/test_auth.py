@@ -214,3 +214,36 @@ async def test_routing_survives_subscriptions_changing_while_it_runs(secured: Bo
             async for message in watcher.messages:
                 if str(message.topic) == "robot/PROBE/cmd":
                     break
+
+
+@pytest.mark.parametrize("version", ["3.1.1", "5"])
+@pytest.mark.parametrize(
+    ("user", "will_topic", "accepted"),
+    [
+        ("ROBOT-A", "robot/ROBOT-B/status", False),  # another robot's status, past validation
+        ("ROBOT-A", "robot/ROBOT-A/status", False),  # even its own: a will is never validated or stored
+        ("ROBOT-A", "robot/ROBOT-B/cmd", False),  # outside its grants
+        ("operator", "robot/ROBOT-B/cmd", True),  # granted robot/+/cmd
+    ],
+)
+async def test_a_will_must_be_publishable_by_its_user(
+    secured: Box, version: str, user: str, will_topic: str, accepted: bool
+) -> None:
+    """Test that a CONNECT whose will the user may not publish (or that targets a status topic) is refused."""
+    will = aiomqtt.Will(will_topic, b'{"battery_level": 999}')
+    if accepted:
+        async with mqtt_client(secured.mqtt_port, version, will=will, **login(user)):
+            return
+    with pytest.raises(aiomqtt.MqttCodeError) as refused:
+        async with mqtt_client(secured.mqtt_port, version, will=will, **login(user)):
+            pass
+    assert refused.value.rc in (5, 135)  # 3.1.1: not authorized; 5: 0x87 Not authorized
+
+
+async def test_local_mode_refuses_a_will_on_a_status_topic(box: Box) -> None:
+    """Test that without users a will on `robot/{serial}/status` is still refused (it would skip validation)."""
+    with pytest.raises(aiomqtt.MqttCodeError):
+        async with mqtt_client(box.mqtt_port, will=aiomqtt.Will("robot/R1/status", b"{}")):
+            pass
+    async with mqtt_client(box.mqtt_port, will=aiomqtt.Will("robot/R1/online", b"false")):
+        pass

@@ -22,6 +22,7 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import IncomingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
+from spotbox.broker.auth import may_publish
 from spotbox.broker.handler import REJECTED_TOPIC, RejectedMessage, SpotboxProtocolHandler, rejection_report
 from spotbox.broker.limits import MqttLimits, PacketGuard
 from spotbox.broker.mqtt5_connect import (
@@ -35,6 +36,7 @@ from spotbox.broker.mqtt5_connect import (
 from spotbox.broker.mqtt5_handler import Mqtt5ProtocolHandler
 from spotbox.errors import ListenError
 from spotbox.pipeline import IngestPipeline
+from spotbox.status import status_topic_serial
 from spotbox.users import Users
 from spotbox.validation import Rejection
 
@@ -205,16 +207,27 @@ class SpotboxBroker(Broker):
             return  # malformed: amqtt reads it again below and refuses it its own way
         if connect.proto_name != "MQTT" or connect.proto_level != MQTT_3_1_1 or connect.payload is None:
             return  # amqtt answers these with "unacceptable protocol version" or closes the connection
-        if await self._check_login(connect.client_id, connect.username, connect.password, address, port) is None:
+        will_topic = connect.will_topic if connect.will_flag else None
+        login = await self._check_login(
+            connect.client_id, connect.username, connect.password, address, port, will_topic
+        )
+        if login is None:
             return
         await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
         await writer.close()
         raise MQTTError(f"login of {connect.client_id!r} from {address}:{port} refused")
 
     async def _check_login(
-        self, client_id: str, username: str | None, password: str | None, address: str, port: int
+        self,
+        client_id: str,
+        username: str | None,
+        password: str | None,
+        address: str,
+        port: int,
+        will_topic: str | None = None,
     ) -> mqtt5.ConnAckReasonCode | None:
-        """None when the login passes and the client id is free or this user's own; else the MQTT 5 refusal code."""
+        """None when the login passes, the client id is free or this user's own, and the will (if any) may be
+        published by this user; else the MQTT 5 refusal code."""
         candidate = Session()
         candidate.client_id = client_id
         candidate.username = username
@@ -225,6 +238,16 @@ class SpotboxBroker(Broker):
             # A users file and a username: the password (or the name) was wrong; otherwise no login is allowed here.
             if self.users is not None and username:
                 return mqtt5.ConnAckReasonCode.BAD_USER_NAME_OR_PASSWORD
+            return mqtt5.ConnAckReasonCode.NOT_AUTHORIZED
+        if will_topic is not None and (
+            status_topic_serial(will_topic) is not None or not may_publish(self.users, candidate, will_topic)
+        ):
+            # amqtt publishes a will itself, past the grant check and the validation of the publish path.
+            logger.warning(
+                "mqtt connection refused: user %r may not leave a will on %r (no wills on status topics)",
+                username,
+                will_topic,
+            )
             return mqtt5.ConnAckReasonCode.NOT_AUTHORIZED
         owner = self._sessions.get(client_id, (None, None))[0]
         if owner is None or owner.username == username:
@@ -252,7 +275,8 @@ class SpotboxBroker(Broker):
         client_id, assigned = connect.client_id, None
         if not client_id:
             client_id = assigned = gen_client_id()  # [MQTT-3.1.3-6], told in the CONNACK [MQTT-3.2.2-16]
-        code = await self._check_login(client_id, connect.username, password_text(connect), address, port)
+        will_topic = connect.will.topic if connect.will is not None else None
+        code = await self._check_login(client_id, connect.username, password_text(connect), address, port, will_topic)
         if code is not None:
             raise await refuse(writer, code, f"login of {client_id!r} refused")
         client = client_of(connect, assigned)
