@@ -163,6 +163,16 @@ async def test_delete_before_is_bounded_and_spares_newer_rows(storage: Storage) 
         assert [row.record.ts for row in rows] == [T0 + timedelta(minutes=m) for m in range(6, 10)]
 
 
+async def test_row_ids_are_never_reused_after_retention(storage: Storage) -> None:
+    """Test that after retention deleted every old row, a new row still gets an id above all ids handed out:
+    a feed resuming from its Last-Event-ID would otherwise skip it."""
+    old = await storage.write_batch([record("R1", minute) for minute in range(5)])
+    await storage.delete_before(T0 + timedelta(days=1), 100)
+    (new,) = await storage.write_batch([record("R1", 60 * 24 * 2)])
+    assert new is not None
+    assert new > max(row_id for row_id in old if row_id is not None)
+
+
 @pytest.mark.postgres
 async def test_fleet_order_is_byte_order_whatever_the_postgres_locale() -> None:
     """Test that a PostgreSQL database with a linguistic (ICU en-US) collation lists robots in SQLite's order."""

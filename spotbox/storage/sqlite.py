@@ -53,10 +53,12 @@ _SELECT = "SELECT id, " + ", ".join(COLUMNS) + " FROM status"
 _BUCKET = "ts - ((ts % ?4) + ?4) % ?4"
 # Each robot's old rows through the (serial_number, ts, id) index; no full scan to find what to delete.
 # (The statement starts with DELETE, not WITH, so that sqlite3 reports its rowcount.)
+# The row with the greatest id is never deleted: SQLite gives a new row max(id) + 1, so deleting it would hand its
+# id (and those before it) out again, and a feed resuming from Last-Event-ID would skip the new rows.
 _DELETE_BEFORE = f"""
 DELETE FROM status WHERE id IN ({base.ROBOTS_CTE}
     SELECT s.id FROM robots JOIN status AS s ON s.serial_number = robots.serial AND s.ts < ?1 LIMIT ?2
-)"""
+) AND id < (SELECT max(id) FROM status)"""
 
 
 def _row_values(record: StatusRecord) -> tuple[Any, ...]:
