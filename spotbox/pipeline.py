@@ -190,7 +190,9 @@ class IngestPipeline:
         stored: list[StoredStatus] = []
         for (record, future), row_id in zip(batch, ids, strict=True):
             if row_id is None:
-                self.stats.duplicates += 1
+                # A row refused one by one has its future failed already: not a duplicate.
+                if not future.done():
+                    self.stats.duplicates += 1
             else:
                 self.stats.stored += 1
                 stored.append(StoredStatus(row_id, record))

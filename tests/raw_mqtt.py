@@ -77,14 +77,14 @@ class RawClient:
         assert first == 0x20, first
         return body[1]
 
-    async def closed_by_server(self) -> bool:
-        """True once the server closes the connection (reads until end of stream, or a reset)."""
+    async def wait_closed_by_server(self) -> None:
+        """Return once the server has closed the connection (end of stream, or a reset); callers bound the wait
+        with asyncio.timeout, so a server that keeps the connection open fails the test."""
         try:
             while await self.reader.read(65536):
                 pass
         except ConnectionResetError:
             pass  # closed with our unread bytes still in its buffer: the kernel answers with a reset
-        return True
 
 
 @asynccontextmanager

@@ -68,7 +68,7 @@ async def test_bad_login_gets_connack_not_authorized(secured: Box, username: str
         await client.send(connect_packet("raw-1", username, password))
         async with asyncio.timeout(10):
             assert await client.connack() == CONNACK_NOT_AUTHORIZED
-            assert await client.closed_by_server()
+            await client.wait_closed_by_server()
 
 
 async def test_right_login_gets_connack_accepted(secured: Box) -> None:
@@ -179,7 +179,7 @@ async def test_refused_client_cannot_take_over_a_session(
             await intruder.send(connect_packet("robot-a", *credentials))
             async with asyncio.timeout(10):
                 assert await intruder.connack() == CONNACK_NOT_AUTHORIZED
-                assert await intruder.closed_by_server()
+                await intruder.wait_closed_by_server()
         # The robot is still connected, still subscribed, and still stores its statuses.
         await operator.publish("robot/ROBOT-A/cmd", b"still-there", qos=1)
         async with asyncio.timeout(10):

@@ -54,7 +54,7 @@ async def test_oversized_payload_is_refused_from_its_header(limited: Box, caplog
             assert await client.connack() == CONNACK_ACCEPTED
             # Only the fixed header, topic and packet id: the server must refuse without waiting for the payload.
             await client.send(b"\x32" + remaining_length(body_length) + struct.pack("!H", len(topic)) + topic + b"\0\1")
-            assert await client.closed_by_server()
+            await client.wait_closed_by_server()
     assert f"a PUBLISH payload of {MAX_PAYLOAD + 1} bytes is over --max-payload {MAX_PAYLOAD}" in caplog.text
     await still_stores(limited, 1)
 
@@ -91,7 +91,7 @@ async def test_topic_length_limit(limited: Box, length: int, refused: bool) -> N
             assert await client.connack() == CONNACK_ACCEPTED
             await client.send(publish_packet(b"t" * length, b"hello", qos=1, packet_id=7))
             if refused:
-                assert await client.closed_by_server()
+                await client.wait_closed_by_server()
             else:
                 assert await client.read_packet() == (0x40, b"\0\7")  # PUBACK of packet 7
     await still_stores(limited, 3)
@@ -110,7 +110,7 @@ async def test_connections_over_the_limit_are_refused(limited: Box, caplog: pyte
         async with raw_client(limited.mqtt_port) as fourth:
             await fourth.send(connect_packet("fourth"))
             async with asyncio.timeout(10):
-                assert await fourth.closed_by_server()
+                await fourth.wait_closed_by_server()
     assert "--max-connections 3 reached" in caplog.text
     await still_stores(limited, 4)
 

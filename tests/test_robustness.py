@@ -109,7 +109,7 @@ async def test_invalid_utf8_topic_is_refused_with_a_reason(sqlite_box: Box, capl
         async with asyncio.timeout(10):
             assert await client.connack() == CONNACK_ACCEPTED
             await client.send(publish_packet(b"robot/\xff/status", payload()))
-            assert await client.closed_by_server()
+            await client.wait_closed_by_server()
     assert "a PUBLISH topic is not valid UTF-8 [MQTT-1.5.3-1]" in caplog.text
 
 

@@ -62,7 +62,7 @@ async def test_tls_for_mqtt_websocket_and_http(tmp_path: Path, certificate: tupl
         async with raw_client(box.mqtt_port) as plain:
             await plain.send(connect_packet("plain", "ROBOT-A", PASSWORDS["ROBOT-A"]))
             async with asyncio.timeout(10):
-                assert await plain.closed_by_server()
+                await plain.wait_closed_by_server()
         # A client that does not trust this certificate refuses the server: it really is the one serving.
         with pytest.raises(ssl.SSLCertVerificationError):
             await asyncio.open_connection("127.0.0.1", box.mqtt_port, ssl=ssl.create_default_context())

@@ -15,7 +15,7 @@ import enum
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from amqtt.broker import BrokerContext
@@ -72,6 +72,9 @@ PUBACK_HEADER = b"\x40\x02"
 # Packet ids are reused once acknowledged, so only the last few matter: those a client may still resend.
 _UNSTAMPED = "spotbox.unstamped"
 _UNSTAMPED_MAX = 256
+# How long a receive time is kept for resends. A resend comes on the reconnect after a lost PUBACK; an older entry
+# is more likely an earlier, identical status whose packet id the client has since reused.
+_UNSTAMPED_MAX_AGE = timedelta(minutes=1)
 
 # Statuses one connection may have read but not yet committed; past it, the connection is not read until one is.
 READ_WINDOW = 64
@@ -218,6 +221,8 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
         unstamped: OrderedDict[int, tuple[bytes, datetime]] | None = self.session.attributes.get(_UNSTAMPED)
         first = unstamped.get(publish_packet.packet_id) if unstamped else None
         if first is None or first[0] != payload_digest(publish_packet.data):
+            return None
+        if datetime.now(UTC) - first[1] > _UNSTAMPED_MAX_AGE:
             return None
         return first[1]
 
