@@ -122,7 +122,8 @@ async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
 
 def create_app(settings: Settings) -> web.Application:
     """Build the spotbox application; nothing starts until the app is run."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=ingest.MAX_BODY_BYTES)
+    # --max-payload bounds an HTTP status body as it bounds an MQTT payload.
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_payload)
     app[SETTINGS] = settings
     app[HUB] = FeedHub()
     app.cleanup_ctx.extend([storage_ctx, pipeline_ctx, broker_ctx])

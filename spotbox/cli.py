@@ -87,7 +87,7 @@ main.add_command(users)
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     show_default="none: anonymous MQTT, loopback only",
-    help="MQTT users file (spotbox users add): every MQTT client must then log in.",
+    help="MQTT users file (spotbox users add): every MQTT client, and HTTP ingest, must then log in.",
 )
 @click.option(
     "--tls-cert",
@@ -109,7 +109,7 @@ main.add_command(users)
     type=int,
     default=1024 * 1024,
     show_default=True,
-    help="Largest MQTT payload in bytes; a bigger PUBLISH closes the connection before it is read.",
+    help="Largest MQTT payload and HTTP status body, in bytes: a bigger PUBLISH closes the connection, a body is 413.",
 )
 @click.option(
     "--max-topic-length",

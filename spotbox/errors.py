@@ -67,3 +67,15 @@ class PayloadTooLargeError(SpotboxError):
     def __init__(self, max_bytes: int) -> None:
         super().__init__(f"body larger than {max_bytes} bytes")
         self.max_bytes = max_bytes
+
+
+class UnauthorizedError(SpotboxError):
+    """An HTTP request needs a user of the users file and has none, or a wrong password; answered with 401."""
+
+
+class ForbiddenError(SpotboxError):
+    """The authenticated user is not granted what the request does; answered with 403."""
+
+    def __init__(self, message: str, detail: object = None) -> None:
+        super().__init__(message)
+        self.detail = detail

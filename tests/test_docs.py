@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
 import pytest
-from aiohttp import web
+from aiohttp import encode_basic_auth, web
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
 from spotbox.settings import Settings
 from tests.conftest import Box, BoxFactory, require_tool
 from tests.helpers import mqtt_client, payload, stamp
+from tests.test_auth import PASSWORDS, secured_settings
 
 # Every route of SPEC section 6 and the HTTP contract, including those other parts of spotbox add.
 DOCUMENTED = {
@@ -141,6 +143,7 @@ REAL_ANSWERS = [
     ("post", "/robots/R1/status", payload(timestamp=stamp(30)), 202),
     ("post", "/robots/R1/status", payload(battery_level=150), 422),
     ("post", "/robots/R1/status", b"{not json", 400),
+    ("post", "/robots/R1/status", b" " * (1024 * 1024 + 1), 413),
     ("get", "/robots/R1/history", None, 200),
     ("get", "/robots/R1/history?include_payload=true&limit=1", None, 200),
     ("get", "/robots/R1/history?interval=1m&agg=avg", None, 200),
@@ -172,9 +175,41 @@ async def test_real_answers_match_the_documented_schemas(box: Box) -> None:
         for n in range(3):
             await robot.publish("robot/R1/status", payload(timestamp=stamp(n)), qos=1)
     for method, target, body, status in REAL_ANSWERS:
-        async with box.http.request(method, f"{box.base_url}{target}", data=body) as resp:
-            assert resp.status == status, (method, target, await resp.text())
-            answer = await resp.json()
-        path = target.split("?", 1)[0]
-        errors = list(Draft202012Validator(response_schema(document, method, path, status)).iter_errors(answer))
-        assert not errors, (method, target, answer, [error.message for error in errors])
+        await check_real_answer(box, document, method, target, status, body)
+
+
+async def check_real_answer(
+    box: Box, document: dict[str, Any], method: str, target: str, status: int, body: bytes | None, **kwargs: Any
+) -> None:
+    """Send one request, check its status, and validate its JSON answer against the documented schema."""
+    # A file-like body: aiohttp warns about large bytes bodies, and sends this one with its Content-Length too.
+    data = io.BytesIO(body) if body is not None else None
+    async with box.http.request(method, f"{box.base_url}{target}", data=data, **kwargs) as resp:
+        assert resp.status == status, (method, target, await resp.text())
+        answer = await resp.json()
+    path = target.split("?", 1)[0]
+    errors = list(Draft202012Validator(response_schema(document, method, path, status)).iter_errors(answer))
+    assert not errors, (method, target, answer, [error.message for error in errors])
+
+
+# With --users: (who posts, with what password, for which robot) and the status each must get.
+SECURED_ANSWERS = [
+    (None, None, "ROBOT-A", 401),
+    ("ROBOT-A", "wrong", "ROBOT-A", 401),
+    ("ROBOT-A", PASSWORDS["ROBOT-A"], "ROBOT-B", 403),
+    ("ROBOT-A", PASSWORDS["ROBOT-A"], "ROBOT-A", 202),
+]
+
+
+async def test_real_secured_answers_match_the_documented_schemas(make_box: BoxFactory, tmp_path: Path) -> None:
+    """Test that the login answers of POST /robots/{serial}/status (401, 403) and its 202 match /openapi.json."""
+    box = await make_box(secured_settings(tmp_path))
+    document = await fetch_openapi(box)
+    security = document["paths"]["/robots/{serial}/status"]["post"]["security"]
+    assert {"basicAuth": []} in security
+    scheme = document["components"]["securitySchemes"]["basicAuth"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "basic")
+    for name, password, serial, status in SECURED_ANSWERS:
+        headers = {"Authorization": encode_basic_auth(name, password or "")} if name else {}
+        body = payload(timestamp=stamp(1))
+        await check_real_answer(box, document, "post", f"/robots/{serial}/status", status, body, headers=headers)

@@ -137,6 +137,29 @@ async def test_body_over_1_mib_is_413(box: Box) -> None:
     assert box.pipeline.stats.received == 0
 
 
+async def test_body_limit_follows_max_payload(make_box: BoxFactory, settings: Settings) -> None:
+    """Test that --max-payload sets the HTTP limit: a body of exactly the limit is stored, one byte more is 413."""
+    limit = 1000
+    box = await make_box(dataclasses.replace(settings, max_payload=limit))
+    raw = orjson.dumps(status())
+    raw += b" " * (limit - len(raw))
+
+    async def chunked() -> Any:
+        # No Content-Length: client_max_size stops the body while it is read.
+        yield raw
+        yield b" "
+
+    expected = {"error": f"body larger than {limit} bytes", "detail": {"max_bytes": limit}}
+    declared = await post(box, "ROBOT-H9", raw + b" ")
+    streamed = await post(box, "ROBOT-H9", chunked())
+    assert (declared[0], declared[1]) == (413, expected)
+    assert (streamed[0], streamed[1]) == (413, expected)
+    assert box.pipeline.stats.received == 0
+    code, _, _ = await post(box, "ROBOT-H9", raw)
+    assert code == 202
+    assert len(await box.history("ROBOT-H9")) == 1
+
+
 async def test_storage_outage_is_503_with_retry_after_then_recovers(
     make_box: BoxFactory, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

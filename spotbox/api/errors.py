@@ -10,16 +10,21 @@ from aiohttp import web
 
 from spotbox.errors import (
     BadRequestError,
+    ForbiddenError,
     InvalidStatusError,
     NotFoundError,
     PayloadTooLargeError,
     StorageUnavailableError,
+    UnauthorizedError,
 )
 from spotbox.status import dumps
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# The challenge of a 401 (RFC 7617): the client is asked for HTTP Basic credentials of a spotbox user.
+BASIC_CHALLENGE = 'Basic realm="spotbox"'
 
 # Seconds a client is asked to wait while storage is away: about the writer's longest retry backoff.
 RETRY_AFTER_S = 5
@@ -35,21 +40,28 @@ def error_response(status: int, error: str, detail: Any = None, headers: dict[st
     return json_response({"error": error, "detail": detail}, status, headers)
 
 
-ClientError = BadRequestError | NotFoundError | PayloadTooLargeError | InvalidStatusError
+ClientError = (
+    BadRequestError | NotFoundError | PayloadTooLargeError | InvalidStatusError | UnauthorizedError | ForbiddenError
+)
 
 
 def client_error_response(exc: ClientError) -> web.Response:
     """The 4xx answer to an error in the request, with the data its error carries as detail."""
+    headers = None
     match exc:
         case BadRequestError():
             status, detail = 400, exc.detail
+        case UnauthorizedError():
+            status, detail, headers = 401, None, {"WWW-Authenticate": BASIC_CHALLENGE}
+        case ForbiddenError():
+            status, detail = 403, exc.detail
         case NotFoundError():
             status, detail = 404, exc.detail
         case PayloadTooLargeError():
             status, detail = 413, {"max_bytes": exc.max_bytes}
         case InvalidStatusError():
             status, detail = 422, {"errors": exc.errors, "field": exc.field}
-    return error_response(status, str(exc), detail)
+    return error_response(status, str(exc), detail, headers)
 
 
 @web.middleware
@@ -57,7 +69,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Translate spotbox and aiohttp errors into the one JSON error shape, at the HTTP edge only."""
     try:
         return await handler(request)
-    except (BadRequestError, NotFoundError, PayloadTooLargeError, InvalidStatusError) as exc:
+    except (
+        BadRequestError,
+        NotFoundError,
+        PayloadTooLargeError,
+        InvalidStatusError,
+        UnauthorizedError,
+        ForbiddenError,
+    ) as exc:
         return client_error_response(exc)
     except StorageUnavailableError as exc:
         logger.warning("%s %s: storage unavailable: %s", request.method, request.path, exc)

@@ -3,28 +3,69 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import logging
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from spotbox.api.errors import json_response
 from spotbox.api.params import serial_param
-from spotbox.errors import BadRequestError, InvalidStatusError, PayloadTooLargeError, StorageUnavailableError
+from spotbox.errors import (
+    BadRequestError,
+    ForbiddenError,
+    InvalidStatusError,
+    PayloadTooLargeError,
+    StorageUnavailableError,
+    UnauthorizedError,
+)
 from spotbox.keys import BROKER, PIPELINE, SETTINGS
+from spotbox.users import User, Users
 from spotbox.validation import Rejection
 
-# The largest status body accepted, as for MQTT payloads; aiohttp's client_max_size enforces it while reading.
-MAX_BODY_BYTES = 1024 * 1024
+logger = logging.getLogger(__name__)
 
 
-async def _body(request: web.Request) -> bytes:
-    # A declared length over the limit is refused before a byte of the body is read.
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise PayloadTooLargeError(MAX_BODY_BYTES)
+def _basic_credentials(header: str) -> tuple[str, str] | None:
+    """(name, password) of an `Authorization: Basic ...` header (RFC 7617), None when it is not one."""
+    # aiohttp's BasicAuth would do this, but it is deprecated for removal in aiohttp 4.
+    scheme, _, encoded = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        # RFC 7617: names and passwords are UTF-8, as they are in MQTT.
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    name, colon, password = decoded.partition(":")
+    return (name, password) if colon else None
+
+
+async def _login(request: web.Request, users: Users) -> User:
+    """The user of the request's HTTP Basic credentials, checked as an MQTT login is; 401 without one."""
+    peer = request.remote
+    credentials = _basic_credentials(request.headers.get(hdrs.AUTHORIZATION, ""))
+    if credentials is None:
+        logger.warning("http ingest refused: no Basic credentials from %s", peer)
+        raise UnauthorizedError("authentication required")
+    # argon2 takes tens of milliseconds by design: off the event loop, and an unknown name costs the same.
+    user = await asyncio.to_thread(users.authenticate, *credentials)
+    if user is None:
+        logger.warning("http ingest refused: bad username or password for %r from %s", credentials[0], peer)
+        raise UnauthorizedError("bad username or password")
+    return user
+
+
+async def _body(request: web.Request, max_bytes: int) -> bytes:
+    # A declared length over the limit is refused before a byte of the body is read; client_max_size (the same
+    # --max-payload) stops a streamed body while it is read.
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise PayloadTooLargeError(max_bytes)
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLargeError(MAX_BODY_BYTES) from None
+        raise PayloadTooLargeError(max_bytes) from None
 
 
 def _is_json(raw: bytes) -> bool:
@@ -36,22 +77,32 @@ def _is_json(raw: bytes) -> bool:
 
 
 async def post_status(request: web.Request) -> web.Response:
-    """Validate a status and answer 202 once it is committed: 400 not JSON, 422 invalid, 503 storage away."""
+    """Validate a status and answer 202 once it is committed: 400 not JSON, 422 invalid, 503 storage away.
+
+    With a users file, only a user who may publish to `robot/{serial}/status` over MQTT may post it: 401, 403.
+    """
+    settings = request.app[SETTINGS]
+    # Credentials are checked before anything else, so a stranger learns nothing and no body of theirs is read.
+    user = await _login(request, settings.users) if settings.users is not None else None
     serial = serial_param(request)
-    raw = await _body(request)
+    topic = f"robot/{serial}/status"
+    if user is not None and not user.may_publish(topic):
+        logger.warning("http ingest refused: user %r may not publish to %r", user.name, topic)
+        raise ForbiddenError("not authorized for this robot", {"topic": topic})
+    raw = await _body(request, settings.max_payload)
     pipeline = request.app[PIPELINE]
     # check() counts and logs the status exactly as it does one that came over MQTT.
     verdict = pipeline.check(serial, raw)
     if isinstance(verdict, Rejection):
         # Operators watching spotbox/rejected/+ see every rejection, whatever the transport.
-        await request.app[BROKER].report_rejection(f"robot/{serial}/status", verdict, raw)
+        await request.app[BROKER].report_rejection(topic, verdict, raw)
         if not _is_json(raw):
             raise BadRequestError("body is not JSON", {"errors": verdict.errors, "field": verdict.field})
         raise InvalidStatusError(verdict.errors, verdict.field)
     if not pipeline.storage_available:
         # The writer is retrying a batch: answer now rather than hold the request for the whole outage.
         raise StorageUnavailableError("the writer is waiting for storage")
-    timeout = request.app[SETTINGS].ingest_timeout_s
+    timeout = settings.ingest_timeout_s
     try:
         async with asyncio.timeout(timeout):
             row_id = await pipeline.commit(verdict)
