@@ -27,9 +27,10 @@ USER spotbox
 ENV DATABASE_URL=sqlite:////data/spotbox.db
 EXPOSE 8000 1883
 
-# No curl in the slim image: ask /health with Python itself.
+# No curl in the slim image: ask /health with Python itself, over HTTPS when TLS is on (the certificate is for the
+# public name, not 127.0.0.1, so this local liveness probe does not verify it).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('SPOTBOX_HTTP_PORT', '8000') + '/health', timeout=4)"]
+    CMD ["python", "-c", "import os, ssl, urllib.request; tls = bool(os.environ.get('SPOTBOX_TLS_CERT')); urllib.request.urlopen(('https' if tls else 'http') + '://127.0.0.1:' + os.environ.get('SPOTBOX_HTTP_PORT', '8000') + '/health', timeout=4, context=ssl._create_unverified_context() if tls else None)"]
 
 ENTRYPOINT ["spotbox"]
 # Listening on 0.0.0.0 requires users (SPEC section 7): create /data/users first, as shown above.
