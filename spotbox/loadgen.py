@@ -20,7 +20,8 @@ PROTOCOL_LEVELS = {"3.1.1": 4, "5": 5}
 CONNACK, PUBACK, PUBREC, PUBCOMP = 0x20, 0x40, 0x50, 0x70
 
 
-def _varint(n: int) -> bytes:
+def remaining_length(n: int) -> bytes:
+    """The variable-length "remaining length" of a fixed header."""
     out = bytearray()
     while True:
         byte, n = n % 128, n // 128
@@ -29,19 +30,29 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def mqtt_string(text: str) -> bytes:
-    """A UTF-8 string field: 2-byte length, then the bytes."""
-    raw = text.encode()
+def mqtt_string(text: str | bytes) -> bytes:
+    """A string field: 2-byte length, then the UTF-8 bytes (bytes are taken as they are, valid or not)."""
+    raw = text.encode() if isinstance(text, str) else text
     return struct.pack("!H", len(raw)) + raw
 
 
-def connect_packet(client_id: str, *, clean: bool = True, version: str = "3.1.1") -> bytes:
+def connect_packet(
+    client_id: str,
+    *,
+    clean: bool = True,
+    version: str = "3.1.1",
+    username: str | None = None,
+    password: str | None = None,
+) -> bytes:
     """CONNECT, keep-alive 60 s, a clean session unless `clean` is false; MQTT 5 with no properties."""
     level = PROTOCOL_LEVELS[version]
     properties = b"\x00" if level == 5 else b""
-    flags = 0x02 if clean else 0
+    flags = (0x02 if clean else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
     body = mqtt_string("MQTT") + bytes([level, flags]) + struct.pack("!H", 60) + properties + mqtt_string(client_id)
-    return b"\x10" + _varint(len(body)) + body
+    for credential in (username, password):
+        if credential is not None:
+            body += mqtt_string(credential)
+    return b"\x10" + remaining_length(len(body)) + body
 
 
 def publish_packet(
@@ -50,11 +61,11 @@ def publish_packet(
     """PUBLISH with a 2-byte-length topic already encoded; `dup` marks a resend; MQTT 5 with no properties."""
     properties = b"\x00" if version == "5" else b""
     body = topic + (struct.pack("!H", packet_id) if qos else b"") + properties + payload
-    return bytes([0x30 | (dup << 3) | (qos << 1)]) + _varint(len(body)) + body
+    return bytes([0x30 | (dup << 3) | (qos << 1)]) + remaining_length(len(body)) + body
 
 
 async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """The next packet from the broker: its type (high nibble of the first byte) and its body."""
+    """The next packet from the broker: its first byte (type and flags) and its body."""
     first = (await reader.readexactly(1))[0]
     length, shift = 0, 0
     while True:
@@ -63,7 +74,7 @@ async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
         shift += 7
         if not byte & 0x80:
             break
-    return first & 0xF0, await reader.readexactly(length)
+    return first, await reader.readexactly(length)
 
 
 @dataclass(frozen=True)
@@ -115,7 +126,8 @@ async def _read_acks(
     """Count PUBACKs (QoS 1) or answer PUBRECs and count PUBCOMPs (QoS 2), freeing a window slot for each."""
     done = 0
     while done < messages:
-        kind, body = await read_packet(reader)
+        first, body = await read_packet(reader)
+        kind = first & 0xF0
         if kind == PUBREC:
             writer.write(b"\x62\x02" + body[:2])  # PUBREL
             continue
@@ -145,8 +157,8 @@ async def robot(
     serial = f"BENCH-{index:04d}"
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(connect_packet(f"bench-{serial}", version=load.version))
-    kind, body = await read_packet(reader)
-    if kind != CONNACK or body[1] != 0:
+    first, body = await read_packet(reader)
+    if first != CONNACK or body[1] != 0:
         raise ConnectionError(f"{serial}: CONNECT (MQTT {load.version}) refused: {body.hex()}")
     await connected.wait()
     topic = mqtt_string(f"robot/{serial}/status")

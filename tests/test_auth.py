@@ -9,11 +9,12 @@ import aiomqtt
 import orjson
 import pytest
 
+from spotbox.loadgen import connect_packet
 from spotbox.settings import Settings
 from spotbox.users import Users, make_user
 from tests.conftest import Box, BoxFactory
 from tests.helpers import mqtt_client, payload, stamp
-from tests.raw_mqtt import CONNACK_ACCEPTED, CONNACK_NOT_AUTHORIZED, connect_packet, raw_client
+from tests.raw_mqtt import CONNACK_ACCEPTED, CONNACK_NOT_AUTHORIZED, raw_client
 
 PASSWORDS = {"ROBOT-A": "pw-a", "ROBOT-B": "pw-b", "operator": "pw-op"}
 TRANSPORTS = [("tcp", None), ("websockets", "/mqtt")]
@@ -65,7 +66,7 @@ def login(name: str) -> dict[str, str]:
 async def test_bad_login_gets_connack_not_authorized(secured: Box, username: str | None, password: str | None) -> None:
     """Test that anonymous, unknown-user and wrong-password CONNECTs are answered with CONNACK 5 and closed."""
     async with raw_client(secured.mqtt_port) as client:
-        await client.send(connect_packet("raw-1", username, password))
+        await client.send(connect_packet("raw-1", username=username, password=password))
         async with asyncio.timeout(10):
             assert await client.connack() == CONNACK_NOT_AUTHORIZED
             await client.wait_closed_by_server()
@@ -74,7 +75,7 @@ async def test_bad_login_gets_connack_not_authorized(secured: Box, username: str
 async def test_right_login_gets_connack_accepted(secured: Box) -> None:
     """Test that a user with its password is accepted (the same raw client, so the refusals above are real)."""
     async with raw_client(secured.mqtt_port) as client:
-        await client.send(connect_packet("raw-2", "ROBOT-A", "pw-a"))
+        await client.send(connect_packet("raw-2", username="ROBOT-A", password=PASSWORDS["ROBOT-A"]))
         async with asyncio.timeout(10):
             assert await client.connack() == CONNACK_ACCEPTED
 
@@ -176,7 +177,7 @@ async def test_refused_client_cannot_take_over_a_session(
     ):
         await robot_a.subscribe("robot/ROBOT-A/cmd", qos=1)
         async with raw_client(secured.mqtt_port) as intruder:
-            await intruder.send(connect_packet("robot-a", *credentials))
+            await intruder.send(connect_packet("robot-a", username=credentials[0], password=credentials[1]))
             async with asyncio.timeout(10):
                 assert await intruder.connack() == CONNACK_NOT_AUTHORIZED
                 await intruder.wait_closed_by_server()

@@ -11,11 +11,12 @@ import aiomqtt
 import orjson
 import pytest
 
+from spotbox.loadgen import connect_packet, remaining_length
 from spotbox.settings import BUNDLED_SCHEMA, Settings
 from spotbox.validation import Rejection, StatusValidator
 from tests.conftest import Box, BoxFactory
 from tests.helpers import mqtt_client, payload, stamp
-from tests.raw_mqtt import CONNACK_ACCEPTED, connect_packet, publish_packet, raw_client, remaining_length
+from tests.raw_mqtt import CONNACK_ACCEPTED, publish_packet, raw_client
 
 NOW = datetime(2026, 11, 22, tzinfo=UTC)
 MAX_PAYLOAD = 1000

@@ -15,19 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
+from spotbox.loadgen import connect_packet, mqtt_string
 from spotbox.settings import BUNDLED_SCHEMA, Settings
 from spotbox.status import StatusRecord
 from spotbox.validation import Rejection, StatusValidator
 from tests.conftest import Box, BoxFactory
 from tests.helpers import VALID_STATUS, mqtt_client, payload
-from tests.raw_mqtt import (
-    CONNACK_ACCEPTED,
-    connect_packet,
-    mqtt_string,
-    publish_packet,
-    raw_client,
-    subscribe_packet,
-)
+from tests.raw_mqtt import CONNACK_ACCEPTED, publish_packet, raw_client, subscribe_packet
 from tests.test_limits import NOW
 
 CONNECT = connect_packet("bad-client")

@@ -9,9 +9,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from spotbox.loadgen import connect_packet
 from tests.conftest import require_tool
 from tests.helpers import mqtt_client, payload, stamp
-from tests.raw_mqtt import connect_packet, raw_client
+from tests.raw_mqtt import raw_client
 from tests.test_auth import PASSWORDS, login, write_users
 from tests.test_cli import failed_start, spotbox_process
 
@@ -60,7 +61,7 @@ async def test_tls_for_mqtt_websocket_and_http(tmp_path: Path, certificate: tupl
 
         # Plain MQTT on the TLS port gets no CONNACK: the bytes are not a TLS handshake.
         async with raw_client(box.mqtt_port) as plain:
-            await plain.send(connect_packet("plain", "ROBOT-A", PASSWORDS["ROBOT-A"]))
+            await plain.send(connect_packet("plain", username="ROBOT-A", password=PASSWORDS["ROBOT-A"]))
             async with asyncio.timeout(10):
                 await plain.wait_closed_by_server()
         # A client that does not trust this certificate refuses the server: it really is the one serving.
