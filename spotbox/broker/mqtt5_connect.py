@@ -17,6 +17,7 @@ from amqtt.errors import MQTTError
 from amqtt.session import Session
 
 from spotbox.broker.mqtt5_message import incoming_payload
+from spotbox.broker.mqtt5_routing import OPTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def fill_session(session: Session, connect: mqtt5.ConnectPacket, client: Mqtt5Cl
     session.password = password_text(connect)
     session.keep_alive = client.keep_alive
     session.attributes[SESSION_EXPIRY] = connect.session_expiry_interval
+    session.attributes.setdefault(OPTIONS, {})
 
 
 # Session attribute: the Session Expiry Interval of an MQTT 5 session, in seconds.

@@ -27,6 +27,14 @@ from amqtt.session import OutgoingApplicationMessage
 from spotbox.broker.handler import READ_WINDOW, Refusal, SpotboxProtocolHandler
 from spotbox.broker.mqtt5_connect import SESSION_EXPIRY, TOPIC_ALIAS_MAX, Mqtt5Client
 from spotbox.broker.mqtt5_message import incoming_payload, outgoing_publish
+from spotbox.broker.mqtt5_routing import (
+    OPTIONS,
+    SHARE_PREFIX,
+    SubscriptionOptions,
+    shared_filter,
+    subscription_options,
+    valid_shared,
+)
 
 if TYPE_CHECKING:
     from spotbox.broker.server import SpotboxBroker
@@ -38,6 +46,9 @@ Reason = mqtt5.DisconnectReasonCode
 _AMQTT_REFUSED = 0x80
 # Room for a PUBLISH's fixed header (type byte and up to 4 remaining-length bytes) over the guard's body limit.
 FIXED_HEADER_MAX = 5
+# Retain Handling of a subscription option [MQTT-3.8.3.1]: 0 sends retained messages on SUBSCRIBE, 1 only for a new
+# subscription, 2 never.
+RETAIN_IF_NEW, RETAIN_NEVER = 1, 2
 
 
 class _ClosedError(Exception):
@@ -49,14 +60,31 @@ class _ClosedError(Exception):
         self.reason = reason
 
 
+class _IdentifiedPublish(PublishPacket):
+    """amqtt's PUBLISH, with the subscription identifiers it is delivered for [MQTT-3.3.4-3]."""
+
+    __slots__ = ("subscription_ids",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.subscription_ids: list[int] = []
+
+
 class _PropertiesKeepingMessage(OutgoingApplicationMessage):
     """amqtt's outgoing message, whose PUBLISH keeps the payload object (and so its MQTT 5 properties)."""
 
-    __slots__ = ()
+    __slots__ = ("subscription_ids",)
+
+    def __init__(self, topic: str, qos: int | None, data: bytes | bytearray, retain: bool, ids: list[int]) -> None:
+        super().__init__(None, topic, qos, data, retain)
+        self.subscription_ids = ids
 
     def build_publish_packet(self, dup: bool = False) -> PublishPacket:
         """The PUBLISH amqtt's flows send (amqtt's own copies the payload into plain bytes)."""
-        return PublishPacket.build(self.topic, self.data, self.packet_id, dup, self.qos, self.retain)
+        packet = PublishPacket.build(self.topic, self.data, self.packet_id, dup, self.qos, self.retain)
+        identified = _IdentifiedPublish(packet.fixed_header, packet.variable_header, packet.payload)
+        identified.subscription_ids = self.subscription_ids
+        return identified
 
 
 def valid_filter(pattern: str) -> bool:
@@ -72,7 +100,7 @@ def suback_code(pattern: str, code: int) -> mqtt5.SubAckReasonCode:
     """The MQTT 5 SUBACK code for a filter: amqtt's refusal (0x80) becomes 0x8F (invalid) or 0x87 (denied)."""
     if code != _AMQTT_REFUSED:
         return mqtt5.SubAckReasonCode(code)
-    if valid_filter(pattern):
+    if valid_filter(pattern) and (not pattern.startswith(SHARE_PREFIX) or valid_shared(pattern)):
         return mqtt5.SubAckReasonCode.NOT_AUTHORIZED
     return mqtt5.SubAckReasonCode.TOPIC_FILTER_INVALID
 
@@ -89,6 +117,8 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
         # SUBSCRIBE packet id -> (its filters, the code decided before amqtt saw it, or None for amqtt's).
         self._subscribing: dict[int, tuple[list[str], list[int | None]]] = {}
         self._unsubscribing: dict[int, list[bool]] = {}
+        # Filters just subscribed whose Retain Handling says no retained messages [MQTT-3.3.1-9, 3.3.1-10].
+        self._no_retained: set[str] = set()
 
     async def mqtt_connack_authorize(self, authorize: bool) -> None:
         """CONNACK with what spotbox offers: amqtt calls this once the session is attached."""
@@ -103,8 +133,8 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
             receive_max=READ_WINDOW,
             topic_alias_max=TOPIC_ALIAS_MAX,
             max_packet_size=limits.max_packet + FIXED_HEADER_MAX,
-            subscription_id_available=False,
-            shared_subscription_available=False,
+            subscription_id_available=True,
+            shared_subscription_available=True,
         )
         await self._write(connack.write())
 
@@ -137,17 +167,30 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
             packet.retain_flag,
             packet.packet_id,
             packet.dup_flag,
+            getattr(packet, "subscription_ids", None),
         )
         if publish is not None:
             await self._write(publish.write())
 
     async def mqtt_publish(
-        self, topic: str, data: bytes | bytearray, qos: int | None, retain: bool, ack_timeout: int | None = None
+        self,
+        topic: str,
+        data: bytes | bytearray,
+        qos: int | None,
+        retain: bool,
+        ack_timeout: int | None = None,
+        subscription_ids: list[int] | None = None,
     ) -> OutgoingApplicationMessage:
-        """Deliver a message to this client, within its Receive Maximum, unless it expired or is too big for it."""
-        message = _PropertiesKeepingMessage(None, topic, qos, data, retain)
+        """Deliver a message to this client, within its Receive Maximum, unless it expired or is too big for it.
+
+        Routing names the subscription identifiers; amqtt's own deliveries (retained and queued messages) do not,
+        and get those of every subscription of this client that matches the topic.
+        """
+        if subscription_ids is None:
+            subscription_ids = self._matching_ids(topic)
+        message = _PropertiesKeepingMessage(topic, qos, data, retain, subscription_ids)
         # Checked before a packet id is taken (any id: its size is the same).
-        publish = outgoing_publish(topic, data, qos or 0, retain, 1 if qos else None, dup=False)
+        publish = outgoing_publish(topic, data, qos or 0, retain, 1 if qos else None, False, subscription_ids)
         if publish is None or not self._fits(publish.write()):
             # Expired, or over the client's limit: dropped as if delivered [MQTT-3.3.2-5, MQTT-3.1.2-25].
             logger.debug("message on %s not sent to %s: expired or too large", topic, self._client_id)
@@ -163,6 +206,25 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
             else:
                 await self._handle_message_flow(message)
         return message
+
+    def _matching_ids(self, topic: str) -> list[int]:
+        """The subscription identifiers of this client's subscriptions that match `topic`."""
+        assert self.session is not None
+        options = subscription_options(self.session) or {}
+        return [
+            option.subscription_id
+            for pattern, option in options.items()
+            if option.subscription_id is not None
+            and shared_filter(pattern) is None
+            and self._broker._matches(topic, pattern)
+        ]
+
+    def takes_retained(self, pattern: str) -> bool:
+        """Whether the subscription to `pattern` just made gets the retained messages (its Retain Handling)."""
+        if pattern in self._no_retained:
+            self._no_retained.discard(pattern)
+            return False
+        return True
 
     @property
     def _client_id(self) -> str | None:
@@ -293,11 +355,10 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
 
     async def _subscribe(self, packet: mqtt5.SubscribePacket) -> None:
         """Pass the filters spotbox serves to amqtt's subscription queue; SUBACK follows once amqtt has added them."""
-        if packet.subscription_id is not None:
-            raise _ClosedError(Reason.SUBSCRIPTION_IDS_NOT_SUPPORTED, "subscription identifiers are not supported")
+        assert self.session is not None
         patterns = [topic_filter.pattern for topic_filter in packet.topic_filters]
         codes: list[int | None] = [
-            int(mqtt5.SubAckReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED) if pattern.startswith("$share/") else None
+            _AMQTT_REFUSED if pattern.startswith(SHARE_PREFIX) and not valid_shared(pattern) else None
             for pattern in patterns
         ]
         served = [
@@ -305,11 +366,35 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
             for topic_filter, code in zip(packet.topic_filters, codes, strict=True)
             if code is None
         ]
+        options = self.session.attributes.setdefault(OPTIONS, {})
+        for topic_filter, code in zip(packet.topic_filters, codes, strict=True):
+            if code is None:
+                self._note_options(options, topic_filter, packet.subscription_id)
         self._subscribing[packet.packet_id] = (patterns, codes)
         if served:
             self._pending_subscriptions.put_nowait(Subscription(packet.packet_id, served))
         else:
             await self.mqtt_acknowledge_subscription(packet.packet_id, [])
+
+    def _note_options(
+        self, options: dict[str, SubscriptionOptions], topic_filter: mqtt5.TopicFilter, subscription_id: int | None
+    ) -> None:
+        """Keep a filter's options for routing, and note whether its Retain Handling wants retained messages."""
+        pattern = topic_filter.pattern
+        shared = shared_filter(pattern) is not None
+        if shared and topic_filter.no_local:
+            raise _ClosedError(Reason.PROTOCOL_ERROR, "No Local on a shared subscription")  # [MQTT-3.8.3-4]
+        handling = int(topic_filter.retain_handling)
+        existed = any(
+            session.client_id == self._client_id for session, _ in self._broker.subscriptions.get(pattern, ())
+        )
+        if handling == RETAIN_NEVER or (handling == RETAIN_IF_NEW and existed):
+            self._no_retained.add(pattern)
+        options[pattern] = SubscriptionOptions(
+            no_local=topic_filter.no_local,
+            retain_as_published=topic_filter.retain_as_published,
+            subscription_id=subscription_id,
+        )
 
     async def mqtt_acknowledge_subscription(self, packet_id: int, return_codes: list[int]) -> None:
         """SUBACK: amqtt's granted QoS per filter, its refusals told apart (0x8F invalid, 0x87 not authorized)."""
@@ -329,6 +414,10 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
             any(session.client_id == client_id for session, _ in subscriptions.get(pattern, ()))
             for pattern in packet.patterns
         ]
+        options = subscription_options(self.session) if self.session is not None else None
+        for pattern in packet.patterns:
+            if options is not None:
+                options.pop(pattern, None)
         self._pending_unsubscriptions.put_nowait(UnSubscription(packet.packet_id, packet.patterns))
 
     async def mqtt_acknowledge_unsubscription(self, packet_id: int) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import mqtt5
 from amqtt.adapters import BufferReader, ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
-from amqtt.broker import Broker, BrokerEvents
+from amqtt.broker import BrokerEvents
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, CodecError, MQTTError, NoDataError
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
@@ -34,6 +34,7 @@ from spotbox.broker.mqtt5_connect import (
     refuse,
 )
 from spotbox.broker.mqtt5_handler import Mqtt5ProtocolHandler
+from spotbox.broker.mqtt5_routing import OPTIONS, Mqtt5RoutingBroker
 from spotbox.errors import ListenError
 from spotbox.pipeline import IngestPipeline
 from spotbox.status import status_topic_serial
@@ -79,7 +80,7 @@ class _Subscriptions(dict[str, list[tuple[Session, int]]]):
         return list(super().items())
 
 
-class SpotboxBroker(Broker):
+class SpotboxBroker(Mqtt5RoutingBroker):
     """amqtt's Broker, with spotbox's protocol handler and no routing of rejected statuses."""
 
     def __init__(self, pipeline: IngestPipeline, users: Users | None = None, limits: MqttLimits | None = None) -> None:
@@ -190,6 +191,8 @@ class SpotboxBroker(Broker):
         await self._login_first(raw, writer, remote_address, remote_port)
         # amqtt builds a fresh, unattached BrokerProtocolHandler here; use spotbox's in its place.
         _, session = await super()._initialize_client_session(reader, writer, remote_address, remote_port)
+        # A session an MQTT 5 client left, resumed by a 3.1.1 one: its subscriptions are routed the 3.1.1 way.
+        session.attributes.pop(OPTIONS, None)
         return SpotboxProtocolHandler(self, loop=self._loop), session
 
     async def _login_first(self, raw: bytes, writer: WriterAdapter, address: str, port: int) -> None:
@@ -328,7 +331,7 @@ class SpotboxBroker(Broker):
         await self.plugins_manager.fire_event(
             BrokerEvents.MESSAGE_BROADCAST, client_id=session.client_id, message=message
         )
-        await self._broadcast_message(session, topic, packet.data)
+        await self._broadcast_message(session, topic, packet.data, retain=packet.retain_flag)
         if packet.retain_flag:
             await self.retain_message(session, topic, packet.data, packet.qos)
 

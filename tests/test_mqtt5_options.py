@@ -1,0 +1,104 @@
+"""MQTT 5.0 subscription options, subscription identifiers and shared subscriptions on spotbox's broker, as a bare
+codec client sees them on the wire [MQTT-3.8.3.1, 3.3.4, 4.8.2]."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mqtt5
+import pytest
+
+from tests.conftest import Box
+from tests.mqtt5_clients import Wire, wire_client
+
+Q0, Q1 = mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE
+ALWAYS, IF_NEW, NEVER = (
+    mqtt5.RetainHandling.SEND_ALWAYS,
+    mqtt5.RetainHandling.SEND_IF_SUBSCRIPTION_NOT_EXISTS,
+    mqtt5.RetainHandling.SEND_NEVER,
+)
+
+
+def plain(pattern: str, **options: Any) -> mqtt5.TopicFilter:
+    """A QoS 0 filter with every option off (the codec's default keeps Retain As Published on) unless given."""
+    return mqtt5.TopicFilter(pattern, **{"max_qos": Q0, "retain_as_published": False, **options})
+
+
+async def subscribe(wire: Wire, *filters: mqtt5.TopicFilter, packet_id: int = 1, sub_id: int | None = None) -> None:
+    """SUBSCRIBE and check that every filter was granted."""
+    await wire.send(mqtt5.SubscribePacket(packet_id, list(filters), subscription_id=sub_id))
+    suback = await wire.expect(mqtt5.SubAckPacket)
+    assert suback.packet_id == packet_id
+    assert [int(code) for code in suback.reason_codes] == [int(f.max_qos) for f in filters]
+
+
+async def publish(wire: Wire, topic: str, payload: bytes, retain: bool = False, packet_id: int = 1) -> None:
+    """PUBLISH at QoS 1 and wait for its PUBACK, so it has been routed before the next one."""
+    await wire.send(mqtt5.PublishPacket(topic, payload, qos=Q1, packet_id=packet_id, retain=retain))
+    assert (await wire.expect(mqtt5.PubAckPacket)).reason_code == mqtt5.PubAckReasonCode.SUCCESS
+
+
+async def until_marker(wire: Wire, marker: bytes = b"marker") -> list[mqtt5.PublishPacket]:
+    """The PUBLISHes received before the one carrying `marker`."""
+    received = []
+    while (packet := await wire.expect(mqtt5.PublishPacket)).payload != marker:
+        received.append(packet)
+    return received
+
+
+@pytest.fixture
+def port(box: Box) -> int:
+    """The MQTT port (routing does not depend on the database: one run per backend still proves both)."""
+    return box.mqtt_port
+
+
+async def test_no_local_keeps_a_clients_own_messages_from_it(port: int) -> None:
+    """Test that a client's own publish is not sent back on its No Local subscription, but other clients' are and
+    other subscribers get it [MQTT-3.8.3-3]."""
+    async with wire_client(port) as (robot, _), wire_client(port) as (watcher, _), wire_client(port) as (peer, _):
+        await subscribe(robot, plain("robot/N1/cmd", no_local=True))
+        await subscribe(watcher, plain("robot/N1/cmd"))
+        await publish(robot, "robot/N1/cmd", b"mine")  # its PUBACK would come after a PUBLISH sent back to it
+        await publish(peer, "robot/N1/cmd", b"theirs")
+        await publish(peer, "robot/N1/cmd", b"marker", packet_id=2)
+        assert [p.payload for p in await until_marker(robot)] == [b"theirs"]
+        assert [p.payload for p in await until_marker(watcher)] == [b"mine", b"theirs"]
+
+
+async def test_retain_as_published_keeps_the_retain_flag(port: int) -> None:
+    """Test that a forwarded retained publish keeps RETAIN on a Retain As Published subscription, and has it
+    cleared on a plain one [MQTT-3.3.1-12, 3.3.1-13]."""
+    async with wire_client(port) as (kept, _), wire_client(port) as (cleared, _), wire_client(port) as (robot, _):
+        await subscribe(kept, plain("robot/R1/cmd", retain_as_published=True))
+        await subscribe(cleared, plain("robot/R1/cmd"))
+        await publish(robot, "robot/R1/cmd", b"retained", retain=True)
+        await publish(robot, "robot/R1/cmd", b"not retained", packet_id=2)
+        assert [(p.payload, p.retain) for p in [await kept.expect(mqtt5.PublishPacket) for _ in range(2)]] == [
+            (b"retained", True),
+            (b"not retained", False),
+        ]
+        assert [(p.payload, p.retain) for p in [await cleared.expect(mqtt5.PublishPacket) for _ in range(2)]] == [
+            (b"retained", False),
+            (b"not retained", False),
+        ]
+
+
+async def test_retain_handling_decides_when_retained_messages_are_sent(port: int) -> None:
+    """Test Retain Handling: 0 sends the retained message on every SUBSCRIBE, 1 only for a new subscription, 2
+    never [MQTT-3.3.1-9, 3.3.1-10, 3.3.1-11]."""
+    topic = "robot/R2/cmd"
+    async with wire_client(port) as (robot, _):
+        await publish(robot, topic, b"retained", retain=True)
+        async with wire_client(port) as (first, _), wire_client(port) as (second, _):
+            steps = [
+                (first, NEVER, []),  # a new subscription, but never
+                (first, IF_NEW, []),  # the subscription exists already
+                (first, ALWAYS, [b"retained"]),  # exists, sent anyway
+                (second, IF_NEW, [b"retained"]),  # new for this client
+            ]
+            for packet_id, (wire, handling, expected) in enumerate(steps, start=1):
+                await subscribe(wire, plain(topic, retain_handling=handling), packet_id=packet_id)
+                # A plain publish after the SUBACK: a retained message sent on SUBSCRIBE comes before it.
+                await publish(robot, topic, b"marker", packet_id=packet_id + 1)
+                received = [(p.payload, p.retain) for p in await until_marker(wire)]
+                assert received == [(payload, True) for payload in expected], handling
