@@ -102,3 +102,42 @@ async def test_retain_handling_decides_when_retained_messages_are_sent(port: int
                 await publish(robot, topic, b"marker", packet_id=packet_id + 1)
                 received = [(p.payload, p.retain) for p in await until_marker(wire)]
                 assert received == [(payload, True) for payload in expected], handling
+
+
+async def test_subscription_identifiers_come_back_in_each_publish(port: int) -> None:
+    """Test that each PUBLISH carries the identifier of the subscription it is delivered for, a retained one on
+    SUBSCRIBE too, and none for a subscription made without one [MQTT-3.3.4-3, 3.8.2.1.2]."""
+    async with wire_client(port) as (robot, _):
+        await publish(robot, "robot/I1/state", b"retained", retain=True)
+        async with wire_client(port) as (wire, _):
+            await subscribe(wire, plain("robot/I1/#"), sub_id=7)
+            retained = await wire.expect(mqtt5.PublishPacket)
+            assert (retained.payload, retained.subscription_ids) == (b"retained", [7])
+            await subscribe(wire, plain("robot/I1/cmd"), packet_id=2, sub_id=300)
+            await subscribe(wire, plain("robot/I2/cmd"), packet_id=3)
+            await publish(robot, "robot/I1/cmd", b"both", packet_id=2)
+            copies = [await wire.expect(mqtt5.PublishPacket) for _ in range(2)]
+            assert sorted(tuple(p.subscription_ids) for p in copies) == [(7,), (300,)]
+            await publish(robot, "robot/I2/cmd", b"none", packet_id=3)
+            unnamed = await wire.expect(mqtt5.PublishPacket)
+            assert (unnamed.payload, unnamed.subscription_ids) == (b"none", [])
+
+
+async def test_shared_subscription_hands_each_message_to_one_member(port: int) -> None:
+    """Test that a shared subscription's messages are split between its members (one copy each), while a plain
+    subscriber gets them all [MQTT-4.8.2]."""
+    shared = plain("$share/workers/robot/+/job")
+    async with wire_client(port) as (first, _), wire_client(port) as (second, _), wire_client(port) as (all_, _):
+        await subscribe(first, shared, plain("robot/S1/marker"))
+        await subscribe(second, shared, plain("robot/S1/marker"))
+        await subscribe(all_, plain("robot/+/job"), plain("robot/S1/marker"))
+        async with wire_client(port) as (robot, _):
+            jobs = [f"job {n}".encode() for n in range(4)]
+            for packet_id, job in enumerate(jobs, start=1):
+                await publish(robot, "robot/S1/job", job, packet_id=packet_id)
+            await publish(robot, "robot/S1/marker", b"marker", packet_id=9)
+        got_first = [p.payload for p in await until_marker(first)]
+        got_second = [p.payload for p in await until_marker(second)]
+        assert len(got_first) == len(got_second) == 2  # round robin
+        assert sorted(got_first + got_second) == jobs
+        assert [p.payload for p in await until_marker(all_)] == jobs

@@ -16,48 +16,24 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import mqtt5
-from amqtt.errors import ProtocolHandlerError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
-from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import OutgoingApplicationMessage
 
-from spotbox.broker.handler import READ_WINDOW, Refusal, SpotboxProtocolHandler
+from spotbox.broker.handler import READ_WINDOW, Refusal
 from spotbox.broker.mqtt5_connect import SESSION_EXPIRY, TOPIC_ALIAS_MAX, Mqtt5Client
 from spotbox.broker.mqtt5_message import incoming_payload, outgoing_publish
-from spotbox.broker.mqtt5_routing import (
-    OPTIONS,
-    SHARE_PREFIX,
-    SubscriptionOptions,
-    shared_filter,
-    subscription_options,
-    valid_shared,
-)
+from spotbox.broker.mqtt5_subscriptions import ClosedError, Mqtt5Subscriptions, Reason
 
 if TYPE_CHECKING:
     from spotbox.broker.server import SpotboxBroker
 
 logger = logging.getLogger(__name__)
 
-Reason = mqtt5.DisconnectReasonCode
-# amqtt's SUBACK code for any refused filter; MQTT 5 tells an invalid filter from a denied one.
-_AMQTT_REFUSED = 0x80
 # Room for a PUBLISH's fixed header (type byte and up to 4 remaining-length bytes) over the guard's body limit.
 FIXED_HEADER_MAX = 5
-# Retain Handling of a subscription option [MQTT-3.8.3.1]: 0 sends retained messages on SUBSCRIBE, 1 only for a new
-# subscription, 2 never.
-RETAIN_IF_NEW, RETAIN_NEVER = 1, 2
-
-
-class _ClosedError(Exception):
-    """The connection must end: a DISCONNECT with this reason code is sent first."""
-
-    def __init__(self, code: Reason, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 class _IdentifiedPublish(PublishPacket):
@@ -87,25 +63,7 @@ class _PropertiesKeepingMessage(OutgoingApplicationMessage):
         return identified
 
 
-def valid_filter(pattern: str) -> bool:
-    """True when `#` is only a whole last level and `+` only whole levels [MQTT-4.7.1-1, 4.7.1-2]."""
-    levels = pattern.split("/")
-    return all(
-        ("#" not in level or (level == "#" and index == len(levels) - 1)) and ("+" not in level or level == "+")
-        for index, level in enumerate(levels)
-    )
-
-
-def suback_code(pattern: str, code: int) -> mqtt5.SubAckReasonCode:
-    """The MQTT 5 SUBACK code for a filter: amqtt's refusal (0x80) becomes 0x8F (invalid) or 0x87 (denied)."""
-    if code != _AMQTT_REFUSED:
-        return mqtt5.SubAckReasonCode(code)
-    if valid_filter(pattern) and (not pattern.startswith(SHARE_PREFIX) or valid_shared(pattern)):
-        return mqtt5.SubAckReasonCode.NOT_AUTHORIZED
-    return mqtt5.SubAckReasonCode.TOPIC_FILTER_INVALID
-
-
-class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
+class Mqtt5ProtocolHandler(Mqtt5Subscriptions):
     """spotbox's broker handler for one MQTT 5 connection."""
 
     def __init__(self, broker: SpotboxBroker, client: Mqtt5Client, **kwargs: Any) -> None:
@@ -114,11 +72,6 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
         self._topic_aliases: dict[int, str] = {}
         # The client's Receive Maximum: QoS 1/2 PUBLISHes sent to it and not yet acknowledged [MQTT-3.3.4-9].
         self._send_quota = asyncio.Semaphore(client.receive_max)
-        # SUBSCRIBE packet id -> (its filters, the code decided before amqtt saw it, or None for amqtt's).
-        self._subscribing: dict[int, tuple[list[str], list[int | None]]] = {}
-        self._unsubscribing: dict[int, list[bool]] = {}
-        # Filters just subscribed whose Retain Handling says no retained messages [MQTT-3.3.1-9, 3.3.1-10].
-        self._no_retained: set[str] = set()
 
     async def mqtt_connack_authorize(self, authorize: bool) -> None:
         """CONNACK with what spotbox offers: amqtt calls this once the session is attached."""
@@ -137,18 +90,6 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
             shared_subscription_available=True,
         )
         await self._write(connack.write())
-
-    async def _write(self, data: bytes) -> None:
-        """Send encoded packets, as amqtt's `_send_packet` does (same lock, same handling of a lost connection)."""
-        try:
-            if self.writer is not None:
-                async with self._write_lock:
-                    self.writer.write(data)
-                    await self.writer.drain()
-        except (ConnectionResetError, BrokenPipeError):
-            await self.handle_connection_closed()
-        except asyncio.CancelledError as exc:
-            raise ProtocolHandlerError("Packet handling was cancelled") from exc
 
     def _fits(self, data: bytes) -> bool:
         """True when the client's Maximum Packet Size allows `data` [MQTT-3.1.2-24]."""
@@ -207,29 +148,6 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
                 await self._handle_message_flow(message)
         return message
 
-    def _matching_ids(self, topic: str) -> list[int]:
-        """The subscription identifiers of this client's subscriptions that match `topic`."""
-        assert self.session is not None
-        options = subscription_options(self.session) or {}
-        return [
-            option.subscription_id
-            for pattern, option in options.items()
-            if option.subscription_id is not None
-            and shared_filter(pattern) is None
-            and self._broker._matches(topic, pattern)
-        ]
-
-    def takes_retained(self, pattern: str) -> bool:
-        """Whether the subscription to `pattern` just made gets the retained messages (its Retain Handling)."""
-        if pattern in self._no_retained:
-            self._no_retained.discard(pattern)
-            return False
-        return True
-
-    @property
-    def _client_id(self) -> str | None:
-        return self.session.client_id if self.session is not None else None
-
     async def _reader_loop(self) -> None:
         """Read, decode and dispatch packets until the connection ends; then clean up as amqtt's loop does."""
         assert self.session is not None
@@ -242,7 +160,7 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
                     running.popleft()
                 if not await self._read_one(running):
                     break
-        except _ClosedError as exc:
+        except ClosedError as exc:
             logger.warning("mqtt 5 client %s disconnected: %s (%s)", self._client_id, exc.code.name, exc.reason)
             await self._disconnect(exc.code, exc.reason)
         except asyncio.CancelledError:
@@ -262,13 +180,13 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
             async with asyncio.timeout(self.client.keep_alive * 1.5):
                 raw = await self.reader.next_packet()
         except TimeoutError:
-            raise _ClosedError(Reason.KEEP_ALIVE_TIMEOUT, "no packet within 1.5 times the keep alive") from None
+            raise ClosedError(Reason.KEEP_ALIVE_TIMEOUT, "no packet within 1.5 times the keep alive") from None
         if not raw:
             return None
         try:
             packet, _ = mqtt5.read(memoryview(raw))
         except (ValueError, IndexError) as exc:
-            raise _ClosedError(Reason.MALFORMED_PACKET, str(exc)) from exc
+            raise ClosedError(Reason.MALFORMED_PACKET, str(exc)) from exc
         return packet
 
     async def _read_one(self, running: deque[asyncio.Task[None]]) -> bool:
@@ -303,7 +221,7 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
         else:
             # A second CONNECT [MQTT-3.1.0-2], AUTH without an authentication method [MQTT-4.12.0-1], or a packet only
             # a server sends.
-            raise _ClosedError(Reason.PROTOCOL_ERROR, f"unexpected {type(packet).__name__}")
+            raise ClosedError(Reason.PROTOCOL_ERROR, f"unexpected {type(packet).__name__}")
         return True
 
     @staticmethod
@@ -320,15 +238,15 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
         topic, alias = packet.topic, packet.topic_alias
         if alias is not None:
             if not 0 < alias <= TOPIC_ALIAS_MAX:
-                raise _ClosedError(Reason.TOPIC_ALIAS_INVALID, f"topic alias {alias} is over {TOPIC_ALIAS_MAX}")
+                raise ClosedError(Reason.TOPIC_ALIAS_INVALID, f"topic alias {alias} is over {TOPIC_ALIAS_MAX}")
             if topic:
                 self._topic_aliases[alias] = topic
             elif (known := self._topic_aliases.get(alias)) is not None:
                 topic = known
             else:
-                raise _ClosedError(Reason.PROTOCOL_ERROR, f"topic alias {alias} was never set")
+                raise ClosedError(Reason.PROTOCOL_ERROR, f"topic alias {alias} was never set")
         elif not topic:
-            raise _ClosedError(Reason.PROTOCOL_ERROR, "a PUBLISH without a topic name or topic alias")
+            raise ClosedError(Reason.PROTOCOL_ERROR, "a PUBLISH without a topic name or topic alias")
         payload = incoming_payload(packet)
         return PublishPacket.build(topic, payload, packet.packet_id, packet.duplicate, int(packet.qos), packet.retain)
 
@@ -353,89 +271,13 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
                 await self._write(ack)
                 return
 
-    async def _subscribe(self, packet: mqtt5.SubscribePacket) -> None:
-        """Pass the filters spotbox serves to amqtt's subscription queue; SUBACK follows once amqtt has added them."""
-        assert self.session is not None
-        patterns = [topic_filter.pattern for topic_filter in packet.topic_filters]
-        codes: list[int | None] = [
-            _AMQTT_REFUSED if pattern.startswith(SHARE_PREFIX) and not valid_shared(pattern) else None
-            for pattern in patterns
-        ]
-        served = [
-            (topic_filter.pattern, int(topic_filter.max_qos))
-            for topic_filter, code in zip(packet.topic_filters, codes, strict=True)
-            if code is None
-        ]
-        options = self.session.attributes.setdefault(OPTIONS, {})
-        for topic_filter, code in zip(packet.topic_filters, codes, strict=True):
-            if code is None:
-                self._note_options(options, topic_filter, packet.subscription_id)
-        self._subscribing[packet.packet_id] = (patterns, codes)
-        if served:
-            self._pending_subscriptions.put_nowait(Subscription(packet.packet_id, served))
-        else:
-            await self.mqtt_acknowledge_subscription(packet.packet_id, [])
-
-    def _note_options(
-        self, options: dict[str, SubscriptionOptions], topic_filter: mqtt5.TopicFilter, subscription_id: int | None
-    ) -> None:
-        """Keep a filter's options for routing, and note whether its Retain Handling wants retained messages."""
-        pattern = topic_filter.pattern
-        shared = shared_filter(pattern) is not None
-        if shared and topic_filter.no_local:
-            raise _ClosedError(Reason.PROTOCOL_ERROR, "No Local on a shared subscription")  # [MQTT-3.8.3-4]
-        handling = int(topic_filter.retain_handling)
-        existed = any(
-            session.client_id == self._client_id for session, _ in self._broker.subscriptions.get(pattern, ())
-        )
-        if handling == RETAIN_NEVER or (handling == RETAIN_IF_NEW and existed):
-            self._no_retained.add(pattern)
-        options[pattern] = SubscriptionOptions(
-            no_local=topic_filter.no_local,
-            retain_as_published=topic_filter.retain_as_published,
-            subscription_id=subscription_id,
-        )
-
-    async def mqtt_acknowledge_subscription(self, packet_id: int, return_codes: list[int]) -> None:
-        """SUBACK: amqtt's granted QoS per filter, its refusals told apart (0x8F invalid, 0x87 not authorized)."""
-        patterns, codes = self._subscribing.pop(packet_id, ([], []))
-        granted = iter(return_codes)
-        reason_codes = [
-            suback_code(pattern, next(granted) if code is None else code)
-            for pattern, code in zip(patterns, codes, strict=True)
-        ]
-        await self._write(mqtt5.SubAckPacket(packet_id, reason_codes).write())
-
-    def _unsubscribe(self, packet: mqtt5.UnsubscribePacket) -> None:
-        """Note which filters this client had (UNSUBACK says so per filter), then queue it for amqtt."""
-        subscriptions = self._broker.subscriptions
-        client_id = self._client_id
-        self._unsubscribing[packet.packet_id] = [
-            any(session.client_id == client_id for session, _ in subscriptions.get(pattern, ()))
-            for pattern in packet.patterns
-        ]
-        options = subscription_options(self.session) if self.session is not None else None
-        for pattern in packet.patterns:
-            if options is not None:
-                options.pop(pattern, None)
-        self._pending_unsubscriptions.put_nowait(UnSubscription(packet.packet_id, packet.patterns))
-
-    async def mqtt_acknowledge_unsubscription(self, packet_id: int) -> None:
-        """UNSUBACK with a reason code per filter: success, or no subscription existed."""
-        existed = self._unsubscribing.pop(packet_id, [])
-        codes = [
-            mqtt5.UnsubAckReasonCode.SUCCESS if had else mqtt5.UnsubAckReasonCode.NO_SUBSCRIPTION_EXISTED
-            for had in existed
-        ]
-        await self._write(mqtt5.UnsubAckPacket(packet_id, codes).write())
-
     async def _client_disconnected(self, packet: mqtt5.DisconnectPacket) -> None:
         """A DISCONNECT from the client: its will is published only for reason code 0x04 [MQTT-3.14.4-3]."""
         assert self.session is not None
         expiry = packet.session_expiry_interval
         if expiry is not None:
             if self.session.attributes.get(SESSION_EXPIRY) == 0 and expiry != 0:
-                raise _ClosedError(Reason.PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 on CONNECT")
+                raise ClosedError(Reason.PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 on CONNECT")
             self.session.attributes[SESSION_EXPIRY] = expiry
             self.session.clean_session = expiry == 0
         if packet.reason_code == Reason.DISCONNECT_WITH_WILL_MESSAGE:
