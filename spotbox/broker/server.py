@@ -34,7 +34,8 @@ from spotbox.broker.mqtt5_connect import (
     refuse,
 )
 from spotbox.broker.mqtt5_handler import Mqtt5ProtocolHandler
-from spotbox.broker.mqtt5_routing import OPTIONS, Mqtt5RoutingBroker
+from spotbox.broker.mqtt5_routing import OPTIONS
+from spotbox.broker.mqtt5_sessions import Mqtt5SessionBroker
 from spotbox.errors import ListenError
 from spotbox.pipeline import IngestPipeline
 from spotbox.status import status_topic_serial
@@ -80,7 +81,7 @@ class _Subscriptions(dict[str, list[tuple[Session, int]]]):
         return list(super().items())
 
 
-class SpotboxBroker(Mqtt5RoutingBroker):
+class SpotboxBroker(Mqtt5SessionBroker):
     """amqtt's Broker, with spotbox's protocol handler and no routing of rejected statuses."""
 
     def __init__(self, pipeline: IngestPipeline, users: Users | None = None, limits: MqttLimits | None = None) -> None:
@@ -284,6 +285,7 @@ class SpotboxBroker(Mqtt5RoutingBroker):
             raise await refuse(writer, code, f"login of {client_id!r} refused")
         client = client_of(connect, assigned)
         existing = self._sessions.get(client_id, (None, None))[0]
+        await self.reconnected(client_id, clean_start=connect.clean_start or existing is None)
         if connect.clean_start or existing is None:
             await self._delete_session(client_id)
             session = Session()
