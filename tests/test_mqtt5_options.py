@@ -3,13 +3,15 @@ codec client sees them on the wire [MQTT-3.8.3.1, 3.3.4, 4.8.2]."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mqtt5
 import pytest
 
-from tests.conftest import Box
+from tests.conftest import Box, BoxFactory
 from tests.mqtt5_clients import Wire, wire_client
+from tests.test_auth import PASSWORDS, secured_settings
 
 Q0, Q1 = mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE
 ALWAYS, IF_NEW, NEVER = (
@@ -141,3 +143,20 @@ async def test_shared_subscription_hands_each_message_to_one_member(port: int) -
         assert len(got_first) == len(got_second) == 2  # round robin
         assert sorted(got_first + got_second) == jobs
         assert [p.payload for p in await until_marker(all_)] == jobs
+
+
+async def test_shared_subscription_is_granted_as_the_filter_it_shares(make_box: BoxFactory, tmp_path: Path) -> None:
+    """Test that with a users file a shared subscription gets SUBACK as its filter would: granted within the user's
+    subscribe grants, 0x87 outside them."""
+    box = await make_box(secured_settings(tmp_path))
+    login = {"username": "ROBOT-A", "password": PASSWORDS["ROBOT-A"].encode()}
+    async with wire_client(box.mqtt_port, **login) as (wire, connack):
+        assert connack.reason_code == mqtt5.ConnAckReasonCode.SUCCESS
+        await wire.send(
+            mqtt5.SubscribePacket(1, [plain("$share/g/robot/ROBOT-A/cmd"), plain("$share/g/robot/ROBOT-B/cmd")])
+        )
+        suback = await wire.expect(mqtt5.SubAckPacket)
+        assert suback.reason_codes == [
+            mqtt5.SubAckReasonCode.GRANTED_QOS_AT_MOST_ONCE,
+            mqtt5.SubAckReasonCode.NOT_AUTHORIZED,
+        ]
