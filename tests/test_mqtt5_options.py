@@ -1,5 +1,5 @@
 """MQTT 5.0 subscription options, subscription identifiers and shared subscriptions on spotbox's broker, as a bare
-codec client sees them on the wire [MQTT-3.8.3.1, 3.3.4, 4.8.2]."""
+codec client sees them on the wire (MQTT 5.0 sections 3.8.3.1, 3.3.4, 4.8.2)."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ async def test_subscription_identifiers_come_back_in_each_publish(port: int) -> 
 
 async def test_shared_subscription_hands_each_message_to_one_member(port: int) -> None:
     """Test that a shared subscription's messages are split between its members (one copy each), while a plain
-    subscriber gets them all [MQTT-4.8.2]."""
+    subscriber gets them all (MQTT 5.0 section 4.8.2)."""
     shared = plain("$share/workers/robot/+/job")
     async with wire_client(port) as (first, _), wire_client(port) as (second, _), wire_client(port) as (all_, _):
         await subscribe(first, shared, plain("robot/S1/marker"))
@@ -160,3 +160,12 @@ async def test_shared_subscription_is_granted_as_the_filter_it_shares(make_box: 
             mqtt5.SubAckReasonCode.GRANTED_QOS_AT_MOST_ONCE,
             mqtt5.SubAckReasonCode.NOT_AUTHORIZED,
         ]
+
+
+async def test_no_local_on_a_shared_subscription_is_a_protocol_error(port: int) -> None:
+    """Test that No Local on a shared subscription ends the connection with DISCONNECT 0x82 [MQTT-3.8.3-4]."""
+    async with wire_client(port) as (wire, _):
+        await wire.send(mqtt5.SubscribePacket(1, [plain("$share/g/robot/+/cmd", no_local=True)]))
+        disconnect = await wire.expect(mqtt5.DisconnectPacket)
+        assert disconnect.reason_code == mqtt5.DisconnectReasonCode.PROTOCOL_ERROR
+        assert await wire.closed()

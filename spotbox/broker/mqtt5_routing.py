@@ -6,7 +6,7 @@ client), Retain As Published (the RETAIN flag kept), Retain Handling (whether re
 SUBSCRIBE) and a Subscription Identifier (told back in each PUBLISH). They live on the session (its attributes,
 so a resumed session keeps them) as `SubscriptionOptions` per filter; a session without them is MQTT 3.1.1 and is
 routed exactly as amqtt routes it. A shared subscription `$share/{group}/{filter}` is kept in amqtt's map under
-its full name, and each message goes to one of its subscribers in turn [MQTT-4.8.2].
+its full name, and each message goes to one of its subscribers in turn (MQTT 5.0 section 4.8.2).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class Mqtt5RoutingBroker(Broker):
             shared = shared_filter(key)
             if not self._matches(topic, key if shared is None else shared[1]):
                 continue
-            # A shared subscription delivers each message to one of its subscribers [MQTT-4.8.2].
+            # A shared subscription delivers each message to one of its subscribers (MQTT 5.0 section 4.8.2).
             targets = [self._next_of_group(key, subscribers)] if shared is not None and subscribers else subscribers
             for target, sub_qos in targets:
                 await self._deliver(broadcast, key, target, broadcast.get("qos", sub_qos), running_tasks)
