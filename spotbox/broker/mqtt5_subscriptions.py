@@ -162,6 +162,11 @@ class Mqtt5Subscriptions(SpotboxProtocolHandler):
             suback_code(pattern, next(granted) if code is None else code)
             for pattern, code in zip(patterns, codes, strict=True)
         ]
+        # A refused filter has no subscription, so no options either (its identifier must not show up).
+        options = subscription_options(self.session) if self.session is not None else None
+        for pattern, reason_code in zip(patterns, reason_codes, strict=True):
+            if options is not None and int(reason_code) >= _AMQTT_REFUSED:
+                options.pop(pattern, None)
         await self._write(mqtt5.SubAckPacket(packet_id, reason_codes).write())
 
     def _unsubscribe(self, packet: mqtt5.UnsubscribePacket) -> None:
