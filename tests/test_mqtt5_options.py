@@ -85,6 +85,24 @@ async def test_retain_as_published_keeps_the_retain_flag(port: int) -> None:
         ]
 
 
+@pytest.mark.parametrize("delay", [0, 1])
+async def test_retain_as_published_applies_to_a_retained_will(port: int, delay: int) -> None:
+    """Test that a retained will, at once or after its delay, keeps RETAIN on a Retain As Published subscription."""
+    will = mqtt5.Will("robot/R3/lwt", payload=b"gone", retain=True, will_delay_interval=delay)
+    async with wire_client(port) as (kept, _), wire_client(port) as (cleared, _):
+        await subscribe(kept, plain("robot/R3/lwt", retain_as_published=True))
+        await subscribe(cleared, plain("robot/R3/lwt"))
+        async with wire_client(port, will=will, clean_start=False, session_expiry_interval=60):
+            pass  # the connection is lost
+        assert (
+            (await kept.expect(mqtt5.PublishPacket)).retain,
+            (await cleared.expect(mqtt5.PublishPacket)).retain,
+        ) == (
+            True,
+            False,
+        )
+
+
 async def test_retain_handling_decides_when_retained_messages_are_sent(port: int) -> None:
     """Test Retain Handling: 0 sends the retained message on every SUBSCRIBE, 1 only for a new subscription, 2
     never [MQTT-3.3.1-9, 3.3.1-10, 3.3.1-11]."""

@@ -19,7 +19,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
 from spotbox.broker.mqtt5_connect import NEVER_EXPIRES, SESSION_EXPIRY, WILL_DELAY
-from spotbox.broker.mqtt5_routing import Mqtt5RoutingBroker
+from spotbox.broker.mqtt5_routing import PUBLISH_RETAIN, Mqtt5RoutingBroker
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,17 @@ class Mqtt5SessionBroker(Mqtt5RoutingBroker):
     async def _handle_disconnect(
         self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]
     ) -> None:
+        # A will amqtt publishes now is routed with its RETAIN flag, for Retain As Published subscriptions.
+        token = PUBLISH_RETAIN.set(bool(client_session.will_retain))
+        try:
+            await self._end_connection(client_session, handler, disconnect_waiter)
+        finally:
+            PUBLISH_RETAIN.reset(token)
+
+    async def _end_connection(
+        self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]
+    ) -> None:
+        """amqtt's end of a connection; for MQTT 5, the will delayed and the session's ending started."""
         expiry: int | None = client_session.attributes.get(SESSION_EXPIRY)
         if expiry is None:  # an MQTT 3.1.1 session: amqtt's way
             await super()._handle_disconnect(client_session, handler, disconnect_waiter)
