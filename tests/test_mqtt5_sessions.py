@@ -7,10 +7,14 @@ shows whether the first will came (or the session had expired) by then.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import mqtt5
 import pytest
 
 from tests.conftest import Box
+from tests.helpers import mqtt_client
 from tests.mqtt5_clients import Wire, wire_client
 from tests.test_mqtt5_options import plain, publish, subscribe
 
@@ -48,17 +52,38 @@ async def test_will_waits_for_its_delay(port: int) -> None:
         assert [await next_payload(watcher) for _ in range(2)] == [b"marker", b"robot/W1/lwt"]
 
 
-@pytest.mark.parametrize(("clean_start", "first_will"), [(False, b"robot/W2/b"), (True, b"robot/W2/a")])
-async def test_reconnecting_before_the_delay_cancels_the_will(port: int, clean_start: bool, first_will: bytes) -> None:
-    """Test that a client back (same client id) before its will delay has no will published, unless it starts
-    clean, which ends the old session and publishes its will at once."""
+@asynccontextmanager
+async def come_back(port: int, version: str, clean_start: bool) -> AsyncIterator[None]:
+    """Connect again as "comes-back", with MQTT 5 or 3.1.1, resuming its session unless `clean_start`."""
+    if version == "5":
+        async with wire_client(port, client_id="comes-back", **{**PERSISTENT, "clean_start": clean_start}) as (_, ack):
+            assert ack.session_present is not clean_start
+            yield
+    else:
+        async with mqtt_client(port, "3.1.1", identifier="comes-back", clean_session=clean_start):
+            yield
+
+
+@pytest.mark.parametrize(
+    ("version", "clean_start", "first_will"),
+    [
+        ("5", False, b"robot/W2/b"),
+        ("5", True, b"robot/W2/a"),
+        ("3.1.1", False, b"robot/W2/b"),
+        ("3.1.1", True, b"robot/W2/a"),
+    ],
+)
+async def test_reconnecting_before_the_delay_cancels_the_will(
+    port: int, version: str, clean_start: bool, first_will: bytes
+) -> None:
+    """Test that a client back (same client id, either version) before its will delay has no will published,
+    unless it starts clean, which ends the old session and publishes its will at once."""
     async with wire_client(port) as (watcher, _), wire_client(port) as (other, _):
         await subscribe(watcher, plain("robot/W2/+"))
         await drop(port, "comes-back", 2, "robot/W2/a")
         await publish(other, "robot/W2/marker", b"marker")  # the broker has seen the connection end by now
         assert await next_payload(watcher) == b"marker"
-        async with wire_client(port, client_id="comes-back", **{**PERSISTENT, "clean_start": clean_start}) as (_, ack):
-            assert ack.session_present is not clean_start
+        async with come_back(port, version, clean_start):
             # A will due a second later than a's would have been: it comes first only if a's is never published.
             await drop(port, "stays-away", 3, "robot/W2/b")
             assert await next_payload(watcher) == first_will

@@ -39,6 +39,7 @@ class _Ending:
     """The task ending a disconnected MQTT 5 session, and its will while not yet published."""
 
     task: asyncio.Task[None]
+    session: Session
     will: Will | None
 
 
@@ -89,7 +90,7 @@ class Mqtt5SessionBroker(Mqtt5RoutingBroker):
         task = asyncio.create_task(
             self._end(client_session, will, delay, expiry), name=f"spotbox-session-end-{client_id}"
         )
-        self._endings[client_id] = _Ending(task, will)
+        self._endings[client_id] = _Ending(task, client_session, will)
 
     async def _end(self, session: Session, will: Will | None, delay: int, expiry: int) -> None:
         """Publish the will after its delay, then discard the session once it has expired."""
@@ -124,9 +125,8 @@ class Mqtt5SessionBroker(Mqtt5RoutingBroker):
             return
         ending.task.cancel()
         await asyncio.gather(ending.task, return_exceptions=True)
-        session = self._sessions.get(client_id, (None, None))[0]
-        if clean_start and ending.will is not None and session is not None:
-            await self._publish_will(session, ending.will)
+        if clean_start and ending.will is not None:
+            await self._publish_will(ending.session, ending.will)
 
     async def shutdown(self) -> None:
         """Stop the session endings (wills not yet published are dropped with their sessions), then amqtt's."""

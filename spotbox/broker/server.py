@@ -26,6 +26,8 @@ from spotbox.broker.auth import may_publish
 from spotbox.broker.handler import REJECTED_TOPIC, RejectedMessage, SpotboxProtocolHandler, rejection_report
 from spotbox.broker.limits import MqttLimits, PacketGuard
 from spotbox.broker.mqtt5_connect import (
+    SESSION_EXPIRY,
+    WILL_DELAY,
     client_of,
     decode_connect,
     fill_session,
@@ -192,8 +194,11 @@ class SpotboxBroker(Mqtt5SessionBroker):
         await self._login_first(raw, writer, remote_address, remote_port)
         # amqtt builds a fresh, unattached BrokerProtocolHandler here; use spotbox's in its place.
         _, session = await super()._initialize_client_session(reader, writer, remote_address, remote_port)
-        # A session an MQTT 5 client left, resumed by a 3.1.1 one: its subscriptions are routed the 3.1.1 way.
-        session.attributes.pop(OPTIONS, None)
+        if session.client_id:
+            await self.reconnected(session.client_id, clean_start=bool(session.clean_session))
+        # A session an MQTT 5 client left, resumed by a 3.1.1 one: it is routed and ended the 3.1.1 way.
+        for attribute in (OPTIONS, SESSION_EXPIRY, WILL_DELAY):
+            session.attributes.pop(attribute, None)
         return SpotboxProtocolHandler(self, loop=self._loop), session
 
     async def _login_first(self, raw: bytes, writer: WriterAdapter, address: str, port: int) -> None:
