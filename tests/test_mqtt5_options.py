@@ -55,8 +55,7 @@ def port(box: Box) -> int:
 
 
 async def test_no_local_keeps_a_clients_own_messages_from_it(port: int) -> None:
-    """Test that a client's own publish is not sent back on its No Local subscription, but other clients' are and
-    other subscribers get it [MQTT-3.8.3-3]."""
+    """Test that No Local keeps a client's own publish from it, not other clients' or other subscribers'."""
     async with wire_client(port) as (robot, _), wire_client(port) as (watcher, _), wire_client(port) as (peer, _):
         await subscribe(robot, plain("robot/N1/cmd", no_local=True))
         await subscribe(watcher, plain("robot/N1/cmd"))
@@ -68,8 +67,7 @@ async def test_no_local_keeps_a_clients_own_messages_from_it(port: int) -> None:
 
 
 async def test_retain_as_published_keeps_the_retain_flag(port: int) -> None:
-    """Test that a forwarded retained publish keeps RETAIN on a Retain As Published subscription, and has it
-    cleared on a plain one [MQTT-3.3.1-12, 3.3.1-13]."""
+    """Test that a forwarded retained publish keeps RETAIN only on a Retain As Published subscription."""
     async with wire_client(port) as (kept, _), wire_client(port) as (cleared, _), wire_client(port) as (robot, _):
         await subscribe(kept, plain("robot/R1/cmd", retain_as_published=True))
         await subscribe(cleared, plain("robot/R1/cmd"))
@@ -104,8 +102,7 @@ async def test_retain_as_published_applies_to_a_retained_will(port: int, delay: 
 
 
 async def test_retain_handling_decides_when_retained_messages_are_sent(port: int) -> None:
-    """Test Retain Handling: 0 sends the retained message on every SUBSCRIBE, 1 only for a new subscription, 2
-    never [MQTT-3.3.1-9, 3.3.1-10, 3.3.1-11]."""
+    """Test Retain Handling: 0 sends retained messages on every SUBSCRIBE, 1 for a new subscription, 2 never."""
     topic = "robot/R2/cmd"
     async with wire_client(port) as (robot, _):
         await publish(robot, topic, b"retained", retain=True)
@@ -125,8 +122,7 @@ async def test_retain_handling_decides_when_retained_messages_are_sent(port: int
 
 
 async def test_subscription_identifiers_come_back_in_each_publish(port: int) -> None:
-    """Test that each PUBLISH carries the identifier of the subscription it is delivered for, a retained one on
-    SUBSCRIBE too, and none for a subscription made without one [MQTT-3.3.4-3, 3.8.2.1.2]."""
+    """Test that each PUBLISH (retained ones too) carries its subscription's identifier, and none without one."""
     async with wire_client(port) as (robot, _):
         await publish(robot, "robot/I1/state", b"retained", retain=True)
         async with wire_client(port) as (wire, _):
@@ -144,8 +140,7 @@ async def test_subscription_identifiers_come_back_in_each_publish(port: int) -> 
 
 
 async def test_shared_subscription_hands_each_message_to_one_member(port: int) -> None:
-    """Test that a shared subscription's messages are split between its members (one copy each), while a plain
-    subscriber gets them all (MQTT 5.0 section 4.8.2)."""
+    """Test that a shared subscription hands each message to one member in turn; a plain subscriber gets all."""
     shared = plain("$share/workers/robot/+/job")
     async with wire_client(port) as (first, _), wire_client(port) as (second, _), wire_client(port) as (all_, _):
         await subscribe(first, shared, plain("robot/S1/marker"))
@@ -164,8 +159,7 @@ async def test_shared_subscription_hands_each_message_to_one_member(port: int) -
 
 
 async def test_shared_subscription_is_granted_as_the_filter_it_shares(make_box: BoxFactory, tmp_path: Path) -> None:
-    """Test that with a users file a shared subscription gets SUBACK as its filter would: granted within the user's
-    subscribe grants, 0x87 outside them."""
+    """Test that a shared subscription is granted (SUBACK) as the filter it shares would be, under a users file."""
     box = await make_box(secured_settings(tmp_path))
     login = {"username": "ROBOT-A", "password": PASSWORDS["ROBOT-A"].encode()}
     async with wire_client(box.mqtt_port, **login) as (wire, connack):

@@ -76,8 +76,7 @@ async def come_back(port: int, version: str, clean_start: bool) -> AsyncIterator
 async def test_reconnecting_before_the_delay_cancels_the_will(
     port: int, version: str, clean_start: bool, first_will: bytes
 ) -> None:
-    """Test that a client back (same client id, either version) before its will delay has no will published,
-    unless it starts clean, which ends the old session and publishes its will at once."""
+    """Test that coming back before the will delay cancels the will, and a clean start publishes it at once."""
     async with wire_client(port) as (watcher, _), wire_client(port) as (other, _):
         await subscribe(watcher, plain("robot/W2/+"))
         await drop(port, "comes-back", 2, "robot/W2/a")
@@ -96,8 +95,7 @@ async def test_reconnecting_before_the_delay_cancels_the_will(
 async def test_session_is_discarded_after_its_expiry(
     port: int, on_connect: int, on_disconnect: int | None, kept: bool
 ) -> None:
-    """Test that a disconnected session is gone after its Session Expiry Interval (from CONNECT, or as DISCONNECT
-    changed it) and kept while the interval lasts."""
+    """Test that a disconnected session expires after its interval (from CONNECT or DISCONNECT), not before."""
     session = {"client_id": "expiring", "session_expiry_interval": on_connect}
     async with wire_client(port, **session) as (wire, _):
         await subscribe(wire, plain("robot/E1/cmd"))
