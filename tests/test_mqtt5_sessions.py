@@ -89,20 +89,22 @@ async def test_reconnecting_before_the_delay_cancels_the_will(
 
 
 @pytest.mark.parametrize(
-    ("on_connect", "on_disconnect", "kept"),
-    [(1, None, False), (60, 1, False), (60, 0, False), (1, 60, True)],
+    ("on_connect", "on_disconnect", "will_delay", "kept"),
+    [(1, None, None, False), (60, 1, None, False), (60, 0, None, False), (1, 60, None, True), (3, None, 2, True)],
 )
 async def test_session_is_discarded_after_its_expiry(
-    port: int, on_connect: int, on_disconnect: int | None, kept: bool
+    port: int, on_connect: int, on_disconnect: int | None, will_delay: int | None, kept: bool
 ) -> None:
     """Test that a disconnected session expires after its interval (from CONNECT or DISCONNECT), not before."""
     session = {"client_id": "expiring", "session_expiry_interval": on_connect}
-    async with wire_client(port, **session) as (wire, _):
+    # A will dropped by a normal DISCONNECT: its delay must not shorten the session's life.
+    dropped_will = will("robot/E1/unused", will_delay) if will_delay is not None else None
+    async with wire_client(port, **session, will=dropped_will) as (wire, _):
         await subscribe(wire, plain("robot/E1/cmd"))
         await wire.send(mqtt5.DisconnectPacket(session_expiry_interval=on_disconnect))
     async with wire_client(port) as (watcher, _):
         await subscribe(watcher, plain("robot/E1/lwt"))
-        # This will goes 2 s after its connection is lost: later than a 1 s expiry, well before a 60 s one.
+        # This will goes 2 s after its connection is lost: later than a 1 s expiry, before a 3 s or 60 s one.
         await drop(port, "clock", 2, "robot/E1/lwt")
         assert await next_payload(watcher) == b"robot/E1/lwt"
     async with wire_client(port, **{**session, "clean_start": False}) as (_, connack):

@@ -96,14 +96,16 @@ class Mqtt5SessionBroker(Mqtt5RoutingBroker):
         """Publish the will after its delay, then discard the session once it has expired."""
         client_id = session.client_id
         assert client_id is not None
+        waited = 0
         try:
             if will is not None:
                 await asyncio.sleep(delay)
+                waited = delay
                 self._endings[client_id].will = None
                 await self._publish_will(session, will)
             if expiry >= NEVER_EXPIRES:
                 return
-            await asyncio.sleep(expiry - delay)
+            await asyncio.sleep(expiry - waited)
             if self._sessions.get(client_id, (None, None))[0] is session and session.transitions.is_disconnected():
                 logger.info("mqtt session of %s expired after %d s", client_id, expiry)
                 await self._cleanup_session(client_id)
