@@ -47,8 +47,8 @@ async def test_connack_carries_what_spotbox_offers(box: Box) -> None:
         assert connack.topic_alias_max == TOPIC_ALIAS_MAX
         assert connack.max_packet_size == box.broker.limits.max_packet + 5
         assert connack.retain_available
-        assert not connack.shared_subscription_available
-        assert not connack.subscription_id_available
+        assert connack.shared_subscription_available
+        assert connack.subscription_id_available
     async with wire_client(box.mqtt_port, client_id="kept-id", keep_alive=30) as (_, connack):
         assert connack.assigned_client_id is None
         assert connack.server_keep_alive == 30

@@ -94,10 +94,10 @@ async def test_qos2_both_ways(port: int) -> None:
 
 
 async def test_suback_and_unsuback_reason_codes(port: int) -> None:
-    """Test SUBACK codes (granted QoS, 0x9E shared subscription), UNSUBACK codes and PINGRESP."""
+    """Test SUBACK codes (granted QoS; 0x8F for a shared subscription without a group), UNSUBACK codes, PINGRESP."""
     async with wire_client(port) as (wire, _):
-        codes = await subscribe(wire, "robot/+/status", "$share/group/robot/+/status", qos=Q1)
-        assert codes == [1, 0x9E]
+        codes = await subscribe(wire, "robot/+/status", "$share/group/robot/+/status", "$share//robot/#", qos=Q1)
+        assert codes == [1, 1, 0x8F]
         await wire.send(mqtt5.UnsubscribePacket(2, ["robot/+/status", "never/subscribed"]))
         unsuback = await wire.expect(mqtt5.UnsubAckPacket)
         assert unsuback.packet_id == 2

@@ -16,6 +16,7 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
+from spotbox.broker.mqtt5_routing import shared_filter
 from spotbox.settings import is_loopback
 from spotbox.users import Users
 
@@ -85,7 +86,9 @@ class TopicGrants(BaseTopicPlugin):
             return True
         name = session.username if session is not None else None
         user = users.by_name.get(name) if name else None
-        allowed = user is not None and user.may_subscribe(topic)
+        # A shared subscription is granted as the filter it shares.
+        shared = shared_filter(topic)
+        allowed = user is not None and user.may_subscribe(topic if shared is None else shared[1])
         if not allowed:
             logger.warning("mqtt subscribe denied: user %r may not subscribe to %r", name, topic)
         return allowed

@@ -17,6 +17,7 @@ from amqtt.errors import MQTTError
 from amqtt.session import Session
 
 from spotbox.broker.mqtt5_message import incoming_payload
+from spotbox.broker.mqtt5_routing import OPTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,11 @@ def fill_session(session: Session, connect: mqtt5.ConnectPacket, client: Mqtt5Cl
     session.password = password_text(connect)
     session.keep_alive = client.keep_alive
     session.attributes[SESSION_EXPIRY] = connect.session_expiry_interval
+    session.attributes[WILL_DELAY] = will.will_delay_interval if will is not None else 0
+    session.attributes.setdefault(OPTIONS, {})
 
 
 # Session attribute: the Session Expiry Interval of an MQTT 5 session, in seconds.
 SESSION_EXPIRY = "spotbox.session_expiry"
+# Session attribute: the Will Delay Interval of an MQTT 5 session's will, in seconds.
+WILL_DELAY = "spotbox.will_delay"

@@ -16,68 +16,54 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import mqtt5
-from amqtt.errors import ProtocolHandlerError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
-from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import OutgoingApplicationMessage
 
-from spotbox.broker.handler import READ_WINDOW, Refusal, SpotboxProtocolHandler
+from spotbox.broker.handler import READ_WINDOW, Refusal
 from spotbox.broker.mqtt5_connect import SESSION_EXPIRY, TOPIC_ALIAS_MAX, Mqtt5Client
 from spotbox.broker.mqtt5_message import incoming_payload, outgoing_publish
+from spotbox.broker.mqtt5_subscriptions import ClosedError, Mqtt5Subscriptions, Reason
 
 if TYPE_CHECKING:
     from spotbox.broker.server import SpotboxBroker
 
 logger = logging.getLogger(__name__)
 
-Reason = mqtt5.DisconnectReasonCode
-# amqtt's SUBACK code for any refused filter; MQTT 5 tells an invalid filter from a denied one.
-_AMQTT_REFUSED = 0x80
 # Room for a PUBLISH's fixed header (type byte and up to 4 remaining-length bytes) over the guard's body limit.
 FIXED_HEADER_MAX = 5
 
 
-class _ClosedError(Exception):
-    """The connection must end: a DISCONNECT with this reason code is sent first."""
+class _IdentifiedPublish(PublishPacket):
+    """amqtt's PUBLISH, with the subscription identifiers it is delivered for [MQTT-3.3.4-3]."""
 
-    def __init__(self, code: Reason, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+    __slots__ = ("subscription_ids",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.subscription_ids: list[int] = []
 
 
 class _PropertiesKeepingMessage(OutgoingApplicationMessage):
     """amqtt's outgoing message, whose PUBLISH keeps the payload object (and so its MQTT 5 properties)."""
 
-    __slots__ = ()
+    __slots__ = ("subscription_ids",)
+
+    def __init__(self, topic: str, qos: int | None, data: bytes | bytearray, retain: bool, ids: list[int]) -> None:
+        super().__init__(None, topic, qos, data, retain)
+        self.subscription_ids = ids
 
     def build_publish_packet(self, dup: bool = False) -> PublishPacket:
         """The PUBLISH amqtt's flows send (amqtt's own copies the payload into plain bytes)."""
-        return PublishPacket.build(self.topic, self.data, self.packet_id, dup, self.qos, self.retain)
+        packet = PublishPacket.build(self.topic, self.data, self.packet_id, dup, self.qos, self.retain)
+        identified = _IdentifiedPublish(packet.fixed_header, packet.variable_header, packet.payload)
+        identified.subscription_ids = self.subscription_ids
+        return identified
 
 
-def valid_filter(pattern: str) -> bool:
-    """True when `#` is only a whole last level and `+` only whole levels [MQTT-4.7.1-1, 4.7.1-2]."""
-    levels = pattern.split("/")
-    return all(
-        ("#" not in level or (level == "#" and index == len(levels) - 1)) and ("+" not in level or level == "+")
-        for index, level in enumerate(levels)
-    )
-
-
-def suback_code(pattern: str, code: int) -> mqtt5.SubAckReasonCode:
-    """The MQTT 5 SUBACK code for a filter: amqtt's refusal (0x80) becomes 0x8F (invalid) or 0x87 (denied)."""
-    if code != _AMQTT_REFUSED:
-        return mqtt5.SubAckReasonCode(code)
-    if valid_filter(pattern):
-        return mqtt5.SubAckReasonCode.NOT_AUTHORIZED
-    return mqtt5.SubAckReasonCode.TOPIC_FILTER_INVALID
-
-
-class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
+class Mqtt5ProtocolHandler(Mqtt5Subscriptions):
     """spotbox's broker handler for one MQTT 5 connection."""
 
     def __init__(self, broker: SpotboxBroker, client: Mqtt5Client, **kwargs: Any) -> None:
@@ -86,9 +72,6 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
         self._topic_aliases: dict[int, str] = {}
         # The client's Receive Maximum: QoS 1/2 PUBLISHes sent to it and not yet acknowledged [MQTT-3.3.4-9].
         self._send_quota = asyncio.Semaphore(client.receive_max)
-        # SUBSCRIBE packet id -> (its filters, the code decided before amqtt saw it, or None for amqtt's).
-        self._subscribing: dict[int, tuple[list[str], list[int | None]]] = {}
-        self._unsubscribing: dict[int, list[bool]] = {}
 
     async def mqtt_connack_authorize(self, authorize: bool) -> None:
         """CONNACK with what spotbox offers: amqtt calls this once the session is attached."""
@@ -103,22 +86,10 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
             receive_max=READ_WINDOW,
             topic_alias_max=TOPIC_ALIAS_MAX,
             max_packet_size=limits.max_packet + FIXED_HEADER_MAX,
-            subscription_id_available=False,
-            shared_subscription_available=False,
+            subscription_id_available=True,
+            shared_subscription_available=True,
         )
         await self._write(connack.write())
-
-    async def _write(self, data: bytes) -> None:
-        """Send encoded packets, as amqtt's `_send_packet` does (same lock, same handling of a lost connection)."""
-        try:
-            if self.writer is not None:
-                async with self._write_lock:
-                    self.writer.write(data)
-                    await self.writer.drain()
-        except (ConnectionResetError, BrokenPipeError):
-            await self.handle_connection_closed()
-        except asyncio.CancelledError as exc:
-            raise ProtocolHandlerError("Packet handling was cancelled") from exc
 
     def _fits(self, data: bytes) -> bool:
         """True when the client's Maximum Packet Size allows `data` [MQTT-3.1.2-24]."""
@@ -137,17 +108,30 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
             packet.retain_flag,
             packet.packet_id,
             packet.dup_flag,
+            getattr(packet, "subscription_ids", None),
         )
         if publish is not None:
             await self._write(publish.write())
 
     async def mqtt_publish(
-        self, topic: str, data: bytes | bytearray, qos: int | None, retain: bool, ack_timeout: int | None = None
+        self,
+        topic: str,
+        data: bytes | bytearray,
+        qos: int | None,
+        retain: bool,
+        ack_timeout: int | None = None,
+        subscription_ids: list[int] | None = None,
     ) -> OutgoingApplicationMessage:
-        """Deliver a message to this client, within its Receive Maximum, unless it expired or is too big for it."""
-        message = _PropertiesKeepingMessage(None, topic, qos, data, retain)
+        """Deliver a message to this client, within its Receive Maximum, unless it expired or is too big for it.
+
+        Routing names the subscription identifiers; amqtt's own deliveries (retained and queued messages) do not,
+        and get those of every subscription of this client that matches the topic.
+        """
+        if subscription_ids is None:
+            subscription_ids = self._matching_ids(topic)
+        message = _PropertiesKeepingMessage(topic, qos, data, retain, subscription_ids)
         # Checked before a packet id is taken (any id: its size is the same).
-        publish = outgoing_publish(topic, data, qos or 0, retain, 1 if qos else None, dup=False)
+        publish = outgoing_publish(topic, data, qos or 0, retain, 1 if qos else None, False, subscription_ids)
         if publish is None or not self._fits(publish.write()):
             # Expired, or over the client's limit: dropped as if delivered [MQTT-3.3.2-5, MQTT-3.1.2-25].
             logger.debug("message on %s not sent to %s: expired or too large", topic, self._client_id)
@@ -164,10 +148,6 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
                 await self._handle_message_flow(message)
         return message
 
-    @property
-    def _client_id(self) -> str | None:
-        return self.session.client_id if self.session is not None else None
-
     async def _reader_loop(self) -> None:
         """Read, decode and dispatch packets until the connection ends; then clean up as amqtt's loop does."""
         assert self.session is not None
@@ -180,7 +160,7 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
                     running.popleft()
                 if not await self._read_one(running):
                     break
-        except _ClosedError as exc:
+        except ClosedError as exc:
             logger.warning("mqtt 5 client %s disconnected: %s (%s)", self._client_id, exc.code.name, exc.reason)
             await self._disconnect(exc.code, exc.reason)
         except asyncio.CancelledError:
@@ -200,13 +180,13 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
             async with asyncio.timeout(self.client.keep_alive * 1.5):
                 raw = await self.reader.next_packet()
         except TimeoutError:
-            raise _ClosedError(Reason.KEEP_ALIVE_TIMEOUT, "no packet within 1.5 times the keep alive") from None
+            raise ClosedError(Reason.KEEP_ALIVE_TIMEOUT, "no packet within 1.5 times the keep alive") from None
         if not raw:
             return None
         try:
             packet, _ = mqtt5.read(memoryview(raw))
         except (ValueError, IndexError) as exc:
-            raise _ClosedError(Reason.MALFORMED_PACKET, str(exc)) from exc
+            raise ClosedError(Reason.MALFORMED_PACKET, str(exc)) from exc
         return packet
 
     async def _read_one(self, running: deque[asyncio.Task[None]]) -> bool:
@@ -241,7 +221,7 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
         else:
             # A second CONNECT [MQTT-3.1.0-2], AUTH without an authentication method [MQTT-4.12.0-1], or a packet only
             # a server sends.
-            raise _ClosedError(Reason.PROTOCOL_ERROR, f"unexpected {type(packet).__name__}")
+            raise ClosedError(Reason.PROTOCOL_ERROR, f"unexpected {type(packet).__name__}")
         return True
 
     @staticmethod
@@ -258,15 +238,15 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
         topic, alias = packet.topic, packet.topic_alias
         if alias is not None:
             if not 0 < alias <= TOPIC_ALIAS_MAX:
-                raise _ClosedError(Reason.TOPIC_ALIAS_INVALID, f"topic alias {alias} is over {TOPIC_ALIAS_MAX}")
+                raise ClosedError(Reason.TOPIC_ALIAS_INVALID, f"topic alias {alias} is over {TOPIC_ALIAS_MAX}")
             if topic:
                 self._topic_aliases[alias] = topic
             elif (known := self._topic_aliases.get(alias)) is not None:
                 topic = known
             else:
-                raise _ClosedError(Reason.PROTOCOL_ERROR, f"topic alias {alias} was never set")
+                raise ClosedError(Reason.PROTOCOL_ERROR, f"topic alias {alias} was never set")
         elif not topic:
-            raise _ClosedError(Reason.PROTOCOL_ERROR, "a PUBLISH without a topic name or topic alias")
+            raise ClosedError(Reason.PROTOCOL_ERROR, "a PUBLISH without a topic name or topic alias")
         payload = incoming_payload(packet)
         return PublishPacket.build(topic, payload, packet.packet_id, packet.duplicate, int(packet.qos), packet.retain)
 
@@ -291,62 +271,13 @@ class Mqtt5ProtocolHandler(SpotboxProtocolHandler):
                 await self._write(ack)
                 return
 
-    async def _subscribe(self, packet: mqtt5.SubscribePacket) -> None:
-        """Pass the filters spotbox serves to amqtt's subscription queue; SUBACK follows once amqtt has added them."""
-        if packet.subscription_id is not None:
-            raise _ClosedError(Reason.SUBSCRIPTION_IDS_NOT_SUPPORTED, "subscription identifiers are not supported")
-        patterns = [topic_filter.pattern for topic_filter in packet.topic_filters]
-        codes: list[int | None] = [
-            int(mqtt5.SubAckReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED) if pattern.startswith("$share/") else None
-            for pattern in patterns
-        ]
-        served = [
-            (topic_filter.pattern, int(topic_filter.max_qos))
-            for topic_filter, code in zip(packet.topic_filters, codes, strict=True)
-            if code is None
-        ]
-        self._subscribing[packet.packet_id] = (patterns, codes)
-        if served:
-            self._pending_subscriptions.put_nowait(Subscription(packet.packet_id, served))
-        else:
-            await self.mqtt_acknowledge_subscription(packet.packet_id, [])
-
-    async def mqtt_acknowledge_subscription(self, packet_id: int, return_codes: list[int]) -> None:
-        """SUBACK: amqtt's granted QoS per filter, its refusals told apart (0x8F invalid, 0x87 not authorized)."""
-        patterns, codes = self._subscribing.pop(packet_id, ([], []))
-        granted = iter(return_codes)
-        reason_codes = [
-            suback_code(pattern, next(granted) if code is None else code)
-            for pattern, code in zip(patterns, codes, strict=True)
-        ]
-        await self._write(mqtt5.SubAckPacket(packet_id, reason_codes).write())
-
-    def _unsubscribe(self, packet: mqtt5.UnsubscribePacket) -> None:
-        """Note which filters this client had (UNSUBACK says so per filter), then queue it for amqtt."""
-        subscriptions = self._broker.subscriptions
-        client_id = self._client_id
-        self._unsubscribing[packet.packet_id] = [
-            any(session.client_id == client_id for session, _ in subscriptions.get(pattern, ()))
-            for pattern in packet.patterns
-        ]
-        self._pending_unsubscriptions.put_nowait(UnSubscription(packet.packet_id, packet.patterns))
-
-    async def mqtt_acknowledge_unsubscription(self, packet_id: int) -> None:
-        """UNSUBACK with a reason code per filter: success, or no subscription existed."""
-        existed = self._unsubscribing.pop(packet_id, [])
-        codes = [
-            mqtt5.UnsubAckReasonCode.SUCCESS if had else mqtt5.UnsubAckReasonCode.NO_SUBSCRIPTION_EXISTED
-            for had in existed
-        ]
-        await self._write(mqtt5.UnsubAckPacket(packet_id, codes).write())
-
     async def _client_disconnected(self, packet: mqtt5.DisconnectPacket) -> None:
         """A DISCONNECT from the client: its will is published only for reason code 0x04 [MQTT-3.14.4-3]."""
         assert self.session is not None
         expiry = packet.session_expiry_interval
         if expiry is not None:
             if self.session.attributes.get(SESSION_EXPIRY) == 0 and expiry != 0:
-                raise _ClosedError(Reason.PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 on CONNECT")
+                raise ClosedError(Reason.PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 on CONNECT")
             self.session.attributes[SESSION_EXPIRY] = expiry
             self.session.clean_session = expiry == 0
         if packet.reason_code == Reason.DISCONNECT_WITH_WILL_MESSAGE:

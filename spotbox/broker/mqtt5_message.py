@@ -70,13 +70,25 @@ def properties_of(data: bytes | bytearray) -> PublishProperties | None:
 
 
 def outgoing_publish(
-    topic: str, data: bytes | bytearray, qos: int, retain: bool, packet_id: int | None, dup: bool
+    topic: str,
+    data: bytes | bytearray,
+    qos: int,
+    retain: bool,
+    packet_id: int | None,
+    dup: bool,
+    subscription_ids: list[int] | None = None,
 ) -> mqtt5.PublishPacket | None:
     """The MQTT 5 PUBLISH for a subscriber, with the message's properties; None once the message has expired."""
     properties = properties_of(data)
     if properties is None:
         return mqtt5.PublishPacket(
-            topic, bytes(data), qos=mqtt5.QoS(qos), retain=retain, packet_id=packet_id, duplicate=dup
+            topic,
+            bytes(data),
+            qos=mqtt5.QoS(qos),
+            retain=retain,
+            packet_id=packet_id,
+            duplicate=dup,
+            subscription_ids=subscription_ids or [],
         )
     expiry = properties.remaining_expiry()
     if expiry is not None and expiry <= 0:
@@ -95,4 +107,5 @@ def outgoing_publish(
         response_topic=properties.response_topic,
         correlation_data=properties.correlation_data,
         user_properties=list(properties.user_properties),
+        subscription_ids=subscription_ids or [],
     )

@@ -12,7 +12,7 @@ from typing import Any
 
 import mqtt5
 from amqtt.adapters import BufferReader, ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
-from amqtt.broker import Broker, BrokerEvents
+from amqtt.broker import BrokerEvents
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, CodecError, MQTTError, NoDataError
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
@@ -27,6 +27,8 @@ from spotbox.broker.auth import may_publish
 from spotbox.broker.handler import REJECTED_TOPIC, RejectedMessage, SpotboxProtocolHandler, rejection_report
 from spotbox.broker.limits import MqttLimits, PacketGuard
 from spotbox.broker.mqtt5_connect import (
+    SESSION_EXPIRY,
+    WILL_DELAY,
     client_of,
     decode_connect,
     fill_session,
@@ -35,6 +37,8 @@ from spotbox.broker.mqtt5_connect import (
     refuse,
 )
 from spotbox.broker.mqtt5_handler import Mqtt5ProtocolHandler
+from spotbox.broker.mqtt5_routing import OPTIONS
+from spotbox.broker.mqtt5_sessions import Mqtt5SessionBroker
 from spotbox.errors import ListenError
 from spotbox.pipeline import IngestPipeline
 from spotbox.status import status_topic_serial
@@ -80,7 +84,7 @@ class _Subscriptions(dict[str, list[tuple[Session, int]]]):
         return list(super().items())
 
 
-class SpotboxBroker(Broker):
+class SpotboxBroker(Mqtt5SessionBroker):
     """amqtt's Broker, with spotbox's protocol handler and no routing of rejected statuses."""
 
     def __init__(self, pipeline: IngestPipeline, users: Users | None = None, limits: MqttLimits | None = None) -> None:
@@ -212,6 +216,11 @@ class SpotboxBroker(Broker):
         await self._login_first(raw, writer, remote_address, remote_port)
         # amqtt builds a fresh, unattached BrokerProtocolHandler here; use spotbox's in its place.
         _, session = await super()._initialize_client_session(reader, writer, remote_address, remote_port)
+        if session.client_id:
+            await self.reconnected(session.client_id, clean_start=bool(session.clean_session))
+        # A session an MQTT 5 client left, resumed by a 3.1.1 one: it is routed and ended the 3.1.1 way.
+        for attribute in (OPTIONS, SESSION_EXPIRY, WILL_DELAY):
+            session.attributes.pop(attribute, None)
         return SpotboxProtocolHandler(self, loop=self._loop), session
 
     async def _login_first(self, raw: bytes, writer: WriterAdapter, address: str, port: int) -> None:
@@ -303,6 +312,7 @@ class SpotboxBroker(Broker):
             raise await refuse(writer, code, f"login of {client_id!r} refused")
         client = client_of(connect, assigned)
         existing = self._sessions.get(client_id, (None, None))[0]
+        await self.reconnected(client_id, clean_start=connect.clean_start or existing is None)
         if connect.clean_start or existing is None:
             await self._delete_session(client_id)
             session = Session()
@@ -350,7 +360,7 @@ class SpotboxBroker(Broker):
         await self.plugins_manager.fire_event(
             BrokerEvents.MESSAGE_BROADCAST, client_id=session.client_id, message=message
         )
-        await self._broadcast_message(session, topic, packet.data)
+        await self._broadcast_message(session, topic, packet.data, retain=packet.retain_flag)
         if packet.retain_flag:
             await self.retain_message(session, topic, packet.data, packet.qos)
 
