@@ -109,22 +109,10 @@ async def close_streams(app: web.Application) -> None:
 
 
 async def disconnect_mqtt(app: web.Application) -> None:
-    """Stop accepting MQTT clients, let what they already sent be committed and acknowledged (bounded by the
-    shutdown timeout), then cut them, so shutdown waits on none of them (TCP or /mqtt)."""
+    """Stop accepting MQTT clients and cut the connected ones, so shutdown waits on none of them (TCP or /mqtt)."""
     if BROKER in app:
-        broker = app[BROKER]
-        await broker.stop_listening()
-        timeout_s = app[SETTINGS].shutdown_timeout_s
-        try:
-            async with asyncio.timeout(timeout_s):
-                await broker.quiesce()
-        except TimeoutError:
-            logger.warning(
-                "%d publishes not settled within %.0f s of shutdown; their publishers will resend them",
-                broker.unacknowledged,
-                timeout_s,
-            )
-        broker.abort_clients()
+        await app[BROKER].stop_listening()
+        app[BROKER].abort_clients()
 
 
 async def mqtt_websocket(request: web.Request) -> web.StreamResponse:

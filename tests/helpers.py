@@ -155,16 +155,6 @@ class RawPublisher:
             self.writer.write(publish_packet(self.topic, n + 1, nth_status(n), 1))
         await self.writer.drain()
 
-    async def acked_until_closed(self) -> set[int]:
-        """Read PUBACKs until the server closes the connection; the packet ids they acknowledge."""
-        ids: set[int] = set()
-        while header := await self.reader.read(4):
-            if len(header) < 4:
-                header += await self.reader.readexactly(4 - len(header))
-            assert header[:2] == b"\x40\x02", header
-            ids.add(struct.unpack("!H", header[2:])[0])
-        return ids
-
     async def acked_ids(self, count: int) -> set[int]:
         """Read `count` PUBACKs; the packet ids they acknowledge."""
         ids: set[int] = set()

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Sequence
-from datetime import timedelta
+from collections.abc import Callable
 
 import pytest
 
 from spotbox.broker.handler import READ_WINDOW
 from spotbox.settings import Settings
-from spotbox.status import StatusRecord
-from spotbox.storage import HistoryQuery, open_storage
 from tests.conftest import BoxFactory
-from tests.helpers import T0, raw_publisher
+from tests.helpers import raw_publisher
 from tests.test_durability import Outage
 from tests.test_metrics import scrape
 
@@ -82,36 +79,3 @@ async def test_full_queue_pauses_reading(
     assert len(await box.history("ROBOT-FILL")) == 20
     assert len(await box.history("ROBOT-WAIT")) == 10
     assert box.pipeline.stats.stored == 30
-
-
-async def test_shutdown_acknowledges_every_status_it_stored(
-    make_box: BoxFactory, settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Test that stopping spotbox under load stops reading, commits what was read and sends its PUBACKs before
-    cutting connections: what is stored is exactly what was acknowledged, so no robot resends a stored status."""
-    box = await make_box(dataclasses.replace(settings, batch_max=20))
-    real_write = box.storage.write_batch
-
-    async def slow_write(records: Sequence[StatusRecord]) -> list[int | None]:
-        # Latency injected at the storage seam, so that statuses are still in flight when shutdown begins.
-        await asyncio.sleep(0.02)
-        return await real_write(records)
-
-    monkeypatch.setattr(box.storage, "write_batch", slow_write)
-    sent = 400
-    async with raw_publisher(box.mqtt_port, "ROBOT-STOP") as robot:
-        await robot.publish_many(range(sent))
-        await until(lambda: box.pipeline.stats.stored >= 40)
-        closing = asyncio.create_task(box.server.close())
-        async with asyncio.timeout(30):
-            acked = await robot.acked_until_closed()
-            await closing
-    storage = open_storage(settings.database)
-    await storage.open()
-    try:
-        rows = await storage.history(HistoryQuery("ROBOT-STOP", limit=1000))
-    finally:
-        await storage.close()
-    stored = {int((row.record.ts - T0) / timedelta(milliseconds=1)) + 1 for row in rows}
-    assert len(acked) < sent, "shutdown came too late to interrupt the load"
-    assert stored == acked

@@ -102,9 +102,6 @@ class ReadGate:
     async def fire_event(self, event_name: Any, *, wait: bool = False, **kwargs: Any) -> None:
         """Hold a PUBLISH until this connection and the queue have room, then let amqtt's plugins see it."""
         if event_name == MQTTEvents.PACKET_RECEIVED and isinstance(kwargs.get("packet"), PublishPacket):
-            if self._broker.closing:
-                # Shutting down: read nothing more; the connection is cut once what was read is acknowledged.
-                await asyncio.Event().wait()
             pipeline = self._broker.pipeline
             if self._in_flight >= READ_WINDOW or pipeline.full:
                 self._broker.paused_connections += 1
@@ -116,14 +113,12 @@ class ReadGate:
                 finally:
                     self._broker.paused_connections -= 1
             self._in_flight += 1
-            self._broker.unacknowledged += 1
         await self._plugins.fire_event(event_name, wait=wait, **kwargs)
 
     def release(self) -> None:
         """One publish this connection read is committed, refused or routed: its slot is free."""
         self._in_flight -= 1
         self._slot_freed.set()
-        self._broker.publish_settled()
 
 
 class SpotboxProtocolHandler(BrokerProtocolHandler):
@@ -136,7 +131,6 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
         self._broker = broker
         self._acks = bytearray()
         self._ack_flush: asyncio.Task[None] | None = None
-        broker.handlers.add(self)
 
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
         """Validate and commit a status before it is acknowledged and routed; other topics pass to amqtt untouched."""
@@ -200,11 +194,6 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
         self._acks += PUBACK_HEADER + packet_id.to_bytes(2, "big")
         if self._ack_flush is None:
             self._ack_flush = asyncio.create_task(self._flush_acks(), name="spotbox-puback-flush")
-
-    async def acks_written(self) -> None:
-        """Return once every PUBACK queued so far has been written (or the connection is gone)."""
-        while (flush := self._ack_flush) is not None:
-            await asyncio.wait([flush])
 
     async def _flush_acks(self) -> None:
         data, self._acks = bytes(self._acks), bytearray()

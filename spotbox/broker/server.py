@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import weakref
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -90,12 +89,6 @@ class SpotboxBroker(Mqtt5SessionBroker):
     def __init__(self, pipeline: IngestPipeline, users: Users | None = None, limits: MqttLimits | None = None) -> None:
         super().__init__(broker_config(users))
         self._subscriptions = _Subscriptions(self._subscriptions)  # type: ignore[has-type]
-        # Shutdown: once set, connections read no more publishes (see handler.ReadGate and `quiesce`).
-        self.closing = False
-        # Publishes read, over every connection, and not yet committed, refused or routed.
-        self.unacknowledged = 0
-        self._settled = asyncio.Event()
-        self.handlers: weakref.WeakSet[SpotboxProtocolHandler] = weakref.WeakSet()
         self.pipeline = pipeline
         self.users = users
         self.limits = limits or MqttLimits()
@@ -170,27 +163,12 @@ class SpotboxBroker(Mqtt5SessionBroker):
             if info := writer.get_peer_info():
                 self._logged_in.pop(info, None)
 
-    def publish_settled(self) -> None:
-        """One publish read from a connection is committed, refused or routed."""
-        self.unacknowledged -= 1
-        if not self.unacknowledged:
-            self._settled.set()
-
-    async def quiesce(self) -> None:
-        """Stop reading publishes from every connection, then wait until each publish already read is committed
-        and its PUBACK written: cutting the connections afterwards loses no acknowledgement, so no robot resends a
-        status that is already stored. The caller bounds the wait."""
-        self.closing = True
-        while self.unacknowledged:
-            self._settled.clear()
-            await self._settled.wait()
-        await asyncio.gather(*(handler.acks_written() for handler in list(self.handlers)))
-
     def abort_clients(self) -> None:
         """Cut every client connection at once, for shutdown.
 
         amqtt's shutdown closes each connection by flushing it first, which waits forever on a client that has
-        stopped reading. Call `quiesce` first, so that no acknowledgement of a committed status is lost.
+        stopped reading. Cut connections lose only acknowledgements not yet sent, for statuses already committed:
+        their publishers send them again and storage keeps one copy.
         """
         for transport in list(self._transports):
             transport.abort()
