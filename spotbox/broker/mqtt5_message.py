@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import mqtt5
 
@@ -80,19 +81,20 @@ def outgoing_publish(
 ) -> mqtt5.PublishPacket | None:
     """The MQTT 5 PUBLISH for a subscriber, with the message's properties; None once the message has expired."""
     properties = properties_of(data)
-    if properties is None:
-        return mqtt5.PublishPacket(
-            topic,
-            bytes(data),
-            qos=mqtt5.QoS(qos),
-            retain=retain,
-            packet_id=packet_id,
-            duplicate=dup,
-            subscription_ids=subscription_ids or [],
-        )
-    expiry = properties.remaining_expiry()
-    if expiry is not None and expiry <= 0:
-        return None
+    carried: dict[str, Any] = {}
+    if properties is not None:
+        expiry = properties.remaining_expiry()
+        if expiry is not None and expiry <= 0:
+            return None
+        carried = {
+            "payload_format_indicator": properties.payload_format_indicator,
+            # The receiver is told the time the message has left, not the time it was given [MQTT-3.3.2-6].
+            "message_expiry_interval": expiry,
+            "content_type": properties.content_type,
+            "response_topic": properties.response_topic,
+            "correlation_data": properties.correlation_data,
+            "user_properties": list(properties.user_properties),
+        }
     return mqtt5.PublishPacket(
         topic,
         bytes(data),
@@ -100,12 +102,6 @@ def outgoing_publish(
         retain=retain,
         packet_id=packet_id,
         duplicate=dup,
-        payload_format_indicator=properties.payload_format_indicator,
-        # The receiver is told the time the message has left, not the time it was given [MQTT-3.3.2-6].
-        message_expiry_interval=expiry,
-        content_type=properties.content_type,
-        response_topic=properties.response_topic,
-        correlation_data=properties.correlation_data,
-        user_properties=list(properties.user_properties),
         subscription_ids=subscription_ids or [],
+        **carried,
     )
