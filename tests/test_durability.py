@@ -37,6 +37,20 @@ async def history_ts(base: str, serial: str) -> list[str]:
             params["cursor"] = page["next_cursor"]
 
 
+async def assert_acked_stored_once(args: tuple[str, ...], serial: str, acked: set[int]) -> None:
+    """Restart `spotbox run` on the same database: each status numbered in `acked` is stored, none twice."""
+    second = await start_spotbox(*args)
+    try:
+        stored = await history_ts(f"http://127.0.0.1:{second.http_port}", serial)
+    finally:
+        second.proc.terminate()
+        await second.proc.wait()
+    assert len(stored) == len(set(stored)), "a status was stored twice"
+    expected = {orjson.loads(nth_status(n))["timestamp"] for n in acked}
+    missing = expected - set(stored)
+    assert not missing, f"{len(missing)} acknowledged statuses lost"
+
+
 async def test_kill_9_loses_nothing_acknowledged(database_url: str) -> None:
     """Test that after kill -9 mid-load and a restart, every PUBACKed status is stored exactly once."""
     args = ("--mqtt-port", "0", "--http-port", "0", "--database-url", database_url)
@@ -68,16 +82,7 @@ async def test_kill_9_loses_nothing_acknowledged(database_url: str) -> None:
     assert len(acked) < MESSAGES, "the kill came too late to interrupt the load"
     assert all(isinstance(r, (type(None), aiomqtt.MqttError)) for r in results)
 
-    second = await start_spotbox(*args)
-    try:
-        stored = await history_ts(f"http://127.0.0.1:{second.http_port}", "ROBOT-K9")
-    finally:
-        second.proc.terminate()
-        await second.proc.wait()
-    assert len(stored) == len(set(stored)), "a status was stored twice"
-    expected = {orjson.loads(nth_status(n))["timestamp"] for n in acked}
-    missing = expected - set(stored)
-    assert not missing, f"{len(missing)} acknowledged statuses lost"
+    await assert_acked_stored_once(args, "ROBOT-K9", acked)
 
 
 class Outage:

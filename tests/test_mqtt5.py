@@ -17,23 +17,15 @@ from tests.cases import INVALID
 from tests.conftest import Box, BoxFactory, require_tool
 from tests.helpers import mqtt_client, payload, stamp
 from tests.mqtt5_clients import paho_v5, reason_string, wire_client
-from tests.test_auth import PASSWORDS, login, secured_settings
+from tests.test_auth import PASSWORDS, TRANSPORTS, login, port_for, secured_settings
 
 STATUS = "robot/{}/status"
-TRANSPORTS = [("tcp", None), ("websockets", "/mqtt")]
 
 
 @pytest.fixture
 async def secured(make_box: BoxFactory, tmp_path: Path) -> Box:
     """spotbox with the users file of test_auth (two robots and an operator)."""
     return await make_box(secured_settings(tmp_path))
-
-
-def port_for(box: Box, transport: str) -> int:
-    """The MQTT port for TCP, the HTTP port (/mqtt) for WebSocket."""
-    port = box.mqtt_port if transport == "tcp" else box.server.port
-    assert port is not None
-    return port
 
 
 async def test_connack_carries_what_spotbox_offers(box: Box) -> None:

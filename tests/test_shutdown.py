@@ -8,12 +8,11 @@ import itertools
 import signal
 
 import aiomqtt
-import orjson
 import pytest
 
 from tests.helpers import mqtt_client, nth_status
 from tests.test_cli import start_spotbox
-from tests.test_durability import history_ts
+from tests.test_durability import assert_acked_stored_once
 
 WINDOW = 50
 STOP_AFTER = 400
@@ -57,13 +56,4 @@ async def test_stop_signal_under_load_loses_nothing_acknowledged(database_url: s
     assert "stopped" in log
     assert len(acked) >= STOP_AFTER
 
-    second = await start_spotbox(*args)
-    try:
-        stored = await history_ts(f"http://127.0.0.1:{second.http_port}", "ROBOT-STOP")
-    finally:
-        second.proc.terminate()
-        await second.proc.wait()
-    assert len(stored) == len(set(stored)), "a status was stored twice"
-    expected = {orjson.loads(nth_status(n))["timestamp"] for n in acked}
-    missing = expected - set(stored)
-    assert not missing, f"{len(missing)} acknowledged statuses lost"
+    await assert_acked_stored_once(args, "ROBOT-STOP", acked)
