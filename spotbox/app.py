@@ -5,23 +5,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 
 from aiohttp import web
 
 from spotbox import metrics
-from spotbox.api import dashboard, docs, feeds, fleet, health, ingest, robots, stats
+from spotbox.api import alerts, dashboard, docs, feeds, fleet, health, ingest, rejections, robots, stats
 from spotbox.api.errors import error_middleware
 from spotbox.broker import SpotboxBroker
 from spotbox.broker.limits import MqttLimits
 from spotbox.broker.websocket import serve_mqtt_websocket
-from spotbox.keys import BROKER, HUB, PIPELINE, RETENTION, SETTINGS, STORAGE
+from spotbox.keys import BROKER, HUB, OPS, PIPELINE, RETENTION, SETTINGS, STORAGE
+from spotbox.ops.service import Operations
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
 from spotbox.settings import Settings
 from spotbox.sse import FeedHub
+from spotbox.status import StoredStatus
 from spotbox.storage import open_storage
-from spotbox.validation import StatusValidator
+from spotbox.validation import Rejection, StatusValidator
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +44,21 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     """Run the one writer; on exit, let it commit what is still queued, then stop."""
     settings = app[SETTINGS]
     hub = app[HUB]
+    ops = app[OPS]
+
+    def on_stored(rows: Sequence[StoredStatus]) -> None:
+        hub.publish(rows)
+        ops.on_stored(rows)
+
+    def on_rejected(rejection: Rejection, received_at: datetime, raw: bytes) -> None:
+        hub.publish_rejected(rejection, received_at)
+        ops.on_rejected(rejection, received_at, raw)
+
     pipeline = IngestPipeline(
         app[STORAGE],
         StatusValidator(settings.schema_path, max_depth=settings.max_json_depth),
-        hub.publish,
-        on_rejected=hub.publish_rejected,
+        on_stored,
+        on_rejected=on_rejected,
         queue_size=settings.queue_size,
         batch_max=settings.batch_max,
         batch_wait_s=settings.batch_wait_ms / 1000,
@@ -69,11 +82,27 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
             await writer
 
 
+async def ops_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Presence, the registry, alerts and the rejection record: read back at start, kept by background loops."""
+    ops = Operations(app[STORAGE], app[SETTINGS], app[HUB])
+    await ops.start()
+    app[OPS] = ops
+    task = asyncio.create_task(ops.run(), name="spotbox-ops")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    # The last alert changes and rejections reach the database before storage closes (once, no retrying).
+    await ops.writer.write_pending(retry=False)
+    await ops.rejections.flush()
+
+
 async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
     """Start the embedded broker (built here: amqtt needs the running loop) and its TCP listener."""
     settings = app[SETTINGS]
     limits = MqttLimits(settings.max_payload, settings.max_topic_length, settings.max_connections)
     broker = SpotboxBroker(app[PIPELINE], settings.users, limits)
+    broker.presence = app[OPS].presence
     await broker.start()
     try:
         host, port = await broker.listen(settings.mqtt_host, settings.mqtt_port, settings.ssl_context)
@@ -82,6 +111,7 @@ async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
         raise
     logger.info("mqtt listening on %s:%d%s", host, port, " (TLS)" if settings.ssl_context else "")
     app[BROKER] = broker
+    app[OPS].broker_ready(broker.publish_retained)
     yield
     await broker.stop_listening()
     await broker.shutdown()
@@ -126,7 +156,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_payload)
     app[SETTINGS] = settings
     app[HUB] = FeedHub()
-    app.cleanup_ctx.extend([storage_ctx, pipeline_ctx, broker_ctx])
+    app.cleanup_ctx.extend([storage_ctx, ops_ctx, pipeline_ctx, broker_ctx])
     if settings.retention_days is not None:
         app.cleanup_ctx.append(retention_ctx)
     app.on_shutdown.extend([disconnect_mqtt, close_streams])
@@ -139,5 +169,7 @@ def create_app(settings: Settings) -> web.Application:
     fleet.add_routes(app)
     ingest.add_routes(app)
     stats.add_routes(app)
+    alerts.add_routes(app)
+    rejections.add_routes(app)
     dashboard.add_routes(app)
     return app

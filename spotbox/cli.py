@@ -169,6 +169,39 @@ main.add_command(users)
     show_default="keep forever",
     help="Delete statuses whose ts is older than this many days (at start, then every 10 minutes).",
 )
+@click.option(
+    "--stale-after",
+    "stale_after_s",
+    envvar="SPOTBOX_STALE_AFTER",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    show_default="3x the robot's median gap, at least 10 s",
+    help="Seconds without a status before a robot is stale.",
+)
+@click.option(
+    "--offline-after",
+    "offline_after_s",
+    envvar="SPOTBOX_OFFLINE_AFTER",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="Seconds without a status before a robot is offline (its MQTT connection ending is enough).",
+)
+@click.option(
+    "--alerts",
+    "alerts_path",
+    envvar="SPOTBOX_ALERTS",
+    type=click.Path(path_type=Path),
+    default=None,
+    show_default="built-in rules",
+    help="TOML file of alert rules (see examples/alerts.toml).",
+)
+@click.option(
+    "--alert-webhook",
+    envvar="SPOTBOX_ALERT_WEBHOOK",
+    default=None,
+    help="URL that each alert change is POSTed to as JSON (retried with backoff).",
+)
 def run(
     http_host: str,
     http_port: int,
@@ -188,6 +221,10 @@ def run(
     max_json_depth: int,
     tls_cert: Path | None,
     tls_key: Path | None,
+    stale_after_s: float | None,
+    offline_after_s: float,
+    alerts_path: Path | None,
+    alert_webhook: str | None,
 ) -> None:
     """Run the broker, the ingest pipeline and the HTTP API until SIGINT or SIGTERM."""
     try:
@@ -210,6 +247,10 @@ def run(
             max_json_depth=max_json_depth,
             tls_cert=tls_cert,
             tls_key=tls_key,
+            stale_after_s=stale_after_s,
+            offline_after_s=offline_after_s,
+            alerts_path=alerts_path,
+            alert_webhook=alert_webhook,
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None

@@ -9,7 +9,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from spotbox.keys import BROKER, HUB, METRICS, PIPELINE
+from spotbox.keys import BROKER, HUB, METRICS, OPS, PIPELINE
+from spotbox.ops.presence import STATES
+from spotbox.ops.rules import SEVERITIES
 
 
 class SpotboxCollector:
@@ -53,6 +55,18 @@ class SpotboxCollector:
                 "MQTT connections not being read for backpressure (ingest queue or connection window full).",
                 value=broker.paused_connections,
             )
+        ops = self._app.get(OPS)
+        if ops is not None:
+            presence = GaugeMetricFamily("spotbox_robots", "Robots by presence.", labels=["presence"])
+            counts = ops.presence.counts()
+            for state in STATES:
+                presence.add_metric([state], counts[state])
+            yield presence
+            active = GaugeMetricFamily("spotbox_alerts_active", "Active alerts by severity.", labels=["severity"])
+            for severity in SEVERITIES:
+                count = sum(1 for a in ops.alerts.current.values() if a.state == "active" and a.severity == severity)
+                active.add_metric([severity], count)
+            yield active
         yield GaugeMetricFamily(
             "spotbox_sse_streams_open", "Open SSE feeds, per robot and fleet.", value=self._app[HUB].stream_count
         )

@@ -114,6 +114,16 @@ class Settings:
     # TLS for MQTT over TCP and for HTTP (so also MQTT over WebSocket): both files, or neither.
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Operations (issue 13). None: stale after 3 times the robot's median gap between statuses, at least 10 s.
+    stale_after_s: float | None = None
+    offline_after_s: float = 600.0
+    # Alert rules (a TOML file, read where used) and where each alert change is POSTed.
+    alerts_path: Path | None = None
+    alert_webhook: str | None = None
+    # How often time-driven presence and alert changes are looked for.
+    ops_tick_s: float = 1.0
+    # Rejections kept per robot in the rejection record.
+    rejections_kept: int = 1000
     database: DatabaseURL = field(init=False, repr=False)
     ssl_context: ssl.SSLContext | None = field(init=False, repr=False, compare=False)
     users: Users | None = field(init=False, repr=False, compare=False)
@@ -152,5 +162,19 @@ class Settings:
             raise ConfigError("--max-connections", f"{self.max_connections} is not a positive number")
         if self.max_json_depth < 2:
             raise ConfigError("--max-json-depth", f"{self.max_json_depth} is below 2, the depth of a status")
+        self._check_operations()
         object.__setattr__(self, "database", DatabaseURL.parse(self.database_url))
         object.__setattr__(self, "ssl_context", _server_ssl_context(self.tls_cert, self.tls_key))
+
+    def _check_operations(self) -> None:
+        """The presence, alert and rejection-record settings."""
+        if self.stale_after_s is not None and self.stale_after_s <= 0:
+            raise ConfigError("--stale-after", f"{self.stale_after_s} is not a positive number of seconds")
+        if self.offline_after_s <= 0 or (self.stale_after_s is not None and self.offline_after_s < self.stale_after_s):
+            raise ConfigError("--offline-after", f"{self.offline_after_s} must be positive and not below --stale-after")
+        if self.alerts_path is not None and not self.alerts_path.is_file():
+            raise ConfigError("--alerts", f"{self.alerts_path} is not a readable file")
+        if self.alert_webhook is not None and urlsplit(self.alert_webhook).scheme not in ("http", "https"):
+            raise ConfigError("--alert-webhook", f"{self.alert_webhook!r} is not an http:// or https:// URL")
+        if self.ops_tick_s <= 0 or self.rejections_kept < 1:
+            raise ConfigError("--rejections-kept", "the operations tick and the rejections kept must be positive")

@@ -126,6 +126,16 @@ class FeedHub:
         for stream in self._fleet:
             stream.push(event)
 
+    def publish_event(self, serial_number: str | None, event: str, data: object) -> None:
+        """Send an event without a row id (presence, alert) to the fleet streams and, with a serial, to that
+        robot's streams; never blocks."""
+        streams = self._streams.get(serial_number) if serial_number is not None else None
+        if not streams and not self._fleet:
+            return
+        encoded = FeedEvent(event, None, dumps(data).decode())
+        for stream in (*(streams or ()), *self._fleet):
+            stream.push(encoded)
+
     def close_all(self) -> None:
         """End every stream, for shutdown."""
         for streams in (self._fleet, *self._streams.values()):

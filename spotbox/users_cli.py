@@ -43,14 +43,21 @@ def users() -> None:
 )
 @click.option("--publish", multiple=True, help="A topic filter NAME may also publish to (repeatable).")
 @click.option("--subscribe", multiple=True, help="A topic filter NAME may also subscribe to (repeatable).")
-def add(name: str, path: Path, password: str, publish: tuple[str, ...], subscribe: tuple[str, ...]) -> None:
+@click.option(
+    "--manage/--no-manage", default=None, help="May register, change and remove robots (POST/PATCH/DELETE /robots)."
+)
+def add(
+    name: str, path: Path, password: str, publish: tuple[str, ...], subscribe: tuple[str, ...], manage: bool | None
+) -> None:
     """Add user NAME, or set a new password (and, when given, new grants) for an existing one."""
     current = _load(path, missing_ok=True)
     previous = current.by_name.get(name)
     if previous is not None and not publish and not subscribe:
         publish, subscribe = previous.publish, previous.subscribe
+    if manage is None:
+        manage = previous.manage if previous is not None else False
     try:
-        user = make_user(name, password, publish, subscribe)
+        user = make_user(name, password, publish, subscribe, manage=manage)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     current.with_user(user).save()

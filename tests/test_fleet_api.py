@@ -22,7 +22,13 @@ async def test_robots_lists_each_robot_with_its_latest_status(box: Box) -> None:
         assert item["latest"] == newest
         assert item["latest"]["ts"] == f"2026-11-22T10:{minute}:00Z"
         assert item["last_seen"] == newest["received_at"]
-        assert set(item) == {"serial_number", "last_seen", "latest"}
+        assert set(item) == {
+            *("serial_number", "last_seen", "latest", "presence", "presence_since", "registered"),
+            *("name", "model", "site", "tags"),
+        }
+        # Written straight to storage, not received since this start: its presence is not known yet.
+        assert item["presence"] == "unknown"
+        assert item["registered"] is False
 
 
 async def test_empty_fleet_is_an_empty_list(box: Box) -> None:
@@ -48,7 +54,12 @@ async def test_one_robot_follows_what_mqtt_commits(box: Box) -> None:
     assert newer["serial_number"] == "ROBOT-F1"
     assert newer["last_seen"] == newer["latest"]["received_at"]
     _, fleet = await get(box, "/robots")
-    assert fleet["items"] == [newer]
+    # The robot's connection has ended since: offline now, the rest unchanged.
+    assert (newer["presence"], fleet["items"][0]["presence"]) == ("online", "offline")
+    moving = ("presence", "presence_since")
+    assert [{k: v for k, v in item.items() if k not in moving} for item in fleet["items"]] == [
+        {k: v for k, v in newer.items() if k not in moving}
+    ]
 
 
 async def test_unknown_robot_is_404(box: Box) -> None:

@@ -183,6 +183,9 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
         except StorageError as exc:
             logger.error("status of %s not stored, not acknowledged: %s", serial, exc)
             return _Outcome.NOT_STORED
+        if self._broker.presence is not None:
+            # The robot is online while this connection (its writer stands for it) is up.
+            self._broker.presence.status_committed(serial, verdict.received_at, self.writer)
         return _Outcome.STORED
 
     def _acknowledge(self, packet_id: int) -> None:

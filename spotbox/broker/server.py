@@ -39,6 +39,7 @@ from spotbox.broker.mqtt5_handler import Mqtt5ProtocolHandler
 from spotbox.broker.mqtt5_routing import OPTIONS
 from spotbox.broker.mqtt5_sessions import Mqtt5SessionBroker
 from spotbox.errors import ListenError
+from spotbox.ops.presence import Presence
 from spotbox.pipeline import IngestPipeline
 from spotbox.status import status_topic_serial
 from spotbox.users import Users
@@ -101,6 +102,8 @@ class SpotboxBroker(Mqtt5SessionBroker):
         self.mqtt_address: tuple[str, int] | None = None
         # Connections whose reading is paused for backpressure (see handler.ReadGate).
         self.paused_connections = 0
+        # Told which connection published each committed status, and when a connection ends (spotbox.ops).
+        self.presence: Presence | None = None
 
     async def listen(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> tuple[str, int]:
         """Accept MQTT over TCP (over TLS with a context) on host:port (0 picks a free port); return the address."""
@@ -160,6 +163,8 @@ class SpotboxBroker(Mqtt5SessionBroker):
             await self._client_connected(listener_name, PacketGuard(reader, self.limits, peer), writer)
         finally:
             self._transports.discard(transport)
+            if self.presence is not None:
+                self.presence.connection_closed(writer)
             if info := writer.get_peer_info():
                 self._logged_in.pop(info, None)
 
@@ -359,6 +364,11 @@ class SpotboxBroker(Mqtt5SessionBroker):
             except Exception:
                 # One message's routing failed; routing itself must go on (amqtt's loop also skipped it).
                 logger.exception("routing a message failed; it was not delivered to every subscriber")
+
+    async def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Publish spotbox's own retained message (the alerts of a robot) to subscribers, now and later."""
+        await self.retain_message(None, topic, payload, 1)
+        await self.internal_message_broadcast(topic, payload, 1)
 
     async def report_rejection(self, topic: str, rejection: Rejection, payload: bytes) -> None:
         """Publish why a status was refused on `spotbox/rejected/{serial}`, for operators to watch."""

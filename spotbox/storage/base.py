@@ -95,6 +95,21 @@ class Storage(Protocol):
     async def delete_before(self, cutoff: datetime, limit: int) -> int:
         """Delete at most `limit` rows with ts before `cutoff` in one short transaction; how many went."""
 
+    def db_time(self, moment: datetime) -> Any:
+        """A datetime as a parameter of this backend's time columns."""
+
+    def from_db_time(self, value: Any) -> datetime:
+        """A value of this backend's time columns as an aware UTC datetime."""
+
+    async def execute(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
+        """Run write statements (`$n` placeholders) in one transaction; the row count of each.
+
+        For the small operations tables (registry, alerts, rejections), whose SQL both backends share.
+        """
+
+    async def query(self, sql: str, params: Sequence[Any]) -> list[Sequence[Any]]:
+        """The rows of one read statement (`$n` placeholders)."""
+
     async def ping(self) -> None:
         """Raise StorageUnavailableError unless the database answers."""
 
