@@ -7,6 +7,7 @@ The SQL is shared by both backends (`$n` placeholders; SQLite reads them as `?n`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -202,6 +203,7 @@ class AlertWriter:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._inflight: asyncio.Future[list[int]] | None = None
 
     def add(self, alert: Alert, transition: Transition) -> None:
         """Queue a change for writing; never waits."""
@@ -232,6 +234,10 @@ class AlertWriter:
     async def write_pending(self, *, retry: bool = True) -> None:
         """Write every queued change, in order; while storage is away, retry with backoff (or, without `retry`,
         leave them queued)."""
+        if self._inflight is not None:
+            # A write the cancelled loop started goes first: changes are written in order.
+            with contextlib.suppress(Exception):
+                await self._inflight
         delay = _RETRY_FIRST_S
         while self._pending:
             batch = list(self._pending)
@@ -239,7 +245,8 @@ class AlertWriter:
             try:
                 # Shielded: a shutdown cancelling this loop lets a started write finish instead of tearing a
                 # connection mid-transaction.
-                await asyncio.shield(self.storage.execute(self._statements(batch)))
+                self._inflight = asyncio.ensure_future(self.storage.execute(self._statements(batch)))
+                await asyncio.shield(self._inflight)
             except StorageError as exc:
                 self._pending.extendleft(reversed(batch))
                 if not retry:
