@@ -43,7 +43,7 @@ DOCUMENTED = {
     ("get", "/rejections"),
 }
 # MQTT over WebSocket is a protocol endpoint and the dashboard's files are its own, not HTTP API routes.
-UNDOCUMENTED = {"/mqtt", "/static/{name}"}
+UNDOCUMENTED = {"/mqtt", "/static/{name}", "/favicon.ico"}
 
 
 @pytest.fixture

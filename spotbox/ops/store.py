@@ -328,6 +328,7 @@ class RejectionLog:
         self._buffer: deque[RejectionRecord] = deque(maxlen=buffer)
         self._buffer_size = buffer
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()
 
     def add(self, record: RejectionRecord) -> None:
         """Queue a rejection; under a flood the oldest unwritten ones give way (counted in `dropped`)."""
@@ -345,7 +346,12 @@ class RejectionLog:
             await asyncio.sleep(self.interval_s)
 
     async def flush(self) -> None:
-        """Write the queued rejections and trim the table to its bounds."""
+        """Write the queued rejections and trim the table to its bounds; returns once what was queued before the
+        call is written (a write already under way included), so a read that follows sees it."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         if not self._buffer:
             return
         batch, self._buffer = self._buffer, deque(maxlen=self._buffer_size)
