@@ -177,4 +177,6 @@ class Settings:
         if self.alert_webhook is not None and urlsplit(self.alert_webhook).scheme not in ("http", "https"):
             raise ConfigError("--alert-webhook", f"{self.alert_webhook!r} is not an http:// or https:// URL")
         if self.ops_tick_s <= 0 or self.rejections_kept < 1:
-            raise ConfigError("--rejections-kept", "the operations tick and the rejections kept must be positive")
+            raise ConfigError(
+                "rejections_kept", "the operations tick and the rejections kept per robot must be positive"
+            )

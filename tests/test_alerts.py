@@ -358,3 +358,19 @@ async def test_webhook_gets_each_change_and_retries(make_box: BoxFactory, tmp_pa
     ]
     assert received[0]["alert"]["serial_number"] == "W1"
     assert received[0]["alert"]["id"] == received[1]["alert"]["id"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "option"),
+    [
+        ({"stale_after_s": 0.0}, "--stale-after"),
+        ({"stale_after_s": 60.0, "offline_after_s": 30.0}, "--offline-after"),
+        ({"alerts_path": Path("/nonexistent/rules.toml")}, "--alerts"),
+        ({"alert_webhook": "ftp://example.org/hook"}, "--alert-webhook"),
+        ({"rejections_kept": 0}, "rejections_kept"),
+    ],
+)
+def test_operations_settings_are_checked(tmp_path: Path, changes: dict[str, Any], option: str) -> None:
+    """Test that each operations setting refuses a bad value, naming its option."""
+    with pytest.raises(ConfigError, match=option):
+        Settings(database_url=f"sqlite:///{tmp_path / 'x.db'}", **changes)
