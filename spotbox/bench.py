@@ -52,6 +52,8 @@ class BenchConfig:
     baseline_messages: int = 3_000
     qos: int = 1
     mqtt_version: str = "3.1.1"
+    # An alert rules file for the spotbox under test (an empty file: no rules, to measure what alerts cost).
+    alerts: str | None = None
 
     def load(self, messages: int) -> loadgen.Load:
         """The publishers' part of this run, for `messages` statuses."""
@@ -198,6 +200,7 @@ async def bench_spotbox(config: BenchConfig, database_url: str) -> Figures:
         database_url,
         "--log-level",
         "info",
+        *(("--alerts", config.alerts) if config.alerts is not None else ()),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )

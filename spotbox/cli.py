@@ -403,6 +403,13 @@ def simulate(
     show_default=True,
     help="Protocol the robots speak.",
 )
+@click.option(
+    "--alerts",
+    "alerts_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Alert rules of the spotbox under test (an empty file runs it without rules).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(
     robots: int,
@@ -415,12 +422,23 @@ def bench(
     baseline_messages: int,
     qos: int,
     mqtt_version: str,
+    alerts_path: Path | None,
     as_json: bool,
 ) -> None:
     """Measure stored statuses per second, publish-to-SSE latency and memory, against the classic stack."""
     configure_logging("warning", "text")
     config = BenchConfig(
-        robots, messages, rate, window, sse, database_url, baseline, baseline_messages, qos, mqtt_version
+        robots,
+        messages,
+        rate,
+        window,
+        sse,
+        database_url,
+        baseline,
+        baseline_messages,
+        qos,
+        mqtt_version,
+        str(alerts_path) if alerts_path is not None else None,
     )
     try:
         figures = asyncio.run(run_bench(config))

@@ -112,11 +112,12 @@ class _Window:
         else:
             bucket = [second, 0, 0]
             self.buckets.append(bucket)
+            # Buckets leave the window only as new seconds begin.
+            self.slide(at)
         bucket[1] += 1
         bucket[2] += rejected
         self.seen += 1
         self.rejected += rejected
-        self.slide(at)
 
     def slide(self, now: datetime) -> None:
         oldest = now.timestamp() - self.seconds
@@ -160,18 +161,30 @@ class AlertEngine:
     # ---- inputs ---------------------------------------------------------------------------------------------
 
     def on_statuses(self, rows: Iterable[StoredStatus]) -> None:
-        """Evaluate the value rules on committed statuses."""
+        """Evaluate the value rules on committed statuses.
+
+        This runs for every committed status, so the common case (nothing wrong, no alert open) is kept to a few
+        comparisons and dictionary probes per rule.
+        """
+        current = self.current
         for row in rows:
             record = row.record
+            serial = record.serial_number
             now = record.received_at
             for rule in self._threshold:
                 value = float(getattr(record, rule.field or "battery_level"))
-                condition = True if rule.opens(value) else False if rule.clears(value) else None
-                self._evaluate(rule, record.serial_number, condition, value, now)
+                opens = rule.opens(value)
+                if opens or (rule.name, serial) in current:
+                    self._evaluate(rule, serial, True if opens else False if rule.clears(value) else None, value, now)
             for rule in self._rejections:
-                self._count(rule, record.serial_number, now, rejected=False)
+                window = self._window(rule, serial)
+                window.add(now, False)
+                # Nothing rejected in the window and no alert open: nothing can change.
+                if window.rejected or (rule.name, serial) in current:
+                    self._judge_window(rule, serial, window, now)
             for rule in self._unregistered:
-                self._evaluate(rule, record.serial_number, not self.registered(record.serial_number), None, now)
+                if not self.registered(serial) or (rule.name, serial) in current:
+                    self._evaluate(rule, serial, not self.registered(serial), None, now)
 
     def on_rejection(self, serial: str, at: datetime) -> None:
         """Evaluate the rejection rules on a refused status."""
@@ -231,10 +244,14 @@ class AlertEngine:
     def _rule(self, name: str) -> Rule | None:
         return next((rule for rule in self.rules if rule.name == name), None)
 
-    def _count(self, rule: Rule, serial: str, at: datetime, *, rejected: bool) -> None:
+    def _window(self, rule: Rule, serial: str) -> _Window:
         window = self._windows.get((rule.name, serial))
         if window is None:
             window = self._windows[(rule.name, serial)] = _Window(rule.window_s)
+        return window
+
+    def _count(self, rule: Rule, serial: str, at: datetime, *, rejected: bool) -> None:
+        window = self._window(rule, serial)
         window.add(at, rejected)
         self._judge_window(rule, serial, window, at)
 
