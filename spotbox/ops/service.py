@@ -28,7 +28,7 @@ from spotbox.ops.store import (
 from spotbox.ops.webhook import Webhook
 from spotbox.settings import Settings
 from spotbox.sse import FeedHub
-from spotbox.status import StoredStatus, dumps
+from spotbox.status import StoredStatus, dumps, is_valid_serial
 from spotbox.storage import Storage
 from spotbox.validation import Rejection
 
@@ -94,7 +94,10 @@ class Operations:
         serial = rejection.serial_number[:128]
         record = RejectionRecord(serial, received_at, rejection.field, rejection.reason, raw[:REJECTED_PAYLOAD_KEPT])
         self.rejections.add(record)
-        self.alerts.on_rejection(serial, received_at)
+        # A topic can name anything: only robots' serials get a rejection window (a flood of made-up names
+        # must not grow the engine's memory).
+        if is_valid_serial(serial):
+            self.alerts.on_rejection(serial, received_at)
 
     def registered(self, robot: RegisteredRobot) -> None:
         """An operator registered or changed a robot."""
