@@ -175,8 +175,12 @@ async def _stored_at(database_url: str, expected: int) -> float:
 async def _follow(http: aiohttp.ClientSession, url: str, expect: int, latencies: list[tuple[float, float]]) -> None:
     async with http.get(url, timeout=aiohttp.ClientTimeout(total=None, sock_read=60)) as resp:
         seen = 0
+        event = b""
         async for raw in resp.content:
-            if raw.startswith(b"data: "):
+            if raw.startswith(b"event: "):
+                event = raw[7:].strip()
+            # Only statuses: a robot's feed also carries its alerts.
+            elif raw.startswith(b"data: ") and event == b"status":
                 received = time.time()
                 ts = datetime.fromisoformat(orjson.loads(raw[6:])["ts"]).timestamp()
                 latencies.append((ts, (received - ts) * 1000))
