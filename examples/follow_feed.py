@@ -20,7 +20,7 @@ async def main(serial: str, count: int) -> None:
         print(f"following {serial}", flush=True)
         event = "message"
         async for raw in resp.content:
-            line = raw.decode().rstrip("\n")
+            line = raw.decode().rstrip("\r\n")
             if line.startswith("event: "):
                 event = line[len("event: ") :]
             elif line.startswith("data: ") and event == "alert":
