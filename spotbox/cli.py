@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from pathlib import Path
 
 import aiomqtt
@@ -169,6 +170,56 @@ main.add_command(users)
     show_default="keep forever",
     help="Delete statuses whose ts is older than this many days (at start, then every 10 minutes).",
 )
+@click.option(
+    "--forward",
+    envvar="SPOTBOX_FORWARD",
+    multiple=True,
+    help="Upstream broker (mqtt[s]://user:pass@host:port) that gets every stored status, from the database; "
+    "repeat for several (the variable takes them space-separated).",
+)
+@click.option(
+    "--forward-prefix",
+    envvar="SPOTBOX_FORWARD_PREFIX",
+    default=None,
+    show_default="spotbox/{gateway id}/",
+    help="Topic prefix upstream: statuses go to PREFIXrobot/{serial}/status.",
+)
+@click.option(
+    "--gateway-id",
+    envvar="SPOTBOX_GATEWAY_ID",
+    default=None,
+    show_default="the host name",
+    help="This gateway's name upstream (topic prefix, user property `gateway`).",
+)
+@click.option(
+    "--forward-rate",
+    envvar="SPOTBOX_FORWARD_RATE",
+    type=float,
+    default=2000.0,
+    show_default=True,
+    help="Most statuses a second sent to each --forward target (a catch-up must not starve ingest).",
+)
+@click.option(
+    "--forward-rejections/--no-forward-rejections",
+    envvar="SPOTBOX_FORWARD_REJECTIONS",
+    default=True,
+    show_default=True,
+    help="Also forward rejections (PREFIXspotbox/rejected/{serial}).",
+)
+@click.option(
+    "--forward-alerts/--no-forward-alerts",
+    envvar="SPOTBOX_FORWARD_ALERTS",
+    default=True,
+    show_default=True,
+    help="Also forward alert changes (PREFIXspotbox/alerts/{serial}).",
+)
+@click.option(
+    "--forward-may-drop",
+    envvar="SPOTBOX_FORWARD_MAY_DROP",
+    is_flag=True,
+    default=False,
+    help="Let --retention-days delete statuses not yet forwarded (by default they are kept until forwarded).",
+)
 def run(
     http_host: str,
     http_port: int,
@@ -188,6 +239,13 @@ def run(
     max_json_depth: int,
     tls_cert: Path | None,
     tls_key: Path | None,
+    forward: tuple[str, ...],
+    forward_prefix: str | None,
+    gateway_id: str | None,
+    forward_rate: float,
+    forward_rejections: bool,
+    forward_alerts: bool,
+    forward_may_drop: bool,
 ) -> None:
     """Run the broker, the ingest pipeline and the HTTP API until SIGINT or SIGTERM."""
     try:
@@ -210,6 +268,13 @@ def run(
             max_json_depth=max_json_depth,
             tls_cert=tls_cert,
             tls_key=tls_key,
+            forward=forward,
+            forward_prefix=forward_prefix,
+            forward_rate=forward_rate,
+            forward_rejections=forward_rejections,
+            forward_alerts=forward_alerts,
+            forward_may_drop=forward_may_drop,
+            gateway_id=gateway_id if gateway_id is not None else socket.gethostname(),
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None

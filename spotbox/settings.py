@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from spotbox.cluster.client import BrokerURL
 from spotbox.errors import ConfigError
+from spotbox.status import SERIAL_RE
 from spotbox.users import Users
 
 BUNDLED_SCHEMA = Path(__file__).parent / "schemas" / "robot-status.schema.json"
@@ -114,6 +117,15 @@ class Settings:
     # TLS for MQTT over TCP and for HTTP (so also MQTT over WebSocket): both files, or neither.
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Store and forward (spotbox/cluster/forward.py): upstream brokers that get every committed status.
+    forward: tuple[str, ...] = ()
+    forward_prefix: str | None = None
+    gateway_id: str = field(default_factory=socket.gethostname)
+    forward_rate: float = 2000.0
+    forward_rejections: bool = True
+    forward_alerts: bool = True
+    forward_may_drop: bool = False
+    forward_keepalive: int = 30
     database: DatabaseURL = field(init=False, repr=False)
     ssl_context: ssl.SSLContext | None = field(init=False, repr=False, compare=False)
     users: Users | None = field(init=False, repr=False, compare=False)
@@ -153,4 +165,22 @@ class Settings:
         if self.max_json_depth < 2:
             raise ConfigError("--max-json-depth", f"{self.max_json_depth} is below 2, the depth of a status")
         object.__setattr__(self, "database", DatabaseURL.parse(self.database_url))
+        self._check_forward()
         object.__setattr__(self, "ssl_context", _server_ssl_context(self.tls_cert, self.tls_key))
+
+    def _check_forward(self) -> None:
+        for url in self.forward:
+            BrokerURL.parse(url, "--forward")
+        if len(set(self.forward)) != len(self.forward):
+            raise ConfigError("--forward", "the same target is given twice")
+        if not SERIAL_RE.fullmatch(self.gateway_id):
+            raise ConfigError("--gateway-id", f"{self.gateway_id!r} is not 1 to 64 of A-Z a-z 0-9 _ . -")
+        if self.forward_rate <= 0:
+            raise ConfigError("--forward-rate", f"{self.forward_rate} is not a positive number of statuses a second")
+        if self.forward_prefix is not None and ("+" in self.forward_prefix or "#" in self.forward_prefix):
+            raise ConfigError("--forward-prefix", f"{self.forward_prefix!r}: a topic prefix has no wildcards")
+
+    @property
+    def forward_topic_prefix(self) -> str:
+        """What every forwarded topic starts with: `--forward-prefix`, or `spotbox/{gateway id}/`."""
+        return self.forward_prefix if self.forward_prefix is not None else f"spotbox/{self.gateway_id}/"

@@ -191,12 +191,18 @@ class MqttClient:
         self.deliveries: asyncio.Queue[Delivery] = asyncio.Queue()
         self._connection: _Connection | None = None
         self._connected = asyncio.Event()
+        self._changed = asyncio.Event()
         self._next_id = 0
 
     @property
     def connected(self) -> bool:
         """True while a connection is up and accepted."""
         return self._connection is not None and not self._connection.closed
+
+    async def wait_changed(self) -> None:
+        """Return at the next change of state or last error (for status pages and tests)."""
+        self._changed.clear()
+        await self._changed.wait()
 
     async def wait_connected(self) -> None:
         """Return once a connection is up."""
@@ -215,6 +221,7 @@ class MqttClient:
                 if self.state is not LinkState.DOWN:
                     logger.warning("%s %s: connection ended: %s", self.name, self.url, self.last_error)
             self.state = LinkState.DOWN
+            self._changed.set()
             # Jitter spreads many gateways' reconnects after a cloud outage.
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - not cryptographic
             delay = min(delay * 2, self.backoff_max_s)
@@ -292,6 +299,7 @@ class MqttClient:
         self.connects += 1
         self.state = LinkState.UP
         self.last_error = None
+        self._changed.set()
         logger.info("%s %s: connected (session present: %s)", self.name, self.url, connack.session_present)
         try:
             if self.subscriptions:
@@ -333,7 +341,9 @@ class MqttClient:
             raise ConnectionLostError(f"expected CONNACK, got {type(packet).__name__}")
         if packet.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
             reason = f"0x{int(packet.reason_code):02X} {packet.reason_code.name}"
-            raise ConnectRefusedError(f"CONNECT refused: {reason}{f' ({packet.reason_str})' if packet.reason_str else ''}")
+            raise ConnectRefusedError(
+                f"CONNECT refused: {reason}{f' ({packet.reason_str})' if packet.reason_str else ''}"
+            )
         return packet
 
     async def _read_loop(self, connection: _Connection, buffer: bytearray) -> None:
