@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from spotbox.app import create_app
-from spotbox.bench import BenchConfig, format_table, run_bench
+from spotbox.bench import BenchConfig, format_table, run_bench, run_forward_bench
 from spotbox.errors import ConfigError, ListenError, SpotboxError
 from spotbox.loadgen import PROTOCOL_LEVELS
 from spotbox.logs import configure_logging
@@ -427,6 +427,12 @@ def simulate(
     show_default=True,
     help="Protocol the robots speak.",
 )
+@click.option(
+    "--forward",
+    is_flag=True,
+    help="Measure store and forward instead: ingest without and with --forward to a local Mosquitto, "
+    "and how fast statuses reach it.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(
     robots: int,
@@ -439,6 +445,7 @@ def bench(
     baseline_messages: int,
     qos: int,
     mqtt_version: str,
+    forward: bool,
     as_json: bool,
 ) -> None:
     """Measure stored statuses per second, publish-to-SSE latency and memory, against the classic stack."""
@@ -447,7 +454,10 @@ def bench(
         robots, messages, rate, window, sse, database_url, baseline, baseline_messages, qos, mqtt_version
     )
     try:
-        figures = asyncio.run(run_bench(config))
+        figures = asyncio.run(run_forward_bench(config) if forward else run_bench(config))
     except SpotboxError as exc:
         raise click.ClickException(str(exc)) from None
+    if forward and not as_json:
+        click.echo("\n".join(f"{key}: {value}" for key, value in figures.items() if key != "config"))
+        return
     click.echo(orjson.dumps(figures).decode() if as_json else format_table(figures))

@@ -124,6 +124,7 @@ class _Connection:
         self.reader = reader
         self.writer = writer
         self.window = asyncio.Semaphore(receive_max)
+        self.receive_max = receive_max
         self.pending: dict[int, asyncio.Future[mqtt5.PubAckPacket]] = {}
         self.unacked: deque[Delivery] = deque()
         self.last_sent = time.monotonic()
@@ -226,6 +227,44 @@ class MqttClient:
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - not cryptographic
             delay = min(delay * 2, self.backoff_max_s)
 
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        user_properties: list[tuple[str, str]] | None = None,
+        content_type: str | None = None,
+        retain: bool = False,
+    ) -> asyncio.Future[mqtt5.PubAckPacket]:
+        """Write a QoS 1 PUBLISH now; the future is the broker's PUBACK.
+
+        For callers that pipeline many messages and keep to `receive_maximum` themselves. Raises ConnectionLostError
+        when not connected; the future fails with it when the connection ends before the PUBACK.
+        """
+        connection = self._connection
+        if connection is None or connection.closed:
+            raise ConnectionLostError("not connected")
+        packet_id = self._packet_id(connection)
+        future: asyncio.Future[mqtt5.PubAckPacket] = asyncio.get_running_loop().create_future()
+        connection.pending[packet_id] = future
+        packet = mqtt5.PublishPacket(
+            topic,
+            payload,
+            qos=mqtt5.QoS.AT_LEAST_ONCE,
+            retain=retain,
+            packet_id=packet_id,
+            content_type=content_type,
+            user_properties=user_properties,
+        )
+        connection.send(packet.write())
+        return future
+
+    @property
+    def receive_maximum(self) -> int:
+        """How many unacknowledged QoS 1 publishes the broker takes at once (1 while not connected)."""
+        connection = self._connection
+        return connection.receive_max if connection is not None else 1
+
     async def publish(
         self,
         topic: str,
@@ -243,30 +282,15 @@ class MqttClient:
         while True:
             await self._connected.wait()
             connection = self._connection
-            if connection is None or connection.closed:
-                await asyncio.sleep(0)
-                continue
-            break
+            if connection is not None and not connection.closed:
+                break
+            await asyncio.sleep(0)
         async with connection.window:
-            packet_id = self._packet_id(connection)
-            future: asyncio.Future[mqtt5.PubAckPacket] = asyncio.get_running_loop().create_future()
-            connection.pending[packet_id] = future
-            packet = mqtt5.PublishPacket(
-                topic,
-                payload,
-                qos=mqtt5.QoS.AT_LEAST_ONCE,
-                retain=retain,
-                packet_id=packet_id,
-                content_type=content_type,
-                user_properties=user_properties,
+            future = self.publish_nowait(
+                topic, payload, user_properties=user_properties, content_type=content_type, retain=retain
             )
-            try:
-                connection.send(packet.write())
-                ack = await future
-            finally:
-                connection.pending.pop(packet_id, None)
-        if int(ack.reason_code) >= 0x80:
-            raise PublishRefusedError(topic, int(ack.reason_code), ack.reason_str)
+            ack = await future
+        raise_for_refusal(topic, ack)
 
     async def drain(self) -> None:
         """Wait until what was written has been handed to the OS (flow control towards a slow broker)."""
@@ -352,7 +376,7 @@ class MqttClient:
             connection.last_received = time.monotonic()
             match packet:
                 case mqtt5.PubAckPacket():
-                    future = connection.pending.get(packet.packet_id)
+                    future = connection.pending.pop(packet.packet_id, None)
                     if future is not None and not future.done():
                         future.set_result(packet)
                 case mqtt5.PublishPacket():
@@ -400,6 +424,12 @@ class MqttClient:
             connection.send(mqtt5.DisconnectPacket().write())
             await connection.writer.drain()
         connection.close("disconnected")
+
+
+def raise_for_refusal(topic: str, ack: mqtt5.PubAckPacket) -> None:
+    """Raise PublishRefusedError when a PUBACK carries a refusal reason code (0x80 or more)."""
+    if int(ack.reason_code) >= 0x80:
+        raise PublishRefusedError(topic, int(ack.reason_code), ack.reason_str)
 
 
 async def _read_packet(reader: asyncio.StreamReader, buffer: bytearray) -> mqtt5.Packet:

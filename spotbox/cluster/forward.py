@@ -28,7 +28,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from spotbox.cluster.client import BrokerURL, ConnectionLostError, LinkState, MqttClient, PublishRefusedError
+import mqtt5
+
+from spotbox.cluster.client import (
+    BrokerURL,
+    ConnectionLostError,
+    LinkState,
+    MqttClient,
+    PublishRefusedError,
+    raise_for_refusal,
+)
 from spotbox.errors import StorageError
 from spotbox.status import StoredStatus, dumps
 from spotbox.storage import Storage
@@ -169,62 +178,54 @@ class Forwarder:
                 await asyncio.sleep(1)
 
     async def _send_from(self, after: int) -> None:
-        """Publish rows after `after` until the connection is lost, keeping `window` in flight."""
-        in_flight: deque[tuple[int, asyncio.Task[None]]] = deque()
-        window = asyncio.Semaphore(self.config.window)
+        """Publish rows after `after` until the connection is lost, pipelined up to the window.
+
+        PUBLISHes are written without waiting (no task per message); the oldest PUBACK is awaited only when the
+        window is full, and the cursor moves over each acknowledged row in order.
+        """
+        in_flight: deque[tuple[StoredStatus, asyncio.Future[mqtt5.PubAckPacket]]] = deque()
+        window = max(1, min(self.config.window, self.client.receive_maximum))
         try:
             while True:
                 rows = await self.storage.rows_after(None, after, _PAGE)
                 if not rows:
-                    self._advance(in_flight)
-                    await self._raise_if_lost(in_flight)
+                    while in_flight:
+                        await self._settle(in_flight.popleft())
                     await asyncio.sleep(_IDLE_POLL_S)
                     continue
                 for row in rows:
+                    while len(in_flight) >= window or (in_flight and in_flight[0][1].done()):
+                        await self._settle(in_flight.popleft())
                     await self._rate.take()
-                    await window.acquire()
-                    task = asyncio.create_task(self._publish(row), name=f"forward-{self.target}-{row.id}")
-                    task.add_done_callback(lambda _: window.release())
-                    in_flight.append((row.id, task))
+                    in_flight.append((row, self._publish(row)))
                     after = row.id
-                    self._advance(in_flight)
-                    await self._raise_if_lost(in_flight)
         finally:
-            for _, task in in_flight:
-                task.cancel()
-            await asyncio.gather(*(task for _, task in in_flight), return_exceptions=True)
+            for _, future in in_flight:
+                future.cancel()
 
-    def _advance(self, in_flight: deque[tuple[int, asyncio.Task[None]]]) -> None:
-        """Move the cursor over the acknowledged rows at the head of what is in flight."""
-        while in_flight and in_flight[0][1].done() and not in_flight[0][1].cancelled():
-            row_id, task = in_flight[0]
-            if task.exception() is not None:
-                return
-            in_flight.popleft()
-            self.cursor = row_id
-            self.forwarded += 1
+    def _publish(self, row: StoredStatus) -> asyncio.Future[mqtt5.PubAckPacket]:
+        return self.client.publish_nowait(
+            self.status_topic(row.record.serial_number),
+            dumps(row.to_api(include_payload=True)),
+            user_properties=[("row_id", str(row.id)), ("gateway", self.config.gateway_id)],
+            content_type="application/json",
+        )
 
-    async def _raise_if_lost(self, in_flight: deque[tuple[int, asyncio.Task[None]]]) -> None:
-        for _, task in in_flight:
-            if task.done() and not task.cancelled() and (error := task.exception()) is not None:
-                raise error
-
-    async def _publish(self, row: StoredStatus) -> None:
-        body = dumps(row.to_api(include_payload=True))
-        properties = [("row_id", str(row.id)), ("gateway", self.config.gateway_id)]
+    async def _settle(self, sent: tuple[StoredStatus, asyncio.Future[mqtt5.PubAckPacket]]) -> None:
+        """Wait for the oldest publish's PUBACK and move the cursor over it (ConnectionLostError ends the round)."""
+        row, future = sent
+        ack = await future
         try:
-            await self.client.publish(
-                self.status_topic(row.record.serial_number),
-                body,
-                user_properties=properties,
-                content_type="application/json",
-            )
+            raise_for_refusal(self.status_topic(row.record.serial_number), ack)
         except PublishRefusedError as exc:
             # The broker took the message and said no (an ACL, a quota): resending cannot change that. Count it,
             # report it, and move on, or one refused topic would stop the whole uplink.
             self.refused += 1
             self.last_refusal = str(exc)
             logger.error("forward %s: row %d refused upstream: %s", self.target, row.id, exc)
+        else:
+            self.forwarded += 1
+        self.cursor = row.id
 
     async def _forward_events(self) -> None:
         while True:
