@@ -19,10 +19,10 @@ from spotbox.broker.limits import MqttLimits
 from spotbox.broker.websocket import serve_mqtt_websocket
 from spotbox.cluster.client import BrokerURL
 from spotbox.cluster.forward import ForwardConfig, Forwarder, keep_after_id
-from spotbox.keys import BROKER, FORWARDERS, HUB, PIPELINE, RETENTION, SETTINGS, STORAGE
+from spotbox.keys import BROKER, FORWARDERS, HUB, PIPELINE, RETENTION, RUNTIME, SETTINGS, STORAGE
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
-from spotbox.settings import Settings
+from spotbox.settings import Runtime, Settings, load_runtime
 from spotbox.sse import FeedHub
 from spotbox.status import dumps
 from spotbox.storage import open_storage
@@ -93,16 +93,16 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
     """Start the embedded broker (built here: amqtt needs the running loop) and its TCP listener."""
-    settings = app[SETTINGS]
+    settings, runtime = app[SETTINGS], app[RUNTIME]
     limits = MqttLimits(settings.max_payload, settings.max_topic_length, settings.max_connections)
-    broker = SpotboxBroker(app[PIPELINE], settings.users, limits)
+    broker = SpotboxBroker(app[PIPELINE], runtime.users, limits)
     await broker.start()
     try:
-        host, port = await broker.listen(settings.mqtt_host, settings.mqtt_port, settings.ssl_context)
+        host, port = await broker.listen(settings.mqtt_host, settings.mqtt_port, runtime.ssl_context)
     except BaseException:
         await broker.shutdown()
         raise
-    logger.info("mqtt listening on %s:%d%s", host, port, " (TLS)" if settings.ssl_context else "")
+    logger.info("mqtt listening on %s:%d%s", host, port, " (TLS)" if runtime.ssl_context else "")
     app[BROKER] = broker
     yield
     await broker.stop_listening()
@@ -172,11 +172,12 @@ async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
     return await serve_mqtt_websocket(request, request.app[BROKER])
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the spotbox application; nothing starts until the app is run."""
+def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Application:
+    """Build the spotbox application (reading the files the settings name unless given); nothing starts yet."""
     # --max-payload bounds an HTTP status body as it bounds an MQTT payload.
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_payload)
     app[SETTINGS] = settings
+    app[RUNTIME] = runtime if runtime is not None else load_runtime(settings)
     app[HUB] = FeedHub()
     app[FORWARDERS] = []
     app.cleanup_ctx.extend([storage_ctx, pipeline_ctx, broker_ctx])

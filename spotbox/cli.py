@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
-from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import click
@@ -18,7 +17,8 @@ from spotbox.bench import BenchConfig, format_table, run_bench, run_forward_benc
 from spotbox.errors import ConfigError, ListenError, SpotboxError
 from spotbox.loadgen import PROTOCOL_LEVELS
 from spotbox.logs import configure_logging
-from spotbox.settings import BUNDLED_SCHEMA, LOG_FORMATS, Settings
+from spotbox.options import click_options
+from spotbox.settings import Runtime, Settings, load_runtime
 from spotbox.simulate import MQTT_VERSIONS, Fleet, FleetConfig
 from spotbox.users_cli import users
 
@@ -35,270 +35,35 @@ main.add_command(users)
 
 
 @main.command()
-@click.option(
-    "--http-host",
-    envvar="SPOTBOX_HTTP_HOST",
-    default="127.0.0.1",
-    show_default=True,
-    help="Address of the HTTP API, SSE feeds and MQTT over WebSocket (/mqtt).",
-)
-@click.option(
-    "--http-port",
-    envvar="SPOTBOX_HTTP_PORT",
-    type=int,
-    default=8000,
-    show_default=True,
-    help="HTTP port; 0 picks a free one.",
-)
-@click.option(
-    "--mqtt-host",
-    envvar="SPOTBOX_MQTT_HOST",
-    default="127.0.0.1",
-    show_default=True,
-    help="Address of MQTT over TCP; anything but loopback needs --users.",
-)
-@click.option(
-    "--mqtt-port",
-    envvar="SPOTBOX_MQTT_PORT",
-    type=int,
-    default=1883,
-    show_default=True,
-    help="MQTT port; 0 picks a free one.",
-)
-@click.option(
-    "--database-url",
-    envvar=["SPOTBOX_DATABASE_URL", "DATABASE_URL"],
-    default="sqlite:///spotbox.db",
-    show_default=True,
-    help="sqlite:///PATH or postgresql://user:pass@host:port/db",
-)
-@click.option(
-    "--schema",
-    "schema_path",
-    envvar="SPOTBOX_SCHEMA",
-    type=click.Path(path_type=Path),
-    default=BUNDLED_SCHEMA,
-    show_default="bundled robot-status schema",
-    help="JSON Schema (2020-12) for robot/+/status.",
-)
-@click.option(
-    "--users",
-    "users_path",
-    envvar="SPOTBOX_USERS",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    show_default="none: anonymous MQTT, loopback only",
-    help="MQTT users file (spotbox users add): every MQTT client, and HTTP ingest, must then log in.",
-)
-@click.option(
-    "--tls-cert",
-    envvar="SPOTBOX_TLS_CERT",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="PEM certificate (chain): MQTT over TCP and HTTP, so also MQTT over WebSocket, then speak TLS.",
-)
-@click.option(
-    "--tls-key",
-    envvar="SPOTBOX_TLS_KEY",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="PEM private key of --tls-cert.",
-)
-@click.option(
-    "--max-payload",
-    envvar="SPOTBOX_MAX_PAYLOAD",
-    type=int,
-    default=1024 * 1024,
-    show_default=True,
-    help="Largest MQTT payload and HTTP status body, in bytes: a bigger PUBLISH closes the connection, a body is 413.",
-)
-@click.option(
-    "--max-topic-length",
-    envvar="SPOTBOX_MAX_TOPIC_LENGTH",
-    type=int,
-    default=1024,
-    show_default=True,
-    help="Longest MQTT topic in bytes.",
-)
-@click.option(
-    "--max-connections",
-    envvar="SPOTBOX_MAX_CONNECTIONS",
-    type=int,
-    default=1000,
-    show_default=True,
-    help="Most MQTT clients connected at once (TCP and WebSocket); more are refused.",
-)
-@click.option(
-    "--max-json-depth",
-    envvar="SPOTBOX_MAX_JSON_DEPTH",
-    type=int,
-    default=32,
-    show_default=True,
-    help="Deepest nesting of objects and arrays in a status.",
-)
-@click.option(
-    "--log-level",
-    envvar="SPOTBOX_LOG_LEVEL",
-    default="info",
-    show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-)
-@click.option(
-    "--log-format", envvar="SPOTBOX_LOG_FORMAT", default="text", show_default=True, type=click.Choice(LOG_FORMATS)
-)
-@click.option(
-    "--batch-max",
-    envvar="SPOTBOX_BATCH_MAX",
-    type=int,
-    default=500,
-    show_default=True,
-    help="Most statuses committed in one transaction.",
-)
-@click.option(
-    "--batch-wait-ms",
-    envvar="SPOTBOX_BATCH_WAIT_MS",
-    type=float,
-    default=5.0,
-    show_default=True,
-    help="Longest wait for a batch to fill once it has one status.",
-)
-@click.option(
-    "--retention-days",
-    envvar="SPOTBOX_RETENTION_DAYS",
-    type=int,
-    default=None,
-    show_default="keep forever",
-    help="Delete statuses whose ts is older than this many days (at start, then every 10 minutes).",
-)
-@click.option(
-    "--forward",
-    envvar="SPOTBOX_FORWARD",
-    multiple=True,
-    help="Upstream broker (mqtt[s]://user:pass@host:port) that gets every stored status, from the database; "
-    "repeat for several (the variable takes them space-separated).",
-)
-@click.option(
-    "--forward-prefix",
-    envvar="SPOTBOX_FORWARD_PREFIX",
-    default=None,
-    show_default="spotbox/{gateway id}/",
-    help="Topic prefix upstream: statuses go to PREFIXrobot/{serial}/status.",
-)
-@click.option(
-    "--gateway-id",
-    envvar="SPOTBOX_GATEWAY_ID",
-    default=None,
-    show_default="the host name",
-    help="This gateway's name upstream (topic prefix, user property `gateway`).",
-)
-@click.option(
-    "--forward-rate",
-    envvar="SPOTBOX_FORWARD_RATE",
-    type=float,
-    default=2000.0,
-    show_default=True,
-    help="Most statuses a second sent to each --forward target (a catch-up must not starve ingest).",
-)
-@click.option(
-    "--forward-rejections/--no-forward-rejections",
-    envvar="SPOTBOX_FORWARD_REJECTIONS",
-    default=True,
-    show_default=True,
-    help="Also forward rejections (PREFIXspotbox/rejected/{serial}).",
-)
-@click.option(
-    "--forward-alerts/--no-forward-alerts",
-    envvar="SPOTBOX_FORWARD_ALERTS",
-    default=True,
-    show_default=True,
-    help="Also forward alert changes (PREFIXspotbox/alerts/{serial}).",
-)
-@click.option(
-    "--forward-may-drop",
-    envvar="SPOTBOX_FORWARD_MAY_DROP",
-    is_flag=True,
-    default=False,
-    help="Let --retention-days delete statuses not yet forwarded (by default they are kept until forwarded).",
-)
-def run(
-    http_host: str,
-    http_port: int,
-    mqtt_host: str,
-    mqtt_port: int,
-    database_url: str,
-    schema_path: Path,
-    log_level: str,
-    log_format: str,
-    batch_max: int,
-    batch_wait_ms: float,
-    retention_days: int | None,
-    users_path: Path | None,
-    max_payload: int,
-    max_topic_length: int,
-    max_connections: int,
-    max_json_depth: int,
-    tls_cert: Path | None,
-    tls_key: Path | None,
-    forward: tuple[str, ...],
-    forward_prefix: str | None,
-    gateway_id: str | None,
-    forward_rate: float,
-    forward_rejections: bool,
-    forward_alerts: bool,
-    forward_may_drop: bool,
-) -> None:
+@click_options(Settings)
+def run(**values: Any) -> None:
     """Run the broker, the ingest pipeline and the HTTP API until SIGINT or SIGTERM."""
     try:
-        settings = Settings(
-            http_host=http_host,
-            http_port=http_port,
-            mqtt_host=mqtt_host,
-            mqtt_port=mqtt_port,
-            database_url=database_url,
-            schema_path=schema_path,
-            log_level=log_level,
-            log_format=log_format,
-            batch_max=batch_max,
-            batch_wait_ms=batch_wait_ms,
-            retention_days=retention_days,
-            users_path=users_path,
-            max_payload=max_payload,
-            max_topic_length=max_topic_length,
-            max_connections=max_connections,
-            max_json_depth=max_json_depth,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            forward=forward,
-            forward_prefix=forward_prefix,
-            forward_rate=forward_rate,
-            forward_rejections=forward_rejections,
-            forward_alerts=forward_alerts,
-            forward_may_drop=forward_may_drop,
-            gateway_id=gateway_id if gateway_id is not None else socket.gethostname(),
-        )
+        settings = Settings(**values)
+        runtime = load_runtime(settings)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     configure_logging(settings.log_level, settings.log_format)
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, runtime))
     except SpotboxError as exc:
         raise click.ClickException(str(exc)) from None
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, runtime: Runtime) -> None:
     """Start everything, log the real listening addresses, and run until a stop signal."""
-    app = create_app(settings)
+    app = create_app(settings, runtime)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.http_host, settings.http_port, ssl_context=settings.ssl_context)
+        site = web.TCPSite(runner, settings.http_host, settings.http_port, ssl_context=runtime.ssl_context)
         try:
             await site.start()
         except OSError as exc:
             raise ListenError(
                 "HTTP", settings.http_host, settings.http_port, "--http-port (or --http-host)", exc
             ) from exc
-        scheme = "https" if settings.ssl_context else "http"
+        scheme = "https" if runtime.ssl_context else "http"
         for host, port, *_ in runner.addresses:
             logger.info("http listening on %s://%s:%d", scheme, host, port)
         stop = asyncio.Event()

@@ -9,11 +9,13 @@ from spotbox.broker import SpotboxBroker
 from spotbox.cluster.forward import Forwarder
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
-from spotbox.settings import Settings
+from spotbox.settings import Runtime, Settings
 from spotbox.sse import FeedHub
 from spotbox.storage import Storage
 
 SETTINGS = web.AppKey("settings", Settings)
+# The files the settings name (users, TLS), read once by load_runtime.
+RUNTIME = web.AppKey("runtime", Runtime)
 STORAGE = web.AppKey("storage", Storage)
 HUB = web.AppKey("hub", FeedHub)
 PIPELINE = web.AppKey("pipeline", IngestPipeline)

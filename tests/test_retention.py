@@ -185,7 +185,7 @@ async def test_retention_days_must_be_positive(args: list[str], env: dict[str, s
 
 def test_help_shows_the_retention_default() -> None:
     """Test that `spotbox run --help` documents --retention-days, its variable's default: keep forever."""
-    result = CliRunner().invoke(main, ["run", "--help"])
+    result = CliRunner().invoke(main, ["run", "--help"], terminal_width=200)
     assert result.exit_code == 0
     assert "--retention-days" in result.output
     assert "keep forever" in result.output

@@ -6,47 +6,98 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from spotbox.cli import main
 from spotbox.errors import ConfigError
-from spotbox.settings import DatabaseURL, Settings
+from spotbox.options import README, readme_table, replace_table, rows
+from spotbox.settings import DatabaseURL, Settings, load_runtime
+
+# One bad value per check; test_every_check_is_provoked keeps this list complete.
+BAD_VALUES: list[tuple[dict[str, Any], str]] = [
+    ({"http_port": 70000}, "--http-port"),
+    ({"mqtt_port": -1}, "--mqtt-port"),
+    ({"mqtt_host": "0.0.0.0"}, "--mqtt-host"),
+    ({"mqtt_host": "192.168.1.10"}, "--mqtt-host"),
+    ({"schema_path": Path("/no/such/schema.json")}, "--schema"),
+    ({"log_level": "chatty"}, "--log-level"),
+    ({"log_format": "xml"}, "--log-format"),
+    ({"batch_max": 0}, "--batch-max"),
+    ({"batch_wait_ms": -1}, "--batch-wait-ms"),
+    ({"queue_size": 0}, "--queue-size"),
+    ({"ingest_timeout_s": 0}, "--ingest-timeout-s"),
+    ({"sse_ping_s": 0}, "--sse-ping-s"),
+    ({"shutdown_timeout_s": -1}, "--shutdown-timeout-s"),
+    ({"retention_days": 0}, "--retention-days"),
+    ({"retention_days": -7}, "--retention-days"),
+    ({"retention_batch": 0}, "--retention-batch"),
+    ({"retention_interval_s": 0}, "--retention-interval-s"),
+    ({"database_url": "mysql://localhost/db"}, "--database-url"),
+    ({"database_url": "sqlite://relative.db"}, "--database-url"),
+    ({"database_url": "sqlite:///"}, "--database-url"),
+    ({"database_url": "postgresql://"}, "--database-url"),
+    ({"max_payload": 0}, "--max-payload"),
+    ({"max_payload": 300_000_000}, "--max-payload"),
+    ({"max_topic_length": 65536}, "--max-topic-length"),
+    ({"max_connections": 0}, "--max-connections"),
+    ({"max_json_depth": 1}, "--max-json-depth"),
+    ({"tls_key": Path("/no/such/key.pem")}, "--tls-cert"),
+]
 
 
-@pytest.mark.parametrize(
-    ("changes", "option"),
-    [
-        ({"http_port": 70000}, "--http-port"),
-        ({"mqtt_port": -1}, "--mqtt-port"),
-        ({"mqtt_host": "0.0.0.0"}, "--mqtt-host"),
-        ({"mqtt_host": "192.168.1.10"}, "--mqtt-host"),
-        ({"schema_path": Path("/no/such/schema.json")}, "--schema"),
-        ({"log_level": "chatty"}, "--log-level"),
-        ({"log_format": "xml"}, "--log-format"),
-        ({"batch_max": 0}, "--batch-max"),
-        ({"queue_size": 0}, "--batch-max"),
-        ({"retention_days": 0}, "--retention-days"),
-        ({"retention_days": -7}, "--retention-days"),
-        ({"retention_batch": 0}, "--retention-days"),
-        ({"retention_interval_s": 0}, "--retention-days"),
-        ({"database_url": "mysql://localhost/db"}, "--database-url"),
-        ({"database_url": "sqlite://relative.db"}, "--database-url"),
-        ({"database_url": "sqlite:///"}, "--database-url"),
-        ({"database_url": "postgresql://"}, "--database-url"),
-        ({"max_payload": 0}, "--max-payload"),
-        ({"max_payload": 300_000_000}, "--max-payload"),
-        ({"max_topic_length": 65536}, "--max-topic-length"),
-        ({"max_connections": 0}, "--max-connections"),
-        ({"max_json_depth": 1}, "--max-json-depth"),
-        ({"users_path": Path("/no/such/users.json")}, "--users"),
-        ({"tls_key": Path("/no/such/key.pem")}, "--tls-cert"),
-        ({"tls_cert": Path("/no/such/cert.pem"), "tls_key": Path("/no/such/key.pem")}, "--tls-cert"),
-    ],
-)
+@pytest.mark.parametrize(("changes", "option"), BAD_VALUES)
 def test_each_check_fires(changes: dict[str, Any], option: str) -> None:
     """Test that a bad value is refused when Settings are built, naming the option to change."""
     with pytest.raises(ConfigError) as caught:
         Settings(**changes)
     assert caught.value.option == option
     assert str(caught.value).startswith(f"{option}: ")
+
+
+def test_every_check_is_provoked() -> None:
+    """Test that each option with a check or choices has a bad value above, refused under its own flag."""
+    checked = {row.name: row.flag for row in rows(Settings) if row.option.check or row.option.choices}
+    provoked = {name: option for changes, option in BAD_VALUES for name in changes}
+    assert {name: provoked.get(name) for name in checked} == checked
+
+
+@pytest.mark.parametrize(
+    ("changes", "option", "expected"),
+    [
+        ({"users_path": Path("/no/such/users.json")}, "--users", "no such file"),
+        ({"tls_cert": Path("/no/such/cert.pem"), "tls_key": Path("/no/such/key.pem")}, "--tls-cert", "cannot load"),
+    ],
+)
+def test_files_are_read_when_the_runtime_is_loaded(changes: dict[str, Any], option: str, expected: str) -> None:
+    """Test that Settings only hold paths, and load_runtime reads them, naming the option of an unreadable file."""
+    settings = Settings(**changes)
+    with pytest.raises(ConfigError) as caught:
+        load_runtime(settings)
+    assert caught.value.option == option
+    assert expected in str(caught.value)
+
+
+def test_readme_settings_table_is_generated_from_the_rows() -> None:
+    """Test that README's settings table is the one the Settings rows generate (python -m spotbox.options)."""
+    readme = README.read_text(encoding="utf-8")
+    assert replace_table(readme, readme_table(Settings)) == readme, "README is stale: run python -m spotbox.options"
+
+
+def test_every_option_is_a_flag_with_its_variable_in_help() -> None:
+    """Test that spotbox run has one flag per row, and --help names each flag's environment variable."""
+    result = CliRunner().invoke(main, ["run", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for row in rows(Settings):
+        assert row.flag in result.output
+        for variable in row.envvars:
+            assert variable in result.output
+
+
+def test_the_environment_sets_an_option() -> None:
+    """Test that a row's environment variable reaches Settings as the flag would (a bad value names the flag)."""
+    result = CliRunner().invoke(main, ["run"], env={"SPOTBOX_QUEUE_SIZE": "0"})
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: --queue-size: 0 is below 1"
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "127.0.0.2"])

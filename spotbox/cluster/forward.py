@@ -96,8 +96,13 @@ class Forwarder:
         self.url = url
         self.target = str(url)  # the cursor's key: the URL without its password
         self.config = config
+        # Reconnect attempts at most 10 s apart: a gateway catches its uplink back within seconds of its return.
         self.client = MqttClient(
-            url, f"spotbox-{config.gateway_id}-forward", keep_alive=config.keep_alive, name="forward"
+            url,
+            f"spotbox-{config.gateway_id}-forward",
+            keep_alive=config.keep_alive,
+            backoff_max_s=10.0,
+            name="forward",
         )
         self.cursor = 0  # every row up to here is acknowledged upstream
         self.saved_cursor = 0
