@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from datetime import datetime
 from functools import partial
@@ -142,7 +143,9 @@ async def forward_ctx(app: web.Application) -> AsyncIterator[None]:
         forward_alerts=settings.forward_alerts,
         keep_alive=settings.forward_keepalive,
     )
-    forwarders = [Forwarder(app[STORAGE], BrokerURL.parse(url, "--forward"), config) for url in settings.forward]
+    # mqtts:// targets are verified against --forward-ca, or the system's CAs.
+    tls = ssl.create_default_context(cafile=settings.forward_ca)
+    forwarders = [Forwarder(app[STORAGE], BrokerURL.parse(url, "--forward"), config, tls) for url in settings.forward]
     app[FORWARDERS].extend(forwarders)
     tasks = [asyncio.create_task(f.run(), name=f"spotbox-forward-{f.target}") for f in forwarders]
     for forwarder in forwarders:

@@ -257,6 +257,13 @@ class Settings:
         "Let --retention-days delete statuses not yet acknowledged upstream (by default they are kept until they are).",
         group=FORWARD,
     )
+    forward_ca: Path | None = option(
+        None,
+        "PEM file of the CA certificates that sign the mqtts:// --forward targets' certificates.",
+        group=FORWARD,
+        check=readable_file,
+        default_text="the system's CAs",
+    )
     forward_keepalive: int = option(
         30,
         "MQTT keep alive towards --forward targets, in seconds: a silent link is noticed after 1.5 times this.",

@@ -77,7 +77,8 @@ def mosquitto_config(tmp_path: Path, port: int, extra: str = "") -> Path:
     """A config that listens on loopback only, anonymous, keeping sessions' queued messages in memory."""
     config = tmp_path / f"mosquitto-{port}.conf"
     config.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"
+        # As root, Mosquitto would drop to its own user, who cannot read the test's files (ACLs, certificates).
+        f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"
         f"max_inflight_messages 100\n{extra}"
     )
     return config

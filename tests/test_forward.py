@@ -23,7 +23,7 @@ from spotbox.keys import RETENTION
 from spotbox.settings import Settings
 from spotbox.storage import open_storage
 from spotbox.storage.base import HistoryQuery
-from tests.conftest import SPOTBOX, Box, BoxFactory
+from tests.conftest import SPOTBOX, Box, BoxFactory, require_tool
 from tests.helpers import raw_publisher, status
 from tests.mosquitto import Mosquitto, free_port, mosquitto_process
 
@@ -336,3 +336,47 @@ async def _start_gateway(
                 return process, mqtt_port
             assert process.poll() is None, (tmp_path / "gw.log").read_text()
             await asyncio.sleep(0.05)
+
+
+async def test_a_refused_topic_is_reported_and_forwarding_goes_on(make_box: BoxFactory, tmp_path: Path) -> None:
+    """Test that statuses the upstream ACL refuses (PUBACK 0x87) are counted and reported, and the others arrive."""
+    acl = tmp_path / "acl"
+    acl.write_text(f"topic readwrite {PREFIX}robot/R00/#\ntopic read #\n")
+    with mosquitto_process(tmp_path, extra=f"acl_file {acl}\n") as broker:
+        await broker.start()
+        async with receiving(broker.port) as receiver:
+            await receiver.subscribed.wait()
+            box = await make_box(forwarding(tmp_path, broker))
+            await publish_fleet(box, robots=2, each=10)  # R00 is allowed upstream, R01 is not
+            await receiver.wait_for(10)
+            state = await forward_state_when(box, lambda state: state["refused"] == 10 and state["lag_rows"] == 0)
+    assert set(receiver.rows) == {"R00"}
+    assert state["state"] == "up"
+    assert state["forwarded"] == 10
+    assert "0x87" in state["last_error"]
+
+
+async def test_forwarding_over_tls_verifies_the_upstream_certificate(
+    make_box: BoxFactory, tmp_path: Path, certificate: tuple[Path, Path]
+) -> None:
+    """Test that an mqtts:// target is reached over TLS with --forward-ca, and refused without it (untrusted)."""
+    cert, key = certificate
+    port = free_port()
+    config = tmp_path / "tls.conf"
+    config.write_text(f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\ncertfile {cert}\nkeyfile {key}\n")
+    broker = Mosquitto(require_tool("mosquitto"), config, port)
+    try:
+        await broker.start()
+        url = f"mqtts://localhost:{port}"
+        trusted = await make_box(forwarding(tmp_path, broker, forward=(url,), forward_ca=cert))
+        await publish_fleet(trusted, robots=1, each=3)
+        up = await forward_state_when(trusted, lambda state: state["forwarded"] == 3)
+        untrusted = await make_box(
+            forwarding(tmp_path, broker, forward=(url,), database_url=f"sqlite:///{tmp_path / 'u.db'}")
+        )
+        down = await forward_state_when(untrusted, lambda state: state["last_error"] is not None)
+    finally:
+        broker.stop()
+    assert up["state"] == "up"
+    assert down["state"] != "up"
+    assert "certificate" in down["last_error"].lower()

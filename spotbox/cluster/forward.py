@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -91,7 +92,9 @@ class _RateLimit:
 class Forwarder:
     """Forwards the status table to one upstream broker, from a durable cursor."""
 
-    def __init__(self, storage: Storage, url: BrokerURL, config: ForwardConfig) -> None:
+    def __init__(
+        self, storage: Storage, url: BrokerURL, config: ForwardConfig, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.storage = storage
         self.url = url
         self.target = str(url)  # the cursor's key: the URL without its password
@@ -102,6 +105,7 @@ class Forwarder:
             f"spotbox-{config.gateway_id}-forward",
             keep_alive=config.keep_alive,
             backoff_max_s=10.0,
+            ssl_context=tls if url.tls else None,
             name="forward",
         )
         self.cursor = 0  # every row up to here is acknowledged upstream
