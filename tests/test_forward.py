@@ -16,6 +16,7 @@ from typing import Any
 
 import aiomqtt
 import orjson
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -71,8 +72,8 @@ class Receiver:
             except aiomqtt.MqttError:
                 await asyncio.sleep(0.1)
 
-    async def wait_for(self, count: int) -> None:
-        async with asyncio.timeout(30):
+    async def wait_for(self, count: int, timeout_s: float = 30) -> None:
+        async with asyncio.timeout(timeout_s):
             while len(self.distinct) < count:
                 self.arrived.clear()
                 await self.arrived.wait()
@@ -380,3 +381,51 @@ async def test_forwarding_over_tls_verifies_the_upstream_certificate(
     assert up["state"] == "up"
     assert down["state"] != "up"
     assert "certificate" in down["last_error"].lower()
+
+
+@pytest.mark.slow
+async def test_full_scale_outage_and_kill_lose_nothing(tmp_path: Path) -> None:
+    """Test the issue's scenario: 20,000 statuses from 20 robots, the upstream stopped for 30 s in the middle and the
+    gateway killed with -9 once: every stored status arrives upstream, in order per robot, each row id once at least."""
+    with cloud(tmp_path) as broker:
+        await broker.start()
+        database = tmp_path / "gw.db"
+        async with receiving(broker.port) as receiver:
+            await receiver.subscribed.wait()
+            gateway, port = await _start_gateway(tmp_path, database, broker, rate=2000)
+            try:
+                await _publish_range(port, robots=20, first=0, each=250)  # 5,000
+                broker.stop()
+                outage = asyncio.create_task(asyncio.sleep(30))
+                await _publish_range(port, robots=20, first=250, each=250)  # 5,000 more while the uplink is down
+                gateway.send_signal(signal.SIGKILL)
+                gateway.wait(10)
+                gateway, port = await _start_gateway(tmp_path, database, broker, rate=2000)
+                await _publish_range(port, robots=20, first=500, each=250)
+                await outage
+                await broker.start()
+                await _publish_range(port, robots=20, first=750, each=250)  # 20,000 in all
+                await receiver.wait_for(20_000, timeout_s=120)
+            finally:
+                gateway.terminate()
+                gateway.wait(10)
+        storage = open_storage(Settings(database_url=f"sqlite:///{database}").database)
+        await storage.open()
+        try:
+            stored = {row.id for row in await storage.rows_after(None, 0, 50_000)}
+        finally:
+            await storage.close()
+    assert len(stored) == 20_000
+    assert receiver.distinct == stored
+    assert_in_order_per_robot(receiver)
+
+
+async def _publish_range(port: int, robots: int, first: int, each: int) -> None:
+    """Each robot publishes statuses `first` to `first + each` (QoS 1, all acknowledged)."""
+
+    async def one(robot: int) -> None:
+        async with raw_publisher(port, f"R{robot:02d}") as publisher:
+            await publisher.publish_many(range(robot * 2000 + first, robot * 2000 + first + each))
+            await publisher.acked_ids(each)
+
+    await asyncio.gather(*(one(robot) for robot in range(robots)))
