@@ -16,6 +16,8 @@ from tests.raw_mqtt import raw_client
 from tests.test_auth import PASSWORDS, login, write_users
 from tests.test_cli import failed_start, spotbox_process
 
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
+
 
 @pytest.fixture
 async def certificate(tmp_path: Path) -> tuple[Path, Path]:
