@@ -8,12 +8,15 @@ import random
 from datetime import UTC, datetime
 
 import orjson
+import pytest
 
 from spotbox.settings import BUNDLED_SCHEMA
 from spotbox.simulate import Fleet, FleetConfig, Robot, spoil
 from spotbox.status import StatusRecord
 from spotbox.validation import Rejection, StatusValidator
 from tests.conftest import SPOTBOX, Box
+
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
 
 VALIDATOR = StatusValidator(BUNDLED_SCHEMA)
 

@@ -98,13 +98,13 @@ async def test_robot_exists(storage: Storage) -> None:
     assert not await storage.robot_exists("R2")
 
 
-async def test_reopening_keeps_rows_and_does_not_migrate_again(database_url: str) -> None:
+async def test_reopening_keeps_rows_and_does_not_migrate_again(own_database_url: str) -> None:
     """Test that the schema is created once and versioned: a second start finds the data as it was."""
-    first = open_storage(DatabaseURL.parse(database_url))
+    first = open_storage(DatabaseURL.parse(own_database_url))
     await first.open()
     await first.write_batch([record("R1", 1)])
     await first.close()
-    second = open_storage(DatabaseURL.parse(database_url))
+    second = open_storage(DatabaseURL.parse(own_database_url))
     await second.open()
     try:
         assert len(await second.history(HistoryQuery("R1"))) == 1

@@ -15,6 +15,8 @@ from tests.raw_mqtt import raw_client
 from tests.test_auth import PASSWORDS, login, write_users
 from tests.test_cli import failed_start, spotbox_process
 
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
+
 
 async def test_tls_for_mqtt_websocket_and_http(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
     """Test that clients verifying the certificate publish over MQTT/TLS and WSS and read history over HTTPS."""
