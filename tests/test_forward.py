@@ -384,6 +384,7 @@ async def test_forwarding_over_tls_verifies_the_upstream_certificate(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 async def test_full_scale_outage_and_kill_lose_nothing(tmp_path: Path) -> None:
     """Test the issue's scenario: 20,000 statuses from 20 robots, the upstream stopped for 30 s in the middle and the
     gateway killed with -9 once: every stored status arrives upstream, in order per robot, each row id once at least."""
