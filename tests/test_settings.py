@@ -48,6 +48,7 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"gateway_id": "gw/1"}, "--gateway-id"),
     ({"forward_rate": 0}, "--forward-rate"),
     ({"forward_keepalive": 0}, "--forward-keepalive"),
+    ({"forward_ca": Path("/no/such/ca.pem")}, "--forward-ca"),
 ]
 
 
