@@ -257,26 +257,28 @@ async def bench_spotbox(
     return Figures(stored, seconds, stored / seconds, _latency_figures(latencies), peak, _rss_growth(rss))
 
 
-async def _forward_drained(http: aiohttp.ClientSession, http_port: int) -> float:
-    """When GET /forward first showed no lag (perf_counter), polled every 10 ms."""
+async def _forward_drained(http: aiohttp.ClientSession, http_port: int, up: list[float] | None = None) -> float:
+    """When GET /forward first showed no lag (perf_counter), polled every 10 ms; `up` gets when the link came up."""
     async with asyncio.timeout(600):
         while True:
             async with http.get(f"http://127.0.0.1:{http_port}/forward") as resp:
                 [target] = (await resp.json())["targets"]
+            if up is not None and not up and target["state"] == "up":
+                up.append(time.perf_counter())
             if target["lag_rows"] == 0 and target["forwarded"] > 0:
                 return time.perf_counter()
             await asyncio.sleep(0.01)
 
 
 @asynccontextmanager
-async def _mosquitto(workdir: Path, name: str) -> AsyncIterator[tuple[int, int] | None]:
-    """A Mosquitto of the bench's own on a free port: (port, pid), or None when it is not installed."""
+async def _mosquitto(workdir: Path, name: str, port: int | None = None) -> AsyncIterator[tuple[int, int] | None]:
+    """A Mosquitto of the bench's own on `port` or a free one: (port, pid), or None when it is not installed."""
     # Debian installs the broker in /usr/sbin, often not on a user's PATH.
     mosquitto = shutil.which("mosquitto", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
     if mosquitto is None:
         yield None
         return
-    port = _free_port()
+    port = port or _free_port()
     conf = workdir / f"{name}.conf"
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 0\n"
@@ -434,3 +436,101 @@ def format_table(figures: dict[str, Any]) -> str:
     ratio = figures["ratio_vs_baseline"]
     lines.append(f"ratio vs classic stack: {ratio}x" if ratio is not None else "classic stack: not measured")
     return "\n".join(lines)
+
+
+@asynccontextmanager
+async def _spotbox_run(database_url: str, extra_args: tuple[str, ...]) -> AsyncIterator[dict[bytes, int]]:
+    """A `spotbox run` subprocess on free ports: its ports by listener (b"mqtt", b"http"), stopped afterwards."""
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "spotbox", "run", "--mqtt-port", "0", "--http-port", "0"),
+        *("--database-url", database_url, *extra_args),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    ports: dict[bytes, int] = {}
+    try:
+        async with asyncio.timeout(30):
+            while len(ports) < 2:
+                line = await proc.stderr.readline()
+                if not line:
+                    raise BenchError("spotbox run exited before listening")
+                if match := LISTENING.search(line):
+                    ports[match.group(1)] = int(match.group(2))
+        drain = asyncio.create_task(proc.stderr.read(), name="bench-server-log")
+        yield ports
+        drain.cancel()
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            await proc.wait()
+
+
+async def _live_load(config: BenchConfig, ports: dict[bytes, int], messages: int) -> dict[str, float]:
+    """A paced load (`config.rate`) with SSE followers: stored per second and publish-to-SSE latency."""
+    per_robot = messages // config.robots
+    latencies: list[tuple[float, float]] = []
+    async with aiohttp.ClientSession() as http:
+        followers = [
+            asyncio.create_task(
+                _follow(http, f"http://127.0.0.1:{ports[b'http']}/robots/BENCH-{i:04d}/feed", per_robot, latencies)
+            )
+            for i in range(min(config.sse, config.robots))
+        ]
+        await asyncio.sleep(0.5)  # let the feeds subscribe before the first publish
+        result = await loadgen.drive("127.0.0.1", ports[b"mqtt"], config.load(per_robot * config.robots))
+        async with asyncio.timeout(60):
+            await asyncio.gather(*followers)
+    latency = _latency_figures(latencies)
+    return {
+        "stored_per_s": round(result.acked / (result.last_ack - result.first_send), 1),
+        "sse_p99_ms": round(latency["steady_p99"], 2),
+        "_first_send": result.first_send,
+    }
+
+
+async def run_forward_catch_up(config: BenchConfig, backlog: int) -> dict[str, Any]:
+    """An uplink outage, then its catch-up beside live ingest.
+
+    With the upstream Mosquitto down, `backlog` statuses are stored (as fast as they come); then a paced live load
+    (`config.rate`, `config.messages`) runs once with the upstream still down and once while spotbox catches up on
+    the backlog after the upstream returns. Reports live ingest in both, and how fast the backlog drains.
+    """
+    if config.rate is None:
+        raise BenchError("--forward-backlog needs --rate: the live load it measures beside the catch-up is paced")
+    with tempfile.TemporaryDirectory(prefix="spotbox-bench-") as tmp:
+        workdir = Path(tmp)
+        upstream_port = _free_port()
+        args = ("--forward", f"mqtt://127.0.0.1:{upstream_port}", "--forward-keepalive", "5")
+        async with (
+            _scratch_database(config.database_url, workdir, "catchup") as database_url,
+            _spotbox_run(database_url, args) as ports,
+        ):
+            fill = await loadgen.drive(
+                "127.0.0.1", ports[b"mqtt"], loadgen.Load(config.robots, backlog, max(config.window, 50))
+            )
+            if fill.acked != backlog:
+                raise BenchError(f"only {fill.acked} of {backlog} backlog statuses were acknowledged")
+            alone = await _live_load(config, ports, config.messages)
+            async with _mosquitto(workdir, "upstream", upstream_port) as upstream:
+                if upstream is None:
+                    raise BenchError("mosquitto is not installed: it is the upstream broker of the forward bench")
+                back_at = time.perf_counter()
+                up: list[float] = []
+                async with aiohttp.ClientSession() as http:
+                    during, drained = await asyncio.gather(
+                        _live_load(config, ports, config.messages), _forward_drained(http, ports[b"http"], up)
+                    )
+    total = backlog + 2 * config.messages
+    return {
+        "config": {**asdict(config), "backlog": backlog, "database_url": None},
+        "live_stored_per_s_without_catch_up": alone["stored_per_s"],
+        "live_stored_per_s_during_catch_up": during["stored_per_s"],
+        "live_cut_pct": round(100 * (1 - during["stored_per_s"] / alone["stored_per_s"]), 1),
+        "live_sse_p99_ms_without_catch_up": alone["sse_p99_ms"],
+        "live_sse_p99_ms_during_catch_up": during["sse_p99_ms"],
+        # The forwarder retries a lost uplink at most 10 s apart: it finds the upstream back within that.
+        "reconnected_after_s": round(up[0] - back_at, 2),
+        "drained_s": round(drained - up[0], 2),
+        "drained_per_s": round(total / (drained - up[0]), 1),
+    }
