@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
+import socket
 from typing import Any
 
 import aiomqtt
@@ -14,11 +16,13 @@ from aiohttp import web
 
 from spotbox.app import create_app
 from spotbox.bench import BenchConfig, format_table, run_bench
-from spotbox.errors import ConfigError, ListenError, SpotboxError
+from spotbox.errors import SpotboxError
+from spotbox.listeners import bind_both, try_lines
 from spotbox.loadgen import PROTOCOL_LEVELS
 from spotbox.logs import configure_logging
 from spotbox.options import click_options
-from spotbox.settings import Runtime, Settings, load_runtime
+from spotbox.runtime import Runtime, load_runtime
+from spotbox.settings import Settings
 from spotbox.simulate import MQTT_VERSIONS, Fleet, FleetConfig
 from spotbox.users_cli import users
 
@@ -38,38 +42,44 @@ main.add_command(users)
 @click_options(Settings)
 def run(**values: Any) -> None:
     """Run the broker, the ingest pipeline and the HTTP API until SIGINT or SIGTERM."""
+    # Everything that can be checked is checked, and both ports bound, before the database is opened:
+    # a busy port or a bad file leaves no database behind.
     try:
         settings = Settings(**values)
         runtime = load_runtime(settings)
-    except ConfigError as exc:
+        bound = bind_both(settings.http_host, settings.http_port, settings.mqtt_host, settings.mqtt_port)
+    except SpotboxError as exc:
         raise click.ClickException(str(exc)) from None
     configure_logging(settings.log_level, settings.log_format)
     try:
-        asyncio.run(serve(settings, runtime))
+        asyncio.run(serve(settings, dataclasses.replace(runtime, mqtt_socket=bound.mqtt), bound.http))
     except SpotboxError as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        bound.close()
 
 
-async def serve(settings: Settings, runtime: Runtime) -> None:
-    """Start everything, log the real listening addresses, and run until a stop signal."""
+async def serve(settings: Settings, runtime: Runtime, http_socket: socket.socket) -> None:
+    """Start storage, pipeline and broker, then serve HTTP on the bound socket; run until a stop signal."""
+    # Handlers first: a stop signal that comes while starting ends the run cleanly once started.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     app = create_app(settings, runtime)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.http_host, settings.http_port, ssl_context=runtime.ssl_context)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ListenError(
-                "HTTP", settings.http_host, settings.http_port, "--http-port (or --http-host)", exc
-            ) from exc
+        await web.SockSite(runner, http_socket, ssl_context=runtime.ssl_context).start()
         scheme = "https" if runtime.ssl_context else "http"
         for host, port, *_ in runner.addresses:
             logger.info("http listening on %s://%s:%d", scheme, host, port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+        assert runtime.mqtt_socket is not None
+        watch, publish = try_lines(
+            http_socket, runtime.mqtt_socket, tls_cert=settings.tls_cert, users=runtime.users is not None
+        )
+        logger.info("watch a robot live: %s", watch)
+        logger.info("publish a status: %s", publish)
         await stop.wait()
         logger.info("stopping")
     finally:

@@ -8,7 +8,8 @@ from prometheus_client import CollectorRegistry
 from spotbox.broker import SpotboxBroker
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
-from spotbox.settings import Runtime, Settings
+from spotbox.runtime import Runtime
+from spotbox.settings import Settings
 from spotbox.sse import FeedHub
 from spotbox.storage import Storage
 

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from spotbox.cli import main
 from spotbox.errors import ConfigError
 from spotbox.options import README, readme_table, replace_table, rows
-from spotbox.settings import DatabaseURL, Settings, load_runtime
+from spotbox.runtime import load_runtime
+from spotbox.settings import DatabaseURL, Settings
 
 # One bad value per check; test_every_check_is_provoked keeps this list complete.
 BAD_VALUES: list[tuple[dict[str, Any], str]] = [
