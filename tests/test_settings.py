@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -126,3 +127,30 @@ def test_database_urls(url: str, scheme: str, path: Path | None) -> None:
 def test_password_is_redacted_in_logs() -> None:
     """Test that the database password never reaches a log line."""
     assert DatabaseURL.parse("postgresql://spot:s3cret@db/spotbox").redacted() == "postgresql://spot:***@db/spotbox"
+
+
+def _commands(command: click.Command, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
+    found = [(path, command)]
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            found += _commands(sub, (*path, name))
+    return found
+
+
+COMMANDS = _commands(main)
+
+
+@pytest.mark.parametrize(("path", "command"), COMMANDS, ids=[" ".join(path) or "spotbox" for path, _ in COMMANDS])
+def test_every_flag_of_every_command_names_its_variable(path: tuple[str, ...], command: click.Command) -> None:
+    """Test that each flag in each command's --help names the environment variable it also reads."""
+    result = CliRunner().invoke(main, [*path, "--help"], terminal_width=400)
+    assert result.exit_code == 0
+    ctx = main.make_context("spotbox", ["--help"], resilient_parsing=True)
+    for name in path:
+        ctx = click.Context(ctx.command.commands[name], parent=ctx, info_name=name)  # type: ignore[attr-defined]
+    for flag in [param for param in command.params if isinstance(param, click.Option) and not param.is_eager]:
+        record = flag.get_help_record(ctx)
+        assert record is not None
+        assert "env var: " in record[1], record
+        # What --help prints is that record.
+        assert " ".join(record[1].split()) in " ".join(result.output.split())
