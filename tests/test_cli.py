@@ -210,7 +210,7 @@ async def test_a_second_run_on_one_sqlite_file_is_refused(tmp_path: Path) -> Non
 
 
 async def test_public_mqtt_address_without_users_is_refused() -> None:
-    """Test that MQTT on a non-loopback address is refused at start (SPEC section 7)."""
+    """Test that MQTT on a non-loopback address is refused at start (README, Security)."""
     error = await failed_start("--mqtt-host", "0.0.0.0", "--mqtt-port", "0", "--http-port", "0")
     assert "--mqtt-host" in error
     assert "loopback" in error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +155,17 @@ def test_every_flag_of_every_command_names_its_variable(path: tuple[str, ...], c
         assert "env var: " in record[1], record
         # What --help prints is that record.
         assert " ".join(record[1].split()) in " ".join(result.output.split())
+
+
+def test_every_mqtt_example_names_the_port() -> None:
+    """Test that each MQTT command in README and docs names its port: without it, another broker on 1883 gets it."""
+    documents = [README, *README.parent.joinpath("docs").glob("*.md")]
+    commands = [
+        line
+        for document in documents
+        for line in document.read_text(encoding="utf-8").splitlines()
+        if re.search(r"\b(mosquitto_pub|mosquitto_sub|spotbox simulate)\b", line) and "`" not in line
+    ]
+    assert commands
+    for line in commands:
+        assert re.search(r" (-p|--port) \d+", line), line

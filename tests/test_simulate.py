@@ -78,7 +78,7 @@ async def test_fleet_stores_exactly_its_valid_statuses(box: Box) -> None:
         assert times == sorted(times)
 
 
-async def test_simulate_command_with_assignment_env_vars(box: Box) -> None:
+async def test_simulate_command_with_fleet_env_vars(box: Box) -> None:
     """Test `spotbox simulate --count 20 --invalid-rate 0.3` as a user runs it, robots from ROBOT_COUNT."""
     proc = await asyncio.create_subprocess_exec(
         SPOTBOX,
