@@ -131,6 +131,8 @@ def check_values(settings: object) -> None:
 
 
 def _click_type(row: Row) -> Any:
+    if row.type is bool:
+        return click.BOOL
     if row.option.choices:
         return click.Choice(row.option.choices, case_sensitive=False)
     if row.type is Path:
@@ -145,8 +147,10 @@ def click_options(settings_class: type[Any]) -> Callable[[FC], FC]:
         # click lists options in the order the decorators apply from the top: add the last row first.
         for row in reversed(rows(settings_class)):
             show_default: bool | str = row.option.default_text or row.default is not None
+            # A bool row is a --flag/--no-flag pair.
+            flags = f"{row.flag}/--no-{row.flag[2:]}" if row.type is bool else row.flag
             command = click.option(
-                row.flag,
+                flags,
                 row.name,
                 type=_click_type(row),
                 envvar=list(row.envvars),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 
 from spotbox.cli import main
 from spotbox.errors import ConfigError
-from spotbox.options import README, readme_table, replace_table, rows
+from spotbox.options import README, at_least, check_values, click_options, option, readme_table, replace_table, rows
 from spotbox.runtime import load_runtime
 from spotbox.settings import DatabaseURL, Settings
 
@@ -169,3 +170,35 @@ def test_every_mqtt_example_names_the_port() -> None:
     assert commands
     for line in commands:
         assert re.search(r" (-p|--port) \d+", line), line
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A settings class of three rows, as another part of spotbox would add them."""
+
+    rate: float | None = option(None, "Rate.", group="G", check=at_least(1), default_text="unlimited")
+    verbose: bool = option(False, "Talk more.", group="G")
+    mode: str = option("a", "Mode.", group="G", choices=("a", "b"), envvars=("MODE",))
+
+    def __post_init__(self) -> None:
+        check_values(self)
+
+
+def test_a_row_is_a_flag_a_variable_and_a_check() -> None:
+    """Test that one option(...) field gives a typed flag (bool: --x/--no-x), its variable, and its check."""
+    seen: list[Sample] = []
+
+    @click.command()
+    @click_options(Sample)
+    def command(**values: Any) -> None:
+        seen.append(Sample(**values))
+
+    runner = CliRunner()
+    assert runner.invoke(command, ["--rate", "2.5", "--verbose"], env={"MODE": "b"}).exit_code == 0
+    assert runner.invoke(command, ["--no-verbose"]).exit_code == 0
+    assert seen == [Sample(2.5, True, "b"), Sample(None, False, "a")]
+    assert runner.invoke(command, [], env={"SPOTBOX_RATE": "0.5"}).exit_code == 1  # ConfigError, not caught here
+    with pytest.raises(ConfigError, match=r"^--rate: 0.5 is below 1$"):
+        Sample(rate=0.5)
+    with pytest.raises(ConfigError, match=r"^--mode: 'c' is not one of a, b$"):
+        Sample(mode="c")
