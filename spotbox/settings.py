@@ -1,4 +1,4 @@
-"""The one frozen Settings object; built by the CLI (or a test) and checked as it is built."""
+"""The frozen Settings: each field is a row of the `spotbox run` options table (spotbox/options.py); values only."""
 
 from __future__ import annotations
 
