@@ -20,14 +20,16 @@ from spotbox.broker.limits import MqttLimits
 from spotbox.broker.websocket import serve_mqtt_websocket
 from spotbox.cluster.client import BrokerURL
 from spotbox.cluster.forward import ForwardConfig, Forwarder, keep_after_id
+from spotbox.errors import ConfigError, StorageError
 from spotbox.keys import BROKER, FORWARDERS, HUB, PIPELINE, RETENTION, RUNTIME, SETTINGS, STORAGE
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
-from spotbox.settings import Runtime, Settings, load_runtime
+from spotbox.runtime import Runtime, load_runtime
+from spotbox.settings import Settings
 from spotbox.sse import FeedHub
 from spotbox.status import dumps
 from spotbox.storage import open_storage
-from spotbox.validation import Rejection, StatusValidator
+from spotbox.validation import Rejection
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,12 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     """Open (and migrate) the database for the app's lifetime."""
     settings = app[SETTINGS]
     storage = open_storage(settings.database)
-    await storage.open()
+    try:
+        await storage.open()
+    except StorageError as exc:
+        # At start, an unusable database is a setting to change: name it (and where, without the password).
+        where = "" if settings.database.scheme == "sqlite" else f" ({settings.database.redacted()})"
+        raise ConfigError("--database-url", f"{exc}{where}") from exc
     logger.info("storage ready: %s", settings.database.redacted())
     app[STORAGE] = storage
     yield
@@ -66,7 +73,7 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     hub = app[HUB]
     pipeline = IngestPipeline(
         app[STORAGE],
-        StatusValidator(settings.schema_path, max_depth=settings.max_json_depth),
+        app[RUNTIME].validator,
         hub.publish,
         on_rejected=partial(_rejected, app),
         queue_size=settings.queue_size,
@@ -99,7 +106,9 @@ async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
     broker = SpotboxBroker(app[PIPELINE], runtime.users, limits)
     await broker.start()
     try:
-        host, port = await broker.listen(settings.mqtt_host, settings.mqtt_port, runtime.ssl_context)
+        host, port = await broker.listen(
+            settings.mqtt_host, settings.mqtt_port, runtime.ssl_context, sock=runtime.mqtt_socket
+        )
     except BaseException:
         await broker.shutdown()
         raise

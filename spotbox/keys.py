@@ -9,7 +9,8 @@ from spotbox.broker import SpotboxBroker
 from spotbox.cluster.forward import Forwarder
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
-from spotbox.settings import Runtime, Settings
+from spotbox.runtime import Runtime
+from spotbox.settings import Settings
 from spotbox.sse import FeedHub
 from spotbox.storage import Storage
 

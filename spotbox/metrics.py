@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -87,5 +87,10 @@ def add_routes(app: web.Application) -> None:
     """Give the app its own registry (tests run many apps in one process) and serve it at /metrics."""
     registry = CollectorRegistry()
     registry.register(SpotboxCollector(app))
+    # The standard process_* (CPU, memory, open files) and python_* (version, garbage collector) series that
+    # dashboards and alerts expect of any Python exporter.
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     app[METRICS] = registry
     app.router.add_get("/metrics", make_aiohttp_handler(registry))

@@ -1,10 +1,9 @@
-"""The one frozen Settings object; built by the CLI (or a test) and checked as it is built."""
+"""The frozen Settings: each field is a row of the `spotbox run` options table (spotbox/options.py); values only."""
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,7 +28,6 @@ from spotbox.options import (
     tcp_port,
 )
 from spotbox.status import SERIAL_RE
-from spotbox.users import Users
 
 BUNDLED_SCHEMA = Path(__file__).parent / "schemas" / "robot-status.schema.json"
 LOG_FORMATS = ("text", "json")
@@ -76,19 +74,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _server_ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
-    """The TLS context of both listeners, or None without a certificate."""
-    if cert is None or key is None:
-        return None
-    # The default server context: TLS 1.2 or later, the library's vetted cipher choice.
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError("--tls-cert", f"cannot load the certificate {cert} with the key {key}: {exc}") from None
-    return context
 
 
 def _check_forward_urls(urls: tuple[str, ...]) -> str | None:
@@ -289,19 +274,3 @@ class Settings:
     def forward_topic_prefix(self) -> str:
         """What every forwarded topic starts with: `--forward-prefix`, or `spotbox/{gateway id}/`."""
         return self.forward_prefix if self.forward_prefix is not None else f"spotbox/{self.gateway_id}/"
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """What the settings point to, read once at start-up: the MQTT users and the TLS context of both listeners."""
-
-    users: Users | None = None
-    ssl_context: ssl.SSLContext | None = None
-
-
-def load_runtime(settings: Settings) -> Runtime:
-    """Read the users file and the TLS files the settings name; raise ConfigError naming the option."""
-    users = Users.load(settings.users_path) if settings.users_path is not None else None
-    if users is not None and not users.by_name:
-        raise ConfigError("--users", f"{settings.users_path} has no users; add one with spotbox users add NAME")
-    return Runtime(users, _server_ssl_context(settings.tls_cert, settings.tls_key))

@@ -10,7 +10,8 @@ import orjson
 import pytest
 
 from spotbox.loadgen import connect_packet
-from spotbox.settings import Settings, load_runtime
+from spotbox.runtime import load_runtime
+from spotbox.settings import Settings
 from spotbox.users import Users, make_user
 from tests.conftest import Box, BoxFactory
 from tests.helpers import mqtt_client, payload, stamp

@@ -61,7 +61,7 @@ async def test_same_status_twice_is_a_duplicate(box: Box) -> None:
 @pytest.mark.sqlite_only
 @pytest.mark.parametrize(("name", "doc", "field"), INVALID, ids=[case[0] for case in INVALID])
 async def test_invalid_status_is_422_with_its_errors(box: Box, name: str, doc: dict[str, Any], field: str) -> None:
-    """Test that each invalid case of SPEC section 4 is a 422 naming the failing field, and is not stored."""
+    """Test that each invalid case of tests/cases.py is a 422 naming the failing field, and is not stored."""
     code, body, _ = await post(box, "ROBOT-H3", doc)
     assert code == 422
     assert body["error"] == "invalid status"

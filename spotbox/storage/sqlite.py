@@ -16,6 +16,7 @@ from spotbox.errors import StorageError, StorageUnavailableError
 from spotbox.status import StatusRecord, StoredStatus, from_micros, to_micros
 from spotbox.storage import base
 from spotbox.storage.base import COLUMNS, Bucket, DownsampleQuery, HistoryQuery, assign_ids
+from spotbox.storage.lock import DatabaseLock
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class SQLiteStorage:
         # Ingest and retention share the writer connection; a statement of one must not land in the other's
         # transaction.
         self._write_lock = asyncio.Lock()
+        self._file_lock = DatabaseLock(path)
 
     async def _connect(self) -> aiosqlite.Connection:
         try:
@@ -125,7 +127,12 @@ class SQLiteStorage:
         """Open the file (created if missing), switch to WAL and migrate."""
         if not self.path.parent.is_dir():
             raise StorageError(f"cannot open SQLite database {self.path}: folder {self.path.parent} does not exist")
-        self._writer = await self._connect()
+        self._file_lock.acquire()
+        try:
+            self._writer = await self._connect()
+        except BaseException:
+            self._file_lock.release()
+            raise
         try:
             await self._writer.execute("PRAGMA journal_mode = WAL")
             # FULL: a committed batch survives power loss as well as a crash, since acks wait for it.
@@ -311,3 +318,4 @@ class SQLiteStorage:
             if db is not None:
                 await db.close()
         self._reader = self._writer = None
+        self._file_lock.release()
