@@ -87,7 +87,7 @@ def _proc_status_mb(pid: int, field: str) -> float:
     return 0.0
 
 
-def _peak_rss_mb(pid: int) -> float:
+def peak_rss_mb(pid: int) -> float:
     return _proc_status_mb(pid, "VmHWM")
 
 
@@ -115,7 +115,7 @@ def _rss_growth(samples: list[float]) -> dict[str, Any] | None:
 
 
 @asynccontextmanager
-async def _scratch_database(base: str | None, workdir: Path, name: str) -> AsyncIterator[str]:
+async def scratch_database(base: str | None, workdir: Path, name: str) -> AsyncIterator[str]:
     """An empty database of the asked kind for one run: a SQLite file in `workdir` (removed with it), or a
     PostgreSQL database on `base`'s server, dropped afterwards."""
     if base is None or DatabaseURL.parse(base).scheme == "sqlite":
@@ -183,8 +183,18 @@ async def _follow(http: aiohttp.ClientSession, url: str, expect: int, latencies:
                     return
 
 
-async def bench_spotbox(config: BenchConfig, database_url: str) -> Figures:
-    """Run `spotbox run` and measure it under the configured load."""
+@dataclass
+class Server:
+    """A running `spotbox run` subprocess and the ports it listens on."""
+
+    proc: asyncio.subprocess.Process
+    mqtt_port: int
+    http_port: int
+
+
+@asynccontextmanager
+async def spotbox_server(database_url: str, *args: str) -> AsyncIterator[Server]:
+    """`spotbox run` on free ports over `database_url` (extra `args` appended), stopped with SIGTERM on exit."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -198,11 +208,13 @@ async def bench_spotbox(config: BenchConfig, database_url: str) -> Figures:
         database_url,
         "--log-level",
         "info",
+        *args,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
     ports: dict[bytes, int] = {}
+    drain = None
     try:
         async with asyncio.timeout(30):
             while len(ports) < 2:
@@ -213,20 +225,31 @@ async def bench_spotbox(config: BenchConfig, database_url: str) -> Figures:
                     ports[match.group(1)] = int(match.group(2))
         # Keep reading the server's log so a chatty run can never block it on a full pipe.
         drain = asyncio.create_task(proc.stderr.read(), name="bench-server-log")
+        yield Server(proc, ports[b"mqtt"], ports[b"http"])
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            await proc.wait()
+        if drain is not None:
+            drain.cancel()
+
+
+async def bench_spotbox(config: BenchConfig, database_url: str) -> Figures:
+    """Run `spotbox run` and measure it under the configured load."""
+    async with spotbox_server(database_url) as server:
         per_robot = config.messages // config.robots
+        base = f"http://127.0.0.1:{server.http_port}"
         latencies: list[tuple[float, float]] = []
         async with aiohttp.ClientSession() as http:
             followers = [
-                asyncio.create_task(
-                    _follow(http, f"http://127.0.0.1:{ports[b'http']}/robots/BENCH-{i:04d}/feed", per_robot, latencies)
-                )
+                asyncio.create_task(_follow(http, f"{base}/robots/BENCH-{i:04d}/feed", per_robot, latencies))
                 for i in range(min(config.sse, config.robots))
             ]
             await asyncio.sleep(0.5)  # let the feeds subscribe before the first publish
             rss: list[float] = []
-            sampler = asyncio.create_task(_sample_rss(proc.pid, rss), name="bench-rss")
+            sampler = asyncio.create_task(_sample_rss(server.proc.pid, rss), name="bench-rss")
             try:
-                result = await loadgen.drive("127.0.0.1", ports[b"mqtt"], config.load(per_robot * config.robots))
+                result = await loadgen.drive("127.0.0.1", server.mqtt_port, config.load(per_robot * config.robots))
             finally:
                 sampler.cancel()
             if result.errors:
@@ -234,12 +257,7 @@ async def bench_spotbox(config: BenchConfig, database_url: str) -> Figures:
             end = result.last_ack if config.qos else await _stored_at(database_url, result.sent)
             async with asyncio.timeout(60):
                 await asyncio.gather(*followers)
-        peak = _peak_rss_mb(proc.pid)
-        drain.cancel()
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            await proc.wait()
+        peak = peak_rss_mb(server.proc.pid)
     stored = await _count_rows(database_url)
     if config.qos and stored != result.acked:
         raise BenchError(f"{result.acked} statuses acknowledged but {stored} stored")
@@ -247,7 +265,7 @@ async def bench_spotbox(config: BenchConfig, database_url: str) -> Figures:
     return Figures(stored, seconds, stored / seconds, _latency_figures(latencies), peak, _rss_growth(rss))
 
 
-def _percentiles(values: list[float]) -> tuple[float, float]:
+def percentiles(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return (values[0], values[0]) if values else (0.0, 0.0)
     return statistics.median(values), statistics.quantiles(values, n=100)[98]
@@ -262,8 +280,8 @@ def _latency_figures(latencies: list[tuple[float, float]]) -> dict[str, float]:
     by_time = sorted(latencies)
     trim = len(by_time) // 20
     steady = [latency for _, latency in by_time[trim : len(by_time) - trim]]
-    p50, p99 = _percentiles([latency for _, latency in by_time])
-    steady_p50, steady_p99 = _percentiles(steady)
+    p50, p99 = percentiles([latency for _, latency in by_time])
+    steady_p50, steady_p99 = percentiles(steady)
     return {"p50": p50, "p99": p99, "steady_p50": steady_p50, "steady_p99": steady_p99}
 
 
@@ -297,7 +315,7 @@ async def bench_classic(config: BenchConfig, database_url: str, workdir: Path) -
         await loadgen.drive("127.0.0.1", port, config.load(count))
         async with asyncio.timeout(600):
             done = orjson.loads(await subscriber.stdout.readline())
-        peak = _peak_rss_mb(broker.pid) + _peak_rss_mb(subscriber.pid)
+        peak = peak_rss_mb(broker.pid) + peak_rss_mb(subscriber.pid)
         await subscriber.wait()
     finally:
         for proc in (subscriber, broker):
@@ -312,11 +330,11 @@ async def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Both stacks, one after the other, on this machine; the figures as one JSON-able dict."""
     with tempfile.TemporaryDirectory(prefix="spotbox-bench-") as tmp:
         workdir = Path(tmp)
-        async with _scratch_database(config.database_url, workdir, "spotbox") as spotbox_db:
+        async with scratch_database(config.database_url, workdir, "spotbox") as spotbox_db:
             spotbox = await bench_spotbox(config, spotbox_db)
         baseline = None
         if config.baseline:
-            async with _scratch_database(config.database_url, workdir, "classic") as classic_db:
+            async with scratch_database(config.database_url, workdir, "classic") as classic_db:
                 baseline = await bench_classic(config, classic_db, workdir)
     backend = DatabaseURL.parse(config.database_url).scheme if config.database_url else "sqlite"
     return {
