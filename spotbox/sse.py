@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 
 from spotbox.errors import StorageError
-from spotbox.status import StoredStatus, dumps
+from spotbox.status import StatusRow, StoredStatus, dumps
 from spotbox.storage import Storage
 from spotbox.validation import Rejection
 
@@ -71,7 +71,7 @@ class FeedStream:
         return event
 
 
-def status_event(row: StoredStatus) -> FeedEvent:
+def status_event(row: StoredStatus | StatusRow) -> FeedEvent:
     """The `status` event of a committed row; its SSE id is the row id."""
     return FeedEvent("status", str(row.id), dumps(row.to_api()).decode())
 
@@ -140,7 +140,7 @@ class Replay:
     storage: Storage
     serial_number: str | None
     last_id: int
-    _page: list[StoredStatus] = field(default_factory=list)
+    _page: list[StatusRow] = field(default_factory=list)
 
     async def fetch(self) -> None:
         """Read the next page of missed rows from storage."""
@@ -149,10 +149,12 @@ class Replay:
     async def send(self, response: EventSourceResponse, stream: FeedStream) -> bool:
         """Send the missed rows, a page at a time; False when `stream` closed before the last one was sent."""
         while self._page:
-            for row in self._page:
+            # Released as it is sent: an open feed holds no replay page once it streams live rows.
+            page, self._page = self._page, []
+            for row in page:
                 await _send(response, status_event(row))
-            self.last_id = self._page[-1].id
-            if len(self._page) < REPLAY_PAGE:
+            self.last_id = page[-1].id
+            if len(page) < REPLAY_PAGE:
                 break
             # Overflowed, shut down or left: no point reading on (a short last page, though, completes the replay).
             if stream.closed:
