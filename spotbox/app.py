@@ -104,8 +104,8 @@ async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def close_streams(app: web.Application) -> None:
-    """End every SSE stream so shutdown does not wait on clients."""
-    app[HUB].close_all()
+    """End every SSE stream so shutdown does not wait on clients (those that do not read are cut off)."""
+    await app[HUB].shutdown()
 
 
 async def disconnect_mqtt(app: web.Application) -> None:
@@ -125,7 +125,7 @@ def create_app(settings: Settings) -> web.Application:
     # --max-payload bounds an HTTP status body as it bounds an MQTT payload.
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_payload)
     app[SETTINGS] = settings
-    app[HUB] = FeedHub()
+    app[HUB] = FeedHub(max_streams=settings.max_streams)
     app.cleanup_ctx.extend([storage_ctx, pipeline_ctx, broker_ctx])
     if settings.retention_days is not None:
         app.cleanup_ctx.append(retention_ctx)

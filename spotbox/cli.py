@@ -129,6 +129,14 @@ main.add_command(users)
     help="Most MQTT clients connected at once (TCP and WebSocket); more are refused.",
 )
 @click.option(
+    "--max-streams",
+    envvar="SPOTBOX_MAX_STREAMS",
+    type=int,
+    default=2000,
+    show_default=True,
+    help="Most SSE feeds open at once (robot pages and /feed consoles); more are answered 503.",
+)
+@click.option(
     "--max-json-depth",
     envvar="SPOTBOX_MAX_JSON_DEPTH",
     type=int,
@@ -186,6 +194,7 @@ def run(
     max_payload: int,
     max_topic_length: int,
     max_connections: int,
+    max_streams: int,
     max_json_depth: int,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -208,6 +217,7 @@ def run(
             max_payload=max_payload,
             max_topic_length=max_topic_length,
             max_connections=max_connections,
+            max_streams=max_streams,
             max_json_depth=max_json_depth,
             tls_cert=tls_cert,
             tls_key=tls_key,

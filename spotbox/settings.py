@@ -55,6 +55,11 @@ def _check_port(option: str, port: int) -> None:
         raise ConfigError(option, f"{port} is not a TCP port (0 to 65535; 0 picks a free one)")
 
 
+def _check_positive(option: str, count: int) -> None:
+    if count < 1:
+        raise ConfigError(option, f"{count} is not a positive number")
+
+
 def is_loopback(host: str) -> bool:
     """True when `host` only accepts connections from this machine."""
     if host == "localhost":
@@ -97,6 +102,8 @@ class Settings:
     batch_max: int = 500
     batch_wait_ms: float = 5.0
     sse_ping_s: float = 15.0
+    # Open SSE feeds at once (robot pages and consoles); one more is answered 503.
+    max_streams: int = 2000
     shutdown_timeout_s: float = 30.0
     # HTTP ingest answers 503 when a status is not committed within this time, rather than holding the request.
     ingest_timeout_s: float = 10.0
@@ -148,8 +155,8 @@ class Settings:
             raise ConfigError("--max-payload", f"{self.max_payload} is not from 1 to 256 MiB (MQTT's own limit)")
         if not 1 <= self.max_topic_length <= 65535:
             raise ConfigError("--max-topic-length", f"{self.max_topic_length} is not from 1 to 65535")
-        if self.max_connections < 1:
-            raise ConfigError("--max-connections", f"{self.max_connections} is not a positive number")
+        _check_positive("--max-connections", self.max_connections)
+        _check_positive("--max-streams", self.max_streams)
         if self.max_json_depth < 2:
             raise ConfigError("--max-json-depth", f"{self.max_json_depth} is below 2, the depth of a status")
         object.__setattr__(self, "database", DatabaseURL.parse(self.database_url))
