@@ -168,8 +168,8 @@ async def forward_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def close_streams(app: web.Application) -> None:
-    """End every SSE stream so shutdown does not wait on clients."""
-    app[HUB].close_all()
+    """End every SSE stream so shutdown does not wait on clients (those that do not read are cut off)."""
+    await app[HUB].shutdown()
 
 
 async def disconnect_mqtt(app: web.Application) -> None:
@@ -190,7 +190,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_payload)
     app[SETTINGS] = settings
     app[RUNTIME] = runtime if runtime is not None else load_runtime(settings)
-    app[HUB] = FeedHub()
+    app[HUB] = FeedHub(max_streams=settings.max_streams)
     app[FORWARDERS] = []
     app.cleanup_ctx.extend([storage_ctx, pipeline_ctx, broker_ctx])
     if settings.forward:

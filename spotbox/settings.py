@@ -187,6 +187,12 @@ class Settings:
         group=PIPELINE,
         check=positive,
     )
+    max_streams: int = option(
+        2000,
+        "Most SSE feeds open at once (robot pages and /feed consoles); one more is answered 503.",
+        group=PIPELINE,
+        check=at_least(1),
+    )
     sse_ping_s: float = option(
         15.0,
         "Seconds between keep-alive comments on an idle SSE feed (keep below a proxy's idle timeout).",

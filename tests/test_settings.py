@@ -44,6 +44,7 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"max_payload": 300_000_000}, "--max-payload"),
     ({"max_topic_length": 65536}, "--max-topic-length"),
     ({"max_connections": 0}, "--max-connections"),
+    ({"max_streams": 0}, "--max-streams"),
     ({"max_json_depth": 1}, "--max-json-depth"),
     ({"tls_key": Path("/no/such/key.pem")}, "--tls-cert"),
     ({"forward": ("http://cloud.example",)}, "--forward"),

@@ -119,12 +119,12 @@ async def test_latest_is_the_greatest_ts_then_id(storage: Storage) -> None:
     await storage.write_batch([record("R1", 3)])
     latest = await storage.latest("R1")
     assert latest is not None
-    assert latest.record.ts == T0 + timedelta(minutes=5)
+    assert latest.ts == T0 + timedelta(minutes=5)
     # Same ts, another payload: both stored, the later row wins the tie.
     [tie_id] = await storage.write_batch([record("R1", 5, battery_level=9)])
     latest = await storage.latest("R1")
     assert latest is not None
-    assert (latest.id, latest.record.battery_level) == (tie_id, 9)
+    assert (latest.id, latest.battery_level) == (tie_id, 9)
 
 
 async def test_latest_per_robot_is_one_row_per_robot_in_serial_order(storage: Storage) -> None:
@@ -134,11 +134,11 @@ async def test_latest_per_robot_is_one_row_per_robot_in_serial_order(storage: St
     for n, serial in enumerate(serials):
         await storage.write_batch([record(serial, minute, battery_level=n + minute) for minute in (3, 9, 1)])
     rows = await storage.latest_per_robot()
-    assert [row.record.serial_number for row in rows] == sorted(serials)
+    assert [row.serial_number for row in rows] == sorted(serials)
     for row in rows:
-        n = serials.index(row.record.serial_number)
-        assert (row.record.ts, row.record.battery_level) == (T0 + timedelta(minutes=9), n + 9)
-        latest = await storage.latest(row.record.serial_number)
+        n = serials.index(row.serial_number)
+        assert (row.ts, row.battery_level) == (T0 + timedelta(minutes=9), n + 9)
+        latest = await storage.latest(row.serial_number)
         assert latest is not None
         assert row.id == latest.id
 
@@ -187,7 +187,7 @@ async def test_fleet_order_is_byte_order_whatever_the_postgres_locale() -> None:
         finally:
             await store.close()
     # en-US would give a, A.9, B-1, b-2.
-    assert [row.record.serial_number for row in rows] == ["A.9", "B-1", "a", "b-2"]
+    assert [row.serial_number for row in rows] == ["A.9", "B-1", "a", "b-2"]
 
 
 async def test_delete_before_keeps_rows_after_a_forward_cursor(storage: Storage) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
-from spotbox.status import StatusRecord, StoredStatus
+from spotbox.status import StatusRecord, StatusRow, StoredStatus
 
 # Columns written for each status, in this order, by every backend.
 COLUMNS = (
@@ -35,6 +35,20 @@ class HistoryQuery:
     end: datetime | None = None
     after: tuple[datetime, int] | None = None
     limit: int = 500
+
+
+# Raw payload bytes one history page may hold (include_payload=true): past them the page ends early, with a cursor
+# to the rest, so that a request's memory does not grow with --max-payload times `limit`.
+PAGE_PAYLOAD_BUDGET = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """One page of history ready to send: its statuses as one JSON array, and the (ts, id) the next page follows."""
+
+    items_json: bytes
+    count: int
+    next_after: tuple[datetime, int] | None
 
 
 Aggregate = Literal["avg", "min", "max", "last", "count"]
@@ -72,18 +86,28 @@ class Storage(Protocol):
         """Commit `records` in one transaction; the row id of each, or None for a duplicate already stored."""
 
     async def history(self, query: HistoryQuery) -> list[StoredStatus]:
-        """Up to `query.limit` rows of one robot, oldest first."""
+        """Up to `query.limit` rows of one robot, oldest first, raw payloads included."""
+
+    async def history_page(self, query: HistoryQuery, include_payload: bool) -> HistoryPage:
+        """A page of up to `query.limit` statuses of one robot in (ts, id) order, as the API shows them.
+
+        Raw payloads are read only with `include_payload`, and then at most PAGE_PAYLOAD_BUDGET bytes of them (but
+        always one row): a page cut short by them has a `next_after` like a full one.
+        """
 
     async def robot_exists(self, serial_number: str) -> bool:
         """True once any status of this robot is stored."""
 
-    async def rows_after(self, serial_number: str | None, after_id: int, limit: int) -> list[StoredStatus]:
+    async def statuses_after(self, after_id: int, limit: int) -> list[StoredStatus]:
+        """Up to `limit` rows of every robot with id greater than `after_id`, by id, raw payloads included."""
+
+    async def rows_after(self, serial_number: str | None, after_id: int, limit: int) -> list[StatusRow]:
         """Up to `limit` rows with id greater than `after_id`, by id: of one robot, or of the fleet for None."""
 
-    async def latest(self, serial_number: str) -> StoredStatus | None:
+    async def latest(self, serial_number: str) -> StatusRow | None:
         """The robot's row with the greatest (ts, id), or None for a robot never seen."""
 
-    async def latest_per_robot(self) -> list[StoredStatus]:
+    async def latest_per_robot(self) -> list[StatusRow]:
         """The latest row (by ts, id) of every robot, ordered by serial number."""
 
     async def time_range(self, serial_number: str) -> tuple[datetime, datetime] | None:
