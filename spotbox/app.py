@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import timedelta
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -43,7 +44,11 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     hub = app[HUB]
     pipeline = IngestPipeline(
         app[STORAGE],
-        StatusValidator(settings.schema_path, max_depth=settings.max_json_depth),
+        StatusValidator(
+            settings.schema_path,
+            max_depth=settings.max_json_depth,
+            max_future=timedelta(seconds=settings.max_future_s),
+        ),
         hub.publish,
         on_rejected=hub.publish_rejected,
         queue_size=settings.queue_size,

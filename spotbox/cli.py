@@ -136,6 +136,15 @@ main.add_command(users)
     help="Deepest nesting of objects and arrays in a status.",
 )
 @click.option(
+    "--max-future",
+    "max_future_s",
+    envvar="SPOTBOX_MAX_FUTURE",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Seconds a status timestamp may be ahead of its receive time (robot clock skew); later ones are refused.",
+)
+@click.option(
     "--log-level",
     envvar="SPOTBOX_LOG_LEVEL",
     default="info",
@@ -186,6 +195,7 @@ def run(
     max_topic_length: int,
     max_connections: int,
     max_json_depth: int,
+    max_future_s: float,
     tls_cert: Path | None,
     tls_key: Path | None,
 ) -> None:
@@ -208,6 +218,7 @@ def run(
             max_topic_length=max_topic_length,
             max_connections=max_connections,
             max_json_depth=max_json_depth,
+            max_future_s=max_future_s,
             tls_cert=tls_cert,
             tls_key=tls_key,
         )

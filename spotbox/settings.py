@@ -111,6 +111,9 @@ class Settings:
     max_topic_length: int = 1024
     max_connections: int = 1000
     max_json_depth: int = 32
+    # A status timestamp further ahead of its receive time than this is refused: one in year 9999 would otherwise
+    # stay the robot's latest for good. A few minutes of robot clock skew pass.
+    max_future_s: float = 300.0
     # TLS for MQTT over TCP and for HTTP (so also MQTT over WebSocket): both files, or neither.
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -152,5 +155,7 @@ class Settings:
             raise ConfigError("--max-connections", f"{self.max_connections} is not a positive number")
         if self.max_json_depth < 2:
             raise ConfigError("--max-json-depth", f"{self.max_json_depth} is below 2, the depth of a status")
+        if not 0 <= self.max_future_s <= 366 * 86400:
+            raise ConfigError("--max-future", f"{self.max_future_s} is not from 0 to 31622400 seconds (a year)")
         object.__setattr__(self, "database", DatabaseURL.parse(self.database_url))
         object.__setattr__(self, "ssl_context", _server_ssl_context(self.tls_cert, self.tls_key))

@@ -12,6 +12,8 @@ import orjson
 
 SERIAL_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
 SERIAL_RE = re.compile(SERIAL_PATTERN)
+# "." and ".." match the pattern but mean "here" and "up" in URLs and file names: they are never serials.
+SERIAL_RULE = f"does not match {SERIAL_PATTERN} (and is not . or ..)"
 STATUS_TOPIC_RE = re.compile(r"robot/([^/]*)/status")
 
 
@@ -23,7 +25,7 @@ def status_topic_serial(topic: str) -> str | None:
 
 def is_valid_serial(serial: str) -> bool:
     """True when `serial` is a robot serial number spotbox accepts."""
-    return SERIAL_RE.fullmatch(serial) is not None
+    return SERIAL_RE.fullmatch(serial) is not None and serial not in (".", "..")
 
 
 def parse_utc(text: str) -> datetime:

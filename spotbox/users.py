@@ -24,7 +24,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from spotbox.errors import ConfigError
-from spotbox.status import SERIAL_PATTERN, is_valid_serial
+from spotbox.status import SERIAL_RULE, is_valid_serial
 
 FORMAT_VERSION = 1
 # argon2id with OWASP's minimum recommended parameters (19 MiB, 2 passes, 1 lane): about 20 ms per check here.
@@ -112,7 +112,7 @@ def hash_password(password: str) -> str:
 def make_user(name: str, password: str, publish: Iterable[str] = (), subscribe: Iterable[str] = ()) -> User:
     """A new user entry; raises ValueError naming what is wrong with the name, password or grants."""
     if not is_valid_serial(name):
-        raise ValueError(f"user name {name!r} must match {SERIAL_PATTERN} (it is the robot's serial number)")
+        raise ValueError(f"user name {name!r} {SERIAL_RULE} (it is the robot's serial number)")
     if not password:
         raise ValueError("the password must not be empty")
     grants = (*publish, *subscribe)
@@ -123,7 +123,7 @@ def make_user(name: str, password: str, publish: Iterable[str] = (), subscribe: 
 
 def _parse_user(path: Path, name: Any, entry: Any) -> User:
     if not isinstance(name, str) or not is_valid_serial(name):
-        raise UsersFileError(path, f"user name {name!r} does not match {SERIAL_PATTERN}")
+        raise UsersFileError(path, f"user name {name!r} {SERIAL_RULE}")
     if not isinstance(entry, dict) or not isinstance(entry.get("password"), str):
         raise UsersFileError(path, f"user {name!r} has no password hash")
     if not entry["password"].startswith("$argon2"):

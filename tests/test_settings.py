@@ -36,6 +36,7 @@ from spotbox.settings import DatabaseURL, Settings
         ({"max_topic_length": 65536}, "--max-topic-length"),
         ({"max_connections": 0}, "--max-connections"),
         ({"max_json_depth": 1}, "--max-json-depth"),
+        ({"max_future_s": -1.0}, "--max-future"),
         ({"users_path": Path("/no/such/users.json")}, "--users"),
         ({"tls_key": Path("/no/such/key.pem")}, "--tls-cert"),
         ({"tls_cert": Path("/no/such/cert.pem"), "tls_key": Path("/no/such/key.pem")}, "--tls-cert"),
