@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import timedelta
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 from aiohttp import web
 

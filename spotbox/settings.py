@@ -121,7 +121,7 @@ class Settings:
     ssl_context: ssl.SSLContext | None = field(init=False, repr=False, compare=False)
     users: Users | None = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: PLR0912 - one check per option, until the options table owns them
         _check_port("--http-port", self.http_port)
         _check_port("--mqtt-port", self.mqtt_port)
         users = Users.load(self.users_path) if self.users_path is not None else None

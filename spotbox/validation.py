@@ -20,12 +20,14 @@ from jsonschema.exceptions import SchemaError, ValidationError, relevance
 from spotbox import rawjson
 from spotbox.errors import ConfigError
 from spotbox.rawjson import preview
-from spotbox.status import SERIAL_RULE, StatusRecord, is_valid_serial, parse_utc, payload_digest
+from spotbox.status import SERIAL_RULE, StatusRecord, dumps, is_valid_serial, parse_utc, payload_digest
 
 logger = logging.getLogger(__name__)
 
 # A reason names the field and the rule; it quotes at most the start of a value, never the whole of it.
 REASON_MAX = 200
+# The copy of a refused payload an operator sees on spotbox/rejected/{serial}: its start, enough to recognise it.
+REPORTED_PAYLOAD_MAX = 4096
 # A status failing every rule of an operator's schema still gets a bounded list.
 ERRORS_MAX = 20
 # jsonschema-rs writes this where its messages would print the whole failing value; spotbox prints a preview.
@@ -197,9 +199,7 @@ class StatusValidator:
                 return []
             failing = sorted(self._fast.iter_errors(doc), key=_conditional)
             return [_describe_fast(error) for error in failing[:ERRORS_MAX]]
-        return [_describe(error) for error in sorted(self._validator.iter_errors(doc), key=_first_failing)][
-            :ERRORS_MAX
-        ]
+        return [_describe(error) for error in sorted(self._validator.iter_errors(doc), key=_first_failing)][:ERRORS_MAX]
 
     def _record(self, serial: str, doc: dict[str, Any], raw: bytes, received_at: datetime) -> StatusRecord | Rejection:
         location = doc["location"]
@@ -216,7 +216,7 @@ class StatusValidator:
             return Rejection(serial, [reason("timestamp", rule)])
         drive_id = doc.get("current_drive_id")
         if drive_id is not None and (not isinstance(drive_id, str) or not _UUID_RE.fullmatch(drive_id)):
-            return Rejection(serial, [reason("current_drive_id", f"{show(drive_id)} is not a \"uuid\"")])
+            return Rejection(serial, [reason("current_drive_id", f'{show(drive_id)} is not a "uuid"')])
         return StatusRecord(
             serial_number=serial,
             ts=ts,
@@ -231,3 +231,16 @@ class StatusValidator:
             payload=bytes(raw),
             payload_hash=payload_digest(raw),
         )
+
+
+def rejection_report(topic: str, rejection: Rejection, payload: bytes) -> bytes:
+    """The JSON an operator sees on `spotbox/rejected/{serial}`: the topic, the reasons, the payload's first 4 KiB.
+
+    `payload_truncated` says whether the payload was longer; the copy is cut on a character boundary.
+    """
+    shown = payload[:REPORTED_PAYLOAD_MAX].decode("utf-8", errors="replace")
+    truncated = len(payload) > REPORTED_PAYLOAD_MAX
+    if truncated and shown.endswith("\ufffd"):
+        # The cut fell inside a multi-byte character: drop its first bytes rather than show a replacement mark.
+        shown = shown[:-1]
+    return dumps({"topic": topic, "errors": rejection.errors, "payload": shown, "payload_truncated": truncated})

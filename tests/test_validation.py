@@ -306,7 +306,7 @@ def test_stored_drive_id_is_the_payload_uuid() -> None:
 
 
 def test_timestamp_far_ahead_is_refused() -> None:
-    """Test that a timestamp beyond --max-future of the receive time is refused naming timestamp; within it, accepted."""
+    """Test that a timestamp beyond --max-future of the receive time is refused naming timestamp, one within it not."""
     validator = StatusValidator(BUNDLED_SCHEMA, max_future=timedelta(minutes=5))
     year_9999 = validator.check("R1", payload(timestamp="9999-12-31T23:59:59Z"), NOW)
     assert isinstance(year_9999, Rejection)

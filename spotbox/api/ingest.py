@@ -96,7 +96,8 @@ async def post_status(request: web.Request) -> web.Response:
     if isinstance(verdict, Rejection):
         # Operators watching spotbox/rejected/+ see every rejection, whatever the transport.
         await request.app[BROKER].report_rejection(topic, verdict, raw)
-        if not _is_json(raw):
+        # A number orjson cannot read (1e400) names its field: that is an invalid status, not a malformed body.
+        if verdict.field == "payload" and not _is_json(raw):
             raise BadRequestError("body is not JSON", {"errors": verdict.errors, "field": verdict.field})
         raise InvalidStatusError(verdict.errors, verdict.field)
     if not pipeline.storage_available:

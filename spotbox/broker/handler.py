@@ -29,7 +29,7 @@ from amqtt.session import IncomingApplicationMessage
 
 from spotbox.broker.auth import may_publish
 from spotbox.errors import StorageError
-from spotbox.status import dumps, payload_digest, status_topic_serial
+from spotbox.status import payload_digest, status_topic_serial
 from spotbox.validation import Rejection
 
 if TYPE_CHECKING:
@@ -255,12 +255,3 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
         )
         message.publish_packet = publish_packet
         await self._handle_message_flow(message)
-
-
-def rejection_report(topic: str, rejection: Rejection, payload: bytes) -> bytes:
-    """The JSON an operator sees on `spotbox/rejected/{serial}`."""
-    try:
-        shown: Any = payload.decode()
-    except UnicodeDecodeError:
-        shown = payload.decode("utf-8", errors="replace")
-    return dumps({"topic": topic, "errors": rejection.errors, "payload": shown})
