@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import sys
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from spotbox.loadgen import connect_packet, mqtt_string, publish_packet
-from spotbox.logs import TextFormatter
+from spotbox.logs import JsonFormatter, TextFormatter
 from spotbox.users import Users, make_user
 from tests.helpers import payload
 from tests.test_cli import start_spotbox
@@ -47,10 +45,14 @@ def test_arguments_are_escaped_onto_one_line() -> None:
     assert_clean(line.encode())
 
 
+def _fail() -> None:
+    raise ValueError(FORGED)
+
+
 def test_traceback_lines_are_indented_and_escaped() -> None:
     """Test that an exception message cannot forge a record: traceback lines are indented, escapes written out."""
     try:
-        raise ValueError(FORGED)
+        _fail()
     except ValueError as exc:
         line = _format("failed", exc=exc)
     first, *rest = line.split("\n")
@@ -78,7 +80,7 @@ async def test_client_strings_cannot_forge_log_lines(tmp_path: Path) -> None:
         writer.close()
         # After login: a status topic whose serial level forges a record.
         reader, writer = await asyncio.open_connection("127.0.0.1", box.mqtt_port)
-        writer.write(connect_packet("robot-1", username="ROBOT-1", password="secret"))
+        writer.write(connect_packet("robot-1", username="ROBOT-1", password="secret"))  # noqa: S106 - a test user
         async with asyncio.timeout(10):
             assert (await reader.readexactly(4))[::3] == b"\x20\x00"
         writer.write(publish_packet(mqtt_string(f"robot/x{FORGED}/status"), 1, payload(), 1))
@@ -107,11 +109,8 @@ async def test_client_strings_cannot_forge_log_lines(tmp_path: Path) -> None:
     assert b"\\n2026-11-30 12:00:00,000 INFO spotbox.broker.auth: user admin logged in\\x1b[2J" in log
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX terminals")
 def test_json_format_stays_safe() -> None:
     """Test that the JSON log format escapes the same strings (a JSON string cannot hold a raw newline)."""
-    from spotbox.logs import JsonFormatter
-
     record = logging.LogRecord("spotbox.test", logging.WARNING, __file__, 1, "client %s", (FORGED,), None)
     line = JsonFormatter().format(record)
     assert "\n" not in line
