@@ -12,9 +12,10 @@ list further MQTT topic filters the user is granted (an operator's `robot/#`, fo
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,25 @@ class Users:
         except (VerificationError, InvalidHashError):
             return None
         return user
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold the users file's lock around a load, change and save, so concurrent `spotbox users` lose no change.
+
+    The lock is on `.NAME.lock` beside the file (the file itself is replaced on every save, so it cannot carry
+    the lock); the kernel releases it when the holder exits, however it exits.
+    """
+    lock_path = path.with_name(f".{path.name}.lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise UsersFileError(path, f"cannot lock {lock_path}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 # Verified against for unknown names, so that a refusal takes as long whether or not the name exists.
