@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from spotbox.errors import StorageUnavailableError
 from spotbox.settings import BUNDLED_SCHEMA, DatabaseURL
 from spotbox.status import StatusRecord
 from spotbox.storage import HistoryQuery, Storage, open_storage
+from spotbox.storage.sqlite import SQLiteStorage
 from spotbox.validation import StatusValidator
 from tests.conftest import fresh_postgres_database
 from tests.helpers import payload
@@ -188,3 +193,51 @@ async def test_fleet_order_is_byte_order_whatever_the_postgres_locale() -> None:
             await store.close()
     # en-US would give a, A.9, B-1, b-2.
     assert [row.record.serial_number for row in rows] == ["A.9", "B-1", "a", "b-2"]
+
+
+async def test_full_disk_is_reported_as_such_and_writes_resume(tmp_path: Path) -> None:
+    """Test that a write on a full disk fails naming the cause (not "cannot rollback"), and the next write works."""
+    store = SQLiteStorage(tmp_path / "full.db")
+    await store.open()
+    try:
+        writer = store._writer  # the fault: SQLite's own size limit on this connection
+        assert writer is not None
+        async with writer.execute("PRAGMA page_count") as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        # The file may not grow: the next batch hits SQLITE_FULL, and SQLite rolls the transaction back itself.
+        await writer.execute(f"PRAGMA max_page_count = {row[0]}")
+        with pytest.raises(StorageUnavailableError, match="database or disk is full"):
+            await store.write_batch([record("R1", 1, firmware="x" * 200_000)])
+        await writer.execute("PRAGMA max_page_count = 1073741823")
+        [row_id] = await store.write_batch([record("R1", 2)])
+        assert row_id is not None
+        assert [row.id for row in await store.history(HistoryQuery("R1"))] == [row_id]
+    finally:
+        await store.close()
+
+
+async def test_failed_commit_keeps_its_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that a COMMIT failing on a full disk (SQLite then rolls back by itself) reports the full disk."""
+    store = SQLiteStorage(tmp_path / "full.db")
+    await store.open()
+    try:
+        writer = store._writer  # the fault: a COMMIT that the disk refuses, at the connection
+        assert writer is not None
+        execute = writer.execute
+
+        async def full_disk_commit() -> None:
+            await execute("ROLLBACK")  # what SQLite does when it cannot write the commit
+            raise sqlite3.OperationalError("database or disk is full")
+
+        def faulty(sql: str, parameters: Any = None) -> Any:
+            return full_disk_commit() if sql == "COMMIT" else execute(sql, parameters)
+
+        monkeypatch.setattr(writer, "execute", faulty)
+        with pytest.raises(StorageUnavailableError, match="database or disk is full"):
+            await store.write_batch([record("R1", 1)])
+        monkeypatch.undo()
+        [row_id] = await store.write_batch([record("R1", 2)])
+        assert [row.id for row in await store.history(HistoryQuery("R1"))] == [row_id]
+    finally:
+        await store.close()

@@ -61,6 +61,21 @@ DELETE FROM status WHERE id IN ({base.ROBOTS_CTE}
 ) AND id < (SELECT max(id) FROM status)"""
 
 
+async def _rollback(db: aiosqlite.Connection) -> None:
+    """Roll back after a failed statement, keeping the failure the caller re-raises as the one reported.
+
+    On a full disk or an I/O error SQLite has often rolled back by itself, and ROLLBACK then fails with "no
+    transaction is active": that must not hide "database or disk is full".
+    """
+    try:
+        await db.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        if db.in_transaction:
+            logger.error("rollback failed, the connection is still in a transaction: %s", exc)
+        else:
+            logger.debug("rollback not needed, SQLite already rolled back: %s", exc)
+
+
 def _row_values(record: StatusRecord) -> tuple[Any, ...]:
     return (
         record.serial_number,
@@ -154,7 +169,7 @@ class SQLiteStorage:
             if version < len(MIGRATIONS):
                 logger.info("sqlite schema of %s migrated from version %d to %d", self.path, version, len(MIGRATIONS))
         except BaseException:
-            await db.execute("ROLLBACK")
+            await _rollback(db)
             raise
 
     def _db(self, db: aiosqlite.Connection | None) -> aiosqlite.Connection:
@@ -188,7 +203,7 @@ class SQLiteStorage:
                             returned[(row[1], row[2], row[3])] = row[0]
                 await db.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                await _rollback(db)
                 raise
         except sqlite3.OperationalError as exc:
             # Locked, disk full, I/O error: the batch may succeed when retried.
