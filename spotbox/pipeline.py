@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -14,7 +15,7 @@ from prometheus_client import Histogram
 
 from spotbox.errors import StorageError, StorageUnavailableError
 from spotbox.stats import StatsWindow
-from spotbox.status import StatusRecord, StoredStatus, is_valid_serial
+from spotbox.status import Delivery, StatusRecord, StoredStatus, is_valid_serial
 from spotbox.storage import Storage
 from spotbox.validation import Rejection, StatusValidator
 
@@ -79,11 +80,20 @@ class IngestPipeline:
         self._batch_max = batch_max
         self._batch_wait_s = batch_wait_s
 
-    def check(self, serial: str, raw: bytes, received_at: datetime | None = None) -> StatusRecord | Rejection:
-        """Validate one payload received now (or at `received_at`), counting and logging a rejection as one line."""
+    def check(
+        self, serial: str, raw: bytes, received_at: datetime | None = None, *, delivery: Delivery | None = None
+    ) -> StatusRecord | Rejection:
+        """Validate one payload received now (or at `received_at`), counting and logging a rejection as one line.
+
+        `delivery` identifies an MQTT QoS 1/2 delivery; for a status without a timestamp it is kept with the row,
+        so that a resend (DUP) of it is stored once even after a restart.
+        """
         self.stats.received += 1
         received_at = received_at or datetime.now(UTC)
         verdict = self.validator.check(serial, raw, received_at)
+        if delivery is not None and isinstance(verdict, StatusRecord) and verdict.ts == verdict.received_at:
+            key = delivery.key(verdict.payload_hash)
+            verdict = dataclasses.replace(verdict, delivery_key=key, resend=delivery.resend)
         rejected = verdict.field if isinstance(verdict, Rejection) else None
         self.window.count(serial if is_valid_serial(serial) else None, rejected)
         if isinstance(verdict, Rejection):

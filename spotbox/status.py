@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -70,11 +70,41 @@ class StatusRecord:
     height: float
     payload: bytes
     payload_hash: bytes
+    # For a QoS 1/2 status without a timestamp: what identifies its delivery (see `Delivery`), stored with the row.
+    delivery_key: bytes | None = None
+    # True for a resend (DUP) of such a status: storage keeps it once when a row of the same delivery is recent.
+    resend: bool = False
 
     @property
     def dedup_key(self) -> tuple[str, int, bytes]:
         """Same robot, same ts, same payload: one row."""
         return (self.serial_number, to_micros(self.ts), self.payload_hash)
+
+
+@dataclass(slots=True, frozen=True)
+class Delivery:
+    """One MQTT delivery of a status at QoS 1 or 2: the publishing client, its packet id, and its DUP flag.
+
+    A status without a timestamp takes its receive time as `ts`, so a resend after a lost PUBACK is not equal to
+    the stored row. The client id, packet id and payload digest identify the delivery instead: storage keeps them
+    with the row, and a resend (DUP) of the same delivery within RESEND_WINDOW is a duplicate, even across a restart.
+    Equal payloads alone never are: an idle robot legitimately repeats the same status.
+    """
+
+    client_id: str
+    packet_id: int
+    resend: bool
+
+    def key(self, payload_hash: bytes) -> bytes:
+        """The delivery key stored with the row."""
+        ident = self.client_id.encode("utf-8", "surrogatepass") + b"\0" + self.packet_id.to_bytes(2, "big")
+        return hashlib.blake2b(ident + payload_hash, digest_size=16).digest()
+
+
+# How far back a resend (DUP) of a status without a timestamp is matched against stored deliveries: a resend comes
+# on the reconnect after a lost PUBACK, a restart included; an older row with the same key is more likely an earlier
+# identical status whose packet id the client has since reused.
+RESEND_WINDOW = timedelta(minutes=5)
 
 
 def payload_digest(raw: bytes) -> bytes:

@@ -15,7 +15,7 @@ import aiosqlite
 from spotbox.errors import StorageError, StorageUnavailableError
 from spotbox.status import StatusRecord, StoredStatus, from_micros, to_micros
 from spotbox.storage import base
-from spotbox.storage.base import COLUMNS, Bucket, DownsampleQuery, HistoryQuery, assign_ids
+from spotbox.storage.base import COLUMNS, WRITE_COLUMNS, Bucket, DownsampleQuery, HistoryQuery, assign_ids
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +44,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # A feed resuming from Last-Event-ID reads one robot's rows after an id; the fleet feed uses the primary key.
     ("CREATE INDEX status_robot_id ON status (serial_number, id)",),
+    # What identifies the MQTT delivery of a status without a timestamp, so that a resend after a restart is
+    # stored once (see status.Delivery); null for every other row, which the partial index leaves out.
+    (
+        "ALTER TABLE status ADD COLUMN delivery_key BLOB",
+        "CREATE INDEX status_delivery ON status (delivery_key) WHERE delivery_key IS NOT NULL",
+    ),
 )
 
 # 32766 bound variables per statement since SQLite 3.32; stay well below.
-_ROWS_PER_INSERT = 32000 // len(COLUMNS)
+_ROWS_PER_INSERT = 32000 // len(WRITE_COLUMNS)
 _SELECT = "SELECT id, " + ", ".join(COLUMNS) + " FROM status"
 # Floor of ts (integer microseconds) to a multiple of the interval, also before 1970 where % is negative.
 _BUCKET = "ts - ((ts % ?4) + ?4) % ?4"
@@ -76,6 +82,22 @@ async def _rollback(db: aiosqlite.Connection) -> None:
             logger.debug("rollback not needed, SQLite already rolled back: %s", exc)
 
 
+async def _without_resent(db: aiosqlite.Connection, records: Sequence[StatusRecord]) -> Sequence[StatusRecord]:
+    """`records` without the resends (DUP) whose first delivery is a recent row already."""
+    keys = base.resent_keys(records)
+    if not keys:
+        return records
+    stored: list[tuple[bytes, datetime]] = []
+    cutoff = to_micros(base.resend_cutoff(records))
+    for start in range(0, len(keys), _ROWS_PER_INSERT):
+        chunk = keys[start : start + _ROWS_PER_INSERT]
+        marks = ", ".join("?" * len(chunk))
+        sql = f"SELECT delivery_key, received_at FROM status WHERE delivery_key IN ({marks}) AND received_at >= ?"
+        async with db.execute(sql, [*chunk, cutoff]) as cursor:
+            stored.extend([(row[0], from_micros(row[1])) async for row in cursor])
+    return base.without_resent(records, stored)
+
+
 def _row_values(record: StatusRecord) -> tuple[Any, ...]:
     return (
         record.serial_number,
@@ -90,6 +112,7 @@ def _row_values(record: StatusRecord) -> tuple[Any, ...]:
         record.height,
         record.payload.decode(),
         record.payload_hash,
+        record.delivery_key,
     )
 
 
@@ -190,12 +213,13 @@ class SQLiteStorage:
         try:
             await db.execute("BEGIN IMMEDIATE")
             try:
+                records = await _without_resent(db, records)
                 for start in range(0, len(records), _ROWS_PER_INSERT):
                     chunk = records[start : start + _ROWS_PER_INSERT]
-                    placeholders = ", ".join(["(" + ", ".join("?" * len(COLUMNS)) + ")"] * len(chunk))
+                    placeholders = ", ".join(["(" + ", ".join("?" * len(WRITE_COLUMNS)) + ")"] * len(chunk))
                     params = [value for record in chunk for value in _row_values(record)]
                     sql = (
-                        f"INSERT INTO status ({', '.join(COLUMNS)}) VALUES {placeholders} "
+                        f"INSERT INTO status ({', '.join(WRITE_COLUMNS)}) VALUES {placeholders} "
                         "ON CONFLICT DO NOTHING RETURNING id, serial_number, ts, payload_hash"
                     )
                     async with db.execute(sql, params) as cursor:
