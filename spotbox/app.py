@@ -11,7 +11,7 @@ from datetime import timedelta
 from aiohttp import web
 
 from spotbox import metrics
-from spotbox.api import dashboard, docs, feeds, fleet, health, ingest, robots, stats
+from spotbox.api import auth, dashboard, docs, feeds, fleet, health, ingest, robots, stats
 from spotbox.api.errors import error_middleware
 from spotbox.broker import SpotboxBroker
 from spotbox.broker.limits import MqttLimits
@@ -128,7 +128,9 @@ async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
 def create_app(settings: Settings) -> web.Application:
     """Build the spotbox application; nothing starts until the app is run."""
     # --max-payload bounds an HTTP status body as it bounds an MQTT payload.
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_payload)
+    # The error shape wraps everything, the login check included.
+    middlewares = [error_middleware, auth.read_auth_middleware]
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_payload)
     app[SETTINGS] = settings
     app[HUB] = FeedHub()
     app.cleanup_ctx.extend([storage_ctx, pipeline_ctx, broker_ctx])
@@ -136,6 +138,7 @@ def create_app(settings: Settings) -> web.Application:
         app.cleanup_ctx.append(retention_ctx)
     app.on_shutdown.extend([disconnect_mqtt, close_streams])
     app.router.add_get("/mqtt", mqtt_websocket)
+    auth.add_routes(app)
     robots.add_routes(app)
     health.add_routes(app)
     feeds.add_routes(app)

@@ -136,6 +136,13 @@ main.add_command(users)
     help="Deepest nesting of objects and arrays in a status.",
 )
 @click.option(
+    "--open-reads",
+    envvar="SPOTBOX_OPEN_READS",
+    is_flag=True,
+    default=False,
+    help="With --users, leave the read routes (history, feeds, console) open: only behind an authenticating proxy.",
+)
+@click.option(
     "--max-future",
     "max_future_s",
     envvar="SPOTBOX_MAX_FUTURE",
@@ -196,6 +203,7 @@ def run(
     max_connections: int,
     max_json_depth: int,
     max_future_s: float,
+    open_reads: bool,
     tls_cert: Path | None,
     tls_key: Path | None,
 ) -> None:
@@ -219,6 +227,7 @@ def run(
             max_connections=max_connections,
             max_json_depth=max_json_depth,
             max_future_s=max_future_s,
+            open_reads=open_reads,
             tls_cert=tls_cert,
             tls_key=tls_key,
         )

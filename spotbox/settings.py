@@ -106,6 +106,9 @@ class Settings:
     retention_batch: int = 5000
     # MQTT users (SPEC section 7): None is the local-only anonymous mode.
     users_path: Path | None = None
+    # With users, the read routes (history, feeds, the console...) need a login too, unless this is set: for a
+    # deployment whose HTTP port sits behind an authenticating proxy or on a trusted network only.
+    open_reads: bool = False
     # Input limits (SPEC section 7): each refusal is logged with its reason.
     max_payload: int = 1024 * 1024
     max_topic_length: int = 1024

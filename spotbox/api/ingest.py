@@ -27,7 +27,7 @@ from spotbox.validation import Rejection
 logger = logging.getLogger(__name__)
 
 
-def _basic_credentials(header: str) -> tuple[str, str] | None:
+def basic_credentials(header: str) -> tuple[str, str] | None:
     """(name, password) of an `Authorization: Basic ...` header (RFC 7617), None when it is not one."""
     # aiohttp's BasicAuth would do this, but it is deprecated for removal in aiohttp 4.
     scheme, _, encoded = header.strip().partition(" ")
@@ -45,7 +45,7 @@ def _basic_credentials(header: str) -> tuple[str, str] | None:
 async def _login(request: web.Request, users: Users) -> User:
     """The user of the request's HTTP Basic credentials, checked as an MQTT login is; 401 without one."""
     peer = request.remote
-    credentials = _basic_credentials(request.headers.get(hdrs.AUTHORIZATION, ""))
+    credentials = basic_credentials(request.headers.get(hdrs.AUTHORIZATION, ""))
     if credentials is None:
         logger.warning("http ingest refused: no Basic credentials from %s", peer)
         raise UnauthorizedError("authentication required")
