@@ -13,7 +13,7 @@ from functools import partial
 from aiohttp import web
 
 from spotbox import metrics
-from spotbox.api import dashboard, docs, feeds, fleet, forward, health, ingest, robots, stats
+from spotbox.api import auth, dashboard, docs, feeds, fleet, forward, health, ingest, robots, stats
 from spotbox.api.errors import error_middleware
 from spotbox.broker import SpotboxBroker
 from spotbox.broker.limits import MqttLimits
@@ -187,7 +187,9 @@ async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
 def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Application:
     """Build the spotbox application (reading the files the settings name unless given); nothing starts yet."""
     # --max-payload bounds an HTTP status body as it bounds an MQTT payload.
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_payload)
+    # The error shape wraps everything, the login check included.
+    middlewares = [error_middleware, auth.read_auth_middleware]
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_payload)
     app[SETTINGS] = settings
     app[RUNTIME] = runtime if runtime is not None else load_runtime(settings)
     app[HUB] = FeedHub(max_streams=settings.max_streams)
@@ -199,6 +201,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
         app.cleanup_ctx.append(retention_ctx)
     app.on_shutdown.extend([disconnect_mqtt, close_streams])
     app.router.add_get("/mqtt", mqtt_websocket)
+    auth.add_routes(app)
     robots.add_routes(app)
     health.add_routes(app)
     feeds.add_routes(app)

@@ -46,6 +46,7 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"max_connections": 0}, "--max-connections"),
     ({"max_streams": 0}, "--max-streams"),
     ({"max_json_depth": 1}, "--max-json-depth"),
+    ({"max_future_s": -1.0}, "--max-future"),
     ({"tls_key": Path("/no/such/key.pem")}, "--tls-cert"),
     ({"forward": ("http://cloud.example",)}, "--forward"),
     ({"forward": ("mqtt://a", "mqtt://a")}, "--forward"),

@@ -24,7 +24,7 @@ from amqtt.session import IncomingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
 from spotbox.broker.auth import may_publish
-from spotbox.broker.handler import REJECTED_TOPIC, RejectedMessage, SpotboxProtocolHandler, rejection_report
+from spotbox.broker.handler import REJECTED_TOPIC, RejectedMessage, SpotboxProtocolHandler
 from spotbox.broker.limits import MqttLimits, PacketGuard
 from spotbox.broker.mqtt5_connect import (
     SESSION_EXPIRY,
@@ -43,7 +43,7 @@ from spotbox.errors import ListenError
 from spotbox.pipeline import IngestPipeline
 from spotbox.status import status_topic_serial
 from spotbox.users import Users
-from spotbox.validation import Rejection
+from spotbox.validation import Rejection, rejection_report
 
 logger = logging.getLogger(__name__)
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
-from spotbox.status import StatusRecord, StatusRow, StoredStatus
+from spotbox.status import RESEND_WINDOW, StatusRecord, StatusRow, StoredStatus
 
 # Columns written for each status, in this order, by every backend.
 COLUMNS = (
@@ -24,6 +24,8 @@ COLUMNS = (
     "payload",
     "payload_hash",
 )
+# What a write adds to COLUMNS: the delivery key of a QoS 1/2 status without a timestamp (null otherwise).
+WRITE_COLUMNS = (*COLUMNS, "delivery_key")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +138,35 @@ class Storage(Protocol):
 
     async def close(self) -> None:
         """Release connections; safe to call twice."""
+
+
+def resent_keys(records: Sequence[StatusRecord]) -> list[bytes]:
+    """The delivery keys of the resends (DUP) in `records`, to look up among recent rows before inserting."""
+    return [record.delivery_key for record in records if record.resend and record.delivery_key is not None]
+
+
+def resend_cutoff(records: Sequence[StatusRecord]) -> datetime:
+    """Rows received before this are too old to be the first delivery of any resend in `records`."""
+    return min(record.received_at for record in records if record.resend) - RESEND_WINDOW
+
+
+def without_resent(records: Sequence[StatusRecord], stored: Iterable[tuple[bytes, datetime]]) -> list[StatusRecord]:
+    """`records` without the resends whose delivery is a stored row received within RESEND_WINDOW before them:
+    those are duplicates, not written again. `stored` is (delivery key, received_at) of candidate rows."""
+    latest: dict[bytes, datetime] = {}
+    for key, received_at in stored:
+        latest[key] = max(received_at, latest.get(key, received_at))
+    if not latest:
+        return list(records)
+    return [
+        record
+        for record in records
+        if not (
+            record.resend
+            and record.delivery_key in latest
+            and latest[record.delivery_key] >= record.received_at - RESEND_WINDOW
+        )
+    ]
 
 
 def assign_ids(records: Sequence[StatusRecord], returned: dict[tuple[str, int, bytes], int]) -> list[int | None]:

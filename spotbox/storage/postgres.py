@@ -14,8 +14,8 @@ from spotbox.errors import StorageError, StorageUnavailableError
 from spotbox.status import StatusRecord, StatusRow, StoredStatus, api_items_json, to_micros
 from spotbox.storage import base
 from spotbox.storage.base import (
-    COLUMNS,
     PAGE_PAYLOAD_BUDGET,
+    WRITE_COLUMNS,
     Bucket,
     DownsampleQuery,
     HistoryPage,
@@ -58,17 +58,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # Store and forward: the last row id each upstream broker acknowledged.
     ("CREATE TABLE forward_cursor (target text PRIMARY KEY, row_id bigint NOT NULL)",),
+    # What identifies the MQTT delivery of a status without a timestamp, so that a resend after a restart is
+    # stored once (see status.Delivery); null for every other row, which the partial index leaves out.
+    (
+        "ALTER TABLE status ADD COLUMN delivery_key bytea",
+        "CREATE INDEX status_delivery ON status (delivery_key) WHERE delivery_key IS NOT NULL",
+    ),
 )
 
 # Any number that fits one transaction: serializes concurrent spotbox starts on one database.
 _MIGRATION_LOCK = 0x5B07B0C5
 
 _INSERT = f"""
-INSERT INTO status ({", ".join(COLUMNS)})
-SELECT s, t, r, b, bs, ds, d::uuid, la, lo, h, p::jsonb, ph
+INSERT INTO status ({", ".join(WRITE_COLUMNS)})
+SELECT s, t, r, b, bs, ds, d::uuid, la, lo, h, p::jsonb, ph, dk
 FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::smallint[], $5::text[], $6::text[],
-            $7::text[], $8::float8[], $9::float8[], $10::float8[], $11::text[], $12::bytea[])
-     AS u(s, t, r, b, bs, ds, d, la, lo, h, p, ph)
+            $7::text[], $8::float8[], $9::float8[], $10::float8[], $11::text[], $12::bytea[], $13::bytea[])
+     AS u(s, t, r, b, bs, ds, d, la, lo, h, p, ph, dk)
 ON CONFLICT (serial_number, ts, payload_hash) DO NOTHING
 RETURNING id, serial_number, ts, payload_hash
 """
@@ -79,6 +85,7 @@ _API_SELECT = (
 )
 # Rows a history page with payloads reads from its cursor at a time (each payload up to --max-payload).
 _PAYLOAD_PREFETCH = 8
+_RESENT = "SELECT delivery_key, received_at FROM status WHERE delivery_key = ANY($1::bytea[]) AND received_at >= $2"
 _SELECT = (
     "SELECT id, serial_number, ts, received_at, battery_level, battery_status, driving_status, "
     "current_drive_id::text, latitude, longitude, height, payload::text, payload_hash FROM status"
@@ -192,13 +199,19 @@ class PostgresStorage:
         return self._pool.acquire(timeout=10)
 
     async def write_batch(self, records: Sequence[StatusRecord]) -> list[int | None]:
-        """Insert the whole batch with one statement, in one transaction."""
-        columns: list[list[Any]] = [[] for _ in COLUMNS]
-        for record in records:
-            for column, value in zip(columns, _values(record), strict=True):
-                column.append(value)
+        """Insert the whole batch with one statement, in one transaction (resends already stored left out)."""
+        resent = base.resent_keys(records)
         try:
             async with self._acquire() as conn, conn.transaction():
+                if resent:
+                    stored = await conn.fetch(_RESENT, resent, base.resend_cutoff(records))
+                    records_to_write = base.without_resent(records, [(bytes(row[0]), row[1]) for row in stored])
+                else:
+                    records_to_write = list(records)
+                columns: list[list[Any]] = [[] for _ in WRITE_COLUMNS]
+                for record in records_to_write:
+                    for column, value in zip(columns, _values(record), strict=True):
+                        column.append(value)
                 rows = await conn.fetch(_INSERT, *columns)
         except _UNAVAILABLE as exc:
             raise StorageUnavailableError(f"PostgreSQL write failed: {exc!r}") from exc
@@ -369,4 +382,5 @@ def _values(record: StatusRecord) -> tuple[Any, ...]:
         record.height,
         record.payload.decode(),
         record.payload_hash,
+        record.delivery_key,
     )

@@ -18,6 +18,7 @@ from spotbox.storage import base, sqlite_read
 from spotbox.storage.base import (
     COLUMNS,
     PAGE_PAYLOAD_BUDGET,
+    WRITE_COLUMNS,
     Bucket,
     DownsampleQuery,
     HistoryPage,
@@ -63,10 +64,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # Store and forward: the last row id each upstream broker acknowledged.
     ("CREATE TABLE forward_cursor (target TEXT PRIMARY KEY, row_id INTEGER NOT NULL)",),
+    # What identifies the MQTT delivery of a status without a timestamp, so that a resend after a restart is
+    # stored once (see status.Delivery); null for every other row, which the partial index leaves out.
+    (
+        "ALTER TABLE status ADD COLUMN delivery_key BLOB",
+        "CREATE INDEX status_delivery ON status (delivery_key) WHERE delivery_key IS NOT NULL",
+    ),
 )
 
 # 32766 bound variables per statement since SQLite 3.32; stay well below.
-_ROWS_PER_INSERT = 32000 // len(COLUMNS)
+_ROWS_PER_INSERT = 32000 // len(WRITE_COLUMNS)
 _SELECT = "SELECT id, " + ", ".join(COLUMNS) + " FROM status"
 # Floor of ts (integer microseconds) to a multiple of the interval, also before 1970 where % is negative.
 _BUCKET = "ts - ((ts % ?4) + ?4) % ?4"
@@ -80,6 +87,37 @@ DELETE FROM status WHERE id IN ({base.ROBOTS_CTE}
 ) AND id < (SELECT max(id) FROM status)"""
 # Rows no forward target still needs: every id when nothing is forwarded.
 _NO_KEEP = 2**63 - 1
+
+
+async def _rollback(db: aiosqlite.Connection) -> None:
+    """Roll back after a failed statement, keeping the failure the caller re-raises as the one reported.
+
+    On a full disk or an I/O error SQLite has often rolled back by itself, and ROLLBACK then fails with "no
+    transaction is active": that must not hide "database or disk is full".
+    """
+    try:
+        await db.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        if db.in_transaction:
+            logger.error("rollback failed, the connection is still in a transaction: %s", exc)
+        else:
+            logger.debug("rollback not needed, SQLite already rolled back: %s", exc)
+
+
+async def _without_resent(db: aiosqlite.Connection, records: Sequence[StatusRecord]) -> Sequence[StatusRecord]:
+    """`records` without the resends (DUP) whose first delivery is a recent row already."""
+    keys = base.resent_keys(records)
+    if not keys:
+        return records
+    stored: list[tuple[bytes, datetime]] = []
+    cutoff = to_micros(base.resend_cutoff(records))
+    for start in range(0, len(keys), _ROWS_PER_INSERT):
+        chunk = keys[start : start + _ROWS_PER_INSERT]
+        marks = ", ".join("?" * len(chunk))
+        sql = f"SELECT delivery_key, received_at FROM status WHERE delivery_key IN ({marks}) AND received_at >= ?"
+        async with db.execute(sql, [*chunk, cutoff]) as cursor:
+            stored.extend([(row[0], from_micros(row[1])) async for row in cursor])
+    return base.without_resent(records, stored)
 
 
 def _row_values(record: StatusRecord) -> tuple[Any, ...]:
@@ -96,6 +134,7 @@ def _row_values(record: StatusRecord) -> tuple[Any, ...]:
         record.height,
         record.payload.decode(),
         record.payload_hash,
+        record.delivery_key,
     )
 
 
@@ -181,7 +220,7 @@ class SQLiteStorage:
             if version < len(MIGRATIONS):
                 logger.info("sqlite schema of %s migrated from version %d to %d", self.path, version, len(MIGRATIONS))
         except BaseException:
-            await db.execute("ROLLBACK")
+            await _rollback(db)
             raise
 
     def _db(self, db: aiosqlite.Connection | None) -> aiosqlite.Connection:
@@ -202,12 +241,13 @@ class SQLiteStorage:
         try:
             await db.execute("BEGIN IMMEDIATE")
             try:
+                records = await _without_resent(db, records)
                 for start in range(0, len(records), _ROWS_PER_INSERT):
                     chunk = records[start : start + _ROWS_PER_INSERT]
-                    placeholders = ", ".join(["(" + ", ".join("?" * len(COLUMNS)) + ")"] * len(chunk))
+                    placeholders = ", ".join(["(" + ", ".join("?" * len(WRITE_COLUMNS)) + ")"] * len(chunk))
                     params = [value for record in chunk for value in _row_values(record)]
                     sql = (
-                        f"INSERT INTO status ({', '.join(COLUMNS)}) VALUES {placeholders} "
+                        f"INSERT INTO status ({', '.join(WRITE_COLUMNS)}) VALUES {placeholders} "
                         "ON CONFLICT DO NOTHING RETURNING id, serial_number, ts, payload_hash"
                     )
                     async with db.execute(sql, params) as cursor:
@@ -215,7 +255,7 @@ class SQLiteStorage:
                             returned[(row[1], row[2], row[3])] = row[0]
                 await db.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                await _rollback(db)
                 raise
         except sqlite3.OperationalError as exc:
             # Locked, disk full, I/O error: the batch may succeed when retried.
