@@ -90,7 +90,8 @@ async def test_bad_registrations_are_400(box: Box) -> None:
 async def test_managing_needs_a_login_with_the_manage_grant(make_box: BoxFactory, tmp_path: Path) -> None:
     """Test that with --users, POST/PATCH/DELETE /robots need a login (401) of a user with manage (403)."""
     users = Users(tmp_path / "users.json").with_user(make_user("ROBOT-1", "pw-robot"))
-    users.with_user(make_user("admin", "pw-admin", manage=True)).save()
+    users = users.with_user(make_user("viewer", "pw-viewer", subscribe=["robot/#"]))
+    users.with_user(make_user("admin", "pw-admin", subscribe=["robot/#"], manage=True)).save()
     assert Users.load(tmp_path / "users.json").by_name["admin"].manage is True
     settings = Settings(
         http_port=0, mqtt_port=0, database_url=f"sqlite:///{tmp_path / 'm.db'}", users_path=tmp_path / "users.json"
@@ -98,10 +99,13 @@ async def test_managing_needs_a_login_with_the_manage_grant(make_box: BoxFactory
     box = await make_box(dataclasses.replace(settings, batch_wait_ms=1.0))
     robot = {"serial_number": "M-1"}
     assert (await call(box, "POST", "/robots", robot))[0] == 401
+    # A robot does not even read the fleet; a viewer reads it but may not change it.
     as_robot = {"Authorization": aiohttp.encode_basic_auth("ROBOT-1", "pw-robot")}
-    status, answer = await call(box, "POST", "/robots", robot, headers=as_robot)
+    assert (await call(box, "POST", "/robots", robot, headers=as_robot))[0] == 403
+    as_viewer = {"Authorization": aiohttp.encode_basic_auth("viewer", "pw-viewer")}
+    status, answer = await call(box, "POST", "/robots", robot, headers=as_viewer)
     assert (status, answer["error"]) == (403, "this user may not manage the fleet")
     as_admin = {"Authorization": aiohttp.encode_basic_auth("admin", "pw-admin")}
     assert (await call(box, "POST", "/robots", robot, headers=as_admin))[0] == 201
-    assert (await call(box, "PATCH", "/robots/M-1", {"site": "x"}, headers=as_robot))[0] == 403
+    assert (await call(box, "PATCH", "/robots/M-1", {"site": "x"}, headers=as_viewer))[0] == 403
     assert (await call(box, "DELETE", "/robots/M-1", headers=as_admin))[0] == 204

@@ -15,7 +15,7 @@ from spotbox.errors import BadRequestError, NotFoundError
 from spotbox.keys import OPS, STORAGE
 from spotbox.ops.presence import STATES
 from spotbox.ops.store import RegisteredRobot, delete_robot, save_robot
-from spotbox.status import StoredStatus, is_valid_serial
+from spotbox.status import StatusRow, is_valid_serial
 
 logger = logging.getLogger(__name__)
 
@@ -24,12 +24,12 @@ _TEXT_MAX = 200
 _TAGS_MAX = 50
 
 
-def robot_summary(request: web.Request, serial: str, latest: StoredStatus | None) -> dict[str, Any]:
+def robot_summary(request: web.Request, serial: str, latest: StatusRow | None) -> dict[str, Any]:
     """A robot as /robots shows it: serial, presence, registry fields, when it was last seen and its latest status."""
     return {
         "serial_number": serial,
         **request.app[OPS].summary(serial),
-        "last_seen": latest.record.received_at if latest else None,
+        "last_seen": latest.received_at if latest else None,
         "latest": latest.to_api() if latest else None,
     }
 
@@ -44,7 +44,7 @@ def _filters(request: web.Request) -> tuple[str | None, str | None, str | None]:
 async def list_robots(request: web.Request) -> web.Response:
     """GET /robots: every robot registered or seen, by serial number; filters `site`, `tag`, `presence`."""
     site, tag, presence = _filters(request)
-    rows = {row.record.serial_number: row for row in await request.app[STORAGE].latest_per_robot()}
+    rows = {row.serial_number: row for row in await request.app[STORAGE].latest_per_robot()}
     serials = sorted(rows.keys() | request.app[OPS].registry.keys(), key=lambda s: s.encode())
     items = [robot_summary(request, serial, rows.get(serial)) for serial in serials]
     items = [

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from spotbox.api.errors import json_response
-from spotbox.api.login import login
 from spotbox.api.params import serial_param
 from spotbox.errors import (
     BadRequestError,
@@ -17,11 +18,43 @@ from spotbox.errors import (
     InvalidStatusError,
     PayloadTooLargeError,
     StorageUnavailableError,
+    UnauthorizedError,
 )
-from spotbox.keys import BROKER, PIPELINE, SETTINGS
+from spotbox.keys import BROKER, PIPELINE, RUNTIME, SETTINGS
+from spotbox.users import User, Users
 from spotbox.validation import Rejection
 
 logger = logging.getLogger(__name__)
+
+
+def basic_credentials(header: str) -> tuple[str, str] | None:
+    """(name, password) of an `Authorization: Basic ...` header (RFC 7617), None when it is not one."""
+    # aiohttp's BasicAuth would do this, but it is deprecated for removal in aiohttp 4.
+    scheme, _, encoded = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        # RFC 7617: names and passwords are UTF-8, as they are in MQTT.
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    name, colon, password = decoded.partition(":")
+    return (name, password) if colon else None
+
+
+async def _login(request: web.Request, users: Users) -> User:
+    """The user of the request's HTTP Basic credentials, checked as an MQTT login is; 401 without one."""
+    peer = request.remote
+    credentials = basic_credentials(request.headers.get(hdrs.AUTHORIZATION, ""))
+    if credentials is None:
+        logger.warning("http ingest refused: no Basic credentials from %s", peer)
+        raise UnauthorizedError("authentication required")
+    # argon2 takes tens of milliseconds by design: off the event loop, and an unknown name costs the same.
+    user = await asyncio.to_thread(users.authenticate, *credentials)
+    if user is None:
+        logger.warning("http ingest refused: bad username or password for %r from %s", credentials[0], peer)
+        raise UnauthorizedError("bad username or password")
+    return user
 
 
 async def _body(request: web.Request, max_bytes: int) -> bytes:
@@ -50,7 +83,8 @@ async def post_status(request: web.Request) -> web.Response:
     """
     settings = request.app[SETTINGS]
     # Credentials are checked before anything else, so a stranger learns nothing and no body of theirs is read.
-    user = await login(request, settings.users) if settings.users is not None else None
+    users = request.app[RUNTIME].users
+    user = await _login(request, users) if users is not None else None
     serial = serial_param(request)
     topic = f"robot/{serial}/status"
     if user is not None and not user.may_publish(topic):
@@ -63,7 +97,8 @@ async def post_status(request: web.Request) -> web.Response:
     if isinstance(verdict, Rejection):
         # Operators watching spotbox/rejected/+ see every rejection, whatever the transport.
         await request.app[BROKER].report_rejection(topic, verdict, raw)
-        if not _is_json(raw):
+        # A number orjson cannot read (1e400) names its field: that is an invalid status, not a malformed body.
+        if verdict.field == "payload" and not _is_json(raw):
             raise BadRequestError("body is not JSON", {"errors": verdict.errors, "field": verdict.field})
         raise InvalidStatusError(verdict.errors, verdict.field)
     if not pipeline.storage_available:

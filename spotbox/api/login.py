@@ -1,50 +1,36 @@
-"""Logins over HTTP: Basic credentials (RFC 7617) checked against the users file, as an MQTT login is.
+"""Who is asking, for the operators' routes (registering robots, acknowledging alerts).
 
-Operators' routes (registering robots, acknowledging alerts) call `operator`; a read-route middleware can share it.
+With --users, the read-route middleware (`spotbox.api.auth`) has usually logged the user in already (a session
+cookie or HTTP Basic) and left them on the request; with --open-reads it has not, and HTTP Basic is checked here,
+as an MQTT login is.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 
 from aiohttp import hdrs, web
 
+from spotbox.api.auth import USER_KEY
+from spotbox.api.ingest import basic_credentials
 from spotbox.errors import ForbiddenError, UnauthorizedError
-from spotbox.keys import SETTINGS
+from spotbox.keys import RUNTIME
 from spotbox.users import User, Users
 
 logger = logging.getLogger(__name__)
 
 
-def _basic_credentials(header: str) -> tuple[str, str] | None:
-    """(name, password) of an `Authorization: Basic ...` header (RFC 7617), None when it is not one."""
-    # aiohttp's BasicAuth would do this, but it is deprecated for removal in aiohttp 4.
-    scheme, _, encoded = header.strip().partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        # RFC 7617: names and passwords are UTF-8, as they are in MQTT.
-        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, ValueError):
-        return None
-    name, colon, password = decoded.partition(":")
-    return (name, password) if colon else None
-
-
 async def login(request: web.Request, users: Users) -> User:
-    """The user of the request's HTTP Basic credentials, checked as an MQTT login is; 401 without one."""
-    peer = request.remote
-    credentials = _basic_credentials(request.headers.get(hdrs.AUTHORIZATION, ""))
+    """The user of the request's HTTP Basic credentials; 401 without valid ones."""
+    credentials = basic_credentials(request.headers.get(hdrs.AUTHORIZATION, ""))
     if credentials is None:
-        logger.warning("http request refused: no Basic credentials from %s", peer)
+        logger.warning("http request refused: no Basic credentials from %s", request.remote)
         raise UnauthorizedError("authentication required")
     # argon2 takes tens of milliseconds by design: off the event loop, and an unknown name costs the same.
     user = await asyncio.to_thread(users.authenticate, *credentials)
     if user is None:
-        logger.warning("http request refused: bad username or password for %r from %s", credentials[0], peer)
+        logger.warning("http request refused: bad username or password for %r from %s", credentials[0], request.remote)
         raise UnauthorizedError("bad username or password")
     return user
 
@@ -52,13 +38,13 @@ async def login(request: web.Request, users: Users) -> User:
 async def operator(request: web.Request, *, manage: bool = False) -> str | None:
     """The logged-in user's name under --users (401 without a login; 403 without the manage grant when `manage`);
     None without --users, where spotbox serves loopback only."""
-    users = request.app[SETTINGS].users
+    users = request.app[RUNTIME].users
     if users is None:
         return None
-    user = await login(request, users)
+    user = request.get(USER_KEY) or await login(request, users)
     if manage and not user.manage:
         logger.warning(
-            "http request refused: user %r has no manage grant for %s %s", user.name, request.method, request.path
+            "http request refused: user %r may not manage the fleet (%s %s)", user.name, request.method, request.path
         )
         raise ForbiddenError("this user may not manage the fleet", {"user": user.name})
     return user.name

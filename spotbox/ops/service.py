@@ -73,7 +73,7 @@ class Operations:
         unfinished = await load_unfinished(self.storage)
         self.alerts.load(unfinished)
         latest = await self.storage.latest_per_robot()
-        self.presence.seed((row.record.serial_number, row.record.received_at) for row in latest)
+        self.presence.seed((row.serial_number, row.received_at) for row in latest)
         self.presence.seed((serial, None) for serial in self.registry)
         logger.info(
             "operations ready: %d registered robots, %d robots seen, %d unfinished alerts",
