@@ -160,7 +160,7 @@ async def populate(box: Box) -> None:
         await post(box, "AMR-001", battery_level=95 - n * 3, timestamp=stamp, location=where)
     await post(box, "AMR-002", battery_level=64, battery_status="CHARGING")
     await post(box, "AMR-003", battery_level=12, driving_status="IDLE", current_drive_id=None)
-    async with box.http.post(f"{box.base_url}/robots/AMR-002/status", data=b'{"battery_level": 150}') as resp:
+    async with box.http.post(f"{box.base_url}/robots/AMR-002/status", data=payload(battery_level=150)) as resp:
         assert resp.status == 422
 
 
