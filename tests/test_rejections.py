@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 from spotbox.keys import OPS
 from tests.conftest import Box
@@ -51,3 +52,16 @@ async def test_a_flood_is_capped_per_robot(box: Box) -> None:
         f"battery_level: {200 + n} is greater than the maximum of 100" for n in range(39, 34, -1)
     ]
     assert len(await rejections(box, serial="QUIET")) == 1
+
+
+async def test_rejection_record_is_bounded_in_all_and_by_age(box: Box) -> None:
+    """Test that the record keeps at most `total` rows across robots, and retention deletes the old ones."""
+    log = box.server.app[OPS].rejections
+    log.total = 10
+    for n in range(25):
+        box.pipeline.check(f"MANY-{n:02d}", payload(battery_level=0))
+    await log.flush()
+    kept = await rejections(box, limit="100")
+    assert [r["serial_number"] for r in kept] == [f"MANY-{n:02d}" for n in range(24, 14, -1)]
+    assert await log.delete_before(datetime.now(UTC) + timedelta(seconds=1)) == 10
+    assert await rejections(box) == []
