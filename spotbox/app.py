@@ -5,24 +5,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator
+from datetime import datetime
+from functools import partial
 
 from aiohttp import web
 
 from spotbox import metrics
-from spotbox.api import dashboard, docs, feeds, fleet, health, ingest, robots, stats
+from spotbox.api import dashboard, docs, feeds, fleet, forward, health, ingest, robots, stats
 from spotbox.api.errors import error_middleware
 from spotbox.broker import SpotboxBroker
 from spotbox.broker.limits import MqttLimits
 from spotbox.broker.websocket import serve_mqtt_websocket
+from spotbox.cluster.client import BrokerURL
+from spotbox.cluster.forward import ForwardConfig, Forwarder, keep_after_id
 from spotbox.errors import ConfigError, StorageError
-from spotbox.keys import BROKER, HUB, PIPELINE, RETENTION, RUNTIME, SETTINGS, STORAGE
+from spotbox.keys import BROKER, FORWARDERS, HUB, PIPELINE, RETENTION, RUNTIME, SETTINGS, STORAGE
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
 from spotbox.runtime import Runtime, load_runtime
 from spotbox.settings import Settings
 from spotbox.sse import FeedHub
+from spotbox.status import dumps
 from spotbox.storage import open_storage
+from spotbox.validation import Rejection
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +50,23 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     await storage.close()
 
 
+def _rejected(app: web.Application, rejection: Rejection, received_at: datetime) -> None:
+    """A refused status: to the fleet feed, and upstream where rejections are forwarded."""
+    app[HUB].publish_rejected(rejection, received_at)
+    if app[FORWARDERS]:
+        report = dumps(
+            {
+                "serial_number": rejection.serial_number,
+                "field": rejection.field,
+                "reason": rejection.reason,
+                "received_at": received_at,
+                "gateway": app[SETTINGS].gateway_id,
+            }
+        )
+        for forwarder in app[FORWARDERS]:
+            forwarder.forward_event("rejection", f"spotbox/rejected/{rejection.serial_number}", report)
+
+
 async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     """Run the one writer; on exit, let it commit what is still queued, then stop."""
     settings = app[SETTINGS]
@@ -51,7 +75,7 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         app[STORAGE],
         app[RUNTIME].validator,
         hub.publish,
-        on_rejected=hub.publish_rejected,
+        on_rejected=partial(_rejected, app),
         queue_size=settings.queue_size,
         batch_max=settings.batch_max,
         batch_wait_s=settings.batch_wait_ms / 1000,
@@ -100,8 +124,14 @@ async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
     """Delete rows past the retention period in the background, once at start and then on a schedule."""
     settings = app[SETTINGS]
     assert settings.retention_days is not None
+    # Rows not yet forwarded upstream are kept past their age, unless the operator allows dropping them.
+    forwarders = [] if settings.forward_may_drop else app[FORWARDERS]
     retention = Retention(
-        app[STORAGE], settings.retention_days, interval_s=settings.retention_interval_s, batch=settings.retention_batch
+        app[STORAGE],
+        settings.retention_days,
+        interval_s=settings.retention_interval_s,
+        batch=settings.retention_batch,
+        keep_after_id=partial(keep_after_id, forwarders),
     )
     app[RETENTION] = retention
     task = asyncio.create_task(retention.run(), name="spotbox-retention")
@@ -109,6 +139,32 @@ async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def forward_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Forward every committed status to each `--forward` target, from the database, until shutdown."""
+    settings = app[SETTINGS]
+    config = ForwardConfig(
+        gateway_id=settings.gateway_id,
+        prefix=settings.forward_topic_prefix,
+        rate=settings.forward_rate,
+        forward_rejections=settings.forward_rejections,
+        forward_alerts=settings.forward_alerts,
+        keep_alive=settings.forward_keepalive,
+    )
+    # mqtts:// targets are verified against --forward-ca, or the system's CAs.
+    tls = ssl.create_default_context(cafile=settings.forward_ca)
+    forwarders = [Forwarder(app[STORAGE], BrokerURL.parse(url, "--forward"), config, tls) for url in settings.forward]
+    app[FORWARDERS].extend(forwarders)
+    tasks = [asyncio.create_task(f.run(), name=f"spotbox-forward-{f.target}") for f in forwarders]
+    for forwarder in forwarders:
+        logger.info("forwarding every stored status to %s under %s", forwarder.target, config.prefix)
+    yield
+    for forwarder in forwarders:
+        await forwarder.client.disconnect()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def close_streams(app: web.Application) -> None:
@@ -135,7 +191,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
     app[SETTINGS] = settings
     app[RUNTIME] = runtime if runtime is not None else load_runtime(settings)
     app[HUB] = FeedHub()
+    app[FORWARDERS] = []
     app.cleanup_ctx.extend([storage_ctx, pipeline_ctx, broker_ctx])
+    if settings.forward:
+        app.cleanup_ctx.append(forward_ctx)
     if settings.retention_days is not None:
         app.cleanup_ctx.append(retention_ctx)
     app.on_shutdown.extend([disconnect_mqtt, close_streams])
@@ -149,4 +208,5 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
     ingest.add_routes(app)
     stats.add_routes(app)
     dashboard.add_routes(app)
+    forward.add_routes(app)
     return app

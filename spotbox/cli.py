@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from spotbox.app import create_app
-from spotbox.bench import BenchConfig, format_table, run_bench
+from spotbox.bench import BenchConfig, format_table, run_bench, run_forward_bench, run_forward_catch_up
 from spotbox.errors import SpotboxError
 from spotbox.listeners import bind_both, try_lines
 from spotbox.loadgen import PROTOCOL_LEVELS
@@ -253,6 +253,19 @@ async def _until_stopped(fleet: Fleet) -> FleetStats:
     show_default=True,
     help="Protocol the robots speak.",
 )
+@click.option(
+    "--forward",
+    is_flag=True,
+    help="Measure store and forward instead: ingest without and with --forward to a local Mosquitto, "
+    "and how fast statuses reach it.",
+)
+@click.option(
+    "--forward-backlog",
+    type=int,
+    default=None,
+    help="With --forward: store this many statuses while the upstream is down, then measure the paced live load "
+    "(--rate, --messages) without and during the catch-up.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(
     robots: int,
@@ -265,6 +278,8 @@ def bench(
     baseline_messages: int,
     qos: int,
     mqtt_version: str,
+    forward: bool,
+    forward_backlog: int | None,
     as_json: bool,
 ) -> None:
     """Measure stored statuses per second, publish-to-SSE latency and memory, against the classic stack."""
@@ -273,9 +288,15 @@ def bench(
         robots, messages, rate, window, sse, database_url, baseline, baseline_messages, qos, mqtt_version
     )
     try:
-        figures = asyncio.run(run_bench(config))
+        if forward_backlog is not None:
+            figures = asyncio.run(run_forward_catch_up(config, forward_backlog))
+        else:
+            figures = asyncio.run(run_forward_bench(config) if forward else run_bench(config))
     except SpotboxError as exc:
         raise click.ClickException(str(exc)) from None
+    if (forward or forward_backlog is not None) and not as_json:
+        click.echo("\n".join(f"{key}: {value}" for key, value in figures.items() if key != "config"))
+        return
     click.echo(orjson.dumps(figures).decode() if as_json else format_table(figures))
 
 

@@ -6,6 +6,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from spotbox.broker import SpotboxBroker
+from spotbox.cluster.forward import Forwarder
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
 from spotbox.runtime import Runtime
@@ -22,3 +23,4 @@ PIPELINE = web.AppKey("pipeline", IngestPipeline)
 BROKER = web.AppKey("broker", SpotboxBroker)
 METRICS = web.AppKey("metrics", CollectorRegistry)
 RETENTION = web.AppKey("retention", Retention)
+FORWARDERS = web.AppKey("forwarders", list[Forwarder])

@@ -42,6 +42,7 @@ VALIDATION = "Validation and limits"
 SECURITY = "Security"
 PIPELINE = "Ingest and streams"
 LOGGING = "Logging"
+FORWARD = "Store and forward"
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,10 @@ def rows(settings_class: type[Any]) -> list[Row]:
 
 
 def _unwrap(hint: Any) -> tuple[type, bool]:
-    """(int, True) for `int | None`, (Path, False) for `Path`."""
+    """(int, True) for `int | None`, (Path, False) for `Path`, (tuple, False) for `tuple[str, ...]` (repeatable)."""
+    if typing.get_origin(hint) is tuple:
+        assert typing.get_args(hint) == (str, ...), f"a repeatable option is tuple[str, ...], not {hint}"
+        return tuple, False
     if isinstance(hint, types.UnionType):
         args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
         assert len(args) == 1, f"an option is one type or None, not {hint}"
@@ -137,7 +141,7 @@ def _click_type(row: Row) -> Any:
         return click.Choice(row.option.choices, case_sensitive=False)
     if row.type is Path:
         return click.Path(dir_okay=False, path_type=Path)
-    return row.type
+    return row.type if row.type is not bool else click.BOOL
 
 
 def click_options(settings_class: type[Any]) -> Callable[[FC], FC]:
@@ -147,12 +151,13 @@ def click_options(settings_class: type[Any]) -> Callable[[FC], FC]:
         # click lists options in the order the decorators apply from the top: add the last row first.
         for row in reversed(rows(settings_class)):
             show_default: bool | str = row.option.default_text or row.default is not None
-            # A bool row is a --flag/--no-flag pair.
-            flags = f"{row.flag}/--no-{row.flag[2:]}" if row.type is bool else row.flag
+            # A bool is a switch with its --no- form; a tuple[str, ...] is repeated (the variable splits on spaces).
+            declaration = f"{row.flag}/--no-{row.flag[2:]}" if row.type is bool else row.flag
+            kind = {"multiple": True} if row.type is tuple else {"type": _click_type(row)}
             command = click.option(
-                flags,
+                declaration,
                 row.name,
-                type=_click_type(row),
+                **kind,
                 envvar=list(row.envvars),
                 show_envvar=True,
                 default=row.default,
@@ -199,6 +204,8 @@ def readable_file(value: Path) -> str | None:
 def _default_cell(row: Row) -> str:
     if row.option.default_text is not None:
         return row.option.default_text
+    if row.type is bool:
+        return f"`--{'' if row.default else 'no-'}{row.flag[2:]}`"
     return "none" if row.default is None else f"`{row.default}`"
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from spotbox.cluster.client import BrokerURL
 from spotbox.errors import ConfigError
 from spotbox.options import (
+    FORWARD,
     LOGGING,
     NETWORK,
     PIPELINE,
@@ -24,6 +27,7 @@ from spotbox.options import (
     readable_file,
     tcp_port,
 )
+from spotbox.status import SERIAL_RE
 
 BUNDLED_SCHEMA = Path(__file__).parent / "schemas" / "robot-status.schema.json"
 LOG_FORMATS = ("text", "json")
@@ -70,6 +74,16 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _check_forward_urls(urls: tuple[str, ...]) -> str | None:
+    """What is wrong with the --forward targets, or None."""
+    for url in urls:
+        try:
+            BrokerURL.parse(url, "--forward")
+        except ConfigError as exc:
+            return str(exc).removeprefix("--forward: ")
+    return "the same target is given twice" if len(set(urls)) != len(urls) else None
 
 
 @dataclass(frozen=True)
@@ -189,6 +203,58 @@ class Settings:
         "info", "Lowest level logged.", group=LOGGING, choices=("debug", "info", "warning", "error")
     )
     log_format: str = option("text", "text, or json: one JSON object per line.", group=LOGGING, choices=LOG_FORMATS)
+    forward: tuple[str, ...] = option(
+        (),
+        "Upstream broker, mqtt[s]://user:pass@host:port, that gets every stored status from the database; repeat the "
+        "option for several (the variable takes them space-separated).",
+        group=FORWARD,
+        check=_check_forward_urls,
+        default_text="none",
+    )
+    forward_prefix: str | None = option(
+        None,
+        "Topic prefix upstream: statuses go to PREFIXrobot/{serial}/status.",
+        group=FORWARD,
+        check=lambda prefix: "a topic prefix has no wildcards" if "+" in prefix or "#" in prefix else None,
+        default_text="spotbox/{gateway id}/",
+    )
+    gateway_id: str = option(
+        socket.gethostname(),
+        "This gateway's name upstream: in the topic prefix and the `gateway` user property of each message.",
+        group=FORWARD,
+        check=lambda name: None if SERIAL_RE.fullmatch(name) else f"{name!r} is not 1 to 64 of A-Z a-z 0-9 _ . -",
+        default_text="the host name",
+    )
+    forward_rate: float = option(
+        2000.0,
+        "Most statuses a second sent to each --forward target, so a catch-up after an outage does not starve ingest.",
+        group=FORWARD,
+        check=positive,
+    )
+    forward_rejections: bool = option(
+        True, "Also forward rejections, live, to PREFIXspotbox/rejected/{serial}.", group=FORWARD
+    )
+    forward_alerts: bool = option(
+        True, "Also forward alert changes, live, to PREFIXspotbox/alerts/{serial}.", group=FORWARD
+    )
+    forward_may_drop: bool = option(
+        False,
+        "Let --retention-days delete statuses not yet acknowledged upstream (by default they are kept until they are).",
+        group=FORWARD,
+    )
+    forward_ca: Path | None = option(
+        None,
+        "PEM file of the CA certificates that sign the mqtts:// --forward targets' certificates.",
+        group=FORWARD,
+        check=readable_file,
+        default_text="the system's CAs",
+    )
+    forward_keepalive: int = option(
+        30,
+        "MQTT keep alive towards --forward targets, in seconds: a silent link is noticed after 1.5 times this.",
+        group=FORWARD,
+        check=between(1, 65535),
+    )
     database: DatabaseURL = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -203,3 +269,8 @@ class Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert", "give both --tls-cert and --tls-key, or neither")
         object.__setattr__(self, "database", DatabaseURL.parse(self.database_url))
+
+    @property
+    def forward_topic_prefix(self) -> str:
+        """What every forwarded topic starts with: `--forward-prefix`, or `spotbox/{gateway id}/`."""
+        return self.forward_prefix if self.forward_prefix is not None else f"spotbox/{self.gateway_id}/"

@@ -17,6 +17,8 @@ from tests.conftest import Box, BoxFactory
 from tests.helpers import mqtt_client, payload, stamp
 from tests.raw_mqtt import CONNACK_ACCEPTED, CONNACK_NOT_AUTHORIZED, raw_client
 
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
+
 PASSWORDS = {"ROBOT-A": "pw-a", "ROBOT-B": "pw-b", "operator": "pw-op"}
 TRANSPORTS = [("tcp", None), ("websockets", "/mqtt")]
 

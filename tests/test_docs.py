@@ -19,6 +19,8 @@ from tests.conftest import Box, BoxFactory, require_tool
 from tests.helpers import mqtt_client, payload, stamp
 from tests.test_auth import PASSWORDS, secured_settings
 
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
+
 # Every HTTP route of spotbox (README's HTTP API), including those other parts of spotbox add.
 DOCUMENTED = {
     ("get", "/"),

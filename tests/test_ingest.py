@@ -145,6 +145,7 @@ async def test_redelivered_status_is_stored_and_streamed_once(box: Box) -> None:
     assert len(await box.history("ROBOT-006")) == 2
 
 
+@pytest.mark.sqlite_only
 async def test_other_topics_route_like_any_broker(box: Box) -> None:
     """Test that a command to a robot on robot/{serial}/cmd is delivered untouched and not stored."""
     async with mqtt_client(box.mqtt_port) as robot, mqtt_client(box.mqtt_port) as operator:

@@ -7,11 +7,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from spotbox.settings import Settings
 from tests.conftest import Box, BoxFactory
 from tests.helpers import mqtt_client, open_feed, payload, stamp
+
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
 
 
 async def scrape(box: Box) -> dict[str, float]:

@@ -19,6 +19,8 @@ from tests.helpers import mqtt_client, payload, stamp
 from tests.mqtt5_clients import paho_v5, reason_string, wire_client
 from tests.test_auth import PASSWORDS, TRANSPORTS, login, port_for, secured_settings
 
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
+
 STATUS = "robot/{}/status"
 
 

@@ -13,6 +13,8 @@ from tests.conftest import Box
 from tests.helpers import mqtt_client
 from tests.mqtt5_clients import Wire, wire_client
 
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
+
 Q0, Q1, Q2 = mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE, mqtt5.QoS.EXACTLY_ONCE
 PROPERTIES: dict[str, Any] = {
     "payload_format_indicator": 1,
@@ -34,7 +36,7 @@ async def subscribe(wire: Wire, *filters: str, qos: mqtt5.QoS = Q2, packet_id: i
 
 @pytest.fixture
 def port(box: Box) -> int:
-    """The MQTT port (routing does not depend on the database: one run per backend still proves both)."""
+    """The MQTT port (routing does not depend on the database: SQLite only)."""
     return box.mqtt_port
 
 

@@ -46,6 +46,13 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"max_connections": 0}, "--max-connections"),
     ({"max_json_depth": 1}, "--max-json-depth"),
     ({"tls_key": Path("/no/such/key.pem")}, "--tls-cert"),
+    ({"forward": ("http://cloud.example",)}, "--forward"),
+    ({"forward": ("mqtt://a", "mqtt://a")}, "--forward"),
+    ({"forward_prefix": "cloud/+/"}, "--forward-prefix"),
+    ({"gateway_id": "gw/1"}, "--gateway-id"),
+    ({"forward_rate": 0}, "--forward-rate"),
+    ({"forward_keepalive": 0}, "--forward-keepalive"),
+    ({"forward_ca": Path("/no/such/ca.pem")}, "--forward-ca"),
 ]
 
 

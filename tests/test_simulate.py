@@ -19,6 +19,8 @@ from spotbox.validation import Rejection, StatusValidator
 from tests.conftest import SPOTBOX, Box
 from tests.helpers import open_feed
 
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
+
 VALIDATOR = StatusValidator(BUNDLED_SCHEMA)
 
 
