@@ -14,26 +14,18 @@ from datetime import UTC, datetime
 
 import orjson
 
+from spotbox.mqtt import codec311
+from spotbox.mqtt.framing import encode_length, frame
+
 # Protocol level byte of CONNECT, by the version names the CLI takes.
 PROTOCOL_LEVELS = {"3.1.1": 4, "5": 5}
 
 CONNACK, PUBACK, PUBREC, PUBCOMP = 0x20, 0x40, 0x50, 0x70
 
 
-def remaining_length(n: int) -> bytes:
-    """The variable-length "remaining length" of a fixed header."""
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def mqtt_string(text: str | bytes) -> bytes:
-    """A string field: 2-byte length, then the UTF-8 bytes (bytes are taken as they are, valid or not)."""
-    raw = text.encode() if isinstance(text, str) else text
-    return struct.pack("!H", len(raw)) + raw
+# The packet encoders are the broker's own (spotbox.mqtt): these names stay for the tests that import them.
+remaining_length = encode_length
+mqtt_string = codec311.encode_string
 
 
 def connect_packet(
@@ -45,14 +37,15 @@ def connect_packet(
     password: str | None = None,
 ) -> bytes:
     """CONNECT, keep-alive 60 s, a clean session unless `clean` is false; MQTT 5 with no properties."""
-    level = PROTOCOL_LEVELS[version]
-    properties = b"\x00" if level == 5 else b""
+    if version == "3.1.1":
+        return codec311.connect(client_id, clean_session=clean, username=username, password=password)
     flags = (0x02 if clean else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
-    body = mqtt_string("MQTT") + bytes([level, flags]) + struct.pack("!H", 60) + properties + mqtt_string(client_id)
+    # MQTT 5 CONNECT: the 3.1.1 layout with an (empty) properties field after the keep alive.
+    body = mqtt_string("MQTT") + bytes([PROTOCOL_LEVELS[version], flags, 0, 60, 0]) + mqtt_string(client_id)
     for credential in (username, password):
         if credential is not None:
             body += mqtt_string(credential)
-    return b"\x10" + remaining_length(len(body)) + body
+    return frame(0x10, body)
 
 
 def publish_packet(
@@ -60,8 +53,8 @@ def publish_packet(
 ) -> bytes:
     """PUBLISH with a 2-byte-length topic already encoded; `dup` marks a resend; MQTT 5 with no properties."""
     properties = b"\x00" if version == "5" else b""
-    body = topic + (struct.pack("!H", packet_id) if qos else b"") + properties + payload
-    return bytes([0x30 | (dup << 3) | (qos << 1)]) + remaining_length(len(body)) + body
+    body = b"".join((topic, struct.pack("!H", packet_id) if qos else b"", properties, payload))
+    return frame(0x30 | (dup << 3) | (qos << 1), body)
 
 
 async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -129,7 +122,7 @@ async def _read_acks(
         first, body = await read_packet(reader)
         kind = first & 0xF0
         if kind == PUBREC:
-            writer.write(b"\x62\x02" + body[:2])  # PUBREL
+            writer.write(codec311.pubrel(int.from_bytes(body[:2])))
             continue
         if kind != (PUBACK if load.qos == 1 else PUBCOMP):
             raise ConnectionError(f"expected an acknowledgement, got packet type {kind >> 4}")
@@ -191,7 +184,7 @@ async def robot(
     finally:
         if acks is not None:
             acks.cancel()
-        writer.write(b"\xe0\x00")  # DISCONNECT
+        writer.write(codec311.disconnect())
         writer.close()
 
 

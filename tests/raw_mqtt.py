@@ -9,7 +9,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from spotbox import loadgen
-from spotbox.loadgen import mqtt_string, remaining_length
+from spotbox.loadgen import mqtt_string
+from spotbox.mqtt.framing import frame
 
 CONNACK_ACCEPTED = 0
 CONNACK_BAD_CREDENTIALS = 4
@@ -23,7 +24,7 @@ def publish_packet(topic: bytes, payload: bytes, qos: int = 1, packet_id: int = 
 
 def subscribe_packet(body: bytes) -> bytes:
     """SUBSCRIBE with a hand-made body (packet id, then filters with their QoS)."""
-    return b"\x82" + remaining_length(len(body)) + body
+    return frame(0x82, body)
 
 
 @dataclass
