@@ -366,7 +366,7 @@ def decoded_or_refused(decoder: Callable[[int, memoryview], Packet], first: int,
         return None
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=800, deadline=None)
 @given(st.integers(0, 255), st.binary(max_size=64))
 def test_random_bytes_raise_only_protocol_errors(first: int, body: bytes) -> None:
     """Test that decoding any bytes returns a packet or raises one of the three protocol errors, nothing else."""
@@ -377,7 +377,7 @@ def test_random_bytes_raise_only_protocol_errors(first: int, body: bytes) -> Non
             assert codec311.encode(result) == bytes((first,)) + encode_length(len(body)) + body
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(client_packets, st.data())
 def test_mutated_packets_raise_only_protocol_errors(sent: Packet, data: st.DataObject) -> None:
     """Test that valid packets with bytes flipped, cut or added still never raise anything unexpected."""
