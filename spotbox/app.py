@@ -16,6 +16,8 @@ from spotbox.broker import SpotboxBroker
 from spotbox.broker.limits import MqttLimits
 from spotbox.broker.websocket import serve_mqtt_websocket
 from spotbox.keys import BROKER, HUB, PIPELINE, RETENTION, SETTINGS, STORAGE
+from spotbox.mqtt.broker import Broker
+from spotbox.mqtt.listeners import MqttLimits as EngineLimits
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
 from spotbox.settings import Settings
@@ -72,6 +74,10 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
 async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
     """Start the embedded broker (built here: amqtt needs the running loop) and its TCP listener."""
     settings = app[SETTINGS]
+    if settings.engine == "spotbox":
+        async for _ in engine_ctx(app):
+            yield
+        return
     limits = MqttLimits(settings.max_payload, settings.max_topic_length, settings.max_connections)
     broker = SpotboxBroker(app[PIPELINE], settings.users, limits)
     await broker.start()
@@ -86,6 +92,33 @@ async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
     await broker.stop_listening()
     await broker.shutdown()
     await broker.close_connections()
+
+
+async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Start spotbox's own MQTT engine and its TCP listener; on exit, settle what was read, then disconnect."""
+    settings = app[SETTINGS]
+    limits = EngineLimits(
+        max_payload=settings.max_payload,
+        max_topic_length=settings.max_topic_length,
+        max_connections=settings.max_connections,
+        max_pending_logins=settings.max_pending_logins,
+        connect_timeout_s=settings.connect_timeout_s,
+        receive_maximum=settings.receive_maximum,
+        max_keepalive=settings.max_keepalive,
+        max_queued=settings.max_queued,
+        outbound_budget=settings.outbound_budget,
+    )
+    broker = Broker(app[PIPELINE], settings.users, limits)
+    await broker.start()
+    try:
+        host, port = await broker.listen(settings.mqtt_host, settings.mqtt_port, settings.ssl_context)
+    except BaseException:
+        await broker.close()
+        raise
+    logger.info("mqtt listening on %s:%d%s", host, port, " (TLS)" if settings.ssl_context else "")
+    app[BROKER] = broker
+    yield
+    await broker.close()
 
 
 async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -111,13 +144,20 @@ async def close_streams(app: web.Application) -> None:
 async def disconnect_mqtt(app: web.Application) -> None:
     """Stop accepting MQTT clients and cut the connected ones, so shutdown waits on none of them (TCP or /mqtt)."""
     if BROKER in app:
-        await app[BROKER].stop_listening()
-        app[BROKER].abort_clients()
+        broker = app[BROKER]
+        if isinstance(broker, Broker):
+            await broker.close()
+        else:
+            await broker.stop_listening()
+            broker.abort_clients()
 
 
 async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
     """GET /mqtt: MQTT over WebSocket on the HTTP port."""
-    return await serve_mqtt_websocket(request, request.app[BROKER])
+    broker = request.app[BROKER]
+    if isinstance(broker, Broker):
+        return await broker.serve_websocket(request)
+    return await serve_mqtt_websocket(request, broker)
 
 
 def create_app(settings: Settings) -> web.Application:

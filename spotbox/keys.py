@@ -6,6 +6,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from spotbox.broker import SpotboxBroker
+from spotbox.mqtt.broker import Broker
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
 from spotbox.settings import Settings
@@ -16,6 +17,7 @@ SETTINGS = web.AppKey("settings", Settings)
 STORAGE = web.AppKey("storage", Storage)
 HUB = web.AppKey("hub", FeedHub)
 PIPELINE = web.AppKey("pipeline", IngestPipeline)
-BROKER = web.AppKey("broker", SpotboxBroker)
+# Either engine while both exist (Settings.engine); spotbox/mqtt replaces spotbox/broker.
+BROKER: web.AppKey[SpotboxBroker | Broker] = web.AppKey("broker")
 METRICS = web.AppKey("metrics", CollectorRegistry)
 RETENTION = web.AppKey("retention", Retention)

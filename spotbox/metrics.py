@@ -10,6 +10,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from spotbox.keys import BROKER, HUB, METRICS, PIPELINE
+from spotbox.mqtt.broker import Broker
 
 
 class SpotboxCollector:
@@ -44,15 +45,18 @@ class SpotboxCollector:
             yield from pipeline.commit_seconds.collect()
         broker = self._app.get(BROKER)
         if broker is not None:
-            connected = sum(1 for session, _ in broker.sessions.values() if session.transitions.state == "connected")
             yield GaugeMetricFamily(
-                "spotbox_mqtt_clients_connected", "MQTT clients connected (TCP and WebSocket).", value=connected
+                "spotbox_mqtt_clients_connected",
+                "MQTT clients connected (TCP and WebSocket).",
+                value=broker.connected_count,
             )
             yield GaugeMetricFamily(
                 "spotbox_mqtt_connections_paused",
                 "MQTT connections not being read for backpressure (ingest queue or connection window full).",
                 value=broker.paused_connections,
             )
+            if isinstance(broker, Broker):
+                yield from _dropped(broker)
         yield GaugeMetricFamily(
             "spotbox_sse_streams_open", "Open SSE feeds, per robot and fleet.", value=self._app[HUB].stream_count
         )
@@ -64,3 +68,24 @@ def add_routes(app: web.Application) -> None:
     registry.register(SpotboxCollector(app))
     app[METRICS] = registry
     app.router.add_get("/metrics", make_aiohttp_handler(registry))
+
+
+def _dropped(broker: Broker) -> Iterator[Metric]:
+    """Messages the broker did not deliver, by why."""
+    dropped = CounterMetricFamily(
+        "spotbox_mqtt_messages_dropped",
+        "MQTT messages not delivered to a subscriber: session queue full (--max-queued), QoS 0 past the outbound "
+        "budget, expired, or over the client's Maximum Packet Size.",
+        labels=["reason"],
+    )
+    counters = broker.counters
+    dropped.add_metric(["queue_full"], broker.sessions.counters.queue_full)
+    dropped.add_metric(["outbound_budget"], counters.dropped_outbound_budget)
+    dropped.add_metric(["expired"], counters.dropped_expired)
+    dropped.add_metric(["too_large"], counters.dropped_too_large)
+    yield dropped
+    yield CounterMetricFamily(
+        "spotbox_mqtt_connections_refused",
+        "MQTT connections refused because too many were still logging in.",
+        value=counters.refused_connections,
+    )

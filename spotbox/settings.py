@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from spotbox.users import Users
 
 BUNDLED_SCHEMA = Path(__file__).parent / "schemas" / "robot-status.schema.json"
 LOG_FORMATS = ("text", "json")
+ENGINES = ("spotbox", "amqtt")
 MQTT_MAX_REMAINING_LENGTH = 268_435_455  # [MQTT-2.2.3]
 
 
@@ -111,6 +113,19 @@ class Settings:
     max_topic_length: int = 1024
     max_connections: int = 1000
     max_json_depth: int = 32
+    # The MQTT engine: spotbox's own (spotbox/mqtt) or the amqtt-based one it replaces (spotbox/broker).
+    engine: str = field(default_factory=lambda: os.environ.get("SPOTBOX_ENGINE", "amqtt"))
+    # Per session: QoS 1/2 messages kept for a client that is offline or cannot take them yet; then dropped, counted.
+    max_queued: int = 1000
+    # Unacknowledged QoS 1/2 PUBLISHes an MQTT 5 client may have in flight to spotbox (announced in CONNACK).
+    receive_maximum: int = 100
+    # The longest keep alive spotbox grants an MQTT 5 client (Server Keep Alive), in seconds.
+    max_keepalive: int = 3600
+    # A connection must send its CONNECT within this time; at most this many may be logging in at once.
+    connect_timeout_s: float = 5.0
+    max_pending_logins: int = 200
+    # Bytes a client may leave unread before QoS 0 messages to it are dropped (and, if it stays stuck, it is cut).
+    outbound_budget: int = 4 * 1024 * 1024
     # TLS for MQTT over TCP and for HTTP (so also MQTT over WebSocket): both files, or neither.
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -150,7 +165,26 @@ class Settings:
             raise ConfigError("--max-topic-length", f"{self.max_topic_length} is not from 1 to 65535")
         if self.max_connections < 1:
             raise ConfigError("--max-connections", f"{self.max_connections} is not a positive number")
+        _check_engine(self)
         if self.max_json_depth < 2:
             raise ConfigError("--max-json-depth", f"{self.max_json_depth} is below 2, the depth of a status")
         object.__setattr__(self, "database", DatabaseURL.parse(self.database_url))
         object.__setattr__(self, "ssl_context", _server_ssl_context(self.tls_cert, self.tls_key))
+
+
+def _check_engine(settings: Settings) -> None:
+    """The MQTT engine's settings (moved into the options table once it exists)."""
+    if settings.engine not in ENGINES:
+        raise ConfigError("--engine", f"{settings.engine!r} is not one of {', '.join(ENGINES)}")
+    if settings.max_queued < 0:
+        raise ConfigError("--max-queued", f"{settings.max_queued} is negative")
+    if not 1 <= settings.receive_maximum <= 65535:
+        raise ConfigError("--receive-maximum", f"{settings.receive_maximum} is not from 1 to 65535")
+    if not 1 <= settings.max_keepalive <= 65535:
+        raise ConfigError("--max-keepalive", f"{settings.max_keepalive} is not from 1 to 65535 seconds")
+    if settings.connect_timeout_s <= 0:
+        raise ConfigError("--connect-timeout", f"{settings.connect_timeout_s} is not a positive number of seconds")
+    if settings.max_pending_logins < 1:
+        raise ConfigError("--max-pending-logins", f"{settings.max_pending_logins} is not a positive number")
+    if settings.outbound_budget < 1024:
+        raise ConfigError("--outbound-budget", f"{settings.outbound_budget} is below 1024 bytes")

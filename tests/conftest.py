@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestServer
 from spotbox.app import create_app
 from spotbox.broker import SpotboxBroker
 from spotbox.keys import BROKER, PIPELINE, STORAGE
+from spotbox.mqtt.broker import Broker
 from spotbox.pipeline import IngestPipeline
 from spotbox.settings import Settings
 from spotbox.storage import Storage
@@ -103,7 +104,7 @@ class Box:
         return f"http://127.0.0.1:{self.server.port}"
 
     @property
-    def broker(self) -> SpotboxBroker:
+    def broker(self) -> SpotboxBroker | Broker:
         return self.server.app[BROKER]
 
     @property

@@ -119,6 +119,11 @@ class SpotboxBroker(Mqtt5SessionBroker):
         return self.mqtt_address
 
     @property
+    def connected_count(self) -> int:
+        """MQTT clients connected now."""
+        return sum(1 for session, _ in self.sessions.values() if session.transitions.state == "connected")
+
+    @property
     def listening(self) -> bool:
         """True while the MQTT TCP listener accepts connections."""
         return self._tcp_server is not None and self._tcp_server.is_serving()
