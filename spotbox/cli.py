@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from pathlib import Path
@@ -13,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from spotbox.app import create_app
-from spotbox.bench import BenchConfig, format_table, run_bench
+from spotbox.bench import LEAN, BenchConfig, format_table, run_bench
 from spotbox.errors import ConfigError, ListenError, SpotboxError
 from spotbox.loadgen import PROTOCOL_LEVELS
 from spotbox.logs import configure_logging
@@ -362,6 +363,12 @@ def simulate(
     show_default=True,
     help="Protocol the robots speak.",
 )
+@click.option(
+    "--lean",
+    is_flag=True,
+    help="The ingest-speed load: 3 publishers, 100 in flight each, pre-encoded packets, no SSE, no classic stack "
+    "(overrides --robots, --window, --sse, --baseline).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(
     robots: int,
@@ -374,6 +381,7 @@ def bench(
     baseline_messages: int,
     qos: int,
     mqtt_version: str,
+    lean: bool,
     as_json: bool,
 ) -> None:
     """Measure stored statuses per second, publish-to-SSE latency and memory, against the classic stack."""
@@ -381,6 +389,8 @@ def bench(
     config = BenchConfig(
         robots, messages, rate, window, sse, database_url, baseline, baseline_messages, qos, mqtt_version
     )
+    if lean:
+        config = dataclasses.replace(config, **LEAN)  # type: ignore[arg-type]
     try:
         figures = asyncio.run(run_bench(config))
     except SpotboxError as exc:

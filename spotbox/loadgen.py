@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 import orjson
 
 from spotbox.mqtt import codec311
-from spotbox.mqtt.framing import encode_length, frame
+from spotbox.mqtt.framing import encode_length, fixed_header, frame
 
 # Protocol level byte of CONNECT, by the version names the CLI takes.
 PROTOCOL_LEVELS = {"3.1.1": 4, "5": 5}
@@ -80,6 +80,8 @@ class Load:
     rate: float | None = None
     qos: int = 1
     version: str = "3.1.1"
+    # Encode every PUBLISH before the start, so the publishers cost next to nothing while the clock runs.
+    pre_encoded: bool = False
 
 
 @dataclass
@@ -118,21 +120,38 @@ async def _read_acks(
 ) -> None:
     """Count PUBACKs (QoS 1) or answer PUBRECs and count PUBCOMPs (QoS 2), freeing a window slot for each."""
     done = 0
+    buffer = bytearray()
     while done < messages:
-        first, body = await read_packet(reader)
-        kind = first & 0xF0
-        if kind == PUBREC:
-            writer.write(codec311.pubrel(int.from_bytes(body[:2])))
-            continue
-        if kind != (PUBACK if load.qos == 1 else PUBCOMP):
-            raise ConnectionError(f"expected an acknowledgement, got packet type {kind >> 4}")
-        # MQTT 5 acknowledgements may carry a reason code: 0x80 and above is a refusal.
-        if len(body) > 2 and body[2] >= 0x80:
-            result.errors.append(f"packet {struct.unpack('!H', body[:2])[0]} refused: reason {body[2]:#04x}")
-        done += 1
-        result.acked += 1
+        data = await reader.read(65536)
+        if not data:
+            raise ConnectionError("the broker closed the connection")
+        buffer += data
+        start = 0
+        while (header := fixed_header(buffer, start)) is not None:
+            first, length, header_len = header
+            end = start + header_len + length
+            if end > len(buffer):
+                break
+            body = bytes(buffer[start + header_len : end])
+            start = end
+            kind = first & 0xF0
+            if kind == PUBREC:
+                writer.write(codec311.pubrel(int.from_bytes(body[:2])))
+                continue
+            if kind != (PUBACK if load.qos == 1 else PUBCOMP):
+                raise ConnectionError(f"expected an acknowledgement, got packet type {kind >> 4}")
+            # MQTT 5 acknowledgements may carry a reason code: 0x80 and above is a refusal.
+            if len(body) > 2 and body[2] >= 0x80:
+                result.errors.append(f"packet {struct.unpack('!H', body[:2])[0]} refused: reason {body[2]:#04x}")
+            done += 1
+            result.acked += 1
+            slots.release()
+        del buffer[:start]
         result.last_ack = time.perf_counter()
-        slots.release()
+
+
+def _status_packet(topic: bytes, n: int, load: Load) -> bytes:
+    return publish_packet(topic, n % 65535 + 1, status_payload(n), load.qos, version=load.version)
 
 
 async def robot(
@@ -153,8 +172,16 @@ async def robot(
     first, body = await read_packet(reader)
     if first != CONNACK or body[1] != 0:
         raise ConnectionError(f"{serial}: CONNECT (MQTT {load.version}) refused: {body.hex()}")
-    await connected.wait()
     topic = mqtt_string(f"robot/{serial}/status")
+    packets = (
+        [
+            publish_packet(topic, n % 65535 + 1, status_payload(n), load.qos, version=load.version)
+            for n in range(messages)
+        ]
+        if load.pre_encoded
+        else None
+    )
+    await connected.wait()
     slots = asyncio.Semaphore(load.window)
     interval = load.robots / load.rate if load.rate else None
     acks = None
@@ -173,7 +200,7 @@ async def robot(
                 next_at += interval
             if not result.first_send:
                 result.first_send = time.perf_counter()
-            writer.write(publish_packet(topic, n % 65535 + 1, status_payload(n), load.qos, version=load.version))
+            writer.write(packets[n] if packets is not None else _status_packet(topic, n, load))
             result.sent += 1
             if n % load.window == 0:
                 await writer.drain()
