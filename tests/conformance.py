@@ -116,6 +116,10 @@ class Peer:
             self.raw.writer.write(data)
         await self.raw.writer.drain()
 
+    async def disconnect(self) -> None:
+        """A normal DISCONNECT (the will is discarded)."""
+        await self.send(mqtt5.DisconnectPacket() if self.wire is not None else b"\xe0\x00")
+
     async def _receive(self) -> Delivery | mqtt5.Packet | tuple[int, bytes] | None:
         """The next packet: a Delivery for a PUBLISH; else the mqtt5 packet, or (first byte, body) on 3.1.1."""
         if self.wire is not None:
@@ -151,6 +155,24 @@ class Peer:
         got, body = await self.expect(tuple)
         assert got == first, f"expected first byte {first:#x}, got {got:#x} {body!r}"
         return bytes(body)
+
+    async def next_ack(self) -> tuple[int, int]:
+        """The next PUBACK, PUBREC, PUBREL or PUBCOMP: (its first byte, its packet id)."""
+        if self.wire is not None:
+            while isinstance(packet := await self._receive(), Delivery):
+                self.pending.append(packet)
+            match packet:
+                case mqtt5.PubAckPacket():
+                    return PUBACK, packet.packet_id
+                case mqtt5.PubRecPacket():
+                    return PUBREC, packet.packet_id
+                case mqtt5.PubRelPacket():
+                    return PUBREL, packet.packet_id
+                case mqtt5.PubCompPacket():
+                    return PUBCOMP, packet.packet_id
+            raise AssertionError(f"expected an acknowledgement, got {packet!r}")
+        first, body = await self.expect(tuple)
+        return first, int.from_bytes(body[:2], "big")
 
     async def subscribe(self, *filters: tuple[str, int], sub_id: int | None = None, **options: Any) -> list[int]:
         """SUBSCRIBE (MQTT 5: Retain As Published off unless in `options`) and return the SUBACK codes."""
@@ -220,6 +242,25 @@ class Peer:
         await self.send(ack(PUBREC, packet_id))
         assert await self._expect311(PUBREL) == packet_id.to_bytes(2, "big")
         await self.send(ack(PUBCOMP, packet_id))
+
+    async def packets_until(self, marker: bytes = b"marker") -> list[Delivery | tuple[int, int]]:
+        """Everything up to the PUBLISH carrying `marker` (excluded), acknowledging nothing: deliveries, and other
+        packets as (first byte, packet id)."""
+        seen: list[Delivery | tuple[int, int]] = list(self.pending)
+        self.pending.clear()
+        if any(isinstance(item, Delivery) and item.payload == marker for item in seen):
+            return seen[: next(i for i, d in enumerate(seen) if isinstance(d, Delivery) and d.payload == marker)]
+        while True:
+            packet = await self._receive()
+            if isinstance(packet, Delivery):
+                if packet.payload == marker:
+                    return seen
+                seen.append(packet)
+            elif isinstance(packet, tuple):
+                seen.append((packet[0], int.from_bytes(packet[1][:2], "big")))
+            else:
+                assert packet is not None, "closed by the server"
+                seen.append((packet.write()[0], getattr(packet, "packet_id", 0)))
 
     async def received(self, marker: bytes = b"marker") -> list[Delivery]:
         """Every delivery before the one carrying `marker` (each acknowledged)."""
