@@ -103,6 +103,7 @@ class Peer:
         self.wire = wire
         self.raw = raw
         self.pending: collections.deque[Delivery] = collections.deque()
+        self.unexpected: object = None  # what broke a silence, for the assertion message
         self._ids = itertools.count(1)
 
     async def send(self, *packets: bytes | mqtt5.Packet) -> None:
@@ -119,6 +120,14 @@ class Peer:
     async def disconnect(self) -> None:
         """A normal DISCONNECT (the will is discarded)."""
         await self.send(mqtt5.DisconnectPacket() if self.wire is not None else b"\xe0\x00")
+
+    async def sync(self) -> None:
+        """A PINGREQ/PINGRESP round trip: the server has read everything sent before it."""
+        await self.send(b"\xc0\x00")
+        if self.wire is not None:
+            await self.expect(mqtt5.PingRespPacket)
+        else:
+            assert await self.expect(tuple) == (0xD0, b"")
 
     async def _receive(self) -> Delivery | mqtt5.Packet | tuple[int, bytes] | None:
         """The next packet: a Delivery for a PUBLISH; else the mqtt5 packet, or (first byte, body) on 3.1.1."""
@@ -189,7 +198,8 @@ class Peer:
         return list((await self._expect311(SUBACK))[2:])
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1, *, retain: bool = False, **props: Any) -> int:
-        """PUBLISH and complete its handshake; the PUBACK/PUBREC reason code (0 for QoS 0 and for 3.1.1)."""
+        """PUBLISH and complete its handshake; the PUBACK/PUBREC reason code (0 for QoS 0 and for 3.1.1; 0x10, No
+        matching subscribers, is a success and answered as 0 too)."""
         packet_id = next(self._ids) if qos else None
         if self.wire is not None:
             packet = mqtt5.PublishPacket(
@@ -197,13 +207,14 @@ class Peer:
             )
             await self.wire.send(packet)
             if qos == 1:
-                return int((await self.expect(mqtt5.PubAckPacket)).reason_code)
+                code = int((await self.expect(mqtt5.PubAckPacket)).reason_code)
+                return 0 if code == 0x10 else code
             if qos == 2:
                 code = int((await self.expect(mqtt5.PubRecPacket)).reason_code)
                 if code < 0x80:
                     await self.wire.send(mqtt5.PubRelPacket(packet_id or 0))
                     await self.expect(mqtt5.PubCompPacket)
-                return code
+                return 0 if code == 0x10 else code
             return 0
         assert not props
         await self.send(publish(topic, payload, qos, packet_id or 0, retain=retain))
@@ -272,16 +283,20 @@ class Peer:
         return deliveries
 
     async def silent_for(self, seconds: float) -> bool:
-        """True when nothing (kept or new) comes from the server for `seconds` and the connection stays open."""
+        """True when nothing (kept or new) comes from the server for `seconds` and the connection stays open; a
+        PUBLISH that does come is kept for `next`."""
         if self.pending:
             return False
         try:
             async with asyncio.timeout(seconds):
-                await self._receive()
+                packet = await self._receive()
         except TimeoutError:
             return True
         except asyncio.IncompleteReadError:
             return False
+        if isinstance(packet, Delivery):
+            self.pending.append(packet)
+        self.unexpected = packet
         return False
 
     async def closed(self, seconds: float = 5.0) -> bytes:

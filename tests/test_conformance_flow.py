@@ -34,7 +34,7 @@ async def test_no_more_in_flight_than_the_clients_receive_maximum(sbox: Box) -> 
         assert await sub.silent_for(0.3)
         await sub.ack(window.pop(0))
         window.append(await sub.next())
-        assert await sub.silent_for(0.3)
+        assert await sub.silent_for(0.3), sub.unexpected
         for delivery in window:
             await sub.ack(delivery)
         rest = [await sub.next() for _ in range(2)]

@@ -64,6 +64,7 @@ async def test_unacknowledged_publishes_are_resent_in_order_with_dup(sbox: Box, 
         assert [(d.topic, d.qos, d.dup, d.packet_id) for d in again] == [(t, q, True, i) for t, q, _, i in first]
         for delivery in again:
             await sub.ack(delivery)
+        await sub.sync()
     async with peer(sbox.mqtt_port, version, "resend", clean=False) as (sub, present):
         assert present
         await publish_all(sbox, ("s/new", 0), marker=False)
