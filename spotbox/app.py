@@ -106,7 +106,7 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         receive_maximum=settings.receive_maximum,
         max_keepalive=settings.max_keepalive,
         max_queued=settings.max_queued,
-        outbound_budget=settings.outbound_budget,
+        max_outbound_bytes=settings.max_outbound_bytes,
     )
     broker = Broker(app[PIPELINE], settings.users, limits)
     await broker.start()

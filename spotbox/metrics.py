@@ -80,7 +80,7 @@ def _dropped(broker: Broker) -> Iterator[Metric]:
     )
     counters = broker.counters
     dropped.add_metric(["queue_full"], broker.sessions.counters.queue_full)
-    dropped.add_metric(["outbound_budget"], counters.dropped_outbound_budget)
+    dropped.add_metric(["max_outbound_bytes"], counters.dropped_max_outbound_bytes)
     dropped.add_metric(["expired"], counters.dropped_expired)
     dropped.add_metric(["too_large"], counters.dropped_too_large)
     yield dropped

@@ -125,7 +125,7 @@ class Settings:
     connect_timeout_s: float = 5.0
     max_pending_logins: int = 200
     # Bytes a client may leave unread before QoS 0 messages to it are dropped (and, if it stays stuck, it is cut).
-    outbound_budget: int = 4 * 1024 * 1024
+    max_outbound_bytes: int = 4 * 1024 * 1024
     # TLS for MQTT over TCP and for HTTP (so also MQTT over WebSocket): both files, or neither.
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -186,5 +186,5 @@ def _check_engine(settings: Settings) -> None:
         raise ConfigError("--connect-timeout", f"{settings.connect_timeout_s} is not a positive number of seconds")
     if settings.max_pending_logins < 1:
         raise ConfigError("--max-pending-logins", f"{settings.max_pending_logins} is not a positive number")
-    if settings.outbound_budget < 1024:
-        raise ConfigError("--outbound-budget", f"{settings.outbound_budget} is below 1024 bytes")
+    if settings.max_outbound_bytes < 1024:
+        raise ConfigError("--max-outbound-bytes", f"{settings.max_outbound_bytes} is below 1024 bytes")

@@ -33,7 +33,7 @@ def subscribe_packet(body: bytes) -> bytes:
 
 def packet(first: int, body: bytes) -> bytes:
     """Any packet: its first byte (type and flags) and its body, with the remaining length between them."""
-    return bytes([first]) + remaining_length(len(body)) + body
+    return frame(first, body)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ RETAINED_MAX_BYTES = 256 * 1024 * 1024
 class BrokerCounters:
     """Messages not delivered, by why, for /metrics (the sessions count their full queues)."""
 
-    dropped_outbound_budget: int = 0
+    dropped_max_outbound_bytes: int = 0
     dropped_expired: int = 0
     dropped_too_large: int = 0
     refused_connections: int = 0

@@ -389,7 +389,7 @@ class Connection:
 
     def over_budget(self) -> bool:
         """True while the client leaves more than its outbound budget unread (noted for the stuck-client check)."""
-        if self.buffered() <= self.broker.limits.outbound_budget:
+        if self.buffered() <= self.broker.limits.max_outbound_bytes:
             self.over_budget_since = None
             return False
         if self.over_budget_since is None:
@@ -407,7 +407,7 @@ class Connection:
         counters = self.broker.counters
         if item.qos == 0:
             if self.over_budget():
-                counters.dropped_outbound_budget += 1
+                counters.dropped_max_outbound_bytes += 1
                 return
             self._send(item.message, 0, item.retain, None, False, item.subscription_ids)
             return

@@ -30,7 +30,7 @@ class MqttLimits:
     receive_maximum: int = 100
     max_keepalive: int = 3600
     max_queued: int = 1000
-    outbound_budget: int = 4 * 1024 * 1024
+    max_outbound_bytes: int = 4 * 1024 * 1024
     outbound_stuck_s: float = 30.0
 
     @property
