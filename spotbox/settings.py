@@ -114,7 +114,7 @@ class Settings:
     max_connections: int = 1000
     max_json_depth: int = 32
     # The MQTT engine: spotbox's own (spotbox/mqtt) or the amqtt-based one it replaces (spotbox/broker).
-    engine: str = field(default_factory=lambda: os.environ.get("SPOTBOX_ENGINE", "amqtt"))
+    engine: str = field(default_factory=lambda: os.environ.get("SPOTBOX_ENGINE", "spotbox"))
     # Per session: QoS 1/2 messages kept for a client that is offline or cannot take them yet; then dropped, counted.
     max_queued: int = 1000
     # Unacknowledged QoS 1/2 PUBLISHes an MQTT 5 client may have in flight to spotbox (announced in CONNACK).

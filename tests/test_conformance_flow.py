@@ -41,14 +41,12 @@ async def test_no_more_in_flight_than_the_clients_receive_maximum(sbox: Box) -> 
     assert [d.topic for d in window + rest] == [f"f/{n}" for n in range(1, 5)]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: CONNACK announces no Receive Maximum (65,535)")
 async def test_connack_announces_receive_maximum_100(sbox: Box) -> None:
     """Test that by default CONNACK announces Receive Maximum 100."""
     async with wire_client(sbox.mqtt_port) as (_, connack):
         assert connack.receive_max == 100
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: no receive_maximum setting")
 async def test_more_unreleased_qos2_than_receive_maximum_is_disconnect_0x93(
     make_box: BoxFactory, tmp_path: Path
 ) -> None:

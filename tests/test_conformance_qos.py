@@ -11,8 +11,6 @@ from tests.conformance import VERSIONS, peer, start
 from tests.conftest import Box, BoxFactory
 from tests.helpers import payload, stamp
 
-ISSUE10 = pytest.mark.xfail(strict=True, reason="issue 10: delivered at the subscription's QoS, not the minimum")
-
 
 @pytest.fixture
 async def sbox(make_box: BoxFactory, tmp_path: Path) -> Box:
@@ -20,7 +18,6 @@ async def sbox(make_box: BoxFactory, tmp_path: Path) -> Box:
     return await start(make_box, tmp_path)
 
 
-@ISSUE10
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_live_message_arrives_at_the_lower_qos(sbox: Box, version: str) -> None:
     """Test that each of 9 publish/grant QoS pairs is delivered once, at min(published, granted)."""
@@ -38,7 +35,6 @@ async def test_live_message_arrives_at_the_lower_qos(sbox: Box, version: str) ->
     assert seen == {f"q/{g}/{p}": min(g, p) for g in range(3) for p in range(3)}
 
 
-@ISSUE10
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_retained_message_arrives_at_the_lower_qos(sbox: Box, version: str) -> None:
     """Test that retained messages published at QoS 0, 1, 2 reach a new QoS 1 subscription as QoS 0, 1, 1."""
@@ -57,7 +53,6 @@ async def test_retained_message_arrives_at_the_lower_qos(sbox: Box, version: str
         }, f"granted {granted}"
 
 
-@ISSUE10
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_status_arrives_at_the_lower_qos_and_is_stored(sbox: Box, version: str) -> None:
     """Test that a QoS 1 status reaches a QoS 2 subscriber as QoS 1 and a QoS 0 one as QoS 0, and is stored once."""

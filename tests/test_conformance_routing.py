@@ -22,9 +22,6 @@ PROPERTIES: dict[str, Any] = {
     "correlation_data": b"req-1",
     "user_properties": [("b", "2"), ("a", "1"), ("b", "1")],
 }
-PROPERTIES_REFUSED = pytest.mark.xfail(
-    strict=True, reason="issue 10: a status with any property is refused 0x99 (V5Payload is not bytes for orjson)"
-)
 
 
 @pytest.fixture
@@ -42,7 +39,6 @@ def carried(delivery: Delivery) -> dict[str, Any]:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: overlapping subscriptions deliver one copy per subscription")
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_overlapping_subscriptions_deliver_one_copy(sbox: Box, version: str) -> None:
     """Test that a QoS 2 message matching three subscriptions of one client (QoS 0, 1, 2) comes once, at QoS 2, and
@@ -61,7 +57,6 @@ async def test_overlapping_subscriptions_deliver_one_copy(sbox: Box, version: st
         assert sorted(copies[0].v5.subscription_ids) == [1, 2]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: no server-to-client topic aliases")
 async def test_server_uses_topic_aliases_within_the_clients_maximum(sbox: Box) -> None:
     """Test that a client allowing 2 topic aliases gets repeated topics as aliases (empty topic) no higher than 2,
     resolving to the topics published, and a client allowing none never gets one."""
@@ -93,7 +88,6 @@ async def test_server_uses_topic_aliases_within_the_clients_maximum(sbox: Box) -
     assert [d.topic for d in from_plain] == topics
 
 
-@PROPERTIES_REFUSED
 @pytest.mark.parametrize("qos", [1, 2])
 @pytest.mark.parametrize("name", list(PROPERTIES))
 async def test_status_with_a_property_is_accepted_and_stored(sbox: Box, name: str, qos: int) -> None:
@@ -103,7 +97,6 @@ async def test_status_with_a_property_is_accepted_and_stored(sbox: Box, name: st
     assert [item["ts"] for item in await sbox.history("P1")] == [stamp(1)]
 
 
-@PROPERTIES_REFUSED
 async def test_status_properties_reach_mqtt5_subscribers(sbox: Box) -> None:
     """Test that a status's properties reach a live MQTT 5 subscriber of robot/+/status, in order, and a 3.1.1
     subscriber gets the same payload; the status is stored."""
@@ -126,7 +119,7 @@ async def test_status_properties_reach_mqtt5_subscribers(sbox: Box) -> None:
         "retained",
         "queued",
         "shared",
-        pytest.param("resent", marks=pytest.mark.xfail(strict=True, reason="issue 10: nothing is resent")),
+        "resent",
     ],
 )
 async def test_properties_reach_mqtt5_subscribers_on_every_path(sbox: Box, path: str) -> None:

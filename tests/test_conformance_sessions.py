@@ -11,8 +11,6 @@ import pytest
 from tests.conformance import DROPPED, VERSIONS, Delivery, Peer, metric, peer, start
 from tests.conftest import Box, BoxFactory
 
-RESEND = pytest.mark.xfail(strict=True, reason="issue 10: unacknowledged messages are not resent on reconnect")
-
 
 @pytest.fixture
 async def sbox(make_box: BoxFactory, tmp_path: Path) -> Box:
@@ -41,7 +39,6 @@ async def unacknowledged(sub: Peer, count: int) -> list[tuple[str, int, bool, in
     return [(d.topic, d.qos, d.dup, d.packet_id) for d in [await sub.next() for _ in range(count)]]
 
 
-@RESEND
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_unacknowledged_publishes_are_resent_in_order_with_dup(sbox: Box, version: str) -> None:
     """Test that QoS 1 and 2 PUBLISHes left unacknowledged come again after a reconnect: same order, same packet
@@ -71,7 +68,6 @@ async def test_unacknowledged_publishes_are_resent_in_order_with_dup(sbox: Box, 
         assert await sub.packets_until(b"s/new") == []
 
 
-@RESEND
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_unacknowledged_pubrel_is_resent(sbox: Box, version: str) -> None:
     """Test that a PUBREL the subscriber never completed is sent again after a reconnect, not the PUBLISH."""
@@ -90,7 +86,6 @@ async def test_unacknowledged_pubrel_is_resent(sbox: Box, version: str) -> None:
         assert await sub.silent_for(0.2)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: a QoS 0 message is upgraded to the subscription's QoS and queued")
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_offline_session_gets_its_qos1_and_qos2_messages_not_qos0(sbox: Box, version: str) -> None:
     """Test that a persistent session offline receives, on its return, the QoS 1 and 2 messages in order and not
@@ -102,7 +97,6 @@ async def test_offline_session_gets_its_qos1_and_qos2_messages_not_qos0(sbox: Bo
         assert [(d.topic, d.qos) for d in await sub.received()] == [("s/a", 1), ("s/c", 2), ("s/d", 1)]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: no max_queued, no dropped-messages metric")
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_offline_queue_is_bounded_and_drops_are_counted(
     make_box: BoxFactory, tmp_path: Path, version: str
