@@ -68,7 +68,8 @@ class Broker:
         self.pipeline = pipeline
         self.users = users
         self.limits = limits or MqttLimits()
-        self.auth = Authenticator(users)
+        # One argon2 hash at a time: on a 2-core box a second would starve the event loop serving everyone else.
+        self.auth = Authenticator(users, max_hashing=1)
         self.counters = BrokerCounters()
         self.tree: SubscriptionTree[str] = SubscriptionTree()
         self.retained = RetainedStore(RETAINED_MAX_MESSAGES, RETAINED_MAX_BYTES)
@@ -110,7 +111,12 @@ class Broker:
         return self._server is not None and self._server.is_serving()
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self.serve(TcpStream(reader, writer))
+        # The connection runs in a task of the broker's own (named, awaited at shutdown), not in the one asyncio's
+        # server made for this callback, which would log an error if it were ever cancelled.
+        stream = TcpStream(reader, writer)
+        task = asyncio.create_task(self.serve(stream), name=f"spotbox-mqtt-{stream.peer}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def serve_websocket(self, request: web.Request) -> web.WebSocketResponse:
         """GET /mqtt: one MQTT client over a WebSocket, for its whole connection."""
@@ -127,9 +133,6 @@ class Broker:
 
     async def serve(self, stream: Stream) -> None:
         """Run one client's connection, within the bound on connections still logging in."""
-        task = asyncio.current_task()
-        if task is not None:
-            task.set_name(f"spotbox-mqtt-{stream.peer}")
         logging_in = len(self.connections) - self.logged_in
         if logging_in >= self.limits.max_pending_logins:
             self.counters.refused_connections += 1
@@ -333,6 +336,7 @@ class Broker:
     def tick(self, now: float) -> None:
         """End connections past their CONNECT deadline, keep alive or stuck limit; send what waits for room."""
         limits = self.limits
+        silent: list[Connection] = []
         for conn in list(self.connections):
             if conn.ended:
                 continue
@@ -343,18 +347,19 @@ class Broker:
                         conn.stream.peer,
                         limits.connect_timeout_s,
                     )
-                    conn.stream.abort()
-                continue
-            if conn.keep_alive_s and not conn.paused_depth and now - conn.last_heard > 1.5 * conn.keep_alive_s:
-                conn.kick(
-                    0x8D, f"no packet within 1.5 times the keep alive of {conn.keep_alive_s} s"
-                )  # [MQTT-3.1.2-24]
+                    conn.stream.close()
+            elif conn.keep_alive_s and not conn.paused_depth and now - conn.last_heard > 1.5 * conn.keep_alive_s:
+                silent.append(conn)
             elif conn.over_budget():
                 since = conn.over_budget_since or now
                 if now - since > limits.outbound_stuck_s:
                     conn.kick(0x97, f"has not read its messages for {limits.outbound_stuck_s:g} s")
             elif conn.session is not None and conn.session.queue:
                 conn.pump()
+        # The longest silent first: its will still reaches a client whose own silence ends in the same tick.
+        for conn in sorted(silent, key=lambda conn: conn.last_heard):
+            # [MQTT-3.1.2-24]: silent for 1.5 times the keep alive; the will is published.
+            conn.kick(0x8D, f"no packet within 1.5 times the keep alive of {conn.keep_alive_s} s")
 
     # --- shutdown -----------------------------------------------------------------------------------------------
 
@@ -381,9 +386,17 @@ class Broker:
         for conn in connections:
             if not conn.ended:
                 conn.kick(0x8B, "server shutting down")
-        await asyncio.sleep(0)  # let the last writes leave
-        for conn in connections:
-            conn.stream.abort()
+        # Closed connections end their reader loops; one that cannot flush to its client is cut after a moment.
+        tasks = set(self._tasks)
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=1.0)
+            for conn in connections:
+                conn.stream.abort()
+            if stuck:
+                await asyncio.wait(stuck, timeout=1.0)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
         self.sessions.close()
         self.auth.close()
         if self._clock is not None:

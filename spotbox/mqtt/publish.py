@@ -101,7 +101,7 @@ class PublishPath:
                 pending.commit.result()
             except (StorageError, asyncio.CancelledError) as exc:
                 # Not acknowledged: the client sends it again (DUP), and storage keeps one copy.
-                logger.error("status of %s not stored, not acknowledged: %s", pending.serial, exc)
+                logger.error("status of %r not stored, not acknowledged: %s", pending.serial, exc)
                 return
             conn.serials.add(pending.serial or "")
         # 4. route

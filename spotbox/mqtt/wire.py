@@ -306,6 +306,9 @@ class Wire5:
         try:
             packet, used = mqtt5.read(frame)
         except _CODEC_ERRORS as exc:
+            if "Topic alias must be set" in str(exc):
+                # Well-formed, but neither a topic nor an alias: a Protocol Error [MQTT-3.3.2-?].
+                raise ProtocolViolation("a PUBLISH without a topic name or topic alias") from None
             raise MalformedPacket(f"malformed packet: {exc}") from None
         if used != len(frame):
             raise MalformedPacket("packet shorter than its remaining length")
