@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import mqtt5
 import orjson
@@ -41,7 +42,7 @@ def sqlite_settings(tmp_path: Path) -> Settings:
         ("max_outbound_bytes", 100, "--max-outbound-bytes"),
     ],
 )
-def test_engine_settings_are_checked(sqlite_settings: Settings, option: str, value: object, named: str) -> None:
+def test_engine_settings_are_checked(sqlite_settings: Settings, option: str, value: Any, named: str) -> None:
     """Test that each engine setting refuses a value out of its range, naming the option."""
     with pytest.raises(ConfigError, match=named):
         dataclasses.replace(sqlite_settings, **{option: value})
@@ -128,18 +129,25 @@ async def test_connections_logging_in_are_bounded(make_box: BoxFactory, sqlite_s
 async def test_status_with_properties_is_routed_with_them(box: Box) -> None:
     """Test that an MQTT 5 status with a content type and user properties is stored and reaches a v5 subscriber
     with its properties, user properties in order."""
-    props = {"content_type": "application/json", "user_properties": [("b", "2"), ("a", "1")]}
+    user_properties = [("b", "2"), ("a", "1")]
     async with wire_client(box.mqtt_port) as (watcher, _), wire_client(box.mqtt_port) as (robot, _):
         await watcher.send(mqtt5.SubscribePacket(1, [mqtt5.TopicFilter("robot/+/status", max_qos=mqtt5.QoS(1))]))
         await watcher.expect(mqtt5.SubAckPacket)
         status = payload(timestamp=stamp(4))
         await robot.send(
-            mqtt5.PublishPacket("robot/R-PROP/status", status, qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=1, **props)
+            mqtt5.PublishPacket(
+                "robot/R-PROP/status",
+                status,
+                qos=mqtt5.QoS.AT_LEAST_ONCE,
+                packet_id=1,
+                content_type="application/json",
+                user_properties=user_properties,
+            )
         )
         assert (await robot.expect(mqtt5.PubAckPacket)).reason_code == mqtt5.PubAckReasonCode.SUCCESS
         delivered = await watcher.expect(mqtt5.PublishPacket)
     assert orjson.loads(delivered.payload) == orjson.loads(status)
-    assert (delivered.content_type, delivered.user_properties) == ("application/json", [("b", "2"), ("a", "1")])
+    assert (delivered.content_type, delivered.user_properties) == ("application/json", user_properties)
     assert len(await box.history("R-PROP")) == 1
 
 
