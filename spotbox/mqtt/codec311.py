@@ -208,7 +208,7 @@ def _publish(first_byte: int, body: bytes | memoryview) -> Publish:
     if end > size:
         raise MalformedPacket("PUBLISH topic name overruns the packet")
     try:
-        topic = str(body[2:end], "utf-8")
+        topic = bytes(body[2:end]).decode()
     except UnicodeDecodeError:
         raise MalformedPacket("PUBLISH topic name is not valid UTF-8") from None  # [MQTT-1.5.3-1]
     if not topic:
