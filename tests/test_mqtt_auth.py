@@ -156,7 +156,8 @@ async def test_bad_logins_are_refused_with_their_code(
     result = await make_auth().login(name, password, "10.0.0.1")
     assert result.outcome is outcome
     assert result.user is None
-    assert result.code311 == (4 if outcome is Outcome.BAD_CREDENTIALS else 5)
+    assert result.code311 == 5  # 3.1.1: "not authorized", as Mosquitto answers a wrong password
+    assert result.code5 == (0x86 if outcome is Outcome.BAD_CREDENTIALS else 0x87)
 
 
 async def test_a_reconnect_with_a_verified_password_costs_no_hash(
