@@ -44,8 +44,10 @@ class Outcome(enum.Enum):
     BUSY = "busy"  # refused before any check: too many logins waiting; the client should retry later
 
 
-# CONNACK return codes (MQTT 3.1.1, 3.2.2.3) and reason codes (MQTT 5, 3.2.2.2) of each outcome.
-_CODES_311 = {Outcome.OK: 0, Outcome.BAD_CREDENTIALS: 4, Outcome.NOT_AUTHORIZED: 5, Outcome.BUSY: 3}
+# CONNACK return codes (MQTT 3.1.1, 3.2.2.3) and reason codes (MQTT 5, 3.2.2.2) of each outcome. In 3.1.1 a
+# wrong password is 5 "not authorized", as Mosquitto answers and spotbox always has: 3.1.1's 4 reads "the data
+# in the user name or password is malformed"; MQTT 5's 0x86 is "not accepted", so there it is 0x86.
+_CODES_311 = {Outcome.OK: 0, Outcome.BAD_CREDENTIALS: 5, Outcome.NOT_AUTHORIZED: 5, Outcome.BUSY: 3}
 _CODES_5 = {Outcome.OK: 0x00, Outcome.BAD_CREDENTIALS: 0x86, Outcome.NOT_AUTHORIZED: 0x87, Outcome.BUSY: 0x89}
 
 
@@ -64,8 +66,7 @@ class LoginResult:
 
     @property
     def code311(self) -> int:
-        """The MQTT 3.1.1 CONNACK return code (0 accepted, 3 server unavailable, 4 bad credentials, 5 not
-        authorized)."""
+        """The MQTT 3.1.1 CONNACK return code (0 accepted, 3 server unavailable, 5 not authorized)."""
         return _CODES_311[self.outcome]
 
     @property

@@ -186,12 +186,16 @@ def decode_client(first_byte: int, body: bytes | memoryview) -> ServerPacket:
 def connect_level(body: bytes | memoryview) -> int:
     """The protocol level of a CONNECT body (4: MQTT 3.1.1, 5: MQTT 5.0), to pick the codec that decodes it.
 
-    Raises MalformedPacket when the protocol name is not "MQTT" (or MQTT 3.1's "MQIsdp") [MQTT-3.1.2-1].
+    Raises MalformedPacket when the protocol name is not "MQTT" (or "MQIsdp" at level 3) [MQTT-3.1.2-1].
     """
     name, pos = _string(body, 0, "protocol name")
-    if name not in ("MQTT", "MQIsdp") or pos >= len(body):
+    if pos >= len(body):
+        raise MalformedPacket("CONNECT without a protocol level")
+    level = body[pos]
+    # MQTT 3.1 (level 3) was named "MQIsdp": answered as an unsupported level, not as garbage.
+    if name != "MQTT" and (name, level) != ("MQIsdp", 3):
         raise MalformedPacket("CONNECT protocol name is not MQTT")
-    return body[pos]
+    return level
 
 
 def _publish(first_byte: int, body: bytes | memoryview) -> Publish:
@@ -208,7 +212,7 @@ def _publish(first_byte: int, body: bytes | memoryview) -> Publish:
     if end > size:
         raise MalformedPacket("PUBLISH topic name overruns the packet")
     try:
-        topic = str(body[2:end], "utf-8")
+        topic = bytes(body[2:end]).decode()
     except UnicodeDecodeError:
         raise MalformedPacket("PUBLISH topic name is not valid UTF-8") from None  # [MQTT-1.5.3-1]
     if not topic:
@@ -274,7 +278,7 @@ def _connect(first_byte: int, body: bytes | memoryview) -> Connect:
         raise UnsupportedProtocol(level)  # [MQTT-3.1.2-2]
     if len(body) < 10:
         raise MalformedPacket("CONNECT variable header overruns the packet")
-    name_end = 6  # "\x00\x04MQTT"
+    name_end = 6  # "\x00\x04MQTT": connect_level accepts no other name at level 4
     flags = body[name_end + 1]
     keep_alive = body[name_end + 2] << 8 | body[name_end + 3]
     if flags & 0x01:
