@@ -12,12 +12,9 @@ from aiohttp import web
 from spotbox import metrics
 from spotbox.api import dashboard, docs, feeds, fleet, health, ingest, robots, stats
 from spotbox.api.errors import error_middleware
-from spotbox.broker import SpotboxBroker
-from spotbox.broker.limits import MqttLimits
-from spotbox.broker.websocket import serve_mqtt_websocket
 from spotbox.keys import BROKER, HUB, PIPELINE, RETENTION, SETTINGS, STORAGE
 from spotbox.mqtt.broker import Broker
-from spotbox.mqtt.listeners import MqttLimits as EngineLimits
+from spotbox.mqtt.listeners import MqttLimits
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
 from spotbox.settings import Settings
@@ -72,32 +69,9 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Start the embedded broker (built here: amqtt needs the running loop) and its TCP listener."""
+    """Start the MQTT broker (spotbox.mqtt) and its TCP listener; on exit, settle what was read, then disconnect."""
     settings = app[SETTINGS]
-    if settings.engine == "spotbox":
-        async for _ in engine_ctx(app):
-            yield
-        return
-    limits = MqttLimits(settings.max_payload, settings.max_topic_length, settings.max_connections)
-    broker = SpotboxBroker(app[PIPELINE], settings.users, limits)
-    await broker.start()
-    try:
-        host, port = await broker.listen(settings.mqtt_host, settings.mqtt_port, settings.ssl_context)
-    except BaseException:
-        await broker.shutdown()
-        raise
-    logger.info("mqtt listening on %s:%d%s", host, port, " (TLS)" if settings.ssl_context else "")
-    app[BROKER] = broker
-    yield
-    await broker.stop_listening()
-    await broker.shutdown()
-    await broker.close_connections()
-
-
-async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Start spotbox's own MQTT engine and its TCP listener; on exit, settle what was read, then disconnect."""
-    settings = app[SETTINGS]
-    limits = EngineLimits(
+    limits = MqttLimits(
         max_payload=settings.max_payload,
         max_topic_length=settings.max_topic_length,
         max_connections=settings.max_connections,
@@ -144,20 +118,12 @@ async def close_streams(app: web.Application) -> None:
 async def disconnect_mqtt(app: web.Application) -> None:
     """Stop accepting MQTT clients and cut the connected ones, so shutdown waits on none of them (TCP or /mqtt)."""
     if BROKER in app:
-        broker = app[BROKER]
-        if isinstance(broker, Broker):
-            await broker.close()
-        else:
-            await broker.stop_listening()
-            broker.abort_clients()
+        await app[BROKER].close()
 
 
 async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
     """GET /mqtt: MQTT over WebSocket on the HTTP port."""
-    broker = request.app[BROKER]
-    if isinstance(broker, Broker):
-        return await broker.serve_websocket(request)
-    return await serve_mqtt_websocket(request, broker)
+    return await request.app[BROKER].serve_websocket(request)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from spotbox.broker import SpotboxBroker
 from spotbox.mqtt.broker import Broker
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
@@ -17,7 +16,6 @@ SETTINGS = web.AppKey("settings", Settings)
 STORAGE = web.AppKey("storage", Storage)
 HUB = web.AppKey("hub", FeedHub)
 PIPELINE = web.AppKey("pipeline", IngestPipeline)
-# Either engine while both exist (Settings.engine); spotbox/mqtt replaces spotbox/broker.
-BROKER: web.AppKey[SpotboxBroker | Broker] = web.AppKey("broker")
+BROKER = web.AppKey("broker", Broker)
 METRICS = web.AppKey("metrics", CollectorRegistry)
 RETENTION = web.AppKey("retention", Retention)

@@ -55,8 +55,7 @@ class SpotboxCollector:
                 "MQTT connections not being read for backpressure (ingest queue or connection window full).",
                 value=broker.paused_connections,
             )
-            if isinstance(broker, Broker):
-                yield from _dropped(broker)
+            yield from _dropped(broker)
         yield GaugeMetricFamily(
             "spotbox_sse_streams_open", "Open SSE feeds, per robot and fleet.", value=self._app[HUB].stream_count
         )

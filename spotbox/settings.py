@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,6 @@ from spotbox.users import Users
 
 BUNDLED_SCHEMA = Path(__file__).parent / "schemas" / "robot-status.schema.json"
 LOG_FORMATS = ("text", "json")
-ENGINES = ("spotbox", "amqtt")
 MQTT_MAX_REMAINING_LENGTH = 268_435_455  # [MQTT-2.2.3]
 
 
@@ -113,8 +111,6 @@ class Settings:
     max_topic_length: int = 1024
     max_connections: int = 1000
     max_json_depth: int = 32
-    # The MQTT engine: spotbox's own (spotbox/mqtt) or the amqtt-based one it replaces (spotbox/broker).
-    engine: str = field(default_factory=lambda: os.environ.get("SPOTBOX_ENGINE", "spotbox"))
     # Per session: QoS 1/2 messages kept for a client that is offline or cannot take them yet; then dropped, counted.
     max_queued: int = 1000
     # Unacknowledged QoS 1/2 PUBLISHes an MQTT 5 client may have in flight to spotbox (announced in CONNACK).
@@ -174,8 +170,6 @@ class Settings:
 
 def _check_engine(settings: Settings) -> None:
     """The MQTT engine's settings (moved into the options table once it exists)."""
-    if settings.engine not in ENGINES:
-        raise ConfigError("--engine", f"{settings.engine!r} is not one of {', '.join(ENGINES)}")
     if settings.max_queued < 0:
         raise ConfigError("--max-queued", f"{settings.max_queued} is negative")
     if not 1 <= settings.receive_maximum <= 65535:

@@ -19,7 +19,6 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from spotbox.app import create_app
-from spotbox.broker import SpotboxBroker
 from spotbox.keys import BROKER, PIPELINE, STORAGE
 from spotbox.mqtt.broker import Broker
 from spotbox.pipeline import IngestPipeline
@@ -104,7 +103,7 @@ class Box:
         return f"http://127.0.0.1:{self.server.port}"
 
     @property
-    def broker(self) -> SpotboxBroker | Broker:
+    def broker(self) -> Broker:
         return self.server.app[BROKER]
 
     @property

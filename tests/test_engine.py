@@ -32,7 +32,6 @@ def sqlite_settings(tmp_path: Path) -> Settings:
 @pytest.mark.parametrize(
     ("option", "value", "named"),
     [
-        ("engine", "mosquitto", "--engine"),
         ("max_queued", -1, "--max-queued"),
         ("receive_maximum", 0, "--receive-maximum"),
         ("receive_maximum", 65536, "--receive-maximum"),

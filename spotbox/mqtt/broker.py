@@ -170,9 +170,7 @@ class Broker:
         result = await self.auth.login(connect.username, connect.password, conn.stream.address)
         if not result.ok:
             logger.warning("mqtt login refused for user %r from %s: %s", connect.username, peer, result.reason)
-            # 3.1.1: a wrong password is 5 "not authorized", as Mosquitto answers (4 reads "malformed" in 3.2.2.3).
-            code311 = 5 if result.code311 == 4 else result.code311
-            return self._refuse(conn, code311, result.code5)
+            return self._refuse(conn, result.code311, result.code5)
         user = result.user
         client_id = connect.client_id or f"spotbox-{uuid.uuid4().hex}"  # [MQTT-3.1.3-6]
         will = connect.will
