@@ -1,4 +1,5 @@
-"""spotbox's own MQTT engine beyond the protocol's rules: its settings, its log lines, its limits and its hooks."""
+"""spotbox's own MQTT engine beyond the protocol's rules: its log lines, its limits and its hooks (its settings' checks
+are in test_settings)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,11 @@ import asyncio
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
 
 import mqtt5
 import orjson
 import pytest
 
-from spotbox.errors import ConfigError
 from spotbox.logs import TextFormatter
 from spotbox.mqtt.broker import Broker
 from spotbox.mqtt.wire import REASON_MAX_CHARS
@@ -27,24 +26,6 @@ from tests.raw_mqtt import CONNACK_ACCEPTED, connect_packet, publish, raw_client
 def sqlite_settings(tmp_path: Path) -> Settings:
     """A test spotbox on SQLite (these tests are about the broker, not storage)."""
     return Settings(http_port=0, mqtt_port=0, database_url=f"sqlite:///{tmp_path / 'x.db'}", batch_wait_ms=1.0)
-
-
-@pytest.mark.parametrize(
-    ("option", "value", "named"),
-    [
-        ("max_queued", -1, "--max-queued"),
-        ("receive_maximum", 0, "--receive-maximum"),
-        ("receive_maximum", 65536, "--receive-maximum"),
-        ("max_keepalive", 0, "--max-keepalive"),
-        ("connect_timeout_s", 0, "--connect-timeout"),
-        ("max_pending_logins", 0, "--max-pending-logins"),
-        ("max_outbound_bytes", 100, "--max-outbound-bytes"),
-    ],
-)
-def test_engine_settings_are_checked(sqlite_settings: Settings, option: str, value: Any, named: str) -> None:
-    """Test that each engine setting refuses a value out of its range, naming the option."""
-    with pytest.raises(ConfigError, match=named):
-        dataclasses.replace(sqlite_settings, **{option: value})
 
 
 def test_text_log_escapes_control_characters() -> None:

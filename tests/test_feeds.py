@@ -128,6 +128,7 @@ async def test_rows_committed_during_the_replay_are_sent_once(
     assert [event.json()["ts"] for event in received] == [stamp(n) for n in (1, 2, 11, 21, 30)]
 
 
+@pytest.mark.sqlite_only
 async def test_bad_last_event_id_is_400(box: Box) -> None:
     """Test that a Last-Event-ID (header or query) that is not a row id is a 400 in the JSON error shape."""
     bad = ["abc", "-1", "+1", "1.5", "0x10", "9223372036854775808", "1" * 5000]

@@ -19,6 +19,8 @@ from tests.helpers import mqtt_client, payload, stamp
 from tests.mqtt5_clients import paho_v5, reason_string, wire_client
 from tests.test_auth import PASSWORDS, TRANSPORTS, login, port_for, secured_settings
 
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
+
 STATUS = "robot/{}/status"
 
 
@@ -75,7 +77,7 @@ async def test_invalid_status_gets_puback_0x99_and_reaches_no_subscriber(
 
 
 async def test_every_rule_of_section_4_gets_0x99_with_its_field(box: Box) -> None:
-    """Test that each invalid case of SPEC section 4 published over MQTT 5 at QoS 1 gets 0x99 naming its field,
+    """Test that each invalid case of tests/cases.py published over MQTT 5 at QoS 1 gets 0x99 naming its field,
     and that a subscriber of robot/+/status receives exactly the valid message sent last."""
     async with mqtt_client(box.mqtt_port, "5") as watcher, paho_v5(box.mqtt_port) as robot:
         await watcher.subscribe("robot/+/status", qos=1)

@@ -13,6 +13,8 @@ from tests.conftest import Box, BoxFactory
 from tests.mqtt5_clients import Wire, wire_client
 from tests.test_auth import PASSWORDS, secured_settings
 
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
+
 Q0, Q1 = mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE
 ALWAYS, IF_NEW, NEVER = (
     mqtt5.RetainHandling.SEND_ALWAYS,
@@ -50,7 +52,7 @@ async def until_marker(wire: Wire, marker: bytes = b"marker") -> list[mqtt5.Publ
 
 @pytest.fixture
 def port(box: Box) -> int:
-    """The MQTT port (routing does not depend on the database: one run per backend still proves both)."""
+    """The MQTT port (routing does not depend on the database: SQLite only)."""
     return box.mqtt_port
 
 

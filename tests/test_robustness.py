@@ -24,6 +24,8 @@ from tests.helpers import VALID_STATUS, mqtt_client, payload
 from tests.raw_mqtt import CONNACK_ACCEPTED, publish_packet, raw_client, subscribe_packet
 from tests.test_limits import NOW
 
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
+
 CONNECT = connect_packet("bad-client")
 
 

@@ -94,13 +94,13 @@ class Broker:
         self._clock = asyncio.create_task(self._tick_forever(), name="spotbox-mqtt-clock")
 
     async def listen(
-        self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, sock: socket.socket | None = None
+        self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, *, sock: socket.socket | None = None
     ) -> tuple[str, int]:
         """Accept MQTT over TCP (TLS with a context) on host:port or on a bound socket; the real address."""
         try:
             self._server = await start_tcp(self._tcp_client, host, port, ssl_context, sock)
         except OSError as exc:
-            raise ListenError("MQTT", host, port, "--mqtt-port (or --mqtt-host)", exc) from exc
+            raise ListenError("MQTT", host, port, "--mqtt-port", exc, host_option="--mqtt-host") from exc
         address = self._server.sockets[0].getsockname()
         self.mqtt_address = (address[0], address[1])
         return self.mqtt_address
@@ -370,7 +370,12 @@ class Broker:
             self._server = None
 
     async def close(self, grace_s: float = 2.0) -> None:
-        """Stop reading every client, let committed statuses be acknowledged (within `grace_s`), then disconnect."""
+        """Stop reading every client, let committed statuses be acknowledged (within `grace_s`), then disconnect.
+
+        Called on shutdown and again at cleanup: the second call has nothing left to do.
+        """
+        if self._closing:
+            return
         self._closing = True
         await self.stop_listening()
         connections = list(self.connections)

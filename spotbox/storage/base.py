@@ -92,8 +92,20 @@ class Storage(Protocol):
     async def downsample(self, query: DownsampleQuery) -> list[Bucket]:
         """The non-empty buckets of `query`, oldest first, aggregated by the database."""
 
-    async def delete_before(self, cutoff: datetime, limit: int) -> int:
-        """Delete at most `limit` rows with ts before `cutoff` in one short transaction; how many went."""
+    async def delete_before(self, cutoff: datetime, limit: int, *, keep_after_id: int | None = None) -> int:
+        """Delete at most `limit` rows with ts before `cutoff` in one short transaction; how many went.
+
+        Rows with an id greater than `keep_after_id` are kept whatever their age (not yet forwarded upstream).
+        """
+
+    async def forward_cursor(self, target: str) -> int:
+        """The last row id the upstream broker `target` acknowledged (0 for a target never seen)."""
+
+    async def save_forward_cursor(self, target: str, row_id: int) -> None:
+        """Durably record that `target` acknowledged every row up to `row_id`."""
+
+    async def count_after(self, after_id: int) -> int:
+        """How many rows have an id greater than `after_id` (a forward target's lag)."""
 
     async def ping(self) -> None:
         """Raise StorageUnavailableError unless the database answers."""

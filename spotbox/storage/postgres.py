@@ -41,6 +41,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # A feed resuming from Last-Event-ID reads one robot's rows after an id; the fleet feed uses the primary key.
     ("CREATE INDEX status_robot_id ON status (serial_number, id)",),
+    # Store and forward: the last row id each upstream broker acknowledged.
+    ("CREATE TABLE forward_cursor (target text PRIMARY KEY, row_id bigint NOT NULL)",),
 )
 
 # Any number that fits one transaction: serializes concurrent spotbox starts on one database.
@@ -65,7 +67,9 @@ _BUCKET = "date_bin($4::interval, ts, TIMESTAMPTZ '1970-01-01 00:00:00+00')"
 _DELETE_BEFORE = f"""{base.ROBOTS_CTE}
 DELETE FROM status WHERE id = ANY(ARRAY(
     SELECT old.id FROM robots
-    CROSS JOIN LATERAL (SELECT id FROM status WHERE serial_number = robots.serial AND ts < $1 LIMIT $2) AS old
+    CROSS JOIN LATERAL (
+        SELECT id FROM status WHERE serial_number = robots.serial AND ts < $1 AND id <= $3 LIMIT $2
+    ) AS old
     LIMIT $2
 ))"""
 
@@ -213,16 +217,35 @@ class PostgresStorage:
         rows = await self._fetch(base.downsample_sql(query.agg, "$", _BUCKET), params)
         return [base.bucket_of(row[0], row) for row in rows]
 
-    async def delete_before(self, cutoff: datetime, limit: int) -> int:
+    async def delete_before(self, cutoff: datetime, limit: int, *, keep_after_id: int | None = None) -> int:
         """One DELETE of at most `limit` old rows, in its own transaction."""
+        keep = 2**63 - 1 if keep_after_id is None else keep_after_id
         try:
             async with self._acquire() as conn:
-                status: str = await conn.execute(_DELETE_BEFORE, cutoff, limit)
+                status: str = await conn.execute(_DELETE_BEFORE, cutoff, limit, keep)
         except _UNAVAILABLE as exc:
             raise StorageUnavailableError(f"PostgreSQL delete failed: {exc!r}") from exc
         except asyncpg.PostgresError as exc:
             raise StorageError(f"PostgreSQL delete failed: {exc}") from exc
         return int(status.rsplit(" ", 1)[1])  # "DELETE <count>"
+
+    async def forward_cursor(self, target: str) -> int:
+        """The target's acknowledged row id, 0 when it has none yet."""
+        rows = await self._fetch("SELECT row_id FROM forward_cursor WHERE target = $1", [target])
+        return int(rows[0][0]) if rows else 0
+
+    async def save_forward_cursor(self, target: str, row_id: int) -> None:
+        """Upsert the cursor, committed before returning."""
+        sql = (
+            "INSERT INTO forward_cursor (target, row_id) VALUES ($1, $2) "
+            "ON CONFLICT (target) DO UPDATE SET row_id = excluded.row_id"
+        )
+        await self._fetch(sql, [target, row_id])
+
+    async def count_after(self, after_id: int) -> int:
+        """Rows past `after_id`, counted on the primary key."""
+        ((count,),) = await self._fetch("SELECT count(*) FROM status WHERE id > $1", [after_id])
+        return int(count)
 
     async def ping(self) -> None:
         """Run a trivial query."""

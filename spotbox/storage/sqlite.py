@@ -16,6 +16,7 @@ from spotbox.errors import StorageError, StorageUnavailableError
 from spotbox.status import StatusRecord, StoredStatus, from_micros, to_micros
 from spotbox.storage import base
 from spotbox.storage.base import COLUMNS, Bucket, DownsampleQuery, HistoryQuery, assign_ids
+from spotbox.storage.lock import DatabaseLock
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # A feed resuming from Last-Event-ID reads one robot's rows after an id; the fleet feed uses the primary key.
     ("CREATE INDEX status_robot_id ON status (serial_number, id)",),
+    # Store and forward: the last row id each upstream broker acknowledged.
+    ("CREATE TABLE forward_cursor (target TEXT PRIMARY KEY, row_id INTEGER NOT NULL)",),
 )
 
 # 32766 bound variables per statement since SQLite 3.32; stay well below.
@@ -57,8 +60,10 @@ _BUCKET = "ts - ((ts % ?4) + ?4) % ?4"
 # id (and those before it) out again, and a feed resuming from Last-Event-ID would skip the new rows.
 _DELETE_BEFORE = f"""
 DELETE FROM status WHERE id IN ({base.ROBOTS_CTE}
-    SELECT s.id FROM robots JOIN status AS s ON s.serial_number = robots.serial AND s.ts < ?1 LIMIT ?2
+    SELECT s.id FROM robots JOIN status AS s ON s.serial_number = robots.serial AND s.ts < ?1 AND s.id <= ?3 LIMIT ?2
 ) AND id < (SELECT max(id) FROM status)"""
+# Rows no forward target still needs: every id when nothing is forwarded.
+_NO_KEEP = 2**63 - 1
 
 
 def _row_values(record: StatusRecord) -> tuple[Any, ...]:
@@ -108,6 +113,7 @@ class SQLiteStorage:
         # Ingest and retention share the writer connection; a statement of one must not land in the other's
         # transaction.
         self._write_lock = asyncio.Lock()
+        self._file_lock = DatabaseLock(path)
 
     async def _connect(self) -> aiosqlite.Connection:
         try:
@@ -121,7 +127,12 @@ class SQLiteStorage:
         """Open the file (created if missing), switch to WAL and migrate."""
         if not self.path.parent.is_dir():
             raise StorageError(f"cannot open SQLite database {self.path}: folder {self.path.parent} does not exist")
-        self._writer = await self._connect()
+        self._file_lock.acquire()
+        try:
+            self._writer = await self._connect()
+        except BaseException:
+            self._file_lock.release()
+            raise
         try:
             await self._writer.execute("PRAGMA journal_mode = WAL")
             # FULL: a committed batch survives power loss as well as a crash, since acks wait for it.
@@ -253,17 +264,41 @@ class SQLiteStorage:
         rows = await self._fetch(base.downsample_sql(query.agg, "?", _BUCKET), params)
         return [base.bucket_of(from_micros(row[0]), row) for row in rows]
 
-    async def delete_before(self, cutoff: datetime, limit: int) -> int:
+    async def delete_before(self, cutoff: datetime, limit: int, *, keep_after_id: int | None = None) -> int:
         """One DELETE of at most `limit` old rows on the writer connection, between two ingest batches."""
         db = self._db(self._writer)
+        keep = _NO_KEEP if keep_after_id is None else keep_after_id
         async with self._write_lock:
             try:
-                async with db.execute(_DELETE_BEFORE, (to_micros(cutoff), limit)) as cursor:
+                async with db.execute(_DELETE_BEFORE, (to_micros(cutoff), limit, keep)) as cursor:
                     return cursor.rowcount
             except sqlite3.OperationalError as exc:
                 raise StorageUnavailableError(f"SQLite delete failed: {exc}") from exc
             except sqlite3.Error as exc:
                 raise StorageError(f"SQLite delete failed: {exc}") from exc
+
+    async def forward_cursor(self, target: str) -> int:
+        """The target's acknowledged row id, 0 when it has none yet."""
+        rows = await self._fetch("SELECT row_id FROM forward_cursor WHERE target = ?", [target])
+        return int(rows[0][0]) if rows else 0
+
+    async def save_forward_cursor(self, target: str, row_id: int) -> None:
+        """Upsert the cursor on the writer connection (SQLite's one writer), committed before returning."""
+        db = self._db(self._writer)
+        sql = (
+            "INSERT INTO forward_cursor (target, row_id) VALUES (?, ?) "
+            "ON CONFLICT (target) DO UPDATE SET row_id = excluded.row_id"
+        )
+        async with self._write_lock:
+            try:
+                await db.execute(sql, (target, row_id))
+            except sqlite3.Error as exc:
+                raise StorageUnavailableError(f"SQLite write failed: {exc}") from exc
+
+    async def count_after(self, after_id: int) -> int:
+        """Rows past `after_id`, counted on the primary key."""
+        ((count,),) = await self._fetch("SELECT count(*) FROM status WHERE id > ?", [after_id])
+        return int(count)
 
     async def ping(self) -> None:
         """Run a trivial query on the reader connection."""
@@ -283,3 +318,4 @@ class SQLiteStorage:
             if db is not None:
                 await db.close()
         self._reader = self._writer = None
+        self._file_lock.release()
