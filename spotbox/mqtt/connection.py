@@ -313,9 +313,11 @@ class Connection:
         if pending.commit is None and not self.pending:
             self._settle(pending)
             return
-        self.pending.append(pending)
         if pending.commit is not None:
             self.uncommitted += 1
+        self.pending.append(pending)
+        if len(self.pending) == 1 and pending.commit is not None:
+            # Only the head of the line is watched: a batch commit then wakes this connection once, not per status.
             pending.commit.add_done_callback(self._commit_done)
 
     async def _window_wait(self) -> None:
@@ -335,7 +337,8 @@ class Connection:
             self.last_heard = time.monotonic()
 
     def _commit_done(self, _: asyncio.Future[int | None]) -> None:
-        """A commit finished: settle every publish at the front of the line that is ready, in order."""
+        """The head of the line is committed: settle every publish at the front that is ready, in order, then watch
+        the new head."""
         pending = self.pending
         while pending and (pending[0].commit is None or pending[0].commit.done()):
             item = pending.popleft()
@@ -345,6 +348,10 @@ class Connection:
                 self._settle(item)
             except Exception:
                 logger.exception("settling a publish of %r failed", self.client_id)
+        if pending:
+            head = pending[0].commit
+            assert head is not None  # a head without a commit is settled by the loop above
+            head.add_done_callback(self._commit_done)
         self._window_free.set()
 
     def _settle(self, pending: Pending) -> None:
