@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from spotbox.app import create_app
-from spotbox.bench import BenchConfig, format_table, run_bench, run_forward_bench, run_forward_catch_up
+from spotbox.bench import LEAN, BenchConfig, format_table, run_bench, run_forward_bench, run_forward_catch_up
 from spotbox.bench_reads import ReadsConfig, format_reads, run_reads
 from spotbox.errors import SpotboxError
 from spotbox.listeners import bind_both, try_lines
@@ -290,6 +290,12 @@ async def _until_stopped(fleet: Fleet) -> FleetStats:
     show_default=True,
     help="reads: load generator (auto: wrk when installed, else aiohttp in this process).",
 )
+@click.option(
+    "--lean",
+    is_flag=True,
+    help="The ingest-speed load: 3 publishers, 100 in flight each, pre-encoded packets, no SSE, no classic stack "
+    "(overrides --robots, --window, --sse, --baseline).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(
     robots: int,
@@ -309,6 +315,7 @@ def bench(
     connections: int,
     duration: float,
     client: str,
+    lean: bool,
     as_json: bool,
 ) -> None:
     """Measure stored statuses per second, publish-to-SSE latency and memory, against the classic stack.
@@ -334,6 +341,8 @@ def bench(
     config = BenchConfig(
         robots, messages, rate, window, sse, database_url, baseline, baseline_messages, qos, mqtt_version
     )
+    if lean:
+        config = dataclasses.replace(config, **LEAN)  # type: ignore[arg-type]
     try:
         if forward_backlog is not None:
             figures = asyncio.run(run_forward_catch_up(config, forward_backlog))

@@ -40,8 +40,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from spotbox.app import create_app
-from spotbox.broker import SpotboxBroker
 from spotbox.keys import BROKER, PIPELINE, STORAGE
+from spotbox.mqtt.broker import Broker
 from spotbox.pipeline import IngestPipeline
 from spotbox.settings import Settings
 from spotbox.storage import Storage
@@ -210,7 +210,7 @@ class Box:
         return f"http://127.0.0.1:{self.server.port}"
 
     @property
-    def broker(self) -> SpotboxBroker:
+    def broker(self) -> Broker:
         return self.server.app[BROKER]
 
     @property

@@ -11,8 +11,8 @@ import mqtt5
 import orjson
 import pytest
 
-from spotbox.broker.handler import READ_WINDOW
-from spotbox.broker.mqtt5_connect import MAX_KEEP_ALIVE_S, TOPIC_ALIAS_MAX
+from spotbox.keys import SETTINGS
+from spotbox.mqtt.broker import TOPIC_ALIAS_MAX
 from tests.cases import INVALID
 from tests.conftest import Box, BoxFactory, require_tool
 from tests.helpers import mqtt_client, payload, stamp
@@ -36,8 +36,9 @@ async def test_connack_carries_what_spotbox_offers(box: Box) -> None:
         assert connack.reason_code == mqtt5.ConnAckReasonCode.SUCCESS
         assert not connack.session_present
         assert connack.assigned_client_id  # [MQTT-3.2.2-16]
-        assert connack.server_keep_alive == MAX_KEEP_ALIVE_S
-        assert connack.receive_max == READ_WINDOW
+        settings = box.server.app[SETTINGS]
+        assert connack.server_keep_alive == settings.max_keepalive
+        assert connack.receive_max == settings.receive_maximum
         assert connack.topic_alias_max == TOPIC_ALIAS_MAX
         assert connack.max_packet_size == box.broker.limits.max_packet + 5
         assert connack.retain_available
