@@ -19,7 +19,7 @@ from spotbox.app import create_app
 from spotbox.bench import LEAN, BenchConfig, format_table, run_bench, run_forward_bench, run_forward_catch_up
 from spotbox.bench_reads import ReadsConfig, format_reads, run_reads
 from spotbox.errors import SpotboxError
-from spotbox.listeners import bind_both, try_lines
+from spotbox.listeners import bind_both, raise_open_files_limit, try_lines
 from spotbox.loadgen import PROTOCOL_LEVELS
 from spotbox.logs import configure_logging
 from spotbox.options import click_options
@@ -54,6 +54,7 @@ def run(**values: Any) -> None:
     except SpotboxError as exc:
         raise click.ClickException(str(exc)) from None
     configure_logging(settings.log_level, settings.log_format)
+    raise_open_files_limit(settings.max_connections + settings.max_pending_logins + settings.max_streams)
     try:
         asyncio.run(serve(settings, dataclasses.replace(runtime, mqtt_socket=bound.mqtt), bound.http))
     except SpotboxError as exc:
