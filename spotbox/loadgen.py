@@ -1,6 +1,7 @@
 """A cheap MQTT load generator for `spotbox bench`: pre-framed packets, a window in flight per robot.
 
-A general client library costs more per message than the broker under test (see MEASURED.md), so the bench
+A general client library costs more per message than the broker under test (a paho-mqtt client tops out at
+about 7,000 to 12,000 QoS 1 messages a second on one core, measured during development), so the bench
 writes PUBLISH packets itself and reads only the acknowledgements: MQTT 3.1.1 or 5.0, QoS 0, 1 or 2.
 """
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from spotbox.keys import BROKER, HUB, METRICS, PIPELINE
+from spotbox.cluster.forward import Forwarder
+from spotbox.keys import BROKER, FORWARDERS, HUB, METRICS, PIPELINE
 
 
 class SpotboxCollector:
@@ -56,11 +57,40 @@ class SpotboxCollector:
         yield GaugeMetricFamily(
             "spotbox_sse_streams_open", "Open SSE feeds, per robot and fleet.", value=self._app[HUB].stream_count
         )
+        yield from _forward_metrics(self._app.get(FORWARDERS) or [])
+
+
+def _forward_metrics(forwarders: list[Forwarder]) -> Iterator[Metric]:
+    """Store and forward, per target: lag in rows and seconds, forwarded total, whether the uplink is up."""
+    if not forwarders:
+        return
+    lag_rows = GaugeMetricFamily(
+        "spotbox_forward_lag_rows", "Stored statuses not yet acknowledged upstream.", labels=["target"]
+    )
+    lag_seconds = GaugeMetricFamily(
+        "spotbox_forward_lag_seconds", "Age of the oldest status not yet acknowledged upstream.", labels=["target"]
+    )
+    forwarded = CounterMetricFamily(
+        "spotbox_forwarded", "Statuses acknowledged by the upstream broker since start.", labels=["target"]
+    )
+    up = GaugeMetricFamily("spotbox_forward_up", "1 while the uplink to the target is connected.", labels=["target"])
+    for forwarder in forwarders:
+        labels = [forwarder.target]
+        lag_rows.add_metric(labels, forwarder.lag_rows)
+        lag_seconds.add_metric(labels, forwarder.lag_seconds)
+        forwarded.add_metric(labels, forwarder.forwarded)
+        up.add_metric(labels, 1 if forwarder.client.connected else 0)
+    yield from (lag_rows, lag_seconds, forwarded, up)
 
 
 def add_routes(app: web.Application) -> None:
     """Give the app its own registry (tests run many apps in one process) and serve it at /metrics."""
     registry = CollectorRegistry()
     registry.register(SpotboxCollector(app))
+    # The standard process_* (CPU, memory, open files) and python_* (version, garbage collector) series that
+    # dashboards and alerts expect of any Python exporter.
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     app[METRICS] = registry
     app.router.add_get("/metrics", make_aiohttp_handler(registry))

@@ -33,7 +33,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -200,6 +200,8 @@ class Box:
 
     server: TestServer
     http: aiohttp.ClientSession
+    # Sent with `history()`: a login that may read, for an instance started with --users.
+    read_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def mqtt_port(self) -> int:
@@ -228,7 +230,8 @@ class Box:
         items: list[dict[str, Any]] = []
         query = dict(params)
         while True:
-            async with self.http.get(f"{self.base_url}/robots/{serial}/history", params=query) as resp:
+            url = f"{self.base_url}/robots/{serial}/history"
+            async with self.http.get(url, params=query, headers=self.read_headers) as resp:
                 if resp.status == 404:
                     return items
                 assert resp.status == 200, await resp.text()
@@ -264,3 +267,22 @@ async def make_box() -> AsyncIterator[BoxFactory]:
 async def box(make_box: BoxFactory, settings: Settings) -> Box:
     """spotbox running on port 0 over the parametrized database."""
     return await make_box(settings)
+
+
+@pytest.fixture
+async def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made with the openssl command."""
+    openssl = require_tool("openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    proc = await asyncio.create_subprocess_exec(
+        openssl,
+        *("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"),
+        *("-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost"),
+        *("-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return cert, key

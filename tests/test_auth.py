@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
 import aiomqtt
 import orjson
 import pytest
 
 from spotbox.loadgen import connect_packet
+from spotbox.runtime import load_runtime
 from spotbox.settings import Settings
 from spotbox.users import Users, make_user
 from tests.conftest import Box, BoxFactory
@@ -45,8 +47,10 @@ def secured_settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def secured(make_box: BoxFactory, tmp_path: Path) -> Box:
-    """spotbox with a users file."""
-    return await make_box(secured_settings(tmp_path))
+    """spotbox with a users file; its `history()` reads as the operator."""
+    box = await make_box(secured_settings(tmp_path))
+    box.read_headers = operator_login()
+    return box
 
 
 def port_for(box: Box, transport: str) -> int:
@@ -54,6 +58,11 @@ def port_for(box: Box, transport: str) -> int:
     port = box.mqtt_port if transport == "tcp" else box.server.port
     assert port is not None
     return port
+
+
+def operator_login() -> dict[str, str]:
+    """HTTP Basic headers of the operator, who may read every robot."""
+    return {"Authorization": aiohttp.encode_basic_auth("operator", PASSWORDS["operator"])}
 
 
 def login(name: str) -> dict[str, str]:
@@ -150,18 +159,18 @@ async def test_denied_publish_to_other_topic_is_not_routed(secured: Box) -> None
 
 def test_users_allow_a_public_mqtt_address(tmp_path: Path) -> None:
     """Test that with a users file a non-loopback --mqtt-host is accepted (without one it is refused)."""
-    settings = Settings(mqtt_host="0.0.0.0", users_path=write_users(tmp_path / "users.json"))
-    assert settings.users is not None
-    assert set(settings.users.by_name) == set(PASSWORDS)
+    users = load_runtime(Settings(mqtt_host="0.0.0.0", users_path=write_users(tmp_path / "users.json"))).users
+    assert users is not None
+    assert set(users.by_name) == set(PASSWORDS)
 
 
 def test_an_empty_or_missing_users_file_is_refused(tmp_path: Path) -> None:
     """Test that --users naming a missing file, or one without users, is a configuration error."""
     with pytest.raises(Exception, match="no such file"):
-        Settings(users_path=tmp_path / "missing.json")
+        load_runtime(Settings(users_path=tmp_path / "missing.json"))
     Users(tmp_path / "empty.json").save()
     with pytest.raises(Exception, match="has no users"):
-        Settings(users_path=tmp_path / "empty.json")
+        load_runtime(Settings(users_path=tmp_path / "empty.json"))
 
 
 @pytest.mark.parametrize(

@@ -10,32 +10,12 @@ import aiohttp
 import pytest
 
 from spotbox.loadgen import connect_packet
-from tests.conftest import require_tool
 from tests.helpers import mqtt_client, payload, stamp
 from tests.raw_mqtt import raw_client
 from tests.test_auth import PASSWORDS, login, write_users
 from tests.test_cli import failed_start, spotbox_process
 
 pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
-
-
-@pytest.fixture
-async def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key, made with the openssl command."""
-    openssl = require_tool("openssl")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    proc = await asyncio.create_subprocess_exec(
-        openssl,
-        *("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"),
-        *("-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost"),
-        *("-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(30):
-        _, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    return cert, key
 
 
 async def test_tls_for_mqtt_websocket_and_http(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
@@ -53,13 +33,24 @@ async def test_tls_for_mqtt_websocket_and_http(tmp_path: Path, certificate: tupl
             box.http_port, transport="websockets", path="/mqtt", tls_context=trusted, **login("ROBOT-A")
         ) as robot:
             await robot.publish("robot/ROBOT-A/status", payload(timestamp=stamp(2)), qos=1)
+        own = {"Authorization": aiohttp.encode_basic_auth("ROBOT-A", PASSWORDS["ROBOT-A"])}
+        base = f"https://127.0.0.1:{box.http_port}"
         async with (
             aiohttp.ClientSession() as http,
-            http.get(f"https://127.0.0.1:{box.http_port}/robots/ROBOT-A/history", ssl=trusted) as resp,
+            http.get(f"{base}/robots/ROBOT-A/history", ssl=trusted, headers=own) as resp,
         ):
             assert resp.status == 200
             page = await resp.json()
         assert [item["ts"] for item in page["items"]] == [stamp(1), stamp(2)]
+        # Under TLS the console's session cookie is Secure: a browser never sends it over plain HTTP.
+        form = {"username": "operator", "password": PASSWORDS["operator"], "next": "/"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{base}/login", data=form, ssl=trusted, allow_redirects=False) as resp,
+        ):
+            assert resp.status == 303
+            cookie = resp.cookies["spotbox_session"]
+            assert (cookie["secure"], cookie["httponly"], cookie["samesite"]) == (True, True, "Strict")
 
         # Plain MQTT on the TLS port gets no CONNACK: the bytes are not a TLS handshake.
         async with raw_client(box.mqtt_port) as plain:

@@ -20,14 +20,14 @@ from spotbox.errors import (
     StorageUnavailableError,
     UnauthorizedError,
 )
-from spotbox.keys import BROKER, PIPELINE, SETTINGS
+from spotbox.keys import BROKER, PIPELINE, RUNTIME, SETTINGS
 from spotbox.users import User, Users
 from spotbox.validation import Rejection
 
 logger = logging.getLogger(__name__)
 
 
-def _basic_credentials(header: str) -> tuple[str, str] | None:
+def basic_credentials(header: str) -> tuple[str, str] | None:
     """(name, password) of an `Authorization: Basic ...` header (RFC 7617), None when it is not one."""
     # aiohttp's BasicAuth would do this, but it is deprecated for removal in aiohttp 4.
     scheme, _, encoded = header.strip().partition(" ")
@@ -45,7 +45,7 @@ def _basic_credentials(header: str) -> tuple[str, str] | None:
 async def _login(request: web.Request, users: Users) -> User:
     """The user of the request's HTTP Basic credentials, checked as an MQTT login is; 401 without one."""
     peer = request.remote
-    credentials = _basic_credentials(request.headers.get(hdrs.AUTHORIZATION, ""))
+    credentials = basic_credentials(request.headers.get(hdrs.AUTHORIZATION, ""))
     if credentials is None:
         logger.warning("http ingest refused: no Basic credentials from %s", peer)
         raise UnauthorizedError("authentication required")
@@ -83,7 +83,8 @@ async def post_status(request: web.Request) -> web.Response:
     """
     settings = request.app[SETTINGS]
     # Credentials are checked before anything else, so a stranger learns nothing and no body of theirs is read.
-    user = await _login(request, settings.users) if settings.users is not None else None
+    users = request.app[RUNTIME].users
+    user = await _login(request, users) if users is not None else None
     serial = serial_param(request)
     topic = f"robot/{serial}/status"
     if user is not None and not user.may_publish(topic):
@@ -96,7 +97,8 @@ async def post_status(request: web.Request) -> web.Response:
     if isinstance(verdict, Rejection):
         # Operators watching spotbox/rejected/+ see every rejection, whatever the transport.
         await request.app[BROKER].report_rejection(topic, verdict, raw)
-        if not _is_json(raw):
+        # A number orjson cannot read (1e400) names its field: that is an invalid status, not a malformed body.
+        if verdict.field == "payload" and not _is_json(raw):
             raise BadRequestError("body is not JSON", {"errors": verdict.errors, "field": verdict.field})
         raise InvalidStatusError(verdict.errors, verdict.field)
     if not pipeline.storage_available:

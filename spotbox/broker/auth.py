@@ -1,6 +1,6 @@
 """Who may connect and which topics each user may use, through amqtt's authentication and topic plugins.
 
-Without a users file: anonymous clients, from this machine only (SPEC section 7). With one: a username and
+Without a users file: anonymous clients, from this machine only (docs/security.md). With one: a username and
 password for every connection (`PasswordAuth`), and per-user topic grants (`TopicGrants`) for subscriptions.
 Publishes are checked by the protocol handler itself, before a status is validated or stored.
 """

@@ -29,7 +29,7 @@ from amqtt.session import IncomingApplicationMessage
 
 from spotbox.broker.auth import may_publish
 from spotbox.errors import StorageError
-from spotbox.status import dumps, payload_digest, status_topic_serial
+from spotbox.status import Delivery, payload_digest, status_topic_serial
 from spotbox.validation import Rejection
 
 if TYPE_CHECKING:
@@ -172,7 +172,11 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
         if serial is None or data is None:
             return _Outcome.OTHER_TOPIC
         pipeline = self._broker.pipeline
-        verdict = pipeline.check(serial, data, self._first_received_at(publish_packet))
+        delivery = None
+        if publish_packet.qos and self.session is not None and self.session.client_id is not None:
+            # Kept with a status without a timestamp, so a resend after a restart is stored once.
+            delivery = Delivery(self.session.client_id, publish_packet.packet_id, bool(publish_packet.dup_flag))
+        verdict = pipeline.check(serial, data, self._first_received_at(publish_packet), delivery=delivery)
         if isinstance(verdict, Rejection):
             await self._broker.report_rejection(topic, verdict, data)
             return Refusal(PAYLOAD_FORMAT_INVALID, verdict.reason)
@@ -255,12 +259,3 @@ class SpotboxProtocolHandler(BrokerProtocolHandler):
         )
         message.publish_packet = publish_packet
         await self._handle_message_flow(message)
-
-
-def rejection_report(topic: str, rejection: Rejection, payload: bytes) -> bytes:
-    """The JSON an operator sees on `spotbox/rejected/{serial}`."""
-    try:
-        shown: Any = payload.decode()
-    except UnicodeDecodeError:
-        shown = payload.decode("utf-8", errors="replace")
-    return dumps({"topic": topic, "errors": rejection.errors, "payload": shown})

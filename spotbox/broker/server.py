@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Iterator
 from functools import partial
@@ -23,7 +24,7 @@ from amqtt.session import IncomingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
 from spotbox.broker.auth import may_publish
-from spotbox.broker.handler import REJECTED_TOPIC, RejectedMessage, SpotboxProtocolHandler, rejection_report
+from spotbox.broker.handler import REJECTED_TOPIC, RejectedMessage, SpotboxProtocolHandler
 from spotbox.broker.limits import MqttLimits, PacketGuard
 from spotbox.broker.mqtt5_connect import (
     SESSION_EXPIRY,
@@ -42,7 +43,7 @@ from spotbox.errors import ListenError
 from spotbox.pipeline import IngestPipeline
 from spotbox.status import status_topic_serial
 from spotbox.users import Users
-from spotbox.validation import Rejection
+from spotbox.validation import Rejection, rejection_report
 
 logger = logging.getLogger(__name__)
 
@@ -102,18 +103,25 @@ class SpotboxBroker(Mqtt5SessionBroker):
         # Connections whose reading is paused for backpressure (see handler.ReadGate).
         self.paused_connections = 0
 
-    async def listen(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> tuple[str, int]:
-        """Accept MQTT over TCP (over TLS with a context) on host:port (0 picks a free port); return the address."""
+    async def listen(
+        self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, *, sock: socket.socket | None = None
+    ) -> tuple[str, int]:
+        """Accept MQTT over TCP (over TLS with a context) on `sock`, bound beforehand, or on host:port (0: any)."""
         try:
-            self._tcp_server = await asyncio.start_server(
-                partial(self.stream_connected, listener_name=TCP_LISTENER),
-                host,
-                port,
-                reuse_address=True,
-                ssl=ssl_context,
-            )
+            if sock is not None:
+                self._tcp_server = await asyncio.start_server(
+                    partial(self.stream_connected, listener_name=TCP_LISTENER), sock=sock, ssl=ssl_context
+                )
+            else:
+                self._tcp_server = await asyncio.start_server(
+                    partial(self.stream_connected, listener_name=TCP_LISTENER),
+                    host,
+                    port,
+                    reuse_address=True,
+                    ssl=ssl_context,
+                )
         except OSError as exc:
-            raise ListenError("MQTT", host, port, "--mqtt-port (or --mqtt-host)", exc) from exc
+            raise ListenError("MQTT", host, port, "--mqtt-port", exc, host_option="--mqtt-host") from exc
         address = self._tcp_server.sockets[0].getsockname()
         self.mqtt_address = (address[0], address[1])
         return self.mqtt_address
