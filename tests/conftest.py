@@ -18,6 +18,10 @@ Which database a test runs on (the suite stays under 90 s on 2 cores by design, 
 - `own_database_url` is `database_url` with a PostgreSQL database of its own (CREATE DATABASE): for tests of
   creating and migrating a truly empty database (tests/test_storage.py).
 - A PostgreSQL test that cannot reach its server skips on a laptop and fails under CI=true (`unavailable`).
+- Tests run in parallel processes (pytest-xdist, `-n auto` in pyproject; `-n 0` for one process): a test binds
+  port 0, writes under tmp_path, names what it creates uniquely, and relies on no other test having run first.
+- Waiting costs the whole suite: wait on events with generous timeouts, never on fixed sleeps, and shorten a
+  setting (or inject a clock) rather than wait real seconds for an expiry.
 """
 
 from __future__ import annotations
