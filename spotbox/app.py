@@ -15,13 +15,12 @@ from aiohttp import web
 from spotbox import metrics
 from spotbox.api import alerts, auth, dashboard, docs, feeds, fleet, forward, health, ingest, rejections, robots, stats
 from spotbox.api.errors import error_middleware
-from spotbox.broker import SpotboxBroker
-from spotbox.broker.limits import MqttLimits
-from spotbox.broker.websocket import serve_mqtt_websocket
 from spotbox.cluster.client import BrokerURL
 from spotbox.cluster.forward import ForwardConfig, Forwarder, keep_after_id
 from spotbox.errors import ConfigError, StorageError
 from spotbox.keys import BROKER, FORWARDERS, HUB, OPS, PIPELINE, RETENTION, RUNTIME, SETTINGS, STORAGE
+from spotbox.mqtt.broker import Broker
+from spotbox.mqtt.listeners import MqttLimits
 from spotbox.ops.alerts import Alert, Transition
 from spotbox.ops.service import Operations
 from spotbox.pipeline import IngestPipeline
@@ -134,10 +133,20 @@ async def ops_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Start the embedded broker (built here: amqtt needs the running loop) and its TCP listener."""
+    """Start the MQTT broker (spotbox.mqtt) and its TCP listener; on exit, settle what was read, then disconnect."""
     settings, runtime = app[SETTINGS], app[RUNTIME]
-    limits = MqttLimits(settings.max_payload, settings.max_topic_length, settings.max_connections)
-    broker = SpotboxBroker(app[PIPELINE], runtime.users, limits)
+    limits = MqttLimits(
+        max_payload=settings.max_payload,
+        max_topic_length=settings.max_topic_length,
+        max_connections=settings.max_connections,
+        max_pending_logins=settings.max_pending_logins,
+        connect_timeout_s=settings.connect_timeout_s,
+        receive_maximum=settings.receive_maximum,
+        max_keepalive=settings.max_keepalive,
+        max_queued=settings.max_queued,
+        max_outbound_bytes=settings.max_outbound_bytes,
+    )
+    broker = Broker(app[PIPELINE], runtime.users, limits)
     broker.presence = app[OPS].presence
     await broker.start()
     try:
@@ -145,15 +154,13 @@ async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
             settings.mqtt_host, settings.mqtt_port, runtime.ssl_context, sock=runtime.mqtt_socket
         )
     except BaseException:
-        await broker.shutdown()
+        await broker.close()
         raise
     logger.info("mqtt listening on %s:%d%s", host, port, " (TLS)" if runtime.ssl_context else "")
     app[BROKER] = broker
     app[OPS].broker_ready(broker.publish_retained)
     yield
-    await broker.stop_listening()
-    await broker.shutdown()
-    await broker.close_connections()
+    await broker.close()
 
 
 async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -209,15 +216,14 @@ async def close_streams(app: web.Application) -> None:
 
 
 async def disconnect_mqtt(app: web.Application) -> None:
-    """Stop accepting MQTT clients and cut the connected ones, so shutdown waits on none of them (TCP or /mqtt)."""
+    """Stop accepting and reading MQTT clients, acknowledge what was committed, disconnect them (TCP and /mqtt)."""
     if BROKER in app:
-        await app[BROKER].stop_listening()
-        app[BROKER].abort_clients()
+        await app[BROKER].close()
 
 
 async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
     """GET /mqtt: MQTT over WebSocket on the HTTP port."""
-    return await serve_mqtt_websocket(request, request.app[BROKER])
+    return await request.app[BROKER].serve_websocket(request)
 
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Application:

@@ -52,12 +52,20 @@ class BenchConfig:
     baseline_messages: int = 3_000
     qos: int = 1
     mqtt_version: str = "3.1.1"
+    # Packets encoded before the start: the lean load measures the server, not the publishers.
+    pre_encoded: bool = False
     # An alert rules file for the spotbox under test (an empty file: no rules, to measure what alerts cost).
     alerts: str | None = None
 
     def load(self, messages: int) -> loadgen.Load:
         """The publishers' part of this run, for `messages` statuses."""
-        return loadgen.Load(self.robots, messages, self.window, self.rate, self.qos, self.mqtt_version)
+        return loadgen.Load(
+            self.robots, messages, self.window, self.rate, self.qos, self.mqtt_version, self.pre_encoded
+        )
+
+
+# The broker-core issue's load: a few publishers with a deep window of pre-encoded QoS 1 statuses, no feeds.
+LEAN = {"robots": 3, "window": 100, "sse": 0, "pre_encoded": True, "baseline": False}
 
 
 @dataclass

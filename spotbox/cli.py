@@ -17,10 +17,10 @@ import orjson
 from aiohttp import web
 
 from spotbox.app import create_app
-from spotbox.bench import BenchConfig, format_table, run_bench, run_forward_bench, run_forward_catch_up
+from spotbox.bench import LEAN, BenchConfig, format_table, run_bench, run_forward_bench, run_forward_catch_up
 from spotbox.bench_reads import ReadsConfig, format_reads, run_reads
 from spotbox.errors import SpotboxError
-from spotbox.listeners import bind_both, try_lines
+from spotbox.listeners import bind_both, raise_open_files_limit, try_lines
 from spotbox.loadgen import PROTOCOL_LEVELS
 from spotbox.logs import configure_logging
 from spotbox.options import click_options
@@ -55,6 +55,7 @@ def run(**values: Any) -> None:
     except SpotboxError as exc:
         raise click.ClickException(str(exc)) from None
     configure_logging(settings.log_level, settings.log_format)
+    raise_open_files_limit(settings.max_connections + settings.max_pending_logins + settings.max_streams)
     try:
         asyncio.run(serve(settings, dataclasses.replace(runtime, mqtt_socket=bound.mqtt), bound.http))
     except SpotboxError as exc:
@@ -292,6 +293,12 @@ async def _until_stopped(fleet: Fleet) -> FleetStats:
     help="reads: load generator (auto: wrk when installed, else aiohttp in this process).",
 )
 @click.option(
+    "--lean",
+    is_flag=True,
+    help="The ingest-speed load: 3 publishers, 100 in flight each, pre-encoded packets, no SSE, no classic stack "
+    "(overrides --robots, --window, --sse, --baseline).",
+)
+@click.option(
     "--alerts",
     "alerts_path",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -317,6 +324,7 @@ def bench(
     connections: int,
     duration: float,
     client: str,
+    lean: bool,
     alerts_path: Path | None,
     as_json: bool,
 ) -> None:
@@ -341,9 +349,12 @@ def bench(
         click.echo(orjson.dumps(figures).decode() if as_json else format_reads(figures))
         return
     config = BenchConfig(
-        robots, messages, rate, window, sse, database_url, baseline, baseline_messages, qos, mqtt_version,
-        str(alerts_path) if alerts_path is not None else None,
-    )  # fmt: skip
+        robots, messages, rate, window, sse, database_url, baseline, baseline_messages, qos, mqtt_version
+    )
+    if lean:
+        config = dataclasses.replace(config, **LEAN)  # type: ignore[arg-type]
+    if alerts_path is not None:
+        config = dataclasses.replace(config, alerts=str(alerts_path))
     try:
         if forward_backlog is not None:
             figures = asyncio.run(run_forward_catch_up(config, forward_backlog))

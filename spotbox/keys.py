@@ -5,8 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from spotbox.broker import SpotboxBroker
 from spotbox.cluster.forward import Forwarder
+from spotbox.mqtt.broker import Broker
 from spotbox.ops.service import Operations
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
@@ -21,7 +21,7 @@ RUNTIME = web.AppKey("runtime", Runtime)
 STORAGE = web.AppKey("storage", Storage)
 HUB = web.AppKey("hub", FeedHub)
 PIPELINE = web.AppKey("pipeline", IngestPipeline)
-BROKER = web.AppKey("broker", SpotboxBroker)
+BROKER = web.AppKey("broker", Broker)
 METRICS = web.AppKey("metrics", CollectorRegistry)
 RETENTION = web.AppKey("retention", Retention)
 FORWARDERS = web.AppKey("forwarders", list[Forwarder])

@@ -11,6 +11,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from spotbox.cluster.forward import Forwarder
 from spotbox.keys import BROKER, FORWARDERS, HUB, METRICS, OPS, PIPELINE
+from spotbox.mqtt.broker import Broker
 from spotbox.ops.presence import STATES
 from spotbox.ops.rules import SEVERITIES
 
@@ -47,15 +48,17 @@ class SpotboxCollector:
             yield from pipeline.commit_seconds.collect()
         broker = self._app.get(BROKER)
         if broker is not None:
-            connected = sum(1 for session, _ in broker.sessions.values() if session.transitions.state == "connected")
             yield GaugeMetricFamily(
-                "spotbox_mqtt_clients_connected", "MQTT clients connected (TCP and WebSocket).", value=connected
+                "spotbox_mqtt_clients_connected",
+                "MQTT clients connected (TCP and WebSocket).",
+                value=broker.connected_count,
             )
             yield GaugeMetricFamily(
                 "spotbox_mqtt_connections_paused",
                 "MQTT connections not being read for backpressure (ingest queue or connection window full).",
                 value=broker.paused_connections,
             )
+            yield from _dropped(broker)
         ops = self._app.get(OPS)
         if ops is not None:
             presence = GaugeMetricFamily("spotbox_robots", "Robots by presence.", labels=["presence"])
@@ -95,6 +98,27 @@ def _forward_metrics(forwarders: list[Forwarder]) -> Iterator[Metric]:
         forwarded.add_metric(labels, forwarder.forwarded)
         up.add_metric(labels, 1 if forwarder.client.connected else 0)
     yield from (lag_rows, lag_seconds, forwarded, up)
+
+
+def _dropped(broker: Broker) -> Iterator[Metric]:
+    """Messages the broker did not deliver, by why; connections refused while too many were logging in."""
+    dropped = CounterMetricFamily(
+        "spotbox_mqtt_messages_dropped",
+        "MQTT messages not delivered to a subscriber: session queue full (--max-queued), QoS 0 past the outbound "
+        "budget (--max-outbound-bytes), expired, or over the client's Maximum Packet Size.",
+        labels=["reason"],
+    )
+    counters = broker.counters
+    dropped.add_metric(["queue_full"], broker.sessions.counters.queue_full)
+    dropped.add_metric(["max_outbound_bytes"], counters.dropped_max_outbound_bytes)
+    dropped.add_metric(["expired"], counters.dropped_expired)
+    dropped.add_metric(["too_large"], counters.dropped_too_large)
+    yield dropped
+    yield CounterMetricFamily(
+        "spotbox_mqtt_connections_refused",
+        "MQTT connections refused because too many were still logging in (--max-pending-logins).",
+        value=counters.refused_connections,
+    )
 
 
 def add_routes(app: web.Application) -> None:

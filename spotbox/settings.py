@@ -145,9 +145,50 @@ class Settings:
     max_topic_length: int = option(1024, "Longest MQTT topic, in bytes.", group=VALIDATION, check=between(1, 65535))
     max_connections: int = option(
         1000,
-        "Most MQTT clients connected at once (TCP and WebSocket together); more are refused.",
+        "Most MQTT clients logged in at once (TCP and WebSocket together); more are refused.",
         group=VALIDATION,
         check=at_least(1),
+    )
+    max_pending_logins: int = option(
+        200,
+        "Most MQTT connections still logging in (no CONNECT handled yet), apart from --max-connections; more are "
+        "closed at once.",
+        group=VALIDATION,
+        check=at_least(1),
+    )
+    connect_timeout_s: float = option(
+        5.0,
+        "Seconds a new MQTT connection has to send its CONNECT before it is closed.",
+        group=VALIDATION,
+        check=positive,
+    )
+    max_keepalive: int = option(
+        3600,
+        "Longest MQTT keep alive granted, in seconds: an MQTT 5 client asking for more, or for none, is told this one "
+        "(Server Keep Alive).",
+        group=VALIDATION,
+        check=between(1, 65535),
+    )
+    receive_maximum: int = option(
+        100,
+        "Unacknowledged QoS 1/2 PUBLISHes an MQTT 5 client may have in flight to spotbox (announced in CONNACK; one "
+        "more ends the connection with 0x93).",
+        group=VALIDATION,
+        check=between(1, 65535),
+    )
+    max_queued: int = option(
+        1000,
+        "QoS 1/2 messages kept per MQTT session for a client that is offline or cannot take them yet; further ones "
+        "are dropped and counted.",
+        group=VALIDATION,
+        check=at_least(0),
+    )
+    max_outbound_bytes: int = option(
+        4 * 1024 * 1024,
+        "Bytes an MQTT client may leave unread: past it QoS 0 messages to it are dropped (counted), and a client "
+        "stuck past it for 30 s is disconnected.",
+        group=VALIDATION,
+        check=at_least(1024),
     )
     max_json_depth: int = option(
         32,

@@ -18,6 +18,10 @@ Which database a test runs on (the suite stays under 90 s on 2 cores by design, 
 - `own_database_url` is `database_url` with a PostgreSQL database of its own (CREATE DATABASE): for tests of
   creating and migrating a truly empty database (tests/test_storage.py).
 - A PostgreSQL test that cannot reach its server skips on a laptop and fails under CI=true (`unavailable`).
+- Tests run in parallel processes (pytest-xdist, `-n auto` in pyproject; `-n 0` for one process): a test binds
+  port 0, writes under tmp_path, names what it creates uniquely, and relies on no other test having run first.
+- Waiting costs the whole suite: wait on events with generous timeouts, never on fixed sleeps, and shorten a
+  setting (or inject a clock) rather than wait real seconds for an expiry.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from spotbox.app import create_app
-from spotbox.broker import SpotboxBroker
 from spotbox.keys import BROKER, PIPELINE, STORAGE
+from spotbox.mqtt.broker import Broker
 from spotbox.pipeline import IngestPipeline
 from spotbox.settings import Settings
 from spotbox.storage import Storage
@@ -210,7 +214,7 @@ class Box:
         return f"http://127.0.0.1:{self.server.port}"
 
     @property
-    def broker(self) -> SpotboxBroker:
+    def broker(self) -> Broker:
         return self.server.app[BROKER]
 
     @property
@@ -282,3 +286,14 @@ async def certificate(tmp_path: Path) -> tuple[Path, Path]:
         _, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     return cert, key
+
+
+@pytest.fixture
+async def secured(make_box: BoxFactory, tmp_path: Path) -> Box:
+    """spotbox with the users file of tests/test_auth.py (robots and an operator); its `history()` reads as the
+    operator (reads need a login with users)."""
+    from tests.test_auth import operator_login, secured_settings  # noqa: PLC0415 - the users of those tests
+
+    box = await make_box(secured_settings(tmp_path))
+    box.read_headers = operator_login()
+    return box

@@ -4,30 +4,23 @@ before routing, as paho-mqtt (MQTTv5), mosquitto_pub/mosquitto_sub (-V mqttv5) a
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import aiomqtt
 import mqtt5
 import orjson
 import pytest
 
-from spotbox.broker.handler import READ_WINDOW
-from spotbox.broker.mqtt5_connect import MAX_KEEP_ALIVE_S, TOPIC_ALIAS_MAX
+from spotbox.keys import SETTINGS
+from spotbox.mqtt.broker import TOPIC_ALIAS_MAX
 from tests.cases import INVALID
-from tests.conftest import Box, BoxFactory, require_tool
+from tests.conftest import Box, require_tool
 from tests.helpers import mqtt_client, payload, stamp
 from tests.mqtt5_clients import paho_v5, reason_string, wire_client
-from tests.test_auth import PASSWORDS, TRANSPORTS, login, port_for, secured_settings
+from tests.test_auth import PASSWORDS, TRANSPORTS, login, port_for
 
 pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
 
 STATUS = "robot/{}/status"
-
-
-@pytest.fixture
-async def secured(make_box: BoxFactory, tmp_path: Path) -> Box:
-    """spotbox with the users file of test_auth (two robots and an operator)."""
-    return await make_box(secured_settings(tmp_path))
 
 
 async def test_connack_carries_what_spotbox_offers(box: Box) -> None:
@@ -36,8 +29,9 @@ async def test_connack_carries_what_spotbox_offers(box: Box) -> None:
         assert connack.reason_code == mqtt5.ConnAckReasonCode.SUCCESS
         assert not connack.session_present
         assert connack.assigned_client_id  # [MQTT-3.2.2-16]
-        assert connack.server_keep_alive == MAX_KEEP_ALIVE_S
-        assert connack.receive_max == READ_WINDOW
+        settings = box.server.app[SETTINGS]
+        assert connack.server_keep_alive == settings.max_keepalive
+        assert connack.receive_max == settings.receive_maximum
         assert connack.topic_alias_max == TOPIC_ALIAS_MAX
         assert connack.max_packet_size == box.broker.limits.max_packet + 5
         assert connack.retain_available

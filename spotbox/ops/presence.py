@@ -3,14 +3,13 @@
 Online while the MQTT connection that last published the robot's status is up (for HTTP ingest, while statuses
 keep arriving); stale when no status came for the stale-after time (by default three times the median gap of its
 last 10 statuses, at least 10 s); offline once that connection ended or after the offline-after time. Durations
-run on spotbox's receive clock. The broker tells this module two things, through two calls:
+run on spotbox's receive clock. Three calls feed it:
 
-- `status_committed(serial, received_at, connection)`: a status of `serial` was committed; `connection` is any
-  hashable object standing for the MQTT connection that published it (None for HTTP ingest or unknown);
+- `status_committed(serial, received_at)`: a status of `serial` was committed (the ingest pipeline's fan-out
+  calls it for every committed row, whatever the transport);
+- `bind(serial, connection)`: the broker, once that status is committed: it came over `connection` (any hashable
+  object standing for the MQTT connection; spotbox/mqtt passes its Connection);
 - `connection_closed(connection)`: that connection ended, cleanly or not.
-
-Calling `status_committed` twice for one status (once from the commit fan-out with no connection, once from the
-broker with it) is harmless: a receive time not newer than the last one only binds the connection.
 """
 
 from __future__ import annotations
@@ -104,12 +103,19 @@ class Presence:
             if robot.last_seen is not None and robot.state != "unknown":
                 robot.gaps.append((received_at - robot.last_seen).total_seconds())
             robot.last_seen = received_at
-        if connection is not None and connection is not robot.connection:
-            if robot.connection is not None:
-                self._by_connection.get(robot.connection, set()).discard(serial)
-            robot.connection = connection
-            self._by_connection.setdefault(connection, set()).add(serial)
+        if connection is not None:
+            self.bind(serial, connection)
         self._move(robot, "online", received_at)
+
+    def bind(self, serial: str, connection: object) -> None:
+        """The robot's latest committed status came over `connection`: it is online while that is up."""
+        robot = self.robots.get(serial)
+        if robot is None or connection is robot.connection:
+            return
+        if robot.connection is not None:
+            self._by_connection.get(robot.connection, set()).discard(serial)
+        robot.connection = connection
+        self._by_connection.setdefault(connection, set()).add(serial)
 
     def connection_closed(self, connection: object) -> None:
         """The connection ended: each robot whose last status came over it is offline from now."""
