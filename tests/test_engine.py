@@ -79,19 +79,41 @@ async def test_presence_hook_hears_of_each_closed_connection(box: Box) -> None:
 
 
 async def test_connections_logging_in_are_bounded(make_box: BoxFactory, sqlite_settings: Settings) -> None:
-    """Test that past max_pending_logins sockets that have not logged in, a new socket is closed at once, and a
-    logged-in client still publishes."""
-    box = await make_box(dataclasses.replace(sqlite_settings, max_pending_logins=3))
+    """Test that past max_pending_logins sockets that have not logged in, a new client waits unread until a slot
+    frees (an idle socket reaches its CONNECT deadline) and then logs in and publishes; and that once as many
+    connections wait as --max-connections allows, one more is closed at once."""
+    settings = dataclasses.replace(sqlite_settings, max_pending_logins=3, connect_timeout_s=1.0, max_connections=2)
+    box = await make_box(settings)
     idle = [await asyncio.open_connection("127.0.0.1", box.mqtt_port) for _ in range(3)]
     try:
-        async with raw_client(box.mqtt_port) as extra, asyncio.timeout(5):
-            await extra.wait_closed_by_server()
+        async with mqtt_client(box.mqtt_port) as robot:  # waits for an idle socket's deadline, then logs in
+            await robot.publish("robot/R-OK/status", payload(timestamp=stamp(3)), qos=1)
+        more_idle = [await asyncio.open_connection("127.0.0.1", box.mqtt_port) for _ in range(3 + 2)]
+        try:
+            async with raw_client(box.mqtt_port) as extra, asyncio.timeout(5):
+                await extra.wait_closed_by_server()  # 3 logging in, 2 waiting: the line is full
+        finally:
+            for _, writer in more_idle:
+                writer.close()
     finally:
         for _, writer in idle:
             writer.close()
-    async with mqtt_client(box.mqtt_port) as robot:
-        await robot.publish("robot/R-OK/status", payload(timestamp=stamp(3)), qos=1)
     assert [item["ts"] for item in await box.history("R-OK")] == [stamp(3)]
+
+
+async def test_a_connection_storm_is_served_without_a_refusal(make_box: BoxFactory, sqlite_settings: Settings) -> None:
+    """Test that many more clients connecting at once than --max-pending-logins all log in: the rest wait their
+    turn instead of being refused (a fleet reconnecting after a restart)."""
+    box = await make_box(dataclasses.replace(sqlite_settings, max_pending_logins=2))
+
+    async def robot(n: int) -> None:
+        async with mqtt_client(box.mqtt_port, identifier=f"storm-{n}") as client:
+            await client.publish(f"robot/STORM-{n}/status", payload(timestamp=stamp(n)), qos=1)
+
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(robot(n) for n in range(40)))
+    assert box.broker.counters.refused_connections == 0
+    assert len(await box.history("STORM-39")) == 1
 
 
 async def test_status_with_properties_is_routed_with_them(box: Box) -> None:

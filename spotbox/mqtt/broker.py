@@ -83,6 +83,9 @@ class Broker:
         self.paused_connections = 0
         self.mqtt_address: tuple[str, int] | None = None
         self.on_connection_closed: Callable[[str, frozenset[str]], None] | None = None
+        # Connections waiting, unread, for a login slot (see `_admit`), and the wake-up when a slot frees.
+        self._admission_waiting = 0
+        self._login_slot = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._clock: asyncio.Task[None] | None = None
@@ -133,12 +136,8 @@ class Broker:
 
     async def serve(self, stream: Stream) -> None:
         """Run one client's connection, within the bound on connections still logging in."""
-        logging_in = len(self.connections) - self.logged_in
-        if logging_in >= self.limits.max_pending_logins:
+        if not await self._admit(stream):
             self.counters.refused_connections += 1
-            logger.warning(
-                "mqtt connection from %s refused: %d connections are still logging in", stream.peer, logging_in
-            )
             stream.abort()
             return
         conn = Connection(self, stream)
@@ -149,6 +148,38 @@ class Broker:
             logger.exception("mqtt connection %s (%r) ended by an error", stream.peer, conn.client_id)
         finally:
             conn.end()
+
+    async def _admit(self, stream: Stream) -> bool:
+        """Wait, without reading, for one of the --max-pending-logins slots of connections still logging in.
+
+        A fleet reconnecting at once after a restart (thousands of robots in a second) queues here and is served
+        in turn: no robot is refused for arriving in a storm. Sockets that never log in hold a slot only until their
+        CONNECT deadline, so they delay the queue but cannot lock it. A connection that waits longer than the
+        CONNECT deadline itself, or finds --max-connections connections already waiting, is refused.
+        """
+        limits = self.limits
+        if len(self.connections) - self.logged_in < limits.max_pending_logins:
+            return True
+        if self._admission_waiting >= limits.max_connections:
+            logger.warning("mqtt connection from %s refused: too many connections waiting to log in", stream.peer)
+            return False
+        self._admission_waiting += 1
+        try:
+            async with asyncio.timeout(limits.connect_timeout_s):
+                while len(self.connections) - self.logged_in >= limits.max_pending_logins:
+                    self._login_slot.clear()
+                    await self._login_slot.wait()
+        except TimeoutError:
+            logger.warning(
+                "mqtt connection from %s refused: no login slot within %.0f s (%d connections still logging in)",
+                stream.peer,
+                limits.connect_timeout_s,
+                len(self.connections) - self.logged_in,
+            )
+            return False
+        finally:
+            self._admission_waiting -= 1
+        return True
 
     # --- logins -------------------------------------------------------------------------------------------------
 
@@ -197,6 +228,7 @@ class Broker:
         session.connection = conn
         conn.session, conn.client_id, conn.logged_in = session, client_id, True
         self.logged_in += 1
+        self._login_slot.set()
         keep_alive = connect.keep_alive
         if v5 and not 0 < keep_alive <= self.limits.max_keepalive:
             keep_alive = self.limits.max_keepalive  # told in CONNACK [MQTT-3.2.2-21]
@@ -293,6 +325,7 @@ class Broker:
         if conn not in self.connections:
             return
         self.connections.discard(conn)
+        self._login_slot.set()
         if conn.logged_in:
             self.logged_in -= 1
             if self.on_connection_closed is not None and conn.client_id is not None:
