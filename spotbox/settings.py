@@ -150,8 +150,8 @@ class Settings:
     )
     max_pending_logins: int = option(
         200,
-        "Most MQTT connections still logging in (no CONNECT handled yet), apart from --max-connections; more are "
-        "closed at once.",
+        "Most MQTT connections logging in at once (no CONNECT handled yet), apart from --max-connections; more wait "
+        "their turn unread, each within its --connect-timeout-s.",
         group=VALIDATION,
         check=at_least(1),
     )
