@@ -76,6 +76,9 @@ class Figures:
     latency_ms: dict[str, float] | None
     peak_rss_mb: float
     rss_mb: dict[str, Any] | None = None
+    # Publish to PUBACK/PUBCOMP (which spotbox sends after the commit), and how far apart the robots' CONNACKs came.
+    ack_ms: dict[str, float] | None = None
+    connect_spread_s: float | None = None
 
 
 class BenchError(SpotboxError):
@@ -279,7 +282,18 @@ async def bench_spotbox(
     if config.qos and stored != result.acked:
         raise BenchError(f"{result.acked} statuses acknowledged but {stored} stored")
     seconds = end - result.first_send
-    return Figures(stored, seconds, stored / seconds, _latency_figures(latencies), peak, _rss_growth(rss))
+    acks = [(sent, latency * 1000) for sent, latency in result.ack_latencies]
+    spread = max(result.connected_at) - min(result.connected_at) if result.connected_at else None
+    return Figures(
+        stored,
+        seconds,
+        stored / seconds,
+        _latency_figures(latencies),
+        peak,
+        _rss_growth(rss),
+        _latency_figures(acks) if acks else None,
+        spread,
+    )
 
 
 async def _forward_drained(http: aiohttp.ClientSession, http_port: int, up: list[float] | None = None) -> float:
@@ -428,6 +442,8 @@ async def run_bench(config: BenchConfig) -> dict[str, Any]:
         "seconds": round(spotbox.seconds, 3),
         "stored_per_s": round(spotbox.stored_per_s, 1),
         "latency_ms": {k: round(v, 2) for k, v in (spotbox.latency_ms or {}).items()},
+        "ack_latency_ms": {k: round(v, 2) for k, v in (spotbox.ack_ms or {}).items()},
+        "connect_spread_s": None if spotbox.connect_spread_s is None else round(spotbox.connect_spread_s, 2),
         "peak_rss_mb": round(spotbox.peak_rss_mb, 1),
         "rss_mb": spotbox.rss_mb,
         "baseline": None
@@ -452,6 +468,9 @@ def format_table(figures: dict[str, Any]) -> str:
     rows.append(("publish->SSE p50 ms", str(figures["latency_ms"]["p50"]), "-"))
     rows.append(("publish->SSE p99 ms", str(figures["latency_ms"]["p99"]), "-"))
     rows.append(("  steady state p50 / p99", f"{latency['steady_p50']} / {latency['steady_p99']}", "-"))
+    if acks := figures["ack_latency_ms"]:
+        rows.append(("publish->ack p50 / p99 ms", f"{acks['p50']} / {acks['p99']}", "-"))
+        rows.append(("  steady state p50 / p99", f"{acks['steady_p50']} / {acks['steady_p99']}", "-"))
     rows.append(("peak RSS MB", str(figures["peak_rss_mb"]), str(base.get("peak_rss_mb", "-"))))
     if figures["rss_mb"] is not None:
         growth = figures["rss_mb"]

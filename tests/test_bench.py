@@ -36,6 +36,8 @@ async def test_bench_json_reports_both_stacks() -> None:
     assert figures["stored_per_s"] > 0
     assert 0 < figures["latency_ms"]["p50"] <= figures["latency_ms"]["p99"]
     assert 0 < figures["latency_ms"]["steady_p50"] <= figures["latency_ms"]["steady_p99"]
+    assert 0 < figures["ack_latency_ms"]["p50"] <= figures["ack_latency_ms"]["p99"]
+    assert figures["connect_spread_s"] >= 0
     assert figures["peak_rss_mb"] > 0
     assert 0 < figures["rss_mb"]["warm"] <= figures["peak_rss_mb"]
     assert 0 < figures["rss_mb"]["end"] <= figures["peak_rss_mb"]
