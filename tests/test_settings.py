@@ -35,6 +35,7 @@ from spotbox.settings import DatabaseURL, Settings
         ({"max_payload": 300_000_000}, "--max-payload"),
         ({"max_topic_length": 65536}, "--max-topic-length"),
         ({"max_connections": 0}, "--max-connections"),
+        ({"max_streams": 0}, "--max-streams"),
         ({"max_json_depth": 1}, "--max-json-depth"),
         ({"users_path": Path("/no/such/users.json")}, "--users"),
         ({"tls_key": Path("/no/such/key.pem")}, "--tls-cert"),
