@@ -374,6 +374,16 @@ def simulate(
     help="Protocol the robots speak.",
 )
 @click.option(
+    "--sse-consoles", type=click.IntRange(min=0), default=0, show_default=True, help="Fan-out: /feed readers."
+)
+@click.option(
+    "--sse-robot-pages",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Fan-out: robot page feeds, one robot each (the first --robots publish, the others stay silent).",
+)
+@click.option(
     "--scenario",
     type=click.Choice(["ingest", "reads"]),
     default="ingest",
@@ -408,6 +418,8 @@ def bench(
     baseline_messages: int,
     qos: int,
     mqtt_version: str,
+    sse_consoles: int,
+    sse_robot_pages: int,
     scenario: str,
     rows: int,
     connections: int,
@@ -436,7 +448,18 @@ def bench(
         click.echo(orjson.dumps(figures).decode() if as_json else format_reads(figures))
         return
     config = BenchConfig(
-        robots, messages, rate, window, sse, database_url, baseline, baseline_messages, qos, mqtt_version
+        robots,
+        messages,
+        rate,
+        window,
+        sse,
+        database_url,
+        baseline,
+        baseline_messages,
+        qos,
+        mqtt_version,
+        sse_consoles,
+        sse_robot_pages,
     )
     try:
         figures = asyncio.run(run_bench(config))
