@@ -17,7 +17,7 @@ from tests.cases import INVALID
 from tests.conftest import Box, BoxFactory, require_tool
 from tests.helpers import mqtt_client, payload, stamp
 from tests.mqtt5_clients import paho_v5, reason_string, wire_client
-from tests.test_auth import PASSWORDS, TRANSPORTS, login, port_for, secured_settings
+from tests.test_auth import PASSWORDS, TRANSPORTS, login, operator_login, port_for, secured_settings
 
 STATUS = "robot/{}/status"
 
@@ -25,7 +25,9 @@ STATUS = "robot/{}/status"
 @pytest.fixture
 async def secured(make_box: BoxFactory, tmp_path: Path) -> Box:
     """spotbox with the users file of test_auth (two robots and an operator)."""
-    return await make_box(secured_settings(tmp_path))
+    box = await make_box(secured_settings(tmp_path))
+    box.read_headers = operator_login()
+    return box
 
 
 async def test_connack_carries_what_spotbox_offers(box: Box) -> None:
