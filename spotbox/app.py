@@ -5,24 +5,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime
+from functools import partial
 
 from aiohttp import web
 
 from spotbox import metrics
-from spotbox.api import auth, dashboard, docs, feeds, fleet, health, ingest, robots, stats
+from spotbox.api import auth, dashboard, docs, feeds, fleet, forward, health, ingest, robots, stats
 from spotbox.api.errors import error_middleware
-from spotbox.broker import SpotboxBroker
-from spotbox.broker.limits import MqttLimits
-from spotbox.broker.websocket import serve_mqtt_websocket
-from spotbox.keys import BROKER, HUB, PIPELINE, RETENTION, SETTINGS, STORAGE
+from spotbox.cluster.client import BrokerURL
+from spotbox.cluster.forward import ForwardConfig, Forwarder, keep_after_id
+from spotbox.errors import ConfigError, StorageError
+from spotbox.keys import BROKER, FORWARDERS, HUB, PIPELINE, RETENTION, RUNTIME, SETTINGS, STORAGE
+from spotbox.mqtt.broker import Broker
+from spotbox.mqtt.listeners import MqttLimits
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
+from spotbox.runtime import Runtime, load_runtime
 from spotbox.settings import Settings
 from spotbox.sse import FeedHub
+from spotbox.status import dumps
 from spotbox.storage import open_storage
-from spotbox.validation import StatusValidator
+from spotbox.validation import Rejection
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +37,33 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     """Open (and migrate) the database for the app's lifetime."""
     settings = app[SETTINGS]
     storage = open_storage(settings.database)
-    await storage.open()
+    try:
+        await storage.open()
+    except StorageError as exc:
+        # At start, an unusable database is a setting to change: name it (and where, without the password).
+        where = "" if settings.database.scheme == "sqlite" else f" ({settings.database.redacted()})"
+        raise ConfigError("--database-url", f"{exc}{where}") from exc
     logger.info("storage ready: %s", settings.database.redacted())
     app[STORAGE] = storage
     yield
     await storage.close()
+
+
+def _rejected(app: web.Application, rejection: Rejection, received_at: datetime) -> None:
+    """A refused status: to the fleet feed, and upstream where rejections are forwarded."""
+    app[HUB].publish_rejected(rejection, received_at)
+    if app[FORWARDERS]:
+        report = dumps(
+            {
+                "serial_number": rejection.serial_number,
+                "field": rejection.field,
+                "reason": rejection.reason,
+                "received_at": received_at,
+                "gateway": app[SETTINGS].gateway_id,
+            }
+        )
+        for forwarder in app[FORWARDERS]:
+            forwarder.forward_event("rejection", f"spotbox/rejected/{rejection.serial_number}", report)
 
 
 async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -44,13 +72,9 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     hub = app[HUB]
     pipeline = IngestPipeline(
         app[STORAGE],
-        StatusValidator(
-            settings.schema_path,
-            max_depth=settings.max_json_depth,
-            max_future=timedelta(seconds=settings.max_future_s),
-        ),
+        app[RUNTIME].validator,
         hub.publish,
-        on_rejected=hub.publish_rejected,
+        on_rejected=partial(_rejected, app),
         queue_size=settings.queue_size,
         batch_max=settings.batch_max,
         batch_wait_s=settings.batch_wait_ms / 1000,
@@ -75,30 +99,46 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Start the embedded broker (built here: amqtt needs the running loop) and its TCP listener."""
-    settings = app[SETTINGS]
-    limits = MqttLimits(settings.max_payload, settings.max_topic_length, settings.max_connections)
-    broker = SpotboxBroker(app[PIPELINE], settings.users, limits)
+    """Start the MQTT broker (spotbox.mqtt) and its TCP listener; on exit, settle what was read, then disconnect."""
+    settings, runtime = app[SETTINGS], app[RUNTIME]
+    limits = MqttLimits(
+        max_payload=settings.max_payload,
+        max_topic_length=settings.max_topic_length,
+        max_connections=settings.max_connections,
+        max_pending_logins=settings.max_pending_logins,
+        connect_timeout_s=settings.connect_timeout_s,
+        receive_maximum=settings.receive_maximum,
+        max_keepalive=settings.max_keepalive,
+        max_queued=settings.max_queued,
+        max_outbound_bytes=settings.max_outbound_bytes,
+    )
+    broker = Broker(app[PIPELINE], runtime.users, limits)
     await broker.start()
     try:
-        host, port = await broker.listen(settings.mqtt_host, settings.mqtt_port, settings.ssl_context)
+        host, port = await broker.listen(
+            settings.mqtt_host, settings.mqtt_port, runtime.ssl_context, sock=runtime.mqtt_socket
+        )
     except BaseException:
-        await broker.shutdown()
+        await broker.close()
         raise
-    logger.info("mqtt listening on %s:%d%s", host, port, " (TLS)" if settings.ssl_context else "")
+    logger.info("mqtt listening on %s:%d%s", host, port, " (TLS)" if runtime.ssl_context else "")
     app[BROKER] = broker
     yield
-    await broker.stop_listening()
-    await broker.shutdown()
-    await broker.close_connections()
+    await broker.close()
 
 
 async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
     """Delete rows past the retention period in the background, once at start and then on a schedule."""
     settings = app[SETTINGS]
     assert settings.retention_days is not None
+    # Rows not yet forwarded upstream are kept past their age, unless the operator allows dropping them.
+    forwarders = [] if settings.forward_may_drop else app[FORWARDERS]
     retention = Retention(
-        app[STORAGE], settings.retention_days, interval_s=settings.retention_interval_s, batch=settings.retention_batch
+        app[STORAGE],
+        settings.retention_days,
+        interval_s=settings.retention_interval_s,
+        batch=settings.retention_batch,
+        keep_after_id=partial(keep_after_id, forwarders),
     )
     app[RETENTION] = retention
     task = asyncio.create_task(retention.run(), name="spotbox-retention")
@@ -108,32 +148,61 @@ async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def forward_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Forward every committed status to each `--forward` target, from the database, until shutdown."""
+    settings = app[SETTINGS]
+    config = ForwardConfig(
+        gateway_id=settings.gateway_id,
+        prefix=settings.forward_topic_prefix,
+        rate=settings.forward_rate,
+        forward_rejections=settings.forward_rejections,
+        forward_alerts=settings.forward_alerts,
+        keep_alive=settings.forward_keepalive,
+    )
+    # mqtts:// targets are verified against --forward-ca, or the system's CAs.
+    tls = ssl.create_default_context(cafile=settings.forward_ca)
+    forwarders = [Forwarder(app[STORAGE], BrokerURL.parse(url, "--forward"), config, tls) for url in settings.forward]
+    app[FORWARDERS].extend(forwarders)
+    tasks = [asyncio.create_task(f.run(), name=f"spotbox-forward-{f.target}") for f in forwarders]
+    for forwarder in forwarders:
+        logger.info("forwarding every stored status to %s under %s", forwarder.target, config.prefix)
+    yield
+    for forwarder in forwarders:
+        await forwarder.client.disconnect()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def close_streams(app: web.Application) -> None:
-    """End every SSE stream so shutdown does not wait on clients."""
-    app[HUB].close_all()
+    """End every SSE stream so shutdown does not wait on clients (those that do not read are cut off)."""
+    await app[HUB].shutdown()
 
 
 async def disconnect_mqtt(app: web.Application) -> None:
-    """Stop accepting MQTT clients and cut the connected ones, so shutdown waits on none of them (TCP or /mqtt)."""
+    """Stop accepting and reading MQTT clients, acknowledge what was committed, disconnect them (TCP and /mqtt)."""
     if BROKER in app:
-        await app[BROKER].stop_listening()
-        app[BROKER].abort_clients()
+        await app[BROKER].close()
 
 
 async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
     """GET /mqtt: MQTT over WebSocket on the HTTP port."""
-    return await serve_mqtt_websocket(request, request.app[BROKER])
+    return await request.app[BROKER].serve_websocket(request)
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the spotbox application; nothing starts until the app is run."""
+def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Application:
+    """Build the spotbox application (reading the files the settings name unless given); nothing starts yet."""
     # --max-payload bounds an HTTP status body as it bounds an MQTT payload.
     # The error shape wraps everything, the login check included.
     middlewares = [error_middleware, auth.read_auth_middleware]
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_payload)
     app[SETTINGS] = settings
-    app[HUB] = FeedHub()
+    app[RUNTIME] = runtime if runtime is not None else load_runtime(settings)
+    app[HUB] = FeedHub(max_streams=settings.max_streams)
+    app[FORWARDERS] = []
     app.cleanup_ctx.extend([storage_ctx, pipeline_ctx, broker_ctx])
+    if settings.forward:
+        app.cleanup_ctx.append(forward_ctx)
     if settings.retention_days is not None:
         app.cleanup_ctx.append(retention_ctx)
     app.on_shutdown.extend([disconnect_mqtt, close_streams])
@@ -148,4 +217,5 @@ def create_app(settings: Settings) -> web.Application:
     ingest.add_routes(app)
     stats.add_routes(app)
     dashboard.add_routes(app)
+    forward.add_routes(app)
     return app

@@ -87,7 +87,3 @@ def configure_logging(level: str, fmt: str) -> None:
     else:
         handler.setFormatter(TextFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    if level.lower() != "debug":
-        # amqtt logs every connection and transition at INFO; keep spotbox's own lines readable.
-        logging.getLogger("amqtt").setLevel(logging.WARNING)
-        logging.getLogger("transitions").setLevel(logging.WARNING)

@@ -124,6 +124,12 @@ class IngestPipeline:
         await self._queue.put((record, future))
         return await future
 
+    def submit(self, record: StatusRecord) -> asyncio.Future[int | None]:
+        """Queue a valid record without waiting (the caller waited for room); its future resolves once committed."""
+        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((record, future))
+        return future
+
     @property
     def full(self) -> bool:
         """True while the queue holds `queue_size` statuses: readers of publishing sockets should wait."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -25,8 +26,18 @@ class Purge:
 class Retention:
     """Deletes old rows once at start, then every `interval_s`; at most `batch` rows per statement."""
 
-    def __init__(self, storage: Storage, days: int, *, interval_s: float, batch: int) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        days: int,
+        *,
+        interval_s: float,
+        batch: int,
+        keep_after_id: Callable[[], int | None] = lambda: None,
+    ) -> None:
         self.storage = storage
+        # Rows after this id are kept whatever their age: an upstream broker has not acknowledged them yet.
+        self.keep_after_id = keep_after_id
         self.days = days
         self.interval_s = interval_s
         self.batch = batch
@@ -39,7 +50,7 @@ class Retention:
         cutoff = datetime.now(UTC) - timedelta(days=self.days)
         deleted = statements = 0
         while True:
-            count = await self.storage.delete_before(cutoff, self.batch)
+            count = await self.storage.delete_before(cutoff, self.batch, keep_after_id=self.keep_after_id())
             deleted += count
             statements += 1
             if count < self.batch:

@@ -1,17 +1,33 @@
-"""The one frozen Settings object; built by the CLI (or a test) and checked as it is built."""
+"""The frozen Settings: each field is a row of the `spotbox run` options table (spotbox/options.py); values only."""
 
 from __future__ import annotations
 
 import ipaddress
-import logging
-import ssl
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from spotbox.cluster.client import BrokerURL
 from spotbox.errors import ConfigError
-from spotbox.users import Users
+from spotbox.options import (
+    FORWARD,
+    LOGGING,
+    NETWORK,
+    PIPELINE,
+    SECURITY,
+    STORAGE,
+    VALIDATION,
+    at_least,
+    between,
+    check_values,
+    option,
+    positive,
+    readable_file,
+    tcp_port,
+)
+from spotbox.status import SERIAL_RE
 
 BUNDLED_SCHEMA = Path(__file__).parent / "schemas" / "robot-status.schema.json"
 LOG_FORMATS = ("text", "json")
@@ -50,11 +66,6 @@ class DatabaseURL:
         return self.url.replace(f":{parts.password}@", ":***@", 1)
 
 
-def _check_port(option: str, port: int) -> None:
-    if not 0 <= port <= 65535:
-        raise ConfigError(option, f"{port} is not a TCP port (0 to 65535; 0 picks a free one)")
-
-
 def is_loopback(host: str) -> bool:
     """True when `host` only accepts connections from this machine."""
     if host == "localhost":
@@ -65,100 +76,262 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _server_ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
-    """The TLS context of both listeners, or None without a certificate."""
-    if cert is None and key is None:
-        return None
-    if cert is None or key is None:
-        raise ConfigError("--tls-cert", "give both --tls-cert and --tls-key, or neither")
-    # The default server context: TLS 1.2 or later, the library's vetted cipher choice.
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError("--tls-cert", f"cannot load the certificate {cert} with the key {key}: {exc}") from None
-    return context
+def _check_forward_urls(urls: tuple[str, ...]) -> str | None:
+    """What is wrong with the --forward targets, or None."""
+    for url in urls:
+        try:
+            BrokerURL.parse(url, "--forward")
+        except ConfigError as exc:
+            return str(exc).removeprefix("--forward: ")
+    return "the same target is given twice" if len(set(urls)) != len(urls) else None
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything `spotbox run` needs, checked once when built."""
+    """Everything `spotbox run` needs, checked once when built; each field with `option(...)` is a `spotbox run` option.
 
-    http_host: str = "127.0.0.1"
-    http_port: int = 8000
-    mqtt_host: str = "127.0.0.1"
-    mqtt_port: int = 1883
-    database_url: str = "sqlite:///spotbox.db"
-    schema_path: Path = BUNDLED_SCHEMA
-    log_level: str = "info"
-    log_format: str = "text"
-    # The ingest pipeline: a bounded queue drained by one writer in batches.
-    queue_size: int = 10_000
-    batch_max: int = 500
-    batch_wait_ms: float = 5.0
-    sse_ping_s: float = 15.0
-    shutdown_timeout_s: float = 30.0
-    # HTTP ingest answers 503 when a status is not committed within this time, rather than holding the request.
-    ingest_timeout_s: float = 10.0
-    # Rows with ts older than this many days are deleted; None keeps them forever.
-    retention_days: int | None = None
-    retention_interval_s: float = 600.0
-    retention_batch: int = 5000
-    # MQTT users (SPEC section 7): None is the local-only anonymous mode.
-    users_path: Path | None = None
-    # With users, the read routes (history, feeds, the console...) need a login too, unless this is set: for a
-    # deployment whose HTTP port sits behind an authenticating proxy or on a trusted network only.
-    open_reads: bool = False
-    # Input limits (SPEC section 7): each refusal is logged with its reason.
-    max_payload: int = 1024 * 1024
-    max_topic_length: int = 1024
-    max_connections: int = 1000
-    max_json_depth: int = 32
-    # A status timestamp further ahead of its receive time than this is refused: one in year 9999 would otherwise
-    # stay the robot's latest for good. A few minutes of robot clock skew pass.
-    max_future_s: float = 300.0
-    # TLS for MQTT over TCP and for HTTP (so also MQTT over WebSocket): both files, or neither.
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    To add an option, add one field here: its flag, variable, --help and README row follow (see spotbox/options.py).
+    """
+
+    http_host: str = option(
+        "127.0.0.1", "Address of the HTTP API, SSE feeds and MQTT over WebSocket (/mqtt).", group=NETWORK
+    )
+    http_port: int = option(
+        8000, "HTTP port; 0 picks a free one (the real one is logged).", group=NETWORK, check=tcp_port
+    )
+    mqtt_host: str = option(
+        "127.0.0.1", "Address of MQTT over TCP; anything but loopback needs --users.", group=NETWORK
+    )
+    mqtt_port: int = option(
+        1883, "MQTT port; 0 picks a free one (the real one is logged).", group=NETWORK, check=tcp_port
+    )
+    database_url: str = option(
+        "sqlite:///spotbox.db",
+        "sqlite:///PATH (relative), sqlite:////PATH (absolute) or postgresql://user:pass@host:port/db.",
+        group=STORAGE,
+        envvars=("SPOTBOX_DATABASE_URL", "DATABASE_URL"),
+    )
+    retention_days: int | None = option(
+        None,
+        "Delete statuses whose ts is older than this many days (at start, then every --retention-interval-s).",
+        group=STORAGE,
+        check=at_least(1, "a positive number of days"),
+        default_text="keep forever",
+    )
+    retention_interval_s: float = option(600.0, "Seconds between two retention sweeps.", group=STORAGE, check=positive)
+    retention_batch: int = option(
+        5000,
+        "Most rows one retention statement deletes, so a sweep never holds the database long.",
+        group=STORAGE,
+        check=at_least(1),
+    )
+    schema_path: Path = option(
+        BUNDLED_SCHEMA,
+        "JSON Schema (2020-12) every status on robot/+/status is checked against.",
+        group=VALIDATION,
+        flag="--schema",
+        envvars=("SPOTBOX_SCHEMA",),
+        check=readable_file,
+        default_text="bundled robot-status schema",
+    )
+    max_payload: int = option(
+        1024 * 1024,
+        "Largest MQTT payload and HTTP status body, in bytes: a bigger PUBLISH closes the connection, a body is 413.",
+        group=VALIDATION,
+        # The largest payload a PUBLISH can carry with the longest topic: MQTT's own limit.
+        check=between(1, MQTT_MAX_REMAINING_LENGTH - 65535 - 4, " (MQTT's own limit is about 256 MiB)"),
+    )
+    max_topic_length: int = option(1024, "Longest MQTT topic, in bytes.", group=VALIDATION, check=between(1, 65535))
+    max_connections: int = option(
+        1000,
+        "Most MQTT clients logged in at once (TCP and WebSocket together); more are refused.",
+        group=VALIDATION,
+        check=at_least(1),
+    )
+    max_pending_logins: int = option(
+        200,
+        "Most MQTT connections still logging in (no CONNECT handled yet), apart from --max-connections; more are "
+        "closed at once.",
+        group=VALIDATION,
+        check=at_least(1),
+    )
+    connect_timeout_s: float = option(
+        5.0,
+        "Seconds a new MQTT connection has to send its CONNECT before it is closed.",
+        group=VALIDATION,
+        check=positive,
+    )
+    max_keepalive: int = option(
+        3600,
+        "Longest MQTT keep alive granted, in seconds: an MQTT 5 client asking for more, or for none, is told this one "
+        "(Server Keep Alive).",
+        group=VALIDATION,
+        check=between(1, 65535),
+    )
+    receive_maximum: int = option(
+        100,
+        "Unacknowledged QoS 1/2 PUBLISHes an MQTT 5 client may have in flight to spotbox (announced in CONNACK; one "
+        "more ends the connection with 0x93).",
+        group=VALIDATION,
+        check=between(1, 65535),
+    )
+    max_queued: int = option(
+        1000,
+        "QoS 1/2 messages kept per MQTT session for a client that is offline or cannot take them yet; further ones "
+        "are dropped and counted.",
+        group=VALIDATION,
+        check=at_least(0),
+    )
+    max_outbound_bytes: int = option(
+        4 * 1024 * 1024,
+        "Bytes an MQTT client may leave unread: past it QoS 0 messages to it are dropped (counted), and a client "
+        "stuck past it for 30 s is disconnected.",
+        group=VALIDATION,
+        check=at_least(1024),
+    )
+    max_json_depth: int = option(
+        32,
+        "Deepest nesting of objects and arrays in a status (2 is the depth of a status itself).",
+        group=VALIDATION,
+        check=at_least(2),
+    )
+    max_future_s: float = option(
+        300.0,
+        "Seconds a status timestamp may be ahead of its receive time (robot clock skew); later ones are refused.",
+        group=VALIDATION,
+        flag="--max-future",
+        envvars=("SPOTBOX_MAX_FUTURE",),
+        check=between(0, 366 * 86400, " seconds (a year)"),
+    )
+    users_path: Path | None = option(
+        None,
+        "MQTT users file (spotbox users add): every MQTT client, and HTTP ingest, must then log in.",
+        group=SECURITY,
+        flag="--users",
+        envvars=("SPOTBOX_USERS",),
+        default_text="none: anonymous MQTT, loopback only",
+    )
+    open_reads: bool = option(
+        False,
+        "With --users, leave the read routes (history, feeds, console) open: only behind an authenticating proxy "
+        "or on a trusted network.",
+        group=SECURITY,
+    )
+    tls_cert: Path | None = option(
+        None,
+        "PEM certificate (chain): MQTT over TCP and HTTP, so also MQTT over WebSocket, then speak TLS.",
+        group=SECURITY,
+    )
+    tls_key: Path | None = option(None, "PEM private key of --tls-cert.", group=SECURITY)
+    queue_size: int = option(
+        10_000,
+        "Statuses waiting for the writer; when full, MQTT publishers wait and HTTP ingest answers 503.",
+        group=PIPELINE,
+        check=at_least(1),
+    )
+    batch_max: int = option(500, "Most statuses committed in one transaction.", group=PIPELINE, check=at_least(1))
+    batch_wait_ms: float = option(
+        5.0,
+        "Longest wait, in milliseconds, for a batch to fill once it has one status.",
+        group=PIPELINE,
+        check=at_least(0),
+    )
+    ingest_timeout_s: float = option(
+        10.0,
+        "HTTP ingest answers 503 when a status is not committed within this many seconds.",
+        group=PIPELINE,
+        check=positive,
+    )
+    max_streams: int = option(
+        2000,
+        "Most SSE feeds open at once (robot pages and /feed consoles); one more is answered 503.",
+        group=PIPELINE,
+        check=at_least(1),
+    )
+    sse_ping_s: float = option(
+        15.0,
+        "Seconds between keep-alive comments on an idle SSE feed (keep below a proxy's idle timeout).",
+        group=PIPELINE,
+        check=positive,
+    )
+    shutdown_timeout_s: float = option(
+        30.0,
+        "On SIGTERM, longest wait in seconds for queued statuses to be committed before stopping anyway.",
+        group=PIPELINE,
+        check=positive,
+    )
+    log_level: str = option(
+        "info", "Lowest level logged.", group=LOGGING, choices=("debug", "info", "warning", "error")
+    )
+    log_format: str = option("text", "text, or json: one JSON object per line.", group=LOGGING, choices=LOG_FORMATS)
+    forward: tuple[str, ...] = option(
+        (),
+        "Upstream broker, mqtt[s]://user:pass@host:port, that gets every stored status from the database; repeat the "
+        "option for several (the variable takes them space-separated).",
+        group=FORWARD,
+        check=_check_forward_urls,
+        default_text="none",
+    )
+    forward_prefix: str | None = option(
+        None,
+        "Topic prefix upstream: statuses go to PREFIXrobot/{serial}/status.",
+        group=FORWARD,
+        check=lambda prefix: "a topic prefix has no wildcards" if "+" in prefix or "#" in prefix else None,
+        default_text="spotbox/{gateway id}/",
+    )
+    gateway_id: str = option(
+        socket.gethostname(),
+        "This gateway's name upstream: in the topic prefix and the `gateway` user property of each message.",
+        group=FORWARD,
+        check=lambda name: None if SERIAL_RE.fullmatch(name) else f"{name!r} is not 1 to 64 of A-Z a-z 0-9 _ . -",
+        default_text="the host name",
+    )
+    forward_rate: float = option(
+        2000.0,
+        "Most statuses a second sent to each --forward target, so a catch-up after an outage does not starve ingest.",
+        group=FORWARD,
+        check=positive,
+    )
+    forward_rejections: bool = option(
+        True, "Also forward rejections, live, to PREFIXspotbox/rejected/{serial}.", group=FORWARD
+    )
+    forward_alerts: bool = option(
+        True, "Also forward alert changes, live, to PREFIXspotbox/alerts/{serial}.", group=FORWARD
+    )
+    forward_may_drop: bool = option(
+        False,
+        "Let --retention-days delete statuses not yet acknowledged upstream (by default they are kept until they are).",
+        group=FORWARD,
+    )
+    forward_ca: Path | None = option(
+        None,
+        "PEM file of the CA certificates that sign the mqtts:// --forward targets' certificates.",
+        group=FORWARD,
+        check=readable_file,
+        default_text="the system's CAs",
+    )
+    forward_keepalive: int = option(
+        30,
+        "MQTT keep alive towards --forward targets, in seconds: a silent link is noticed after 1.5 times this.",
+        group=FORWARD,
+        check=between(1, 65535),
+    )
     database: DatabaseURL = field(init=False, repr=False)
-    ssl_context: ssl.SSLContext | None = field(init=False, repr=False, compare=False)
-    users: Users | None = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:  # noqa: PLR0912 - one check per option, until the options table owns them
-        _check_port("--http-port", self.http_port)
-        _check_port("--mqtt-port", self.mqtt_port)
-        users = Users.load(self.users_path) if self.users_path is not None else None
-        if users is not None and not users.by_name:
-            raise ConfigError("--users", f"{self.users_path} has no users; add one with spotbox users add NAME")
-        if users is None and not is_loopback(self.mqtt_host):
-            # SPEC 7: without a users file MQTT stays on loopback with anonymous clients only.
+    def __post_init__(self) -> None:
+        check_values(self)
+        if self.users_path is None and not is_loopback(self.mqtt_host):
+            # Without a users file MQTT stays on loopback with anonymous clients only.
             raise ConfigError(
                 "--mqtt-host",
                 f"{self.mqtt_host} is not a loopback address; without --users MQTT only listens on loopback "
                 "(127.0.0.1, ::1 or localhost), like Mosquitto's local-only mode",
             )
-        object.__setattr__(self, "users", users)
-        if not self.schema_path.is_file():
-            raise ConfigError("--schema", f"{self.schema_path} is not a readable file")
-        if self.log_level.upper() not in logging.getLevelNamesMapping():
-            raise ConfigError("--log-level", f"{self.log_level!r} is not one of debug, info, warning, error")
-        if self.log_format not in LOG_FORMATS:
-            raise ConfigError("--log-format", f"{self.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
-        if self.queue_size < 1 or self.batch_max < 1 or self.batch_wait_ms < 0:
-            raise ConfigError("--batch-max", "queue size and batch size must be positive, the batch wait not negative")
-        if self.retention_days is not None and self.retention_days < 1:
-            raise ConfigError("--retention-days", f"{self.retention_days} is not a positive number of days")
-        if self.retention_batch < 1 or self.retention_interval_s <= 0:
-            raise ConfigError("--retention-days", "the retention batch and interval must be positive")
-        if not 1 <= self.max_payload <= MQTT_MAX_REMAINING_LENGTH - 65535 - 4:
-            raise ConfigError("--max-payload", f"{self.max_payload} is not from 1 to 256 MiB (MQTT's own limit)")
-        if not 1 <= self.max_topic_length <= 65535:
-            raise ConfigError("--max-topic-length", f"{self.max_topic_length} is not from 1 to 65535")
-        if self.max_connections < 1:
-            raise ConfigError("--max-connections", f"{self.max_connections} is not a positive number")
-        if self.max_json_depth < 2:
-            raise ConfigError("--max-json-depth", f"{self.max_json_depth} is below 2, the depth of a status")
-        if not 0 <= self.max_future_s <= 366 * 86400:
-            raise ConfigError("--max-future", f"{self.max_future_s} is not from 0 to 31622400 seconds (a year)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert", "give both --tls-cert and --tls-key, or neither")
         object.__setattr__(self, "database", DatabaseURL.parse(self.database_url))
-        object.__setattr__(self, "ssl_context", _server_ssl_context(self.tls_cert, self.tls_key))
+
+    @property
+    def forward_topic_prefix(self) -> str:
+        """What every forwarded topic starts with: `--forward-prefix`, or `spotbox/{gateway id}/`."""
+        return self.forward_prefix if self.forward_prefix is not None else f"spotbox/{self.gateway_id}/"

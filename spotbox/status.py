@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -136,6 +137,56 @@ class StoredStatus:
         if include_payload:
             body["payload"] = orjson.Fragment(rec.payload)
         return body
+
+
+class StatusRow(NamedTuple):
+    """A stored status as the read routes show it, without its raw payload: the columns they read, in this order."""
+
+    id: int
+    serial_number: str
+    ts: datetime
+    received_at: datetime
+    battery_level: int
+    battery_status: str
+    driving_status: str
+    current_drive_id: str | None
+    latitude: float
+    longitude: float
+    height: float
+
+    def to_api(self) -> dict[str, Any]:
+        """The one JSON shape of a status (the same as StoredStatus.to_api)."""
+        return api_item(self)
+
+
+def api_item(row: Sequence[Any]) -> dict[str, Any]:
+    """The JSON shape of a status from a row of StatusRow's columns, a raw payload text after them if any.
+
+    `ts` and `received_at` may be datetimes or already the text `dumps` writes for them (`...Z`): the history
+    route has SQLite format them, where it costs no Python time.
+    """
+    body = {
+        "id": row[0],
+        "serial_number": row[1],
+        "ts": row[2],
+        "received_at": row[3],
+        "battery_level": row[4],
+        "battery_status": row[5],
+        "driving_status": row[6],
+        "current_drive_id": row[7],
+        "location": {"latitude": row[8], "longitude": row[9], "height": row[10]},
+    }
+    if len(row) > API_COLUMN_COUNT:
+        body["payload"] = orjson.Fragment(row[API_COLUMN_COUNT])
+    return body
+
+
+API_COLUMN_COUNT = len(StatusRow._fields)
+
+
+def api_items_json(rows: Sequence[Sequence[Any]]) -> bytes:
+    """A JSON array of statuses from rows of StatusRow's columns (and a payload text), in one orjson call."""
+    return dumps([api_item(row) for row in rows])
 
 
 def dumps(value: Any) -> bytes:

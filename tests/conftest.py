@@ -1,7 +1,28 @@
-"""Fixtures that start the real stack: spotbox on port 0, real SQLite files, a real PostgreSQL database."""
+"""Fixtures that start the real stack: spotbox on port 0, real SQLite files, a real PostgreSQL database.
+
+Which database a test runs on (the suite stays under 90 s on 2 cores by design, not by skipping):
+
+- `box`, `settings` and `database_url` run a test once on a real SQLite file and once on PostgreSQL, unless the
+  test is marked `sqlite_only`: a whole file with `pytestmark = pytest.mark.sqlite_only`, or one test.
+- The rule: a test runs on both databases when what it asserts depends on the storage backend: which rows are
+  written, read back, in what order, deduplicated, aggregated, deleted, kept across a kill, a stop or an outage,
+  acknowledged only once committed (storage, history, downsampling, feed replay, fleet listing, retention,
+  ingest, redelivery, durability, shutdown, backpressure, readiness, `spotbox run` on a URL).
+  What is decided before or without storage runs on SQLite only: MQTT protocol features, sessions, wills,
+  routing, auth, limits, TLS, WebSocket, fuzzing, metrics, stats, SSE fan-out, examples, docs, and request
+  parameters refused (400/413/422) before storage is asked anything.
+  A new test in a `sqlite_only` file is SQLite only; a new file runs on both until it is marked.
+- PostgreSQL for `database_url` is a new, empty schema (spotbox creates and migrates its tables there, for real)
+  in one test database made per test session (per xdist worker): a schema costs milliseconds where a
+  CREATE DATABASE and DROP DATABASE cost a fraction of a second on a busy server.
+- `own_database_url` is `database_url` with a PostgreSQL database of its own (CREATE DATABASE): for tests of
+  creating and migrating a truly empty database (tests/test_storage.py).
+- A PostgreSQL test that cannot reach its server skips on a laptop and fails under CI=true (`unavailable`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import sys
@@ -10,8 +31,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, NoReturn
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -19,8 +40,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from spotbox.app import create_app
-from spotbox.broker import SpotboxBroker
 from spotbox.keys import BROKER, PIPELINE, STORAGE
+from spotbox.mqtt.broker import Broker
 from spotbox.pipeline import IngestPipeline
 from spotbox.settings import Settings
 from spotbox.storage import Storage
@@ -31,7 +52,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 SPOTBOX = str(Path(sys.executable).parent / "spotbox")
 
 
-def unavailable(reason: str) -> None:
+def unavailable(reason: str) -> NoReturn:
     """Skip on a laptop without the tool or service; fail in CI, where everything must really run."""
     if IN_CI:
         pytest.fail(f"{reason} (CI=true: required, not skipped)")
@@ -47,31 +68,115 @@ def require_tool(name: str) -> str:
     return path
 
 
+async def admin_connection(url: str = PG_ADMIN_URL) -> asyncpg.Connection:
+    """A connection to the test server; skipped (failed under CI=true) when it cannot be reached."""
+    try:
+        return await asyncpg.connect(url, timeout=10)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        unavailable(f"PostgreSQL at {url} is not reachable: {exc}")
+
+
+def postgres_url(database: str, **server_settings: str) -> str:
+    """The test server's URL for `database`, with settings the server applies to each connection."""
+    parts = urlsplit(PG_ADMIN_URL)
+    query = [*parse_qsl(parts.query), *server_settings.items()]
+    return urlunsplit(parts._replace(path=f"/{database}", query=urlencode(query)))
+
+
 @asynccontextmanager
 async def fresh_postgres_database(options: str = "") -> AsyncIterator[str]:
     """A new, empty PostgreSQL database on the test server (CREATE DATABASE `options`), dropped afterwards."""
     name = f"spotbox_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        unavailable(f"PostgreSQL at {PG_ADMIN_URL} is not reachable: {exc}")
+    admin = await admin_connection()
     try:
         await admin.execute(f'CREATE DATABASE "{name}" {options}')
     finally:
         await admin.close()
     try:
-        yield urlunsplit(urlsplit(PG_ADMIN_URL)._replace(path=f"/{name}"))
+        yield postgres_url(name)
     finally:
-        admin = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+        admin = await asyncpg.connect(PG_ADMIN_URL, timeout=10)
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+# The database that holds each test's schema: made by the first PostgreSQL test, dropped when the session ends.
+_session_database: list[str] = []
+
+
+async def _schema_test_database() -> str:
+    if not _session_database:
+        name = f"spotbox_test_{uuid.uuid4().hex[:12]}"
+        admin = await admin_connection()
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        _session_database.append(name)
+    return _session_database[0]
+
+
+async def _drop_session_database(name: str) -> None:
+    admin = await asyncpg.connect(PG_ADMIN_URL, timeout=10)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Drop the session's schema database (no event loop runs at this point)."""
+    for name in _session_database:
+        asyncio.run(_drop_session_database(name))
+    _session_database.clear()
+
+
+@asynccontextmanager
+async def fresh_postgres_schema() -> AsyncIterator[str]:
+    """A URL whose connections see only a new, empty schema (search_path) of the session's test database."""
+    database = await _schema_test_database()
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await admin_connection(postgres_url(database))
+    try:
+        await admin.execute(f'CREATE SCHEMA "{schema}"')
+        # application_name tags the test's connections, so that any left over can be ended before the drop.
+        yield postgres_url(database, search_path=schema, application_name=schema)
+    finally:
+        try:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", schema
+            )
+            await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        finally:
+            await admin.close()
+
+
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run a test that uses a database on both backends, or on SQLite only when marked `sqlite_only`."""
+    backends = ["sqlite"] if metafunc.definition.get_closest_marker("sqlite_only") else BACKENDS
+    for name in ("database_url", "own_database_url"):
+        if name in metafunc.fixturenames:
+            metafunc.parametrize(name, backends, indirect=True)
+
+
+@pytest.fixture
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """Each test that uses it runs once on a real SQLite file and once on a real PostgreSQL database."""
+    """A real SQLite file, or a new schema of a PostgreSQL database (see this module's docstring)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'spotbox.db'}"
+    else:
+        async with fresh_postgres_schema() as url:
+            yield url
+
+
+@pytest.fixture
+async def own_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A real SQLite file, or a PostgreSQL database of its own, really empty (CREATE DATABASE)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'spotbox.db'}"
     else:
@@ -105,7 +210,7 @@ class Box:
         return f"http://127.0.0.1:{self.server.port}"
 
     @property
-    def broker(self) -> SpotboxBroker:
+    def broker(self) -> Broker:
         return self.server.app[BROKER]
 
     @property
@@ -158,3 +263,22 @@ async def make_box() -> AsyncIterator[BoxFactory]:
 async def box(make_box: BoxFactory, settings: Settings) -> Box:
     """spotbox running on port 0 over the parametrized database."""
     return await make_box(settings)
+
+
+@pytest.fixture
+async def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made with the openssl command."""
+    openssl = require_tool("openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    proc = await asyncio.create_subprocess_exec(
+        openssl,
+        *("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"),
+        *("-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost"),
+        *("-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return cert, key

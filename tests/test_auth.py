@@ -11,11 +11,14 @@ import orjson
 import pytest
 
 from spotbox.loadgen import connect_packet
+from spotbox.runtime import load_runtime
 from spotbox.settings import Settings
 from spotbox.users import Users, make_user
 from tests.conftest import Box, BoxFactory
 from tests.helpers import mqtt_client, payload, stamp
 from tests.raw_mqtt import CONNACK_ACCEPTED, CONNACK_NOT_AUTHORIZED, raw_client
+
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
 
 PASSWORDS = {"ROBOT-A": "pw-a", "ROBOT-B": "pw-b", "operator": "pw-op"}
 TRANSPORTS = [("tcp", None), ("websockets", "/mqtt")]
@@ -156,18 +159,18 @@ async def test_denied_publish_to_other_topic_is_not_routed(secured: Box) -> None
 
 def test_users_allow_a_public_mqtt_address(tmp_path: Path) -> None:
     """Test that with a users file a non-loopback --mqtt-host is accepted (without one it is refused)."""
-    settings = Settings(mqtt_host="0.0.0.0", users_path=write_users(tmp_path / "users.json"))
-    assert settings.users is not None
-    assert set(settings.users.by_name) == set(PASSWORDS)
+    users = load_runtime(Settings(mqtt_host="0.0.0.0", users_path=write_users(tmp_path / "users.json"))).users
+    assert users is not None
+    assert set(users.by_name) == set(PASSWORDS)
 
 
 def test_an_empty_or_missing_users_file_is_refused(tmp_path: Path) -> None:
     """Test that --users naming a missing file, or one without users, is a configuration error."""
     with pytest.raises(Exception, match="no such file"):
-        Settings(users_path=tmp_path / "missing.json")
+        load_runtime(Settings(users_path=tmp_path / "missing.json"))
     Users(tmp_path / "empty.json").save()
     with pytest.raises(Exception, match="has no users"):
-        Settings(users_path=tmp_path / "empty.json")
+        load_runtime(Settings(users_path=tmp_path / "empty.json"))
 
 
 @pytest.mark.parametrize(

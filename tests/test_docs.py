@@ -19,7 +19,9 @@ from tests.conftest import Box, BoxFactory, require_tool
 from tests.helpers import mqtt_client, payload, stamp
 from tests.test_auth import PASSWORDS, secured_settings
 
-# Every route of SPEC section 6 and the HTTP contract, including those other parts of spotbox add.
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
+
+# Every HTTP route of spotbox (README's HTTP API), including those other parts of spotbox add.
 DOCUMENTED = {
     ("get", "/"),
     ("get", "/robots"),

@@ -129,6 +129,7 @@ async def test_unknown_robot_is_404(box: Box) -> None:
 INTERVAL_ERROR = "interval must be a whole number of s, m, h or d, from 1s to 3650d (e.g. 1m)"
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize(
     ("params", "message"),
     [

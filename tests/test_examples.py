@@ -16,6 +16,8 @@ import pytest
 from tests.conftest import Box, require_tool
 from tests.helpers import mqtt_client, payload, stamp
 
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
+
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 

@@ -66,6 +66,7 @@ async def test_unknown_robot_is_404(box: Box) -> None:
     assert body == {"error": "unknown robot", "detail": {"serial_number": "NEVER-SEEN"}}
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("serial", ["a" * 65, "bad%20serial", "semi;colon"])
 async def test_bad_serial_is_400(box: Box, serial: str) -> None:
     """Test that a serial that cannot be a robot's is a 400 naming the pattern."""

@@ -12,6 +12,7 @@ from tests.helpers import mqtt_client, nth_status
 from tests.test_durability import Outage
 
 
+@pytest.mark.sqlite_only
 async def test_health_answers(box: Box) -> None:
     """Test that /health answers 200 while the process runs."""
     async with box.http.get(f"{box.base_url}/health") as resp:
@@ -59,6 +60,7 @@ async def test_not_ready_when_database_does_not_answer(box: Box, monkeypatch: py
     assert body["detail"]["storage"] == "unavailable: injected: connection refused"
 
 
+@pytest.mark.sqlite_only
 async def test_not_ready_when_mqtt_stops_listening(box: Box) -> None:
     """Test that /ready answers 503 naming the broker once the MQTT listener is closed."""
     await box.broker.stop_listening()

@@ -15,6 +15,8 @@ from tests.conftest import Box, BoxFactory
 from tests.helpers import mqtt_client, payload
 from tests.test_auth import secured_settings
 
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
+
 PASSWORDS = {"ROBOT-A": "pw-a", "ROBOT-B": "pw-b", "fleet": "pw-fleet", "commander": "pw-cmd", "watcher": "pw-w"}
 CHALLENGE = 'Basic realm="spotbox"'
 

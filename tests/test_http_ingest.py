@@ -60,9 +60,10 @@ async def test_same_status_twice_is_a_duplicate(box: Box) -> None:
     assert len(await box.history("ROBOT-H2")) == 1
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize(("name", "doc", "field"), INVALID, ids=[case[0] for case in INVALID])
 async def test_invalid_status_is_422_with_its_errors(box: Box, name: str, doc: dict[str, Any], field: str) -> None:
-    """Test that each invalid case of SPEC section 4 is a 422 naming the failing field, and is not stored."""
+    """Test that each invalid case of tests/cases.py is a 422 naming the failing field, and is not stored."""
     code, body, _ = await post(box, "ROBOT-H3", doc)
     assert code == 422
     assert body["error"] == "invalid status"
@@ -71,6 +72,7 @@ async def test_invalid_status_is_422_with_its_errors(box: Box, name: str, doc: d
     assert await box.history("ROBOT-H3") == []
 
 
+@pytest.mark.sqlite_only
 async def test_rejections_are_counted_and_reported_like_mqtt_ones(box: Box) -> None:
     """Test that an HTTP rejection is counted and republished on spotbox/rejected/{serial} as an MQTT one is."""
     async with mqtt_client(box.mqtt_port) as watcher:
@@ -87,6 +89,7 @@ async def test_rejections_are_counted_and_reported_like_mqtt_ones(box: Box) -> N
     assert box.pipeline.stats.rejected == {"battery_level": 1}
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe", b"", b'{"battery_level": 80'])
 async def test_body_that_is_not_json_is_400(box: Box, raw: bytes) -> None:
     """Test that a body that is not JSON at all is a 400 (not a 422), counted as a `payload` rejection."""
@@ -97,6 +100,7 @@ async def test_body_that_is_not_json_is_400(box: Box, raw: bytes) -> None:
     assert box.pipeline.stats.rejected == {"payload": 1}
 
 
+@pytest.mark.sqlite_only
 async def test_json_that_is_not_an_object_is_422(box: Box) -> None:
     """Test that JSON which is not an object is an invalid status (422), not a malformed body."""
     code, body, _ = await post(box, "ROBOT-H5", b"[1, 2]")
@@ -104,6 +108,7 @@ async def test_json_that_is_not_an_object_is_422(box: Box) -> None:
     assert body["detail"]["field"] == "payload"
 
 
+@pytest.mark.sqlite_only
 async def test_bad_serial_is_400(box: Box) -> None:
     """Test that a status posted for a serial that cannot be a robot's is a 400 and is not counted."""
     code, body, _ = await post(box, "a" * 65, status())
@@ -122,6 +127,7 @@ async def test_body_of_exactly_1_mib_is_accepted(box: Box) -> None:
     assert len(await box.history("ROBOT-H6")) == 1
 
 
+@pytest.mark.sqlite_only
 async def test_body_over_1_mib_is_413(box: Box) -> None:
     """Test that a body over 1 MiB is a 413 in the error shape, whether its length is declared or streamed."""
 

@@ -83,7 +83,7 @@ async def test_mosquitto_pub_status_is_stored(box: Box) -> None:
 
 
 async def test_invalid_statuses_are_never_stored_streamed_or_routed(box: Box) -> None:
-    """Test that no invalid case of SPEC section 4 is stored, streamed or delivered; the valid one after is."""
+    """Test that no invalid case of tests/cases.py is stored, streamed or delivered; the valid one after is."""
     async with (
         open_feed(box.http, f"{box.base_url}/robots/ROBOT-004/feed") as feed,
         mqtt_client(box.mqtt_port) as watcher,
@@ -145,6 +145,7 @@ async def test_redelivered_status_is_stored_and_streamed_once(box: Box) -> None:
     assert len(await box.history("ROBOT-006")) == 2
 
 
+@pytest.mark.sqlite_only
 async def test_other_topics_route_like_any_broker(box: Box) -> None:
     """Test that a command to a robot on robot/{serial}/cmd is delivered untouched and not stored."""
     async with mqtt_client(box.mqtt_port) as robot, mqtt_client(box.mqtt_port) as operator:

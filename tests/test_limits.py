@@ -18,6 +18,8 @@ from tests.conftest import Box, BoxFactory
 from tests.helpers import mqtt_client, payload, stamp
 from tests.raw_mqtt import CONNACK_ACCEPTED, publish_packet, raw_client
 
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
+
 NOW = datetime(2026, 11, 22, tzinfo=UTC)
 MAX_PAYLOAD = 1000
 MAX_TOPIC = 40

@@ -11,13 +11,15 @@ import mqtt5
 import orjson
 import pytest
 
-from spotbox.broker.handler import READ_WINDOW
-from spotbox.broker.mqtt5_connect import MAX_KEEP_ALIVE_S, TOPIC_ALIAS_MAX
+from spotbox.keys import SETTINGS
+from spotbox.mqtt.broker import TOPIC_ALIAS_MAX
 from tests.cases import INVALID
 from tests.conftest import Box, BoxFactory, require_tool
 from tests.helpers import mqtt_client, payload, stamp
 from tests.mqtt5_clients import paho_v5, reason_string, wire_client
 from tests.test_auth import PASSWORDS, TRANSPORTS, login, operator_login, port_for, secured_settings
+
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
 
 STATUS = "robot/{}/status"
 
@@ -36,8 +38,9 @@ async def test_connack_carries_what_spotbox_offers(box: Box) -> None:
         assert connack.reason_code == mqtt5.ConnAckReasonCode.SUCCESS
         assert not connack.session_present
         assert connack.assigned_client_id  # [MQTT-3.2.2-16]
-        assert connack.server_keep_alive == MAX_KEEP_ALIVE_S
-        assert connack.receive_max == READ_WINDOW
+        settings = box.server.app[SETTINGS]
+        assert connack.server_keep_alive == settings.max_keepalive
+        assert connack.receive_max == settings.receive_maximum
         assert connack.topic_alias_max == TOPIC_ALIAS_MAX
         assert connack.max_packet_size == box.broker.limits.max_packet + 5
         assert connack.retain_available
@@ -76,7 +79,7 @@ async def test_invalid_status_gets_puback_0x99_and_reaches_no_subscriber(
 
 
 async def test_every_rule_of_section_4_gets_0x99_with_its_field(box: Box) -> None:
-    """Test that each invalid case of SPEC section 4 published over MQTT 5 at QoS 1 gets 0x99 naming its field,
+    """Test that each invalid case of tests/cases.py published over MQTT 5 at QoS 1 gets 0x99 naming its field,
     and that a subscriber of robot/+/status receives exactly the valid message sent last."""
     async with mqtt_client(box.mqtt_port, "5") as watcher, paho_v5(box.mqtt_port) as robot:
         await watcher.subscribe("robot/+/status", qos=1)

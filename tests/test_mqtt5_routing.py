@@ -13,6 +13,8 @@ from tests.conftest import Box
 from tests.helpers import mqtt_client
 from tests.mqtt5_clients import Wire, wire_client
 
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
+
 Q0, Q1, Q2 = mqtt5.QoS.AT_MOST_ONCE, mqtt5.QoS.AT_LEAST_ONCE, mqtt5.QoS.EXACTLY_ONCE
 PROPERTIES: dict[str, Any] = {
     "payload_format_indicator": 1,
@@ -34,14 +36,14 @@ async def subscribe(wire: Wire, *filters: str, qos: mqtt5.QoS = Q2, packet_id: i
 
 @pytest.fixture
 def port(box: Box) -> int:
-    """The MQTT port (routing does not depend on the database: one run per backend still proves both)."""
+    """The MQTT port (routing does not depend on the database: SQLite only)."""
     return box.mqtt_port
 
 
 async def test_publish_properties_reach_mqtt5_and_payload_reaches_311(port: int) -> None:
     """Test that a v5 PUBLISH's properties reach a v5 subscriber intact and its payload a 3.1.1 subscriber."""
     async with wire_client(port) as (subscriber, _), mqtt_client(port, "3.1.1") as old:
-        # amqtt delivers at the subscription's QoS (not the lower of the two): subscribe at the publisher's.
+        # Subscribed at the publisher's QoS, so the message arrives at QoS 1 (the lower of the two).
         assert await subscribe(subscriber, "robot/+/cmd", qos=Q1) == [1]
         await old.subscribe("robot/+/cmd", qos=1)
         async with wire_client(port) as (publisher, _):

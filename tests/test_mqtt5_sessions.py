@@ -18,6 +18,8 @@ from tests.helpers import mqtt_client
 from tests.mqtt5_clients import Wire, wire_client
 from tests.test_mqtt5_options import plain, publish, subscribe
 
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
+
 PERSISTENT = {"clean_start": False, "session_expiry_interval": 60}
 
 

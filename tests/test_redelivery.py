@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from spotbox.broker import handler
+from spotbox.mqtt import publish
 from spotbox.settings import Settings
 from spotbox.storage import base as storage_base
 from tests.conftest import Box, BoxFactory
@@ -72,7 +72,7 @@ async def test_dup_with_other_payload_is_a_new_status(box: Box) -> None:
 async def test_dup_long_after_the_first_is_a_new_status(box: Box, monkeypatch: pytest.MonkeyPatch) -> None:
     """Test that a DUP matching a receive time older than the resend window is stored as a new status: the client
     may have reused the packet id for a new, identical status that never arrived."""
-    monkeypatch.setattr(handler, "_UNSTAMPED_MAX_AGE", timedelta(0))
+    monkeypatch.setattr(publish, "UNSTAMPED_MAX_AGE", timedelta(0))
     monkeypatch.setattr(storage_base, "RESEND_WINDOW", timedelta(0))
     async with raw_publisher(box.mqtt_port, "ROBOT-LATE") as robot, asyncio.timeout(10):
         await robot.publish(4, UNSTAMPED)

@@ -87,13 +87,13 @@ def hook_deletes(monkeypatch: pytest.MonkeyPatch, before: Callable[[int], Awaita
     """Run `before(n)` ahead of the n-th DELETE statement (from 1), at the storage seam of both backends."""
     calls = 0
     for backend in (SQLiteStorage, PostgresStorage):
-        real: Callable[[Any, datetime, int], Awaitable[int]] = backend.delete_before
+        real: Callable[..., Awaitable[int]] = backend.delete_before
 
-        async def delete_before(store: Any, cutoff: datetime, limit: int, real: Any = real) -> int:
+        async def delete_before(store: Any, cutoff: datetime, limit: int, real: Any = real, **kw: Any) -> int:
             nonlocal calls
             calls += 1
             await before(calls)
-            result: int = await real(store, cutoff, limit)
+            result: int = await real(store, cutoff, limit, **kw)
             return result
 
         monkeypatch.setattr(backend, "delete_before", delete_before)
@@ -185,7 +185,7 @@ async def test_retention_days_must_be_positive(args: list[str], env: dict[str, s
 
 def test_help_shows_the_retention_default() -> None:
     """Test that `spotbox run --help` documents --retention-days, its variable's default: keep forever."""
-    result = CliRunner().invoke(main, ["run", "--help"])
+    result = CliRunner().invoke(main, ["run", "--help"], terminal_width=200)
     assert result.exit_code == 0
     assert "--retention-days" in result.output
     assert "keep forever" in result.output

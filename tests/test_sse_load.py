@@ -6,11 +6,14 @@ import asyncio
 import socket
 
 import aiohttp
+import pytest
 
 from spotbox import loadgen
 from tests.conftest import Box
 from tests.helpers import mqtt_client, open_feed, payload
 from tests.test_metrics import scrape
+
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
 
 STREAMS = 1000
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from spotbox.stats import StatsWindow
 from tests.conftest import Box
 from tests.helpers import mqtt_client, payload, status
 from tests.test_history_api import get
 from tests.test_http_ingest import post
+
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
 
 EMPTY: dict[str, Any] = {
     "window_s": 3600,

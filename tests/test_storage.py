@@ -109,13 +109,13 @@ async def test_robot_exists(storage: Storage) -> None:
     assert not await storage.robot_exists("R2")
 
 
-async def test_reopening_keeps_rows_and_does_not_migrate_again(database_url: str) -> None:
+async def test_reopening_keeps_rows_and_does_not_migrate_again(own_database_url: str) -> None:
     """Test that the schema is created once and versioned: a second start finds the data as it was."""
-    first = open_storage(DatabaseURL.parse(database_url))
+    first = open_storage(DatabaseURL.parse(own_database_url))
     await first.open()
     await first.write_batch([record("R1", 1)])
     await first.close()
-    second = open_storage(DatabaseURL.parse(database_url))
+    second = open_storage(DatabaseURL.parse(own_database_url))
     await second.open()
     try:
         assert len(await second.history(HistoryQuery("R1"))) == 1
@@ -130,12 +130,12 @@ async def test_latest_is_the_greatest_ts_then_id(storage: Storage) -> None:
     await storage.write_batch([record("R1", 3)])
     latest = await storage.latest("R1")
     assert latest is not None
-    assert latest.record.ts == T0 + timedelta(minutes=5)
+    assert latest.ts == T0 + timedelta(minutes=5)
     # Same ts, another payload: both stored, the later row wins the tie.
     [tie_id] = await storage.write_batch([record("R1", 5, battery_level=9)])
     latest = await storage.latest("R1")
     assert latest is not None
-    assert (latest.id, latest.record.battery_level) == (tie_id, 9)
+    assert (latest.id, latest.battery_level) == (tie_id, 9)
 
 
 async def test_latest_per_robot_is_one_row_per_robot_in_serial_order(storage: Storage) -> None:
@@ -145,11 +145,11 @@ async def test_latest_per_robot_is_one_row_per_robot_in_serial_order(storage: St
     for n, serial in enumerate(serials):
         await storage.write_batch([record(serial, minute, battery_level=n + minute) for minute in (3, 9, 1)])
     rows = await storage.latest_per_robot()
-    assert [row.record.serial_number for row in rows] == sorted(serials)
+    assert [row.serial_number for row in rows] == sorted(serials)
     for row in rows:
-        n = serials.index(row.record.serial_number)
-        assert (row.record.ts, row.record.battery_level) == (T0 + timedelta(minutes=9), n + 9)
-        latest = await storage.latest(row.record.serial_number)
+        n = serials.index(row.serial_number)
+        assert (row.ts, row.battery_level) == (T0 + timedelta(minutes=9), n + 9)
+        latest = await storage.latest(row.serial_number)
         assert latest is not None
         assert row.id == latest.id
 
@@ -198,7 +198,29 @@ async def test_fleet_order_is_byte_order_whatever_the_postgres_locale() -> None:
         finally:
             await store.close()
     # en-US would give a, A.9, B-1, b-2.
-    assert [row.record.serial_number for row in rows] == ["A.9", "B-1", "a", "b-2"]
+    assert [row.serial_number for row in rows] == ["A.9", "B-1", "a", "b-2"]
+
+
+async def test_delete_before_keeps_rows_after_a_forward_cursor(storage: Storage) -> None:
+    """Test that rows past `keep_after_id` (not yet forwarded upstream) survive retention, older ones go."""
+    ids = await storage.write_batch([record("R1", minute) for minute in range(10)])
+    keep_after = ids[3]
+    assert keep_after is not None
+    assert await storage.delete_before(T0 + timedelta(days=1), 100, keep_after_id=keep_after) == 4
+    left = [row.id for row in await storage.history(HistoryQuery("R1"))]
+    assert left == ids[4:]
+
+
+async def test_forward_cursors_are_kept_per_target(storage: Storage) -> None:
+    """Test that a forward cursor starts at 0, is saved per target and overwritten, and counts the rows after it."""
+    ids = await storage.write_batch([record("R1", minute) for minute in range(5)])
+    assert await storage.forward_cursor("mqtt://a:1883") == 0
+    await storage.save_forward_cursor("mqtt://a:1883", ids[1] or 0)
+    await storage.save_forward_cursor("mqtt://b:1883", ids[4] or 0)
+    await storage.save_forward_cursor("mqtt://a:1883", ids[2] or 0)
+    assert await storage.forward_cursor("mqtt://a:1883") == ids[2]
+    assert await storage.forward_cursor("mqtt://b:1883") == ids[4]
+    assert await storage.count_after(ids[2] or 0) == 2
 
 
 async def test_full_disk_is_reported_as_such_and_writes_resume(tmp_path: Path) -> None:

@@ -10,30 +10,12 @@ import aiohttp
 import pytest
 
 from spotbox.loadgen import connect_packet
-from tests.conftest import require_tool
 from tests.helpers import mqtt_client, payload, stamp
 from tests.raw_mqtt import raw_client
 from tests.test_auth import PASSWORDS, login, write_users
 from tests.test_cli import failed_start, spotbox_process
 
-
-@pytest.fixture
-async def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key, made with the openssl command."""
-    openssl = require_tool("openssl")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    proc = await asyncio.create_subprocess_exec(
-        openssl,
-        *("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"),
-        *("-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost"),
-        *("-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(30):
-        _, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    return cert, key
+pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
 
 
 async def test_tls_for_mqtt_websocket_and_http(tmp_path: Path, certificate: tuple[Path, Path]) -> None:

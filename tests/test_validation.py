@@ -47,7 +47,7 @@ def test_valid_status_is_accepted(validator: StatusValidator, name: str, doc: di
 
 
 def test_reason_reads_like_the_spec(validator: StatusValidator) -> None:
-    """Test that the reason for battery_level 150 is the sentence SPEC section 3 shows."""
+    """Test that the reason for battery_level 150 names the field, the value and the limit in one sentence."""
     verdict = validator.check("ROBOT-001", payload(battery_level=150), NOW)
     assert isinstance(verdict, Rejection)
     assert verdict.reason == "battery_level: 150 is greater than the maximum of 100"

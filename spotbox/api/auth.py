@@ -24,7 +24,7 @@ from aiohttp import hdrs, web
 
 from spotbox.api.errors import BASIC_CHALLENGE, Handler, error_response
 from spotbox.api.ingest import basic_credentials
-from spotbox.keys import SETTINGS
+from spotbox.keys import RUNTIME, SETTINGS
 from spotbox.users import User, Users
 
 logger = logging.getLogger(__name__)
@@ -89,8 +89,7 @@ def _digest(header: str) -> bytes:
 
 def read_auth_required(app: web.Application) -> bool:
     """True when the read routes need a login: a users file is given and --open-reads is not."""
-    settings = app[SETTINGS]
-    return settings.users is not None and not settings.open_reads
+    return app[RUNTIME].users is not None and not app[SETTINGS].open_reads
 
 
 async def _verified(users: Users, name: str, password: str) -> User | None:
@@ -142,7 +141,7 @@ async def read_auth_middleware(request: web.Request, handler: Handler) -> web.St
     """Require a login, and the user's read grant, for every route but the open ones (with --users)."""
     if _is_open(request):
         return await handler(request)
-    users = request.app[SETTINGS].users
+    users = request.app[RUNTIME].users
     assert users is not None
     user = await _reader(request, users)
     if user is None:
@@ -204,7 +203,7 @@ async def login(request: web.Request) -> web.Response:
 
     A wrong password goes back to the form; either way the answer is a 303.
     """
-    users = request.app[SETTINGS].users
+    users = request.app[RUNTIME].users
     form = await request.post()
     next_path = str(form.get("next", "/"))
     name, password = str(form.get("username", "")), str(form.get("password", ""))

@@ -11,21 +11,17 @@ from spotbox.api.errors import json_response
 from spotbox.api.params import serial_param
 from spotbox.errors import NotFoundError
 from spotbox.keys import STORAGE
-from spotbox.status import StoredStatus
+from spotbox.status import StatusRow
 
 
-def robot_summary(latest: StoredStatus, last_seen: dict[str, datetime]) -> dict[str, Any]:
+def robot_summary(latest: StatusRow, last_seen: dict[str, datetime]) -> dict[str, Any]:
     """A robot as /robots shows it: its serial, when it last sent a status, and its latest status by ts.
 
     `last_seen` is a receive time, never a robot's own timestamp: a robot sending old statuses after an outage
     was still seen now.
     """
-    serial = latest.record.serial_number
-    return {
-        "serial_number": serial,
-        "last_seen": last_seen.get(serial, latest.record.received_at),
-        "latest": latest.to_api(),
-    }
+    serial = latest.serial_number
+    return {"serial_number": serial, "last_seen": last_seen.get(serial, latest.received_at), "latest": latest.to_api()}
 
 
 async def list_robots(request: web.Request) -> web.Response:

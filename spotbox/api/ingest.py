@@ -20,7 +20,7 @@ from spotbox.errors import (
     StorageUnavailableError,
     UnauthorizedError,
 )
-from spotbox.keys import BROKER, PIPELINE, SETTINGS
+from spotbox.keys import BROKER, PIPELINE, RUNTIME, SETTINGS
 from spotbox.users import User, Users
 from spotbox.validation import Rejection
 
@@ -83,7 +83,8 @@ async def post_status(request: web.Request) -> web.Response:
     """
     settings = request.app[SETTINGS]
     # Credentials are checked before anything else, so a stranger learns nothing and no body of theirs is read.
-    user = await _login(request, settings.users) if settings.users is not None else None
+    users = request.app[RUNTIME].users
+    user = await _login(request, users) if users is not None else None
     serial = serial_param(request)
     topic = f"robot/{serial}/status"
     if user is not None and not user.may_publish(topic):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
-from spotbox.status import RESEND_WINDOW, StatusRecord, StoredStatus
+from spotbox.status import RESEND_WINDOW, StatusRecord, StatusRow, StoredStatus
 
 # Columns written for each status, in this order, by every backend.
 COLUMNS = (
@@ -37,6 +37,20 @@ class HistoryQuery:
     end: datetime | None = None
     after: tuple[datetime, int] | None = None
     limit: int = 500
+
+
+# Raw payload bytes one history page may hold (include_payload=true): past them the page ends early, with a cursor
+# to the rest, so that a request's memory does not grow with --max-payload times `limit`.
+PAGE_PAYLOAD_BUDGET = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """One page of history ready to send: its statuses as one JSON array, and the (ts, id) the next page follows."""
+
+    items_json: bytes
+    count: int
+    next_after: tuple[datetime, int] | None
 
 
 Aggregate = Literal["avg", "min", "max", "last", "count"]
@@ -74,18 +88,28 @@ class Storage(Protocol):
         """Commit `records` in one transaction; the row id of each, or None for a duplicate already stored."""
 
     async def history(self, query: HistoryQuery) -> list[StoredStatus]:
-        """Up to `query.limit` rows of one robot, oldest first."""
+        """Up to `query.limit` rows of one robot, oldest first, raw payloads included."""
+
+    async def history_page(self, query: HistoryQuery, include_payload: bool) -> HistoryPage:
+        """A page of up to `query.limit` statuses of one robot in (ts, id) order, as the API shows them.
+
+        Raw payloads are read only with `include_payload`, and then at most PAGE_PAYLOAD_BUDGET bytes of them (but
+        always one row): a page cut short by them has a `next_after` like a full one.
+        """
 
     async def robot_exists(self, serial_number: str) -> bool:
         """True once any status of this robot is stored."""
 
-    async def rows_after(self, serial_number: str | None, after_id: int, limit: int) -> list[StoredStatus]:
+    async def statuses_after(self, after_id: int, limit: int) -> list[StoredStatus]:
+        """Up to `limit` rows of every robot with id greater than `after_id`, by id, raw payloads included."""
+
+    async def rows_after(self, serial_number: str | None, after_id: int, limit: int) -> list[StatusRow]:
         """Up to `limit` rows with id greater than `after_id`, by id: of one robot, or of the fleet for None."""
 
-    async def latest(self, serial_number: str) -> StoredStatus | None:
+    async def latest(self, serial_number: str) -> StatusRow | None:
         """The robot's row with the greatest (ts, id), or None for a robot never seen."""
 
-    async def latest_per_robot(self) -> list[StoredStatus]:
+    async def latest_per_robot(self) -> list[StatusRow]:
         """The latest row (by ts, id) of every robot, ordered by serial number."""
 
     async def last_received(self, serial_number: str | None = None) -> dict[str, datetime]:
@@ -97,8 +121,20 @@ class Storage(Protocol):
     async def downsample(self, query: DownsampleQuery) -> list[Bucket]:
         """The non-empty buckets of `query`, oldest first, aggregated by the database."""
 
-    async def delete_before(self, cutoff: datetime, limit: int) -> int:
-        """Delete at most `limit` rows with ts before `cutoff` in one short transaction; how many went."""
+    async def delete_before(self, cutoff: datetime, limit: int, *, keep_after_id: int | None = None) -> int:
+        """Delete at most `limit` rows with ts before `cutoff` in one short transaction; how many went.
+
+        Rows with an id greater than `keep_after_id` are kept whatever their age (not yet forwarded upstream).
+        """
+
+    async def forward_cursor(self, target: str) -> int:
+        """The last row id the upstream broker `target` acknowledged (0 for a target never seen)."""
+
+    async def save_forward_cursor(self, target: str, row_id: int) -> None:
+        """Durably record that `target` acknowledged every row up to `row_id`."""
+
+    async def count_after(self, after_id: int) -> int:
+        """How many rows have an id greater than `after_id` (a forward target's lag)."""
 
     async def ping(self) -> None:
         """Raise StorageUnavailableError unless the database answers."""

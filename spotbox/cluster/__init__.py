@@ -1,0 +1,1 @@
+"""Uplinks: spotbox as an MQTT client (store-and-forward to a cloud broker; cluster mode)."""
