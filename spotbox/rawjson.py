@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-# Digits become "0", exponent markers "e" (the sign stays): long digit runs and negative 3-digit exponents then show
-# up as plain substrings, found by bytes.find in C instead of a regular expression.
-_SHAPE = bytes.maketrans(b"123456789E", b"000000000e")
+# Digits become "0", exponent markers "e" (the sign stays), whitespace a space: long digit runs, negative 3-digit
+# exponents and whitespace before a colon then show up as plain substrings, found in C without a regular expression.
+_SHAPE = bytes.maketrans(b"123456789E\t\n\r", b"000000000e   ")
 # An integer past int64 has 19 digits or more, and so does a mantissa small enough to underflow (without an
 # exponent, or with one under 300 in size); an exponent from -300 down has at least three digits.
 _LONG_DIGITS = b"0" * 19
 _NEGATIVE_EXPONENT = b"e-000"
 # A key ends with `"`, optional whitespace, then `:`; any whitespace right before a colon defeats the quick count.
-_SPACED_COLONS = (b" :", b"\t:", b"\n:", b"\r:")
+_SPACED_COLON = b" :"
 _PREVIEW = 40
 
 
@@ -32,8 +31,7 @@ def preview(text: str, limit: int = _PREVIEW) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-@dataclass(slots=True, frozen=True)
-class Shape:
+class Shape(NamedTuple):
     """What one walk of a parsed status finds: how deep it nests, how many keys, numbers to look at closer."""
 
     depth: int
@@ -42,12 +40,16 @@ class Shape:
     doubtful_floats: bool
 
 
-def shape(doc: dict[str, Any], max_depth: int) -> Shape:
-    """Walk `doc` once (stopping past `max_depth`): nesting, key count, an integer past int64, doubtful floats.
+def shape(doc: dict[str, Any], max_depth: int, *, numbers: bool = True) -> Shape:
+    """Walk `doc` once (stopping past `max_depth`): nesting, key count and, when `numbers`, an integer past int64
+    and doubtful floats. Without `numbers` (the text holds no number that could be wrong) only containers are
+    visited, which is what most statuses need.
 
     A float is doubtful when it is 0 (perhaps an underflow of non-zero text) or at least 2**63 in size (perhaps an
-    integer past 64 bits that orjson turned into a float); the text decides, see `number_problem`.
+    integer past 64 bits that orjson turned into a float); the text decides, see `exact_problem`.
     """
+    if not numbers:
+        return _containers(doc, max_depth)
     depth = 1
     keys = 0
     bad_integer: tuple[str, int] | None = None
@@ -76,20 +78,44 @@ def shape(doc: dict[str, Any], max_depth: int) -> Shape:
     return Shape(depth, keys, bad_integer, doubtful)
 
 
-def may_repeat_keys(raw: bytes, keys: int) -> bool:
+def _containers(doc: dict[str, Any], max_depth: int) -> Shape:
+    """`shape` visiting objects and arrays only: nesting and key count."""
+    depth = 1
+    keys = 0
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, level = stack.pop()
+        if level > depth:
+            depth = level
+            if level > max_depth:
+                break
+        if type(value) is dict:
+            keys += len(value)
+            value = value.values()
+        stack.extend([(child, level + 1) for child in value if type(child) is dict or type(child) is list])
+    return Shape(depth, keys, None, False)
+
+
+class Hints(NamedTuple):
+    """What a quick look at the text says: whether a number in it could be wrong, whether the key count is exact."""
+
+    numbers: bool
+    spaced_colon: bool
+
+
+def hints(raw: bytes) -> Hints:
+    """One pass over the text in C: can a number be an integer past int64 or a non-zero number rounding to 0, and
+    does whitespace sit before a colon (so that counting `":` may miss a key)?"""
+    shaped = raw.translate(_SHAPE)
+    return Hints(_LONG_DIGITS in shaped or _NEGATIVE_EXPONENT in shaped, _SPACED_COLON in shaped)
+
+
+def may_repeat_keys(raw: bytes, keys: int, *, spaced_colon: bool) -> bool:
     """False when `raw` surely holds no more keys than the `keys` orjson kept (so no key repeats).
 
     Every key ends in `":` (unless whitespace sits before its colon); a string can add a few more, never fewer.
     """
-    if any(spaced in raw for spaced in _SPACED_COLONS):
-        return True
-    return raw.count(b'":') > keys
-
-
-def may_hold_bad_number(raw: bytes) -> bool:
-    """False when no number in `raw` can be an integer past int64 or a non-zero number that rounds to 0."""
-    shaped = raw.translate(_SHAPE)
-    return _LONG_DIGITS in shaped or _NEGATIVE_EXPONENT in shaped
+    return spaced_colon or raw.count(b'":') > keys
 
 
 class _Bad:
@@ -159,13 +185,15 @@ def exact_problem(raw: bytes) -> str | None:
     return None if found is None else f"{found[0]}: {found[1]}"
 
 
-def problem(raw: bytes, doc: dict[str, Any], walked: Shape) -> str | None:
-    """`field: rule` when `raw` repeats a key or holds a number spotbox refuses; None for an ordinary status."""
+def problem(raw: bytes, walked: Shape, seen: Hints) -> str | None:
+    """`field: rule` when `raw` repeats a key or holds a number spotbox refuses; None for an ordinary status.
+
+    `walked` is `shape` of the parsed document, with `numbers` when `seen.numbers`.
+    """
     if walked.bad_integer is not None:
         field, value = walked.bad_integer
         return f"{field}: {preview(str(value))} is beyond the 64-bit integer range"
-    repeats = may_repeat_keys(raw, walked.keys)
-    numbers = walked.doubtful_floats and may_hold_bad_number(raw)
-    if not repeats and not numbers:
+    repeats = may_repeat_keys(raw, walked.keys, spaced_colon=seen.spaced_colon)
+    if not repeats and not walked.doubtful_floats:
         return None
     return exact_problem(raw)
