@@ -178,7 +178,7 @@ class StatusValidator:
             return Rejection(serial, [f"payload: must be a JSON object, got {type(doc).__name__}"])
         # Numbers are looked at one by one only when the text holds one that could be wrong (a rare status).
         seen = rawjson.hints(raw)
-        walked = rawjson.shape(doc, self.max_depth, numbers=seen.numbers)
+        walked = rawjson.shape(doc, self.max_depth, numbers=seen.numbers and len(raw) <= rawjson.NAMED_EXACT_MAX)
         if walked.depth > self.max_depth:
             return Rejection(serial, [too_deep])
         if problem := rawjson.problem(raw, walked, seen):
