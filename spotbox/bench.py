@@ -58,6 +58,8 @@ class BenchConfig:
     # first `robots` follow publishing robots, the others robots that stay silent), all reading.
     sse_consoles: int = 0
     sse_robot_pages: int = 0
+    # An alert rules file for the spotbox under test (an empty file: no rules, to measure what alerts cost).
+    alerts: str | None = None
 
     def load(self, messages: int) -> loadgen.Load:
         """The publishers' part of this run, for `messages` statuses."""
@@ -199,15 +201,18 @@ async def _follow(
         if expect <= 0:
             await resp.content.read()  # a silent robot's page: held open until cancelled
             return
+        event = b""
         async for raw in resp.content:
-            if raw.startswith(b"data: "):
+            if raw.startswith(b"event: "):
+                event = raw[7:].strip()
+            elif raw.startswith(b"data: ") and event == b"overflow":
+                if overflows is not None:
+                    overflows.append(url)
+                return
+            # Only statuses: a robot's feed also carries its alerts and presence.
+            elif raw.startswith(b"data: ") and event == b"status":
                 received = time.time()
                 doc = orjson.loads(raw[6:])
-                if "ts" not in doc:
-                    if overflows is not None and "error" in doc:
-                        overflows.append(url)
-                        return
-                    continue
                 ts = datetime.fromisoformat(doc["ts"]).timestamp()
                 latencies.append((ts, (received - ts) * 1000))
                 seen += 1
@@ -302,6 +307,8 @@ async def bench_spotbox(
 
     With `forward` (a dict filled here), also time until every stored status is acknowledged upstream.
     """
+    if config.alerts is not None:
+        extra_args = (*extra_args, "--alerts", config.alerts)
     fanout = None
     streams = config.sse + config.sse_consoles + config.sse_robot_pages
     # Past the default --max-streams (2,000) only when the run asks for more feeds.

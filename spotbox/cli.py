@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -307,6 +308,13 @@ async def _until_stopped(fleet: Fleet) -> FleetStats:
     help="The ingest-speed load: 3 publishers, 100 in flight each, pre-encoded packets, no SSE, no classic stack "
     "(overrides --robots, --window, --sse, --baseline).",
 )
+@click.option(
+    "--alerts",
+    "alerts_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Alert rules of the spotbox under test (an empty file runs it without rules).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(
     robots: int,
@@ -329,6 +337,7 @@ def bench(
     duration: float,
     client: str,
     lean: bool,
+    alerts_path: Path | None,
     as_json: bool,
 ) -> None:
     """Measure stored statuses per second, publish-to-SSE latency and memory, against the classic stack.
@@ -367,6 +376,8 @@ def bench(
     )
     if lean:
         config = dataclasses.replace(config, **LEAN)  # type: ignore[arg-type]
+    if alerts_path is not None:
+        config = dataclasses.replace(config, alerts=str(alerts_path))
     try:
         if forward_backlog is not None:
             figures = asyncio.run(run_forward_catch_up(config, forward_backlog))

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from spotbox.cluster.forward import Forwarder
 from spotbox.mqtt.broker import Broker
+from spotbox.ops.service import Operations
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
 from spotbox.runtime import Runtime
@@ -24,3 +25,4 @@ BROKER = web.AppKey("broker", Broker)
 METRICS = web.AppKey("metrics", CollectorRegistry)
 RETENTION = web.AppKey("retention", Retention)
 FORWARDERS = web.AppKey("forwarders", list[Forwarder])
+OPS = web.AppKey("ops", Operations)

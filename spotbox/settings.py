@@ -15,6 +15,7 @@ from spotbox.options import (
     FORWARD,
     LOGGING,
     NETWORK,
+    OPERATIONS,
     PIPELINE,
     SECURITY,
     STORAGE,
@@ -316,6 +317,43 @@ class Settings:
         group=FORWARD,
         check=between(1, 65535),
     )
+    stale_after_s: float | None = option(
+        None,
+        "Seconds without a status before a robot is stale.",
+        group=OPERATIONS,
+        flag="--stale-after",
+        envvars=("SPOTBOX_STALE_AFTER",),
+        check=positive,
+        default_text="3x the robot's median gap, at least 10 s",
+    )
+    offline_after_s: float = option(
+        600.0,
+        "Seconds without a status before a robot is offline (the end of its MQTT connection is enough).",
+        group=OPERATIONS,
+        flag="--offline-after",
+        envvars=("SPOTBOX_OFFLINE_AFTER",),
+        check=positive,
+    )
+    alerts_path: Path | None = option(
+        None,
+        "TOML file of alert rules (see examples/alerts.toml); it replaces the built-in rules.",
+        group=OPERATIONS,
+        flag="--alerts",
+        envvars=("SPOTBOX_ALERTS",),
+        check=readable_file,
+        default_text="built-in rules",
+    )
+    alert_webhook: str | None = option(
+        None,
+        "URL that each alert change is POSTed to as JSON, retried with backoff.",
+        group=OPERATIONS,
+        check=lambda url: None if urlsplit(url).scheme in ("http", "https") else f"{url!r} is not an http(s):// URL",
+        default_text="none",
+    )
+    # Not options: how often time-driven presence and alert changes are looked for, and the rejections kept per
+    # robot in the rejection record (tests shorten or shrink them).
+    ops_tick_s: float = 1.0
+    rejections_kept: int = 1000
     database: DatabaseURL = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -329,6 +367,12 @@ class Settings:
             )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert", "give both --tls-cert and --tls-key, or neither")
+        if self.stale_after_s is not None and self.offline_after_s < self.stale_after_s:
+            raise ConfigError("--offline-after", f"{self.offline_after_s:g} s is below --stale-after")
+        if self.ops_tick_s <= 0 or self.rejections_kept < 1:
+            raise ConfigError(
+                "rejections_kept", "the operations tick and the rejections kept per robot must be positive"
+            )
         object.__setattr__(self, "database", DatabaseURL.parse(self.database_url))
 
     @property

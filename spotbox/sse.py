@@ -264,6 +264,18 @@ class FeedHub:
     def _streams(self) -> list[FeedStream]:
         return [stream for log in self._logs.values() for stream in log.streams]
 
+    def publish_event(self, serial_number: str | None, event: str, data: object) -> None:
+        """Send an event without a row id (presence, alert) to the fleet streams and, with a serial, to that
+        robot's streams; never blocks."""
+        keys = (None,) if serial_number is None else (None, serial_number)
+        targets = [log for key in keys if (log := self._logs.get(key)) is not None]
+        if not targets:
+            return
+        encoded = FeedEvent.of(event, None, dumps(data))
+        for log in targets:
+            log.events.append(encoded)
+            log.flush()
+
     def close_all(self) -> None:
         """End every stream after what its log holds, for shutdown."""
         for stream in self._streams():

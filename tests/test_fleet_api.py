@@ -26,7 +26,13 @@ async def test_robots_lists_each_robot_with_its_latest_status(box: Box) -> None:
             if minute == "02"
             else max(r["received_at"] for r in history)
         )
-        assert set(item) == {"serial_number", "last_seen", "latest"}
+        assert set(item) == {
+            *("serial_number", "last_seen", "latest", "presence", "presence_since", "registered"),
+            *("name", "model", "site", "tags"),
+        }
+        # Written straight to storage, not received since this start: its presence is not known yet.
+        assert item["presence"] == "unknown"
+        assert item["registered"] is False
 
 
 async def test_empty_fleet_is_an_empty_list(box: Box) -> None:
@@ -55,7 +61,12 @@ async def test_one_robot_follows_what_mqtt_commits(box: Box) -> None:
     late = next(row for row in await box.history("ROBOT-F1") if row["battery_level"] == 3)
     assert after_old["last_seen"] == late["received_at"] > newer["last_seen"]
     _, fleet = await get(box, "/robots")
-    assert fleet["items"] == [after_old]
+    # Presence moves on as the connection ends (tests/test_presence.py); the rest is unchanged.
+    assert newer["presence"] == "online"
+    moving = ("presence", "presence_since")
+    assert [{k: v for k, v in item.items() if k not in moving} for item in fleet["items"]] == [
+        {k: v for k, v in newer.items() if k not in moving}
+    ]
 
 
 async def test_unknown_robot_is_404(box: Box) -> None:

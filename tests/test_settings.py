@@ -62,6 +62,10 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"forward_rate": 0}, "--forward-rate"),
     ({"forward_keepalive": 0}, "--forward-keepalive"),
     ({"forward_ca": Path("/no/such/ca.pem")}, "--forward-ca"),
+    ({"stale_after_s": 0.0}, "--stale-after"),
+    ({"offline_after_s": 0.0}, "--offline-after"),
+    ({"alerts_path": Path("/no/such/rules.toml")}, "--alerts"),
+    ({"alert_webhook": "ftp://example.org/hook"}, "--alert-webhook"),
 ]
 
 

@@ -68,6 +68,22 @@ def test_add_again_changes_the_password_and_keeps_grants(tmp_path: Path) -> None
     assert Users.load(path).authenticate("operator", "old") is None
 
 
+def test_manage_grant_is_given_kept_and_taken(tmp_path: Path) -> None:
+    """Test that --manage gives the registry grant, re-adding keeps it, --no-manage takes it, a bad value is refused."""
+    path = tmp_path / "users.json"
+    add_user(path, "admin", "pw", "--manage")
+    assert orjson.loads(path.read_text())["users"]["admin"]["manage"] is True
+    add_user(path, "admin", "pw2")
+    assert Users.load(path).by_name["admin"].manage is True
+    add_user(path, "admin", "pw3", "--no-manage")
+    assert Users.load(path).by_name["admin"].manage is False
+    entry = orjson.loads(path.read_text())
+    entry["users"]["admin"]["manage"] = "yes"
+    path.write_bytes(orjson.dumps(entry))
+    with pytest.raises(ConfigError, match="manage must be true or false"):
+        Users.load(path)
+
+
 def test_remove(tmp_path: Path) -> None:
     """Test that remove drops the user and that removing an unknown user is a one-line error."""
     path = tmp_path / "users.json"

@@ -35,6 +35,7 @@ from spotbox.mqtt.sessions import NEVER_EXPIRES, Queued, Session, Sessions, Will
 from spotbox.mqtt.subscriptions import Subscription, SubscriptionTree
 from spotbox.mqtt.topics import parse_shared, valid_topic_filter
 from spotbox.mqtt.wire import MQTT_5, Connect, Subscribe, Unsubscribe, Wire5
+from spotbox.ops.presence import Presence
 from spotbox.pipeline import IngestPipeline
 from spotbox.status import status_topic_serial
 from spotbox.users import Users
@@ -91,6 +92,8 @@ class Broker:
         # Connections waiting, unread, for a login slot (see `_admit`), and the wake-up when a slot frees.
         self._admission_waiting = 0
         self._login_slot = asyncio.Event()
+        # Presence (spotbox.ops.presence): which connection stored each status, and when a connection ends.
+        self.presence: Presence | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._clock: asyncio.Task[None] | None = None
@@ -332,6 +335,8 @@ class Broker:
             return
         self.connections.discard(conn)
         self._login_slot.set()
+        if self.presence is not None:
+            self.presence.connection_closed(conn)
         if conn.logged_in:
             self.logged_in -= 1
             if self.on_connection_closed is not None and conn.client_id is not None:
@@ -351,6 +356,10 @@ class Broker:
     def deliver(self, session: Session, item: Queued) -> None:
         """Send a message to one session (the router's last step)."""
         deliver(self.sessions, session, item)
+
+    async def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Publish spotbox's own retained message (a robot's open alerts) to subscribers, now and later."""
+        self.publish_path.route(Message(topic, payload, 1, True, None, time.monotonic()), None)
 
     async def report_rejection(self, topic: str, rejection: Rejection, payload: bytes) -> None:
         """Publish why a status was refused on `spotbox/rejected/{serial}` (HTTP ingest uses this too)."""

@@ -136,6 +136,21 @@ class Storage(Protocol):
     async def count_after(self, after_id: int) -> int:
         """How many rows have an id greater than `after_id` (a forward target's lag)."""
 
+    def db_time(self, moment: datetime) -> Any:
+        """A datetime as a parameter of this backend's time columns."""
+
+    def from_db_time(self, value: Any) -> datetime:
+        """A value of this backend's time columns as an aware UTC datetime."""
+
+    async def execute(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
+        """Run write statements (`$n` placeholders) in one transaction; the row count of each.
+
+        For the small operations tables (registry, alerts, rejections), whose SQL both backends share.
+        """
+
+    async def query(self, sql: str, params: Sequence[Any]) -> list[Sequence[Any]]:
+        """The rows of one read statement (`$n` placeholders)."""
+
     async def ping(self) -> None:
         """Raise StorageUnavailableError unless the database answers."""
 

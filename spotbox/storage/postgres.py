@@ -64,6 +64,61 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE status ADD COLUMN delivery_key bytea",
         "CREATE INDEX status_delivery ON status (delivery_key) WHERE delivery_key IS NOT NULL",
     ),
+    # Operations (issue 13): the registered fleet, alerts with their transitions, and the bounded rejection record.
+    (
+        """
+        CREATE TABLE robot (
+            serial_number text PRIMARY KEY,
+            name text, model text, site text,
+            tags text NOT NULL,
+            registered_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE alert (
+            id text PRIMARY KEY,
+            rule text NOT NULL,
+            serial_number text NOT NULL,
+            severity text NOT NULL,
+            state text NOT NULL,
+            acknowledged boolean NOT NULL,
+            ack_by text,
+            ack_at timestamptz,
+            created_at timestamptz NOT NULL,
+            activated_at timestamptz,
+            cleared_at timestamptz,
+            updated_at timestamptz NOT NULL,
+            value double precision,
+            message text NOT NULL
+        )
+        """,
+        "CREATE INDEX alert_created ON alert (created_at, id)",
+        "CREATE INDEX alert_open ON alert (state, acknowledged)",
+        """
+        CREATE TABLE alert_transition (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            alert_id text NOT NULL,
+            at timestamptz NOT NULL,
+            from_state text,
+            to_state text NOT NULL,
+            by_user text
+        )
+        """,
+        "CREATE INDEX alert_transition_alert ON alert_transition (alert_id, id)",
+        """
+        CREATE TABLE rejection (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            serial_number text NOT NULL,
+            received_at timestamptz NOT NULL,
+            field text NOT NULL,
+            reason text NOT NULL,
+            payload bytea NOT NULL
+        )
+        """,
+        "CREATE INDEX rejection_robot ON rejection (serial_number, id)",
+        "CREATE INDEX rejection_time ON rejection (received_at)",
+    ),
 )
 
 # Any number that fits one transaction: serializes concurrent spotbox starts on one database.
@@ -336,6 +391,34 @@ class PostgresStorage:
         """Rows past `after_id`, counted on the primary key."""
         ((count,),) = await self._fetch("SELECT count(*) FROM status WHERE id > $1", [after_id])
         return int(count)
+
+    def db_time(self, moment: datetime) -> datetime:
+        """A datetime as this backend stores it: timestamptz takes it as it is."""
+        return moment
+
+    def from_db_time(self, value: Any) -> datetime:
+        """A stored time back as an aware UTC datetime."""
+        moment: datetime = value
+        return moment
+
+    async def execute(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
+        """Run write statements in one transaction; each one's row count."""
+        counts: list[int] = []
+        try:
+            async with self._acquire() as conn, conn.transaction():
+                for sql, params in statements:
+                    status: str = await conn.execute(sql, *params)
+                    tail = status.rsplit(" ", 1)[-1]
+                    counts.append(int(tail) if tail.isdigit() else 0)
+        except _UNAVAILABLE as exc:
+            raise StorageUnavailableError(f"PostgreSQL write failed: {exc!r}") from exc
+        except asyncpg.PostgresError as exc:
+            raise StorageError(f"PostgreSQL write failed: {exc}") from exc
+        return counts
+
+    async def query(self, sql: str, params: Sequence[Any]) -> list[Sequence[Any]]:
+        """Rows of a read statement."""
+        return list(await self._fetch(sql, params))
 
     async def ping(self) -> None:
         """Run a trivial query."""
