@@ -13,7 +13,7 @@ from functools import partial
 from aiohttp import web
 
 from spotbox import metrics
-from spotbox.api import dashboard, docs, feeds, fleet, forward, health, ingest, robots, stats
+from spotbox.api import auth, dashboard, docs, feeds, fleet, forward, health, ingest, robots, stats
 from spotbox.api.errors import error_middleware
 from spotbox.cluster.client import BrokerURL
 from spotbox.cluster.forward import ForwardConfig, Forwarder, keep_after_id
@@ -175,8 +175,8 @@ async def forward_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def close_streams(app: web.Application) -> None:
-    """End every SSE stream so shutdown does not wait on clients."""
-    app[HUB].close_all()
+    """End every SSE stream so shutdown does not wait on clients (those that do not read are cut off)."""
+    await app[HUB].shutdown()
 
 
 async def disconnect_mqtt(app: web.Application) -> None:
@@ -193,10 +193,12 @@ async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
 def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Application:
     """Build the spotbox application (reading the files the settings name unless given); nothing starts yet."""
     # --max-payload bounds an HTTP status body as it bounds an MQTT payload.
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_payload)
+    # The error shape wraps everything, the login check included.
+    middlewares = [error_middleware, auth.read_auth_middleware]
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_payload)
     app[SETTINGS] = settings
     app[RUNTIME] = runtime if runtime is not None else load_runtime(settings)
-    app[HUB] = FeedHub()
+    app[HUB] = FeedHub(max_streams=settings.max_streams)
     app[FORWARDERS] = []
     app.cleanup_ctx.extend([storage_ctx, pipeline_ctx, broker_ctx])
     if settings.forward:
@@ -205,6 +207,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
         app.cleanup_ctx.append(retention_ctx)
     app.on_shutdown.extend([disconnect_mqtt, close_streams])
     app.router.add_get("/mqtt", mqtt_websocket)
+    auth.add_routes(app)
     robots.add_routes(app)
     health.add_routes(app)
     feeds.add_routes(app)

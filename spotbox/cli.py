@@ -17,6 +17,7 @@ from aiohttp import web
 
 from spotbox.app import create_app
 from spotbox.bench import LEAN, BenchConfig, format_table, run_bench, run_forward_bench, run_forward_catch_up
+from spotbox.bench_reads import ReadsConfig, format_reads, run_reads
 from spotbox.errors import SpotboxError
 from spotbox.listeners import bind_both, try_lines
 from spotbox.loadgen import PROTOCOL_LEVELS
@@ -272,6 +273,29 @@ async def _until_stopped(fleet: Fleet) -> FleetStats:
     help="The ingest-speed load: 3 publishers, 100 in flight each, pre-encoded packets, no SSE, no classic stack "
     "(overrides --robots, --window, --sse, --baseline).",
 )
+@click.option(
+    "--scenario",
+    type=click.Choice(["ingest", "reads"]),
+    default="ingest",
+    show_default=True,
+    help="ingest: robots publish over MQTT; reads: history requests against a filled database.",
+)
+@click.option(
+    "--rows", type=click.IntRange(min=1), default=1_000_000, show_default=True, help="reads: statuses stored first."
+)
+@click.option(
+    "--connections", type=click.IntRange(min=1), default=32, show_default=True, help="reads: concurrent clients."
+)
+@click.option(
+    "--duration", type=click.FloatRange(min=1), default=10.0, show_default=True, help="reads: seconds of load."
+)
+@click.option(
+    "--client",
+    type=click.Choice(["auto", "wrk", "aiohttp"]),
+    default="auto",
+    show_default=True,
+    help="reads: load generator (auto: wrk when installed, else aiohttp in this process).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(
     robots: int,
@@ -287,10 +311,33 @@ def bench(
     forward: bool,
     forward_backlog: int | None,
     lean: bool,
+    scenario: str,
+    rows: int,
+    connections: int,
+    duration: float,
+    client: str,
     as_json: bool,
 ) -> None:
-    """Measure stored statuses per second, publish-to-SSE latency and memory, against the classic stack."""
+    """Measure stored statuses per second, publish-to-SSE latency and memory, against the classic stack.
+
+    With --scenario reads: history requests per second and their latency, on a database filled with --rows.
+    """
     configure_logging("warning", "text")
+    if scenario == "reads":
+        reads = ReadsConfig(
+            rows=rows,
+            robots=robots,
+            connections=connections,
+            duration_s=duration,
+            database_url=database_url,
+            client=client,
+        )
+        try:
+            figures = asyncio.run(run_reads(reads))
+        except SpotboxError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(orjson.dumps(figures).decode() if as_json else format_reads(figures))
+        return
     config = BenchConfig(
         robots, messages, rate, window, sse, database_url, baseline, baseline_messages, qos, mqtt_version
     )

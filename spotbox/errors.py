@@ -87,3 +87,11 @@ class ForbiddenError(SpotboxError):
     def __init__(self, message: str, detail: object = None) -> None:
         super().__init__(message)
         self.detail = detail
+
+
+class TooManyStreamsError(SpotboxError):
+    """Every SSE stream `--max-streams` allows is open; answered with 503 until one ends."""
+
+    def __init__(self, max_streams: int) -> None:
+        super().__init__(f"too many open feeds: at most {max_streams} (--max-streams); retry later")
+        self.max_streams = max_streams

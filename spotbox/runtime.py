@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from jsonschema.exceptions import SchemaError
@@ -40,7 +41,11 @@ def load_runtime(settings: Settings) -> Runtime:
 
 def _validator(settings: Settings) -> StatusValidator:
     try:
-        return StatusValidator(settings.schema_path, max_depth=settings.max_json_depth)
+        return StatusValidator(
+            settings.schema_path,
+            max_depth=settings.max_json_depth,
+            max_future=timedelta(seconds=settings.max_future_s),
+        )
     except ConfigError as exc:
         cause = exc.__cause__
         if not isinstance(cause, SchemaError):

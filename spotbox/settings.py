@@ -195,6 +195,14 @@ class Settings:
         group=VALIDATION,
         check=at_least(2),
     )
+    max_future_s: float = option(
+        300.0,
+        "Seconds a status timestamp may be ahead of its receive time (robot clock skew); later ones are refused.",
+        group=VALIDATION,
+        flag="--max-future",
+        envvars=("SPOTBOX_MAX_FUTURE",),
+        check=between(0, 366 * 86400, " seconds (a year)"),
+    )
     users_path: Path | None = option(
         None,
         "MQTT users file (spotbox users add): every MQTT client, and HTTP ingest, must then log in.",
@@ -202,6 +210,12 @@ class Settings:
         flag="--users",
         envvars=("SPOTBOX_USERS",),
         default_text="none: anonymous MQTT, loopback only",
+    )
+    open_reads: bool = option(
+        False,
+        "With --users, leave the read routes (history, feeds, console) open: only behind an authenticating proxy "
+        "or on a trusted network.",
+        group=SECURITY,
     )
     tls_cert: Path | None = option(
         None,
@@ -227,6 +241,12 @@ class Settings:
         "HTTP ingest answers 503 when a status is not committed within this many seconds.",
         group=PIPELINE,
         check=positive,
+    )
+    max_streams: int = option(
+        2000,
+        "Most SSE feeds open at once (robot pages and /feed consoles); one more is answered 503.",
+        group=PIPELINE,
+        check=at_least(1),
     )
     sse_ping_s: float = option(
         15.0,

@@ -29,7 +29,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -196,6 +196,8 @@ class Box:
 
     server: TestServer
     http: aiohttp.ClientSession
+    # Sent with `history()`: a login that may read, for an instance started with --users.
+    read_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def mqtt_port(self) -> int:
@@ -224,7 +226,8 @@ class Box:
         items: list[dict[str, Any]] = []
         query = dict(params)
         while True:
-            async with self.http.get(f"{self.base_url}/robots/{serial}/history", params=query) as resp:
+            url = f"{self.base_url}/robots/{serial}/history"
+            async with self.http.get(url, params=query, headers=self.read_headers) as resp:
                 if resp.status == 404:
                     return items
                 assert resp.status == 200, await resp.text()

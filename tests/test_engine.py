@@ -1,18 +1,16 @@
-"""spotbox's own MQTT engine beyond the protocol's rules: its log lines, its limits and its hooks (its settings' checks
+"""spotbox's own MQTT engine beyond the protocol's rules: its limits and its hooks (its settings' checks
 are in test_settings)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 from pathlib import Path
 
 import mqtt5
 import orjson
 import pytest
 
-from spotbox.logs import TextFormatter
 from spotbox.mqtt.broker import Broker
 from spotbox.mqtt.wire import REASON_MAX_CHARS
 from spotbox.settings import Settings
@@ -26,16 +24,6 @@ from tests.raw_mqtt import CONNACK_ACCEPTED, connect_packet, publish, raw_client
 def sqlite_settings(tmp_path: Path) -> Settings:
     """A test spotbox on SQLite (these tests are about the broker, not storage)."""
     return Settings(http_port=0, mqtt_port=0, database_url=f"sqlite:///{tmp_path / 'x.db'}", batch_wait_ms=1.0)
-
-
-def test_text_log_escapes_control_characters() -> None:
-    """Test that a newline or terminal escape in a logged value cannot start a forged line in the text log."""
-    forged = "x\nINFO admin logged in\x1b[31m"
-    record = logging.LogRecord("spotbox.mqtt", logging.INFO, "", 0, "client %s", (forged,), None)
-    line = TextFormatter("%(levelname)s %(message)s").format(record)
-    assert "\n" not in line
-    assert "\x1b" not in line
-    assert line == "INFO client x\\nINFO admin logged in\\x1b[31m"
 
 
 async def test_reason_string_is_shortened_so_the_puback_goes_out(box: Box) -> None:

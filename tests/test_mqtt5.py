@@ -17,7 +17,7 @@ from tests.cases import INVALID
 from tests.conftest import Box, BoxFactory, require_tool
 from tests.helpers import mqtt_client, payload, stamp
 from tests.mqtt5_clients import paho_v5, reason_string, wire_client
-from tests.test_auth import PASSWORDS, TRANSPORTS, login, port_for, secured_settings
+from tests.test_auth import PASSWORDS, TRANSPORTS, login, operator_login, port_for, secured_settings
 
 pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
 
@@ -26,8 +26,10 @@ STATUS = "robot/{}/status"
 
 @pytest.fixture
 async def secured(make_box: BoxFactory, tmp_path: Path) -> Box:
-    """spotbox with the users file of test_auth (two robots and an operator)."""
-    return await make_box(secured_settings(tmp_path))
+    """spotbox with the users file of test_auth (two robots and an operator); its `history()` reads as the operator."""
+    box = await make_box(secured_settings(tmp_path))
+    box.read_headers = operator_login()
+    return box
 
 
 async def test_connack_carries_what_spotbox_offers(box: Box) -> None:
@@ -218,3 +220,23 @@ async def test_denied_subscription_gets_0x87(secured: Box) -> None:
             mqtt5.SubAckReasonCode.NOT_AUTHORIZED,
             mqtt5.SubAckReasonCode.GRANTED_QOS_AT_LEAST_ONCE,
         ]
+
+
+async def test_reason_strings_name_each_field_briefly(box: Box) -> None:
+    """Test that 0x99 reason strings name the missing field itself, a repeated key, an unstorable number, and stay
+    within 200 characters for a 1 MB value."""
+    cases = [
+        (b'{"battery_level": 50}', "battery_status: is required"),
+        (b'{"battery_level": 150, ' + payload()[1:], "battery_level: is a duplicate key"),
+        (payload().replace(b'"latitude":52.52', b'"latitude":1e-999999'), "location.latitude: 1e-999999 rounds to 0"),
+        (payload(battery_status=["CHARGING"] * 80_000), 'battery_status: an array of 80000 items is not one of ["'),
+    ]
+    async with paho_v5(box.mqtt_port) as robot:
+        for raw, expected in cases:
+            code, properties = await robot.publish(STATUS.format("R7"), raw, qos=1)
+            assert code.value == 0x99
+            reason = reason_string(properties)
+            assert reason is not None
+            assert reason.startswith(expected), reason
+            assert len(reason) <= 200
+    assert await box.history("R7") == []

@@ -24,13 +24,13 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from spotbox.errors import StorageError
 from spotbox.mqtt.message import Message
 from spotbox.mqtt.wire import PUBACK, PUBREC, Publish
-from spotbox.status import dumps, payload_digest, status_topic_serial
-from spotbox.validation import Rejection
+from spotbox.status import Delivery, payload_digest, status_topic_serial
+from spotbox.validation import Rejection, rejection_report
 
 if TYPE_CHECKING:
     from spotbox.mqtt.broker import Broker
@@ -84,7 +84,10 @@ class PublishPath:
         pipeline = broker.pipeline
         if pipeline.full:
             await conn.paused(pipeline.wait_for_room())
-        verdict = pipeline.check(serial, publish.payload, self._first_received_at(conn, publish))
+        # A QoS 1/2 delivery is identified (client id, packet id, DUP) so an unstamped status resent after a restart
+        # is stored once.
+        delivery = Delivery(session.client_id, publish.packet_id, publish.dup) if publish.packet_id else None
+        verdict = pipeline.check(serial, publish.payload, self._first_received_at(conn, publish), delivery=delivery)
         if isinstance(verdict, Rejection):
             self.report_rejection(topic, verdict, publish.payload)
             return Pending(publish, None, refusal=(PAYLOAD_FORMAT_INVALID, verdict.reason))
@@ -148,13 +151,3 @@ class PublishPath:
         if datetime.now(UTC) - first[1] > UNSTAMPED_MAX_AGE:
             return None
         return first[1]
-
-
-def rejection_report(topic: str, rejection: Rejection, payload: bytes) -> bytes:
-    """The JSON an operator sees on `spotbox/rejected/{serial}`."""
-    shown: Any
-    try:
-        shown = payload.decode()
-    except UnicodeDecodeError:
-        shown = payload.decode("utf-8", errors="replace")
-    return dumps({"topic": topic, "errors": rejection.errors, "payload": shown})
