@@ -148,7 +148,7 @@ async def test_sockets_that_never_log_in_do_not_lock_out_robots(make_box: BoxFac
 
 @pytest.mark.xfail(strict=True, reason="issue 11: failed logins are not throttled; every hash blocks the others")
 async def test_wrong_password_flood_does_not_slow_other_addresses(make_box: BoxFactory, tmp_path: Path) -> None:
-    """Test that while 40 wrong-password CONNECTs for ROBOT-A come from 127.0.0.1, a good login from 127.0.0.2 takes
+    """Test that while 30 wrong-password CONNECTs for ROBOT-A come from 127.0.0.1, a good login from 127.0.0.2 takes
     no more than a few times as long as it does alone, and ROBOT-A's own password still works from 127.0.0.3."""
     box = await make_box(secured(tmp_path))
 
@@ -160,7 +160,7 @@ async def test_wrong_password_flood_does_not_slow_other_addresses(make_box: BoxF
                 return await client.connack(), time.monotonic() - started
 
     alone = sorted([(await connack(f"b{n}", "ROBOT-B", "pw-b", "127.0.0.2"))[1] for n in range(3)])[1]
-    flood = [asyncio.create_task(connack(f"f{n}", "ROBOT-A", "wrong", "127.0.0.1")) for n in range(40)]
+    flood = [asyncio.create_task(connack(f"f{n}", "ROBOT-A", "wrong", "127.0.0.1")) for n in range(30)]
     try:
         await asyncio.sleep(0.05)  # the flood has reached the broker
         code, during = await connack("b-during", "ROBOT-B", "pw-b", "127.0.0.2")
