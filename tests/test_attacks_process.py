@@ -75,6 +75,7 @@ def spotbox_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spotbox]:
     proc.terminate()
     proc.wait(20)
     thread.join(5)
+    stderr.close()
 
 
 @pytest.mark.xfail(strict=True, reason="issue 11: client ids and topics reach the text log unescaped")
