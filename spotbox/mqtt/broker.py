@@ -169,7 +169,13 @@ class Broker:
             return self._refuse(conn, 0x05, 0x8C)  # bad authentication method: no enhanced auth
         result = await self.auth.login(connect.username, connect.password, conn.stream.address)
         if not result.ok:
-            logger.warning("mqtt login refused for user %r from %s: %s", connect.username, peer, result.reason)
+            logger.warning(
+                "mqtt login of %r (user %r) from %s refused: %s",
+                connect.client_id,
+                connect.username,
+                peer,
+                result.reason,
+            )
             return self._refuse(conn, result.code311, result.code5)
         user = result.user
         client_id = connect.client_id or f"spotbox-{uuid.uuid4().hex}"  # [MQTT-3.1.3-6]
@@ -348,10 +354,8 @@ class Broker:
                     conn.stream.close()
             elif conn.keep_alive_s and not conn.paused_depth and now - conn.last_heard > 1.5 * conn.keep_alive_s:
                 silent.append(conn)
-            elif conn.over_budget():
-                since = conn.over_budget_since or now
-                if now - since > limits.outbound_stuck_s:
-                    conn.kick(0x97, f"has not read its messages for {limits.outbound_stuck_s:g} s")
+            elif conn.stuck_for(now) > limits.outbound_stuck_s:
+                conn.kick(0x97, f"took nothing of its {conn.buffered()} unsent bytes for {limits.outbound_stuck_s:g} s")
             elif conn.session is not None and conn.session.queue:
                 conn.pump()
         # The longest silent first: its will still reaches a client whose own silence ends in the same tick.

@@ -121,7 +121,9 @@ class Connection:
         self.uncommitted = 0  # statuses waiting for their commit (the 3.1.1 read window)
         self.unacked_in = 0  # QoS 1/2 PUBLISHes received and not yet fully acknowledged (MQTT 5 Receive Maximum)
         self.paused_depth = 0
+        # Since when the client is over its outbound budget with no byte taken, and how much was unsent then.
         self.over_budget_since: float | None = None
+        self._stuck_at = 0
         self.stopping = False
         self.ended = False
         self._window_free = asyncio.Event()
@@ -395,13 +397,21 @@ class Connection:
         return len(self._out) + self.stream.buffered()
 
     def over_budget(self) -> bool:
-        """True while the client leaves more than its outbound budget unread (noted for the stuck-client check)."""
-        if self.buffered() <= self.broker.limits.max_outbound_bytes:
+        """True while the client leaves more than its outbound budget unread."""
+        return self.buffered() > self.broker.limits.max_outbound_bytes
+
+    def stuck_for(self, now: float) -> float:
+        """Seconds this client has been over its outbound budget without taking a byte of it (0: not stuck).
+
+        A slow reader makes progress and is never cut; one that reads nothing at all is.
+        """
+        buffered = self.buffered()
+        if buffered <= self.broker.limits.max_outbound_bytes:
             self.over_budget_since = None
-            return False
-        if self.over_budget_since is None:
-            self.over_budget_since = time.monotonic()
-        return True
+            return 0.0
+        if self.over_budget_since is None or buffered < self._stuck_at:
+            self.over_budget_since, self._stuck_at = now, buffered
+        return now - self.over_budget_since
 
     def send_ack(self, kind: int, packet_id: int, code: int = 0, reason: str | None = None) -> None:
         """PUBACK/PUBREC (and the rest) with a reason code where the version has one."""

@@ -31,7 +31,8 @@ class MqttLimits:
     max_keepalive: int = 3600
     max_queued: int = 1000
     max_outbound_bytes: int = 4 * 1024 * 1024
-    outbound_stuck_s: float = 30.0
+    # A client over its outbound budget that takes no byte of it for this long is disconnected.
+    outbound_stuck_s: float = 5.0
 
     @property
     def max_packet(self) -> int:
