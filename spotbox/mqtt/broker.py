@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 TOPIC_ALIAS_MAX = 32
 # How often the clock checks deadlines, keep alives and stuck clients.
 TICK_S = 0.25
+# How long a connection spotbox closed may take to send its last bytes before it is cut.
+KICK_GRACE_S = 2.0
 # Retained messages spotbox keeps, and their bytes in all.
 RETAINED_MAX_MESSAGES = 100_000
 RETAINED_MAX_BYTES = 256 * 1024 * 1024
@@ -344,7 +346,10 @@ class Broker:
         for conn in list(self.connections):
             if conn.ended:
                 continue
-            if not conn.logged_in:
+            if conn.kicked_at is not None:
+                if now - conn.kicked_at > KICK_GRACE_S:
+                    conn.stream.abort()  # closed but its last bytes are not taken: drop them
+            elif not conn.logged_in:
                 if now - conn.started > limits.connect_timeout_s:
                     logger.warning(
                         "mqtt connection from %s closed: no CONNECT within %g s",
@@ -355,7 +360,8 @@ class Broker:
             elif conn.keep_alive_s and not conn.paused_depth and now - conn.last_heard > 1.5 * conn.keep_alive_s:
                 silent.append(conn)
             elif conn.stuck_for(now) > limits.outbound_stuck_s:
-                conn.kick(0x97, f"took nothing of its {conn.buffered()} unsent bytes for {limits.outbound_stuck_s:g} s")
+                stuck = f"took nothing of its {conn.buffered()} unsent bytes for {limits.outbound_stuck_s:g} s"
+                conn.kick(0x97, stuck, abort=True)
             elif conn.session is not None and conn.session.queue:
                 conn.pump()
         # The longest silent first: its will still reaches a client whose own silence ends in the same tick.

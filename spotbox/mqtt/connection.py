@@ -126,6 +126,7 @@ class Connection:
         self._stuck_at = 0
         self.stopping = False
         self.ended = False
+        self.kicked_at: float | None = None  # when spotbox closed it (the clock cuts it if it does not go)
         self._window_free = asyncio.Event()
         self._buffer = bytearray()
         self._out = bytearray()
@@ -518,14 +519,19 @@ class Connection:
 
     # --- the end ------------------------------------------------------------------------------------------------
 
-    def kick(self, code: int, reason: str) -> None:
-        """End this connection from outside (take-over, keep alive, stuck): DISCONNECT (MQTT 5), then close."""
+    def kick(self, code: int, reason: str, *, abort: bool = False) -> None:
+        """End this connection from outside (take-over, keep alive, stuck): DISCONNECT (MQTT 5), then close; `abort`
+        drops what is unsent, for a client that takes nothing (closing would wait for it forever)."""
         logger.info("mqtt connection %s (%r) closed: %s", self.stream.peer, self.client_id, reason)
-        if isinstance(self.wire, Wire5) and self.logged_in:
+        self.kicked_at = time.monotonic()
+        if isinstance(self.wire, Wire5) and self.logged_in and not abort:
             self.write(self.wire.disconnect(code, reason))
         self._flush()
         self.detach(publish_will=True)
-        self.stream.close()
+        if abort:
+            self.stream.abort()
+        else:
+            self.stream.close()
 
     def detach(self, *, publish_will: bool) -> None:
         """Leave the session (its will and ending decided now); the connection is then only closing."""
