@@ -371,7 +371,7 @@ class Connection:
         if packet.session_expiry_s is not None:
             if session.expiry_s == 0 and packet.session_expiry_s != 0:
                 raise Closed("session expiry set on DISCONNECT after 0 on CONNECT", _Reason.PROTOCOL_ERROR)
-            session.expiry_s = packet.session_expiry_s  # [MQTT-3.14.2-?]
+            session.expiry_s = packet.session_expiry_s  # MQTT 5.0 3.14.2.2.2
         # The will is published only when the client asks with 0x04 [MQTT-3.14.4-3].
         self._will_on_close = packet.reason_code == _Reason.DISCONNECT_WITH_WILL_MESSAGE
         raise Closed("DISCONNECT", level=logging.DEBUG)
@@ -483,7 +483,7 @@ class Connection:
         if outgoing is None or outgoing.qos != 2:
             self.write(self.wire.ack(PUBREL, packet.packet_id, 0x92))  # packet identifier not found
             return
-        if packet.reason_code >= 0x80:  # the subscriber refused it: the flow ends here [MQTT-4.3.3-?]
+        if packet.reason_code >= 0x80:  # the subscriber refused it: the flow ends here (MQTT 5.0 4.3.3)
             del session.inflight[packet.packet_id]
             self.pump()
             return

@@ -120,7 +120,7 @@ class PublishPath:
             return
         conn.send_ack(PUBREC, publish.packet_id, code, reason)
         if code == 0 or conn.wire.version == 4:
-            # The packet id is held until PUBREL [MQTT-4.3.3-?]; a refusal ends an MQTT 5 flow at PUBREC.
+            # The packet id is held until PUBREL (MQTT 5.0 4.3.3, method B); a refusal ends an MQTT 5 flow at PUBREC.
             assert conn.session is not None
             conn.session.awaiting_pubrel.add(publish.packet_id)
 
