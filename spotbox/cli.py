@@ -19,7 +19,7 @@ from spotbox.app import create_app
 from spotbox.bench import LEAN, BenchConfig, format_table, run_bench, run_forward_bench, run_forward_catch_up
 from spotbox.bench_reads import ReadsConfig, format_reads, run_reads
 from spotbox.errors import SpotboxError
-from spotbox.listeners import bind_both, try_lines
+from spotbox.listeners import bind_both, raise_open_files_limit, try_lines
 from spotbox.loadgen import PROTOCOL_LEVELS
 from spotbox.logs import configure_logging
 from spotbox.options import click_options
@@ -54,6 +54,7 @@ def run(**values: Any) -> None:
     except SpotboxError as exc:
         raise click.ClickException(str(exc)) from None
     configure_logging(settings.log_level, settings.log_format)
+    raise_open_files_limit(settings.max_connections + settings.max_pending_logins + settings.max_streams)
     try:
         asyncio.run(serve(settings, dataclasses.replace(runtime, mqtt_socket=bound.mqtt), bound.http))
     except SpotboxError as exc:
@@ -268,12 +269,6 @@ async def _until_stopped(fleet: Fleet) -> FleetStats:
     "(--rate, --messages) without and during the catch-up.",
 )
 @click.option(
-    "--lean",
-    is_flag=True,
-    help="The ingest-speed load: 3 publishers, 100 in flight each, pre-encoded packets, no SSE, no classic stack "
-    "(overrides --robots, --window, --sse, --baseline).",
-)
-@click.option(
     "--scenario",
     type=click.Choice(["ingest", "reads"]),
     default="ingest",
@@ -296,6 +291,12 @@ async def _until_stopped(fleet: Fleet) -> FleetStats:
     show_default=True,
     help="reads: load generator (auto: wrk when installed, else aiohttp in this process).",
 )
+@click.option(
+    "--lean",
+    is_flag=True,
+    help="The ingest-speed load: 3 publishers, 100 in flight each, pre-encoded packets, no SSE, no classic stack "
+    "(overrides --robots, --window, --sse, --baseline).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(
     robots: int,
@@ -310,12 +311,12 @@ def bench(
     mqtt_version: str,
     forward: bool,
     forward_backlog: int | None,
-    lean: bool,
     scenario: str,
     rows: int,
     connections: int,
     duration: float,
     client: str,
+    lean: bool,
     as_json: bool,
 ) -> None:
     """Measure stored statuses per second, publish-to-SSE latency and memory, against the classic stack.

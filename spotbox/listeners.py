@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
+import resource
 import shlex
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from spotbox.errors import ListenError
+
+logger = logging.getLogger(__name__)
+
+# Descriptors spotbox needs beside its MQTT clients and SSE streams: database files and connections, listeners,
+# the event loop's own, a margin.
+_FD_RESERVE = 64
 
 # A valid status for the logged mosquitto_pub line: a new user copies it as it is.
 EXAMPLE_SERIAL = "ROBOT-001"
@@ -79,3 +87,28 @@ def try_lines(http: socket.socket, mqtt: socket.socket, *, tls_cert: Path | None
     publish += ["-t", f"robot/{EXAMPLE_SERIAL}/status", "-m", EXAMPLE_STATUS]
     watch.append(f"{scheme}://{url_host}:{http_port}/robots/{EXAMPLE_SERIAL}/feed")
     return [shlex.join(watch), shlex.join(publish)]
+
+
+def raise_open_files_limit(needed: int) -> int:
+    """Raise this process's soft limit of open files to its hard limit; warn when `needed` (plus a reserve) is more.
+
+    Each MQTT client and SSE stream holds a socket: with the common soft limit of 1,024 a fleet of a few thousand
+    robots would be refused for want of descriptors, not of memory or CPU. The hard limit is the operator's to set
+    (`ulimit -Hn`, systemd's LimitNOFILE, docker's --ulimit nofile).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open files limit from %d to %d: %s", soft, target, exc)
+    if needed + _FD_RESERVE > soft:
+        logger.warning(
+            "open files limit %d is below what the connection limits may need (%d): raise the hard limit "
+            "(ulimit -Hn, LimitNOFILE=) or lower --max-connections / --max-streams",
+            soft,
+            needed + _FD_RESERVE,
+        )
+    return soft

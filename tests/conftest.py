@@ -298,3 +298,14 @@ async def certificate(tmp_path: Path) -> tuple[Path, Path]:
         _, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     return cert, key
+
+
+@pytest.fixture
+async def secured(make_box: BoxFactory, tmp_path: Path) -> Box:
+    """spotbox with the users file of tests/test_auth.py (robots and an operator); its `history()` reads as the
+    operator (reads need a login with users)."""
+    from tests.test_auth import operator_login, secured_settings  # noqa: PLC0415 - the users of those tests
+
+    box = await make_box(secured_settings(tmp_path))
+    box.read_headers = operator_login()
+    return box

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import resource
 import shlex
 import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -272,3 +274,40 @@ async def test_logged_commands_reach_the_live_feed(tmp_path: Path) -> None:
             curl.kill()
             await curl.wait()
     assert orjson.loads(line[5:])["serial_number"] == "ROBOT-001"
+
+
+def _soft_open_files(pid: int) -> int:
+    """The soft "Max open files" limit of a running process, from /proc."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open files limit in /proc")
+
+
+async def test_run_raises_its_open_files_limit_and_warns_when_it_cannot_hold_the_fleet(tmp_path: Path) -> None:
+    """Test that `spotbox run` started with a low soft limit of open files raises it to the hard limit, and warns
+    when --max-connections would need more descriptors than even the hard limit allows."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(256, hard)
+    database = f"sqlite:///{tmp_path / 'fd.db'}"
+    args = ("--http-port", "0", "--mqtt-port", "0", "--database-url", database, "--max-connections", str(hard + 1))
+    with_low_limit = partial(resource.setrlimit, resource.RLIMIT_NOFILE, (low, hard))
+    proc = await asyncio.create_subprocess_exec(
+        SPOTBOX, "run", *args, stderr=asyncio.subprocess.PIPE, preexec_fn=with_low_limit
+    )
+    assert proc.stderr is not None
+    log = b""
+    try:
+        async with asyncio.timeout(20):
+            while b"http listening" not in log:
+                line = await proc.stderr.readline()
+                assert line, log.decode()
+                log += line
+        raised = _soft_open_files(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            await proc.communicate()
+    assert raised == hard
+    assert b"open files limit" in log
+    assert b"--max-connections" in log

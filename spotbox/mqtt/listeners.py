@@ -160,6 +160,12 @@ async def start_tcp(
     sock: socket.socket | None = None,
 ) -> asyncio.Server:
     """The TCP (TLS with a context) listener, on host:port or on an already-bound socket."""
+    # A fleet reconnects at once after a restart of the gateway: thousands of SYNs within a second. asyncio's default
+    # backlog of 100 would drop most of them into the client's SYN retry (1 s, 3 s, 7 s...); the kernel caps this at
+    # net.core.somaxconn.
+    backlog = 4096
     if sock is not None:
-        return await asyncio.start_server(client_connected, sock=sock, ssl=ssl_context, limit=2**20)
-    return await asyncio.start_server(client_connected, host, port, reuse_address=True, ssl=ssl_context, limit=2**20)
+        return await asyncio.start_server(client_connected, sock=sock, ssl=ssl_context, limit=2**20, backlog=backlog)
+    return await asyncio.start_server(
+        client_connected, host, port, reuse_address=True, ssl=ssl_context, limit=2**20, backlog=backlog
+    )

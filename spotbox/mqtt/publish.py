@@ -84,9 +84,10 @@ class PublishPath:
         pipeline = broker.pipeline
         if pipeline.full:
             await conn.paused(pipeline.wait_for_room())
-        # A QoS 1/2 delivery is identified (client id, packet id, DUP) so an unstamped status resent after a restart
-        # is stored once.
-        delivery = Delivery(session.client_id, publish.packet_id, publish.dup) if publish.packet_id else None
+        delivery = None
+        if publish.qos and publish.packet_id is not None:
+            # Kept with a status without a timestamp, so a resend after a restart is stored once.
+            delivery = Delivery(session.client_id, publish.packet_id, publish.dup)
         verdict = pipeline.check(serial, publish.payload, self._first_received_at(conn, publish), delivery=delivery)
         if isinstance(verdict, Rejection):
             self.report_rejection(topic, verdict, publish.payload)
@@ -120,7 +121,7 @@ class PublishPath:
             return
         conn.send_ack(PUBREC, publish.packet_id, code, reason)
         if code == 0 or conn.wire.version == 4:
-            # The packet id is held until PUBREL (MQTT 5.0 4.3.3, method B); a refusal ends an MQTT 5 flow at PUBREC.
+            # The packet id is held until PUBREL [MQTT-4.3.3-?]; a refusal ends an MQTT 5 flow at PUBREC.
             assert conn.session is not None
             conn.session.awaiting_pubrel.add(publish.packet_id)
 
