@@ -359,10 +359,12 @@ class Broker:
                     conn.stream.close()
             elif conn.keep_alive_s and not conn.paused_depth and now - conn.last_heard > 1.5 * conn.keep_alive_s:
                 silent.append(conn)
+            elif not conn.congested:
+                continue  # the common case, checked without a call
             elif conn.stuck_for(now) > limits.outbound_stuck_s:
                 stuck = f"took nothing of its {conn.buffered()} unsent bytes for {limits.outbound_stuck_s:g} s"
                 conn.kick(0x97, stuck, abort=True)
-            elif conn.session is not None and conn.session.queue:
+            else:
                 conn.pump()
         # The longest silent first: its will still reaches a client whose own silence ends in the same tick.
         for conn in sorted(silent, key=lambda conn: conn.last_heard):

@@ -121,6 +121,8 @@ class Connection:
         self.uncommitted = 0  # statuses waiting for their commit (the 3.1.1 read window)
         self.unacked_in = 0  # QoS 1/2 PUBLISHes received and not yet fully acknowledged (MQTT 5 Receive Maximum)
         self.paused_depth = 0
+        # Over its outbound budget, or with messages queued for room: the clock watches it (stuck? room again?).
+        self.congested = False
         # Since when the client is over its outbound budget with no byte taken, and how much was unsent then.
         self.over_budget_since: float | None = None
         self._stuck_at = 0
@@ -131,6 +133,7 @@ class Connection:
         self._buffer = bytearray()
         self._out = bytearray()
         self._flush_handle: asyncio.Handle | None = None
+        self._settling = False  # settling a round of commits: its writes are flushed at its end, not scheduled
         self._outgoing_aliases: dict[str, int] = {}
         self._will_on_close = True
 
@@ -341,7 +344,16 @@ class Connection:
 
     def _commit_done(self, _: asyncio.Future[int | None]) -> None:
         """The head of the line is committed: settle every publish at the front that is ready, in order, then watch
-        the new head."""
+        the new head; the acknowledgements leave in one write at the end."""
+        self._settling = True
+        try:
+            self._settle_ready()
+        finally:
+            self._settling = False
+        self._flush()
+        self._window_free.set()
+
+    def _settle_ready(self) -> None:
         pending = self.pending
         while pending and (pending[0].commit is None or pending[0].commit.done()):
             item = pending.popleft()
@@ -355,7 +367,6 @@ class Connection:
             head = pending[0].commit
             assert head is not None  # a head without a commit is settled by the loop above
             head.add_done_callback(self._commit_done)
-        self._window_free.set()
 
     def _settle(self, pending: Pending) -> None:
         publish = pending.publish
@@ -383,11 +394,13 @@ class Connection:
         if self.ended:
             return
         self._out += data
-        if self._flush_handle is None:
+        if self._flush_handle is None and not self._settling:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_handle = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         if self._out and not self.ended:
             data = bytes(self._out)
             self._out.clear()
@@ -398,17 +411,22 @@ class Connection:
         return len(self._out) + self.stream.buffered()
 
     def over_budget(self) -> bool:
-        """True while the client leaves more than its outbound budget unread."""
-        return self.buffered() > self.broker.limits.max_outbound_bytes
+        """True while the client leaves more than its outbound budget unread (then the clock watches it)."""
+        if self.buffered() > self.broker.limits.max_outbound_bytes:
+            self.congested = True
+            return True
+        return False
 
     def stuck_for(self, now: float) -> float:
         """Seconds this client has been over its outbound budget without taking a byte of it (0: not stuck).
 
-        A slow reader makes progress and is never cut; one that reads nothing at all is.
+        A slow reader makes progress and is never cut; one that reads nothing at all is. Once it is under its
+        budget with nothing queued, the clock stops watching it.
         """
         buffered = self.buffered()
         if buffered <= self.broker.limits.max_outbound_bytes:
             self.over_budget_since = None
+            self.congested = bool(self.session is not None and self.session.queue)
             return 0.0
         if self.over_budget_since is None or buffered < self._stuck_at:
             self.over_budget_since, self._stuck_at = now, buffered
@@ -431,6 +449,7 @@ class Connection:
             return
         if session.queue or len(session.inflight) >= self.send_quota or self.over_budget():
             self.broker.sessions.enqueue(session, item)
+            self.congested = True
             return
         self._send_tracked(item)
 
