@@ -8,6 +8,7 @@ import dataclasses
 import socket
 from pathlib import Path
 
+import aiohttp
 import mqtt5
 import orjson
 import pytest
@@ -187,3 +188,18 @@ async def test_a_subscriber_that_takes_nothing_is_disconnected(make_box: BoxFact
     finally:
         writer.close()
     assert broker.counters.dropped_max_outbound_bytes > 0
+
+
+async def test_websocket_client_silent_past_its_keep_alive_is_closed(box: Box) -> None:
+    """Test that an MQTT client over WebSocket that stays silent for 1.5 times its keep alive of 1 s is closed, as
+    a TCP one is (its WebSocket gets a close frame)."""
+    started = asyncio.get_running_loop().time()
+    async with box.http.ws_connect(f"{box.base_url}/mqtt", protocols=("mqtt",)) as ws:
+        await ws.send_bytes(connect_packet("ws-silent", keep_alive=1))
+        connack = await ws.receive()
+        assert connack.type == aiohttp.WSMsgType.BINARY
+        assert bytes(connack.data) == b"\x20\x02\x00\x00"
+        async with asyncio.timeout(10):
+            closed = await ws.receive()
+    assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+    assert asyncio.get_running_loop().time() - started >= 1.5
