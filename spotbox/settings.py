@@ -186,7 +186,7 @@ class Settings:
     max_outbound_bytes: int = option(
         4 * 1024 * 1024,
         "Bytes an MQTT client may leave unread: past it QoS 0 messages to it are dropped (counted), and a client "
-        "stuck past it for 30 s is disconnected.",
+        "over it that takes no byte for 5 s is disconnected.",
         group=VALIDATION,
         check=at_least(1024),
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import uuid
@@ -128,6 +129,36 @@ class Peer:
             await self.expect(mqtt5.PingRespPacket)
         else:
             assert await self.expect(tuple) == (0xD0, b"")
+
+    async def replies(self, data: bytes, expect: int, grace: float = 0.5) -> list[tuple[int, bytes]]:
+        """Send `data` and a PINGREQ; every packet but PUBLISHes (kept for `next`) the server sends until both its
+        PINGRESP and a packet starting with `expect` came, or `grace` seconds after the PINGRESP, as (first byte,
+        body): replies to different packets may come in any order."""
+        await self.send(data + b"\xc0\x00")
+        replies: list[tuple[int, bytes]] = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10) as deadline:
+                while True:
+                    packet = await self._receive()
+                    if isinstance(packet, Delivery):
+                        self.pending.append(packet)
+                        continue
+                    assert packet is not None, "closed by the server"
+                    raw = packet if isinstance(packet, tuple) else self._framed(packet.write())
+                    replies.append(raw)
+                    if {0xD0, expect} <= {first for first, _ in replies}:
+                        return replies
+                    if raw[0] == 0xD0:
+                        deadline.reschedule(asyncio.get_running_loop().time() + grace)
+        return replies
+
+    @staticmethod
+    def _framed(data: bytes) -> tuple[int, bytes]:
+        """(first byte, body) of one encoded packet."""
+        index = 1
+        while data[index] & 0x80:
+            index += 1
+        return data[0], data[index + 1 :]
 
     async def _receive(self) -> Delivery | mqtt5.Packet | tuple[int, bytes] | None:
         """The next packet: a Delivery for a PUBLISH; else the mqtt5 packet, or (first byte, body) on 3.1.1."""

@@ -65,7 +65,7 @@ async def test_one_robot_follows_what_mqtt_commits(box: Box) -> None:
     assert newer["presence"] == "online"
     moving = ("presence", "presence_since")
     assert [{k: v for k, v in item.items() if k not in moving} for item in fleet["items"]] == [
-        {k: v for k, v in newer.items() if k not in moving}
+        {k: v for k, v in after_old.items() if k not in moving}
     ]
 
 

@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 TOPIC_ALIAS_MAX = 32
 # How often the clock checks deadlines, keep alives and stuck clients.
 TICK_S = 0.25
+# How long a connection spotbox closed may take to send its last bytes before it is cut.
+KICK_GRACE_S = 2.0
 # Retained messages spotbox keeps, and their bytes in all.
 RETAINED_MAX_MESSAGES = 100_000
 RETAINED_MAX_BYTES = 256 * 1024 * 1024
@@ -209,7 +211,13 @@ class Broker:
             return self._refuse(conn, 0x05, 0x8C)  # bad authentication method: no enhanced auth
         result = await self.auth.login(connect.username, connect.password, conn.stream.address)
         if not result.ok:
-            logger.warning("mqtt login refused for user %r from %s: %s", connect.username, peer, result.reason)
+            logger.warning(
+                "mqtt login of %r (user %r) from %s refused: %s",
+                connect.client_id,
+                connect.username,
+                peer,
+                result.reason,
+            )
             return self._refuse(conn, result.code311, result.code5)
         user = result.user
         client_id = connect.client_id or f"spotbox-{uuid.uuid4().hex}"  # [MQTT-3.1.3-6]
@@ -386,7 +394,10 @@ class Broker:
         for conn in list(self.connections):
             if conn.ended:
                 continue
-            if not conn.logged_in:
+            if conn.kicked_at is not None:
+                if now - conn.kicked_at > KICK_GRACE_S:
+                    conn.stream.abort()  # closed but its last bytes are not taken: drop them
+            elif not conn.logged_in:
                 if now - conn.started > limits.connect_timeout_s:
                     logger.warning(
                         "mqtt connection from %s closed: no CONNECT within %g s",
@@ -396,11 +407,12 @@ class Broker:
                     conn.stream.close()
             elif conn.keep_alive_s and not conn.paused_depth and now - conn.last_heard > 1.5 * conn.keep_alive_s:
                 silent.append(conn)
-            elif conn.over_budget():
-                since = conn.over_budget_since or now
-                if now - since > limits.outbound_stuck_s:
-                    conn.kick(0x97, f"has not read its messages for {limits.outbound_stuck_s:g} s")
-            elif conn.session is not None and conn.session.queue:
+            elif not conn.congested:
+                continue  # the common case, checked without a call
+            elif conn.stuck_for(now) > limits.outbound_stuck_s:
+                stuck = f"took nothing of its {conn.buffered()} unsent bytes for {limits.outbound_stuck_s:g} s"
+                conn.kick(0x97, stuck, abort=True)
+            else:
                 conn.pump()
         # The longest silent first: its will still reaches a client whose own silence ends in the same tick.
         for conn in sorted(silent, key=lambda conn: conn.last_heard):
