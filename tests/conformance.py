@@ -5,7 +5,8 @@ wire of MQTT 3.1.1 and MQTT 5.0 alike.
 Settings these tests expect of the broker engine (a test needing one that `Settings` lacks is an expected failure):
 `max_queued` (offline queue per session, default 1,000), `receive_maximum` (announced in CONNACK, default 100),
 `max_keepalive` (MQTT 5 Server Keep Alive), `connect_timeout_s` (CONNECT deadline), `max_pending_logins` (connections
-still logging in, apart from `max_connections`), `max_outbound_bytes` (per-client outbound byte budget).
+still logging in, apart from `max_connections`), `max_outbound_bytes` (per-client outbound byte budget),
+`max_inflight_bytes` (bytes held for incoming QoS 2 messages awaiting PUBREL, all sessions together).
 Metric: `spotbox_mqtt_messages_dropped_total{reason}`.
 """
 

@@ -4,13 +4,15 @@ order, with DUP and their packet ids [MQTT-4.4.0-1]; QoS 1/2 messages queued whi
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from spotbox.loadgen import mqtt_string
 from spotbox.loadgen import publish_packet as loadgen_publish
-from tests.conformance import DROPPED, VERSIONS, Delivery, Peer, metric, peer, start
+from spotbox.settings import Settings
+from tests.conformance import DROPPED, VERSIONS, Delivery, Peer, metric, peer, settings_with, start
 from tests.conftest import Box, BoxFactory
 from tests.helpers import payload
 from tests.raw_mqtt import PUBACK, raw_session
@@ -135,3 +137,12 @@ async def test_status_resent_after_a_restart_is_stored_once(make_box: BoxFactory
         await robot.send(loadgen_publish(mqtt_string("robot/IDLE/status"), 8, body, 1))
         await robot.expect(PUBACK)
     assert len(await second.history("IDLE")) == 2
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: no max_queued and receive_maximum settings")
+def test_queue_and_receive_maximum_defaults(tmp_path: Path) -> None:
+    """Test that an operator who sets nothing gets an offline queue of 1,000 messages per session and a Receive
+    Maximum of 100."""
+    settings_with(tmp_path, max_queued=1000, receive_maximum=100)  # an expected failure while Settings lacks them
+    defaults = {field.name: field.default for field in dataclasses.fields(Settings)}
+    assert (defaults["max_queued"], defaults["receive_maximum"]) == (1000, 100)
