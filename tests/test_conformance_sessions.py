@@ -139,7 +139,6 @@ async def test_status_resent_after_a_restart_is_stored_once(make_box: BoxFactory
     assert len(await second.history("IDLE")) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: no max_queued and receive_maximum settings")
 def test_queue_and_receive_maximum_defaults(tmp_path: Path) -> None:
     """Test that an operator who sets nothing gets an offline queue of 1,000 messages per session and a Receive
     Maximum of 100."""
