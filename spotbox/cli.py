@@ -270,6 +270,16 @@ async def _until_stopped(fleet: Fleet) -> FleetStats:
     "(--rate, --messages) without and during the catch-up.",
 )
 @click.option(
+    "--sse-consoles", type=click.IntRange(min=0), default=0, show_default=True, help="Fan-out: /feed readers."
+)
+@click.option(
+    "--sse-robot-pages",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Fan-out: robot page feeds, one robot each (the first --robots publish, the others stay silent).",
+)
+@click.option(
     "--scenario",
     type=click.Choice(["ingest", "reads"]),
     default="ingest",
@@ -319,6 +329,8 @@ def bench(
     mqtt_version: str,
     forward: bool,
     forward_backlog: int | None,
+    sse_consoles: int,
+    sse_robot_pages: int,
     scenario: str,
     rows: int,
     connections: int,
@@ -349,7 +361,18 @@ def bench(
         click.echo(orjson.dumps(figures).decode() if as_json else format_reads(figures))
         return
     config = BenchConfig(
-        robots, messages, rate, window, sse, database_url, baseline, baseline_messages, qos, mqtt_version
+        robots,
+        messages,
+        rate,
+        window,
+        sse,
+        database_url,
+        baseline,
+        baseline_messages,
+        qos,
+        mqtt_version,
+        sse_consoles=sse_consoles,
+        sse_robot_pages=sse_robot_pages,
     )
     if lean:
         config = dataclasses.replace(config, **LEAN)  # type: ignore[arg-type]

@@ -151,8 +151,8 @@ class Settings:
     )
     max_pending_logins: int = option(
         200,
-        "Most MQTT connections still logging in (no CONNECT handled yet), apart from --max-connections; more are "
-        "closed at once.",
+        "Most MQTT connections logging in at once (no CONNECT handled yet), apart from --max-connections; more wait "
+        "their turn unread, each within its --connect-timeout-s.",
         group=VALIDATION,
         check=at_least(1),
     )
@@ -186,7 +186,7 @@ class Settings:
     max_outbound_bytes: int = option(
         4 * 1024 * 1024,
         "Bytes an MQTT client may leave unread: past it QoS 0 messages to it are dropped (counted), and a client "
-        "stuck past it for 30 s is disconnected.",
+        "over it that takes no byte for 5 s is disconnected.",
         group=VALIDATION,
         check=at_least(1024),
     )

@@ -27,11 +27,12 @@ Which database a test runs on (the suite stays under 90 s on 2 cores by design, 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,21 @@ PG_ADMIN_URL = os.environ.get("SPOTBOX_TEST_POSTGRES_URL", "postgresql://postgre
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # The console script a user runs, from the environment the tests run in.
 SPOTBOX = str(Path(sys.executable).parent / "spotbox")
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport() -> Iterator[None]:
+    """No garbage collection while pytest builds a test's report. On CPython 3.11.7 a finalizer the collector runs in
+    the middle of pytest's ast.parse of a failed (or expected-to-fail) test's source raises SystemError "AST
+    constructor recursion depth mismatch" (CPython gh-106905, fixed in 3.11.8), which ends the whole run with
+    INTERNALERROR."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def unavailable(reason: str) -> NoReturn:

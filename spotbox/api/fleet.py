@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -24,14 +25,25 @@ _TEXT_MAX = 200
 _TAGS_MAX = 50
 
 
-def robot_summary(request: web.Request, serial: str, latest: StatusRow | None) -> dict[str, Any]:
-    """A robot as /robots shows it: serial, presence, registry fields, when it was last seen and its latest status."""
+def robot_summary(
+    request: web.Request, serial: str, latest: StatusRow | None, last_seen: dict[str, datetime]
+) -> dict[str, Any]:
+    """A robot as /robots shows it: serial, presence, registry fields, when it was last seen and its latest status.
+
+    `last_seen` is a receive time, never a robot's own timestamp: a robot sending old statuses after an outage
+    was still seen now.
+    """
     return {
         "serial_number": serial,
         **request.app[OPS].summary(serial),
-        "last_seen": latest.received_at if latest else None,
+        "last_seen": last_seen.get(serial, latest.received_at) if latest else None,
         "latest": latest.to_api() if latest else None,
     }
+
+
+async def storage_last(request: web.Request, serial: str) -> dict[str, datetime]:
+    """When the robot's most recently stored status was received (empty for a robot never seen)."""
+    return await request.app[STORAGE].last_received(serial)
 
 
 def _filters(request: web.Request) -> tuple[str | None, str | None, str | None]:
@@ -44,9 +56,11 @@ def _filters(request: web.Request) -> tuple[str | None, str | None, str | None]:
 async def list_robots(request: web.Request) -> web.Response:
     """GET /robots: every robot registered or seen, by serial number; filters `site`, `tag`, `presence`."""
     site, tag, presence = _filters(request)
-    rows = {row.serial_number: row for row in await request.app[STORAGE].latest_per_robot()}
+    storage = request.app[STORAGE]
+    rows = {row.serial_number: row for row in await storage.latest_per_robot()}
+    last_seen = await storage.last_received()
     serials = sorted(rows.keys() | request.app[OPS].registry.keys(), key=lambda s: s.encode())
-    items = [robot_summary(request, serial, rows.get(serial)) for serial in serials]
+    items = [robot_summary(request, serial, rows.get(serial), last_seen) for serial in serials]
     items = [
         item for item in items
         if (site is None or item["site"] == site)
@@ -60,10 +74,11 @@ async def get_robot(request: web.Request) -> web.Response:
     """GET /robots/{serial}: one robot's presence, registry fields and latest status; 404 if neither seen nor
     registered."""
     serial = serial_param(request)
-    latest = await request.app[STORAGE].latest(serial)
+    storage = request.app[STORAGE]
+    latest = await storage.latest(serial)
     if latest is None and serial not in request.app[OPS].registry:
         raise NotFoundError("unknown robot", {"serial_number": serial})
-    return json_response(robot_summary(request, serial, latest))
+    return json_response(robot_summary(request, serial, latest, await storage.last_received(serial)))
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -119,7 +134,7 @@ async def register_robot(request: web.Request) -> web.Response:
     ops.registered(robot)
     logger.info("robot %s registered by %s", serial, user or "a local operator")
     latest = await request.app[STORAGE].latest(serial)
-    return json_response(robot_summary(request, serial, latest), status=201)
+    return json_response(robot_summary(request, serial, latest, await storage_last(request, serial)), status=201)
 
 
 async def update_robot(request: web.Request) -> web.Response:
@@ -144,7 +159,7 @@ async def update_robot(request: web.Request) -> web.Response:
     ops.registered(robot)
     logger.info("robot %s changed by %s", serial, user or "a local operator")
     latest = await request.app[STORAGE].latest(serial)
-    return json_response(robot_summary(request, serial, latest))
+    return json_response(robot_summary(request, serial, latest, await storage_last(request, serial)))
 
 
 async def deregister_robot(request: web.Request) -> web.Response:

@@ -354,10 +354,11 @@ class RejectionLog:
         """Write the queued rejections and trim the table to its bounds; returns once what was queued before the
         call is written (a write already under way included), so a read that follows sees it."""
         async with self._flushing:
-            if self._inflight is not None and not self._inflight.done():
-                # A write the cancelled loop started (shielded) goes first: one write at a time.
+            if self._inflight is not None:
+                # A write a cancelled flush left running (shielded) ends before storage may close.
                 with contextlib.suppress(Exception):
                     await self._inflight
+                self._inflight = None
             await self._flush()
 
     async def _flush(self) -> None:
@@ -379,7 +380,7 @@ class RejectionLog:
         statements.extend((trim, [serial, self.per_robot]) for serial in {r.serial_number for r in batch})
         statements.append(("DELETE FROM rejection WHERE id <= (SELECT max(id) FROM rejection) - $1", [self.total]))
         try:
-            # Shielded as the alert writer's writes are: shutdown lets a started write finish.
+            # Shielded as the alert writer's writes are: shutdown lets a started write finish (see flush).
             self._inflight = asyncio.ensure_future(db.execute(statements))
             await asyncio.shield(self._inflight)
         except StorageError as exc:

@@ -112,6 +112,9 @@ class Storage(Protocol):
     async def latest_per_robot(self) -> list[StatusRow]:
         """The latest row (by ts, id) of every robot, ordered by serial number."""
 
+    async def last_received(self, serial_number: str | None = None) -> dict[str, datetime]:
+        """When the most recently stored status of each robot (or of one) was received: its `last_seen`."""
+
     async def time_range(self, serial_number: str) -> tuple[datetime, datetime] | None:
         """The first and last ts of the robot's rows, or None for a robot never seen."""
 
@@ -213,6 +216,19 @@ def latest_per_robot_sql(select: str, collate: str = "") -> str:
         f"{ROBOTS_CTE} {select} JOIN robots ON status.id = (SELECT s.id FROM status AS s "
         f"WHERE s.serial_number = robots.serial ORDER BY s.ts DESC, s.id DESC LIMIT 1) ORDER BY robots.serial{collate}"
     )
+
+
+# Each robot's most recently stored row is its greatest id, found through the (serial_number, id) index: its
+# receive time is when the robot was last seen, whatever the ts it claims.
+LAST_RECEIVED_SQL = f"""{ROBOTS_CTE}
+SELECT robots.serial, (SELECT s.received_at FROM status AS s WHERE s.serial_number = robots.serial
+                       ORDER BY s.id DESC LIMIT 1)
+FROM robots WHERE robots.serial IS NOT NULL"""
+
+
+def last_received_one_sql(mark: str) -> str:
+    """LAST_RECEIVED_SQL for one robot; `mark` is the backend's numbered placeholder."""
+    return f"SELECT serial_number, received_at FROM status WHERE serial_number = {mark}1 ORDER BY id DESC LIMIT 1"
 
 
 def latest_sql(select: str, mark: str) -> str:

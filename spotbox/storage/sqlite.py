@@ -367,6 +367,14 @@ class SQLiteStorage:
         """The latest row of every robot, by serial number; no payloads."""
         return [status_row(row) for row in await self._fetch(base.latest_per_robot_sql(API_SELECT), [])]
 
+    async def last_received(self, serial_number: str | None = None) -> dict[str, datetime]:
+        """When the most recently stored status of each robot (or of one) was received."""
+        if serial_number is None:
+            rows = await self._fetch(base.LAST_RECEIVED_SQL, [])
+        else:
+            rows = await self._fetch(base.last_received_one_sql("?"), [serial_number])
+        return {serial: from_micros(received) for serial, received in rows}
+
     async def time_range(self, serial_number: str) -> tuple[datetime, datetime] | None:
         """The first and last ts of the robot."""
         ((first, last),) = await self._fetch(base.time_range_sql("?"), [serial_number])
