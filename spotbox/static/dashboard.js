@@ -618,7 +618,30 @@
 
   let opened = false;
 
+  // Store and forward (--forward): each upstream target's link and lag, shown only when spotbox forwards.
+  async function loadForward() {
+    const element = document.getElementById("uplink");
+    try {
+      const { targets } = await getJSON("forward");
+      element.hidden = targets.length === 0;
+      element.replaceChildren(
+        ...targets.map((target) => {
+          const item = document.createElement("span");
+          item.className = "chip";
+          item.dataset.state = target.state;
+          const lag = target.lag_rows === 0 ? "up to date" : `${target.lag_rows} behind (${Math.round(target.lag_seconds)} s)`;
+          item.textContent = `uplink ${target.state}: ${lag}`;
+          item.title = `${target.target}${target.last_error ? ` \u2014 ${target.last_error}` : ""}`;
+          return item;
+        }),
+      );
+    } catch (error) {
+      element.hidden = true;
+    }
+  }
+
   function reloadAll(withView) {
+    loadForward();
     loadRobots();
     loadStats();
     loadAlerts();
@@ -837,7 +860,9 @@
     loadStats();
     loadAlerts();
     loadRejections();
+    loadForward();
     setInterval(loadStats, STATS_REFRESH_MS);
+    setInterval(loadForward, STATS_REFRESH_MS);
     setInterval(() => {
       for (const entry of robots.values()) dirty.add(entry);
       schedule();
