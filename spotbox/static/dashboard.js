@@ -387,7 +387,15 @@
 
   // ---- alerts ------------------------------------------------------------------------------------------------
 
+  // The newest version of each alert the feed brought while a snapshot was being fetched: it may be older.
+  const alertEvents = new Map();
+
+  function newestAlert(a, b) {
+    return !b || time(a.updated_at) >= time(b.updated_at) ? a : b;
+  }
+
   function onAlert(alert) {
+    alertEvents.set(alert.id, newestAlert(alert, alertEvents.get(alert.id)));
     if (alert.open) alerts.set(alert.id, alert);
     else alerts.delete(alert.id);
     alertsDirty = true;
@@ -463,6 +471,7 @@
   }
 
   async function loadAlerts() {
+    alertEvents.clear(); // from now on, what the feed brings is newer than or as new as the snapshot
     const open = new Map();
     let query = "alerts?state=open&limit=1000";
     try {
@@ -476,8 +485,16 @@
       $("#alerts-empty").textContent = `Alerts unavailable (${error.message}).`;
       return;
     }
+    // Newer wins: an alert event that came while the snapshot was on its way is not overwritten by it.
     alerts.clear();
-    for (const [id, alert] of open) alerts.set(id, alert);
+    for (const [id, alert] of open) {
+      const newest = newestAlert(alertEvents.get(id) || alert, alert);
+      if (newest.open) alerts.set(id, newest);
+    }
+    for (const [id, alert] of alertEvents) {
+      if (alert.open && !open.has(id)) alerts.set(id, alert);
+    }
+    alertEvents.clear();
     alertsDirty = true;
     schedule();
   }
