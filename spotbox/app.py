@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from functools import partial
 
@@ -19,8 +19,9 @@ from spotbox.broker import SpotboxBroker
 from spotbox.broker.limits import MqttLimits
 from spotbox.broker.websocket import serve_mqtt_websocket
 from spotbox.cluster.client import BrokerURL
+from spotbox.cluster.contexts import cluster_ctx, row_source_ctx
 from spotbox.cluster.forward import ForwardConfig, Forwarder, keep_after_id
-from spotbox.keys import BROKER, FORWARDERS, HUB, PIPELINE, RETENTION, RUNTIME, SETTINGS, STORAGE
+from spotbox.keys import BROKER, FORWARDERS, HUB, PIPELINE, RETENTION, ROWS, RUNTIME, SETTINGS, STORAGE
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
 from spotbox.settings import Runtime, Settings, load_runtime
@@ -45,7 +46,8 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def _rejected(app: web.Application, rejection: Rejection, received_at: datetime) -> None:
     """A refused status: to the fleet feed, and upstream where rejections are forwarded."""
-    app[HUB].publish_rejected(rejection, received_at)
+    # On PostgreSQL the RowSource sends it after the rows committed before it, as the hub alone would.
+    (app[ROWS].rejected if ROWS in app else app[HUB].publish_rejected)(rejection, received_at)
     if app[FORWARDERS]:
         report = dumps(
             {
@@ -67,7 +69,8 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     pipeline = IngestPipeline(
         app[STORAGE],
         StatusValidator(settings.schema_path, max_depth=settings.max_json_depth),
-        hub.publish,
+        # On PostgreSQL committed rows reach the hub through the RowSource, with those of other instances.
+        app[ROWS].committed if ROWS in app else hub.publish,
         on_rejected=partial(_rejected, app),
         queue_size=settings.queue_size,
         batch_max=settings.batch_max,
@@ -175,6 +178,12 @@ async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
     return await serve_mqtt_websocket(request, request.app[BROKER])
 
 
+def _ingest_contexts(settings: Settings) -> list[Callable[[web.Application], AsyncIterator[None]]]:
+    """Storage, the feeds' row source (PostgreSQL), the pipeline, then the embedded broker or the cluster link."""
+    shared = [row_source_ctx] if settings.database.scheme == "postgresql" else []
+    return [storage_ctx, *shared, pipeline_ctx, cluster_ctx if settings.broker is not None else broker_ctx]
+
+
 def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Application:
     """Build the spotbox application (reading the files the settings name unless given); nothing starts yet."""
     # --max-payload bounds an HTTP status body as it bounds an MQTT payload.
@@ -183,13 +192,14 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
     app[RUNTIME] = runtime if runtime is not None else load_runtime(settings)
     app[HUB] = FeedHub()
     app[FORWARDERS] = []
-    app.cleanup_ctx.extend([storage_ctx, pipeline_ctx, broker_ctx])
+    app.cleanup_ctx.extend(_ingest_contexts(settings))
     if settings.forward:
         app.cleanup_ctx.append(forward_ctx)
     if settings.retention_days is not None:
         app.cleanup_ctx.append(retention_ctx)
     app.on_shutdown.extend([disconnect_mqtt, close_streams])
-    app.router.add_get("/mqtt", mqtt_websocket)
+    if settings.broker is None:  # cluster mode has no broker here: /mqtt is then a 404 in the JSON error shape
+        app.router.add_get("/mqtt", mqtt_websocket)
     robots.add_routes(app)
     health.add_routes(app)
     feeds.add_routes(app)

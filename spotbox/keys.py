@@ -7,6 +7,8 @@ from prometheus_client import CollectorRegistry
 
 from spotbox.broker import SpotboxBroker
 from spotbox.cluster.forward import Forwarder
+from spotbox.cluster.ingest import ClusterIngest
+from spotbox.cluster.rows import RowSource
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
 from spotbox.settings import Runtime, Settings
@@ -23,3 +25,7 @@ BROKER = web.AppKey("broker", SpotboxBroker)
 METRICS = web.AppKey("metrics", CollectorRegistry)
 RETENTION = web.AppKey("retention", Retention)
 FORWARDERS = web.AppKey("forwarders", list[Forwarder])
+# Cluster mode (--broker): this instance's share of the cluster's statuses.
+CLUSTER = web.AppKey("cluster", ClusterIngest)
+# On PostgreSQL: the one path from the status table to the hub (rows of every instance sharing the database).
+ROWS = web.AppKey("rows", RowSource)

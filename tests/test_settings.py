@@ -48,6 +48,12 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"gateway_id": "gw/1"}, "--gateway-id"),
     ({"forward_rate": 0}, "--forward-rate"),
     ({"forward_keepalive": 0}, "--forward-keepalive"),
+    ({"forward_ca": Path("/no/such/ca.pem")}, "--forward-ca"),
+    ({"broker": "http://cluster.example"}, "--broker"),
+    ({"broker": "mqtt://cluster.example"}, "--broker"),  # on SQLite: cluster mode needs PostgreSQL
+    ({"instance_id": "a b"}, "--instance-id"),
+    ({"session_expiry_s": -1}, "--session-expiry-s"),
+    ({"cluster_inflight": 0}, "--cluster-inflight"),
 ]
 
 

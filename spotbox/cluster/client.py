@@ -172,6 +172,7 @@ class MqttClient:
         connect_timeout_s: float = 10.0,
         backoff_first_s: float = 0.5,
         backoff_max_s: float = 30.0,
+        receive_max: int | None = None,
         name: str = "uplink",
     ) -> None:
         self.url = url
@@ -184,6 +185,8 @@ class MqttClient:
         self.connect_timeout_s = connect_timeout_s
         self.backoff_first_s = backoff_first_s
         self.backoff_max_s = backoff_max_s
+        # Our Receive Maximum: how many QoS 1 messages the broker may send before we acknowledge them.
+        self.receive_max = receive_max
         self.name = name
         self.state = LinkState.CONNECTING
         self.last_error: str | None = None
@@ -357,6 +360,7 @@ class MqttClient:
             clean_start=self.clean_start,
             keep_alive=self.keep_alive,
             session_expiry_interval=self.session_expiry,
+            receive_max=self.receive_max or 65535,
         )
         writer.write(connect.write())
         async with asyncio.timeout(self.connect_timeout_s):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -43,10 +44,31 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("CREATE INDEX status_robot_id ON status (serial_number, id)",),
     # Store and forward: the last row id each upstream broker acknowledged.
     ("CREATE TABLE forward_cursor (target text PRIMARY KEY, row_id bigint NOT NULL)",),
+    # Cluster mode: when each instance first received the status without a timestamp that is in flight under a
+    # packet id of its session, so that a redelivery (DUP) gets the same ts and is stored once.
+    (
+        """
+        CREATE TABLE cluster_delivery (
+            session text NOT NULL,
+            packet_id integer NOT NULL,
+            payload_hash bytea NOT NULL,
+            received_at timestamptz NOT NULL,
+            PRIMARY KEY (session, packet_id)
+        )
+        """,
+    ),
 )
 
 # Any number that fits one transaction: serializes concurrent spotbox starts on one database.
 _MIGRATION_LOCK = 0x5B07B0C5
+# Every transaction that inserts statuses holds this lock from before its first id is drawn until it commits, so
+# row ids are in commit order across every instance sharing the database: a reader that has seen row N has seen
+# every row below N, and a feed resuming after N skips nothing (an identity column alone hands out ids at insert
+# time, and a transaction with lower ids may commit later).
+_COMMIT_ORDER_LOCK = 0x5B07B0C6
+# The wake-up of every instance's live feeds (LISTEN/NOTIFY): a small payload naming the writer, sent on commit.
+STATUS_CHANNEL = "spotbox_status"
+_LOCK_AND_NOTIFY = f"SELECT pg_advisory_xact_lock($1), pg_notify('{STATUS_CHANNEL}', $2)"
 
 _INSERT = f"""
 INSERT INTO status ({", ".join(COLUMNS)})
@@ -110,6 +132,8 @@ class PostgresStorage:
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
+        # The payload of this process's notifications, so that its own can be told from other instances'.
+        self.writer_tag = uuid.uuid4().hex[:16]
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> None:
@@ -159,6 +183,7 @@ class PostgresStorage:
                 column.append(value)
         try:
             async with self._acquire() as conn, conn.transaction():
+                await conn.execute(_LOCK_AND_NOTIFY, _COMMIT_ORDER_LOCK, self.writer_tag)
                 rows = await conn.fetch(_INSERT, *columns)
         except _UNAVAILABLE as exc:
             raise StorageUnavailableError(f"PostgreSQL write failed: {exc!r}") from exc
@@ -246,6 +271,31 @@ class PostgresStorage:
         """Rows past `after_id`, counted on the primary key."""
         ((count,),) = await self._fetch("SELECT count(*) FROM status WHERE id > $1", [after_id])
         return int(count)
+
+    async def first_delivery(self, session: str, packet_id: int, payload_hash: bytes) -> datetime | None:
+        """When the status in flight under `packet_id` of `session` was first received, if it is this payload."""
+        sql = "SELECT received_at FROM cluster_delivery WHERE session = $1 AND packet_id = $2 AND payload_hash = $3"
+        rows = await self._fetch(sql, [session, packet_id, payload_hash])
+        return rows[0][0] if rows else None
+
+    async def remember_delivery(self, session: str, packet_id: int, payload_hash: bytes, received_at: datetime) -> None:
+        """Record the first receive time of a status in flight under `packet_id` (replacing that id's last use)."""
+        sql = (
+            "INSERT INTO cluster_delivery (session, packet_id, payload_hash, received_at) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (session, packet_id) DO UPDATE SET payload_hash = excluded.payload_hash, "
+            "received_at = excluded.received_at"
+        )
+        await self._fetch(sql, [session, packet_id, payload_hash, received_at])
+
+    async def committed_after(self, after_id: int, limit: int) -> list[StoredStatus]:
+        """Rows of every robot after `after_id`, by id: the live feeds' source (spotbox/cluster/rows.py)."""
+        rows = await self._fetch(f"{_SELECT} WHERE id > $1 ORDER BY id LIMIT $2", [after_id, limit])
+        return [_stored(row) for row in rows]
+
+    async def max_id(self) -> int:
+        """The greatest row id (0 for an empty table)."""
+        ((value,),) = await self._fetch("SELECT coalesce(max(id), 0) FROM status", [])
+        return int(value)
 
     async def ping(self) -> None:
         """Run a trivial query."""

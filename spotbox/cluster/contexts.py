@@ -1,0 +1,62 @@
+"""The app's cleanup contexts of cluster mode and of live feeds shared across instances (wired in app.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from spotbox.cluster.client import BrokerURL
+from spotbox.cluster.ingest import SHARED_STATUS_FILTER, ClusterIngest
+from spotbox.cluster.rows import RowSource
+from spotbox.keys import CLUSTER, HUB, PIPELINE, ROWS, SETTINGS, STORAGE
+from spotbox.storage.postgres import PostgresStorage
+
+logger = logging.getLogger(__name__)
+
+
+async def row_source_ctx(app: web.Application) -> AsyncIterator[None]:
+    """On PostgreSQL, feed the hub from the table (every instance's commits, in commit order); after storage_ctx."""
+    storage = app[STORAGE]
+    assert isinstance(storage, PostgresStorage)
+    source = RowSource(app[HUB], storage)
+    app[ROWS] = source
+    task = asyncio.create_task(source.run(), name="spotbox-rows")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Cluster mode, in place of broker_ctx: take this instance's share of the statuses from the MQTT cluster."""
+    settings = app[SETTINGS]
+    storage = app[STORAGE]
+    # Both checked by Settings: --broker is set, and needs PostgreSQL.
+    assert settings.broker is not None
+    assert isinstance(storage, PostgresStorage)
+    url = BrokerURL.parse(settings.broker, "--broker")
+    ingest = ClusterIngest(
+        app[PIPELINE],
+        storage,
+        url,
+        instance_id=settings.instance_id,
+        session_expiry=settings.session_expiry_s,
+        inflight=settings.cluster_inflight,
+        # mqtts:// clusters are verified against the system's CAs (or --forward-ca, the one CA option).
+        tls=ssl.create_default_context(cafile=settings.forward_ca),
+    )
+    app[CLUSTER] = ingest
+    task = asyncio.create_task(ingest.run(), name="spotbox-cluster")
+    logger.info("cluster mode: instance %s joins %s on %s", settings.instance_id, url, SHARED_STATUS_FILTER)
+    yield
+    # Let the statuses being committed be acknowledged, then leave cleanly; the rest is redelivered.
+    await ingest.settle(settings.shutdown_timeout_s)
+    await ingest.client.disconnect()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
