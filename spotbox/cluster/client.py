@@ -195,6 +195,7 @@ class MqttClient:
         self.deliveries: asyncio.Queue[Delivery] = asyncio.Queue()
         self._connection: _Connection | None = None
         self._connected = asyncio.Event()
+        self._subscribed = asyncio.Event()
         self._changed = asyncio.Event()
         self._next_id = 0
 
@@ -211,6 +212,10 @@ class MqttClient:
     async def wait_connected(self) -> None:
         """Return once a connection is up."""
         await self._connected.wait()
+
+    async def wait_subscribed(self) -> None:
+        """Return once the broker answered the subscriptions of the current connection (SUBACK)."""
+        await self._subscribed.wait()
 
     async def run(self) -> None:
         """Connect, serve the connection, and reconnect with capped backoff when it ends; until cancelled."""
@@ -347,6 +352,7 @@ class MqttClient:
                     raise error
         finally:
             self._connected.clear()
+            self._subscribed.clear()
             self._connection = None
             connection.close("connection lost")
 
@@ -389,6 +395,7 @@ class MqttClient:
                     refused = [code.name for code in packet.reason_codes if int(code) >= 0x80]
                     if refused:
                         logger.error("%s %s: subscription refused: %s", self.name, self.url, refused)
+                    self._subscribed.set()
                 case mqtt5.DisconnectPacket():
                     reason = f"0x{int(packet.reason_code):02X} {packet.reason_code.name}"
                     raise ConnectionLostError(f"broker disconnected: {reason}")
