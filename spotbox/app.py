@@ -19,7 +19,7 @@ from spotbox.broker import SpotboxBroker
 from spotbox.broker.limits import MqttLimits
 from spotbox.broker.websocket import serve_mqtt_websocket
 from spotbox.cluster.client import BrokerURL
-from spotbox.cluster.contexts import cluster_ctx, row_source_ctx
+from spotbox.cluster.contexts import cluster_ctx, row_source_ctx, shared_stats_ctx
 from spotbox.cluster.forward import ForwardConfig, Forwarder, keep_after_id
 from spotbox.keys import BROKER, FORWARDERS, HUB, PIPELINE, RETENTION, ROWS, RUNTIME, SETTINGS, STORAGE
 from spotbox.pipeline import IngestPipeline
@@ -179,9 +179,15 @@ async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
 
 
 def _ingest_contexts(settings: Settings) -> list[Callable[[web.Application], AsyncIterator[None]]]:
-    """Storage, the feeds' row source (PostgreSQL), the pipeline, then the embedded broker or the cluster link."""
-    shared = [row_source_ctx] if settings.database.scheme == "postgresql" else []
-    return [storage_ctx, *shared, pipeline_ctx, cluster_ctx if settings.broker is not None else broker_ctx]
+    """Storage, the pipeline, then the embedded broker or the cluster link; on PostgreSQL, what instances share."""
+    postgres = settings.database.scheme == "postgresql"
+    return [
+        storage_ctx,
+        *([row_source_ctx] if postgres else []),
+        pipeline_ctx,
+        *([shared_stats_ctx] if postgres else []),
+        cluster_ctx if settings.broker is not None else broker_ctx,
+    ]
 
 
 def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Application:

@@ -9,6 +9,7 @@ from spotbox.broker import SpotboxBroker
 from spotbox.cluster.forward import Forwarder
 from spotbox.cluster.ingest import ClusterIngest
 from spotbox.cluster.rows import RowSource
+from spotbox.cluster.stats import SharedStats
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
 from spotbox.settings import Runtime, Settings
@@ -29,3 +30,5 @@ FORWARDERS = web.AppKey("forwarders", list[Forwarder])
 CLUSTER = web.AppKey("cluster", ClusterIngest)
 # On PostgreSQL: the one path from the status table to the hub (rows of every instance sharing the database).
 ROWS = web.AppKey("rows", RowSource)
+# On PostgreSQL: /stats for every instance sharing the database.
+SHARED_STATS = web.AppKey("shared_stats", SharedStats)

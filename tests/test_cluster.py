@@ -122,6 +122,21 @@ async def test_two_instances_share_the_statuses_and_store_each_once(
         robots = (await resp.json())["items"]
     assert len(robots) == 10, "every instance lists the robots whichever instance stored them"
 
+    async def fleet_stats() -> dict[str, Any]:
+        async with b.http.get(f"{b.base_url}/stats") as resp:
+            return dict(await resp.json())
+
+    # Each instance saves its counts every 2 s; B's /stats adds A's to its own.
+    await until(lambda: _received(fleet_stats(), 3000), timeout_s=15)
+    stats = await fleet_stats()
+    assert stats["valid"] == 3000
+    assert sum(robot["received"] for robot in stats["robots"].values()) == 3000
+
+
+async def _received(stats: Awaitable[dict[str, Any]], count: int) -> bool:
+    received: int = (await stats)["received"]
+    return received == count
+
 
 async def test_an_sse_feed_carries_every_instances_rows_in_order_and_resumes_elsewhere(
     make_box: BoxFactory, mosquitto: Mosquitto, shared_database: str

@@ -13,7 +13,8 @@ from aiohttp import web
 from spotbox.cluster.client import BrokerURL
 from spotbox.cluster.ingest import SHARED_STATUS_FILTER, ClusterIngest
 from spotbox.cluster.rows import RowSource
-from spotbox.keys import CLUSTER, HUB, PIPELINE, ROWS, SETTINGS, STORAGE
+from spotbox.cluster.stats import SharedStats
+from spotbox.keys import CLUSTER, HUB, PIPELINE, ROWS, SETTINGS, SHARED_STATS, STORAGE
 from spotbox.storage.postgres import PostgresStorage
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,19 @@ async def row_source_ctx(app: web.Application) -> AsyncIterator[None]:
     source = RowSource(app[HUB], storage)
     app[ROWS] = source
     task = asyncio.create_task(source.run(), name="spotbox-rows")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def shared_stats_ctx(app: web.Application) -> AsyncIterator[None]:
+    """On PostgreSQL, save this instance's /stats window and answer /stats for every instance; after pipeline_ctx."""
+    storage = app[STORAGE]
+    assert isinstance(storage, PostgresStorage)
+    shared = SharedStats(storage, app[PIPELINE].window, app[SETTINGS].instance_id)
+    app[SHARED_STATS] = shared
+    task = asyncio.create_task(shared.run(), name="spotbox-shared-stats")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -56,6 +56,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (session, packet_id)
         )
         """,
+        # Each instance's last hour of ingest counts (GET /stats), so that any instance answers for all of them.
+        "CREATE TABLE instance_stats (instance text PRIMARY KEY, updated_at timestamptz NOT NULL, "
+        "snapshot jsonb NOT NULL)",
     ),
 )
 
@@ -291,6 +294,19 @@ class PostgresStorage:
         """Rows of every robot after `after_id`, by id: the live feeds' source (spotbox/cluster/rows.py)."""
         rows = await self._fetch(f"{_SELECT} WHERE id > $1 ORDER BY id LIMIT $2", [after_id, limit])
         return [_stored(row) for row in rows]
+
+    async def save_instance_stats(self, instance: str, snapshot: bytes) -> None:
+        """Store this instance's /stats snapshot (JSON) under its name."""
+        sql = (
+            "INSERT INTO instance_stats (instance, updated_at, snapshot) VALUES ($1, now(), $2::jsonb) "
+            "ON CONFLICT (instance) DO UPDATE SET updated_at = now(), snapshot = excluded.snapshot"
+        )
+        await self._fetch(sql, [instance, snapshot.decode()])
+
+    async def instance_stats(self, since_s: float) -> dict[str, bytes]:
+        """The /stats snapshots (JSON) of the instances that saved one within the last `since_s` seconds."""
+        sql = "SELECT instance, snapshot::text FROM instance_stats WHERE updated_at > now() - make_interval(secs => $1)"
+        return {row[0]: row[1].encode() for row in await self._fetch(sql, [since_s])}
 
     async def max_id(self) -> int:
         """The greatest row id (0 for an empty table)."""
