@@ -295,8 +295,9 @@ class Settings:
     )
     instance_id: str = option(
         socket.gethostname(),
-        "This instance's name in the cluster: its MQTT client id is spotbox-{instance id}, and its persistent "
-        "session, with what the cluster holds for it, is found again under that name after a restart.",
+        "This instance's name among those sharing a database: in cluster mode its MQTT client id is "
+        "spotbox-{instance id}, whose session (and what the cluster holds for it) a restart finds again; on "
+        "PostgreSQL also the name its /stats counts are saved under. Unique per instance.",
         group=CLUSTER,
         check=_check_name,
         default_text="the host name",
