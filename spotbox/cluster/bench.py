@@ -113,7 +113,7 @@ async def _start(database_url: str, broker_port: int, instance: str, log: Path) 
             if b" 200 " in status:
                 return process, http_port
         if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"spotbox did not become ready: {log.read_text()[-2000:]}")
+            raise SystemExit(f"spotbox did not become ready; see {log}")
         await asyncio.sleep(0.1)
 
 
@@ -132,7 +132,7 @@ async def _publish(port: int, robot: int, first: int, count: int) -> None:
 async def run_once(admin_url: str, broker_port: int, instances: int, total: int, publishers: int) -> dict[str, float]:
     """One measured run: `instances` spotbox processes draining `total` statuses; the stored rate."""
     async with _database(admin_url) as database_url:
-        workdir = Path(tempfile.mkdtemp(prefix="spotbox-cluster-bench-"))  # noqa: ASYNC240 - once, before timing
+        workdir = Path(tempfile.mkdtemp(prefix="spotbox-cluster-bench-"))
         started = [await _start(database_url, broker_port, f"bench{i}", workdir / f"{i}.log") for i in range(instances)]
         try:
             conn = await asyncpg.connect(database_url)

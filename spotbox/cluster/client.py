@@ -130,6 +130,7 @@ class _Connection:
         self.last_sent = time.monotonic()
         self.last_received = time.monotonic()
         self.closed = False
+        self._release_scheduled = False
 
     def send(self, data: bytes) -> None:
         if self.closed:
@@ -137,13 +138,27 @@ class _Connection:
         self.writer.write(data)
         self.last_sent = time.monotonic()
 
+    def schedule_release(self) -> None:
+        """Send the PUBACKs that became due, once this turn of the event loop is over.
+
+        Many messages are acknowledged in one turn (a committed batch wakes all its waiters): their PUBACKs then
+        leave in one write, not one system call each.
+        """
+        if not self._release_scheduled:
+            self._release_scheduled = True
+            asyncio.get_running_loop().call_soon(self.release_acks)
+
     def release_acks(self) -> None:
         """Send the PUBACKs of the acknowledged messages at the head of the arrival order [MQTT-4.6.0-2]."""
+        self._release_scheduled = False
+        acks = []
         while self.unacked and self.unacked[0].acked:
             packet_id = self.unacked.popleft().packet.packet_id
             assert packet_id is not None
+            acks.append(mqtt5.PubAckPacket(packet_id).write())
+        if acks:
             with contextlib.suppress(ConnectionLostError):
-                self.send(mqtt5.PubAckPacket(packet_id).write())
+                self.send(b"".join(acks))
 
     def close(self, reason: str) -> None:
         if self.closed:
@@ -411,7 +426,7 @@ class MqttClient:
         if packet.qos == mqtt5.QoS.EXACTLY_ONCE:
             # spotbox subscribes at QoS 1 only; a broker must not send more than the granted QoS [MQTT-3.8.4-8].
             raise ConnectionLostError("broker sent a QoS 2 message on a QoS 1 subscription")
-        delivery = Delivery(packet, lambda _: connection.release_acks())
+        delivery = Delivery(packet, lambda _: connection.schedule_release())
         connection.unacked.append(delivery)
         self.deliveries.put_nowait(delivery)
 
