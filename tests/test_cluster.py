@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import yaml
 
 from spotbox.cluster import client as cluster_client
 from spotbox.cluster.ingest import ClusterIngest
@@ -412,3 +414,41 @@ async def test_row_ids_are_in_commit_order_across_writers(
     assert first_id is not None
     assert second_id is not None
     assert first_id < second_id
+
+
+def compose_defaults(environment: dict[str, str]) -> dict[str, str]:
+    """What compose makes of each ${NAME:-default} when NAME is unset."""
+    return {key: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value) for key, value in environment.items()}
+
+
+def test_compose_example_runs_two_instances_on_emqx_behind_a_checked_balancer() -> None:
+    """Test that examples/cluster wires both instances to EMQX and one PostgreSQL, uniquely named, behind /ready."""
+    root = Path(__file__).parent.parent
+    compose = yaml.safe_load((root / "examples/cluster/docker-compose.yml").read_text())
+    services: dict[str, Any] = compose["services"]
+    instances = [services["spotbox-a"], services["spotbox-b"]]
+    postgres = compose_defaults(services["postgres"]["environment"])
+    names = set()
+    for instance in instances:
+        env = compose_defaults(instance["environment"])
+        settings = Settings(
+            database_url=env["DATABASE_URL"], broker=env["SPOTBOX_BROKER"], instance_id=env["SPOTBOX_INSTANCE_ID"]
+        )
+        assert settings.database_url == (
+            f"postgresql://{postgres['POSTGRES_USER']}:{postgres['POSTGRES_PASSWORD']}@postgres:5432/"
+            f"{postgres['POSTGRES_DB']}"
+        )
+        assert settings.broker == "mqtt://emqx:1883"
+        names.add(settings.instance_id)
+        assert (
+            root / "examples/cluster" / instance["build"]["context"] / "Dockerfile"
+        ).resolve() == root / "Dockerfile"
+        assert "--users" not in instance["command"]
+    assert len(names) == 2, "each instance needs its own --instance-id (its session on the cluster)"
+    assert "1883:1883" in services["emqx"]["ports"]
+    haproxy = (root / "examples/cluster/haproxy.cfg").read_text()
+    assert "option httpchk GET /ready" in haproxy
+    assert {line.split()[2] for line in haproxy.splitlines() if line.strip().startswith("server ")} == {
+        "spotbox-a:8000",
+        "spotbox-b:8000",
+    }
