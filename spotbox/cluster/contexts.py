@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -28,9 +27,7 @@ async def row_source_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ROWS] = source
     task = asyncio.create_task(source.run(), name="spotbox-rows")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await _cancel(task)
 
 
 async def shared_stats_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -41,9 +38,7 @@ async def shared_stats_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SHARED_STATS] = shared
     task = asyncio.create_task(shared.run(), name="spotbox-shared-stats")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await _cancel(task)
 
 
 async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -71,6 +66,13 @@ async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     # Let the statuses being committed be acknowledged, then leave cleanly; the rest is redelivered.
     await ingest.settle(settings.shutdown_timeout_s)
     await ingest.client.disconnect()
+    await _cancel(task)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel a background loop and wait for it; at shutdown its last error is only worth a debug line."""
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    # asyncpg may answer a query cancelled mid-flight with its own error instead of CancelledError.
+    (outcome,) = await asyncio.gather(task, return_exceptions=True)
+    if isinstance(outcome, Exception):
+        logger.debug("%s ended with %r", task.get_name(), outcome)

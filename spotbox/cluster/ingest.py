@@ -80,7 +80,10 @@ class ClusterIngest:
         self.refused_rows = 0
         # packet id -> (payload digest, first receive time) of statuses without a timestamp in flight.
         self._unstamped: dict[int, tuple[bytes, datetime]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # Deliveries being committed, and rejection reports being published.
+        self._handling: set[asyncio.Task[None]] = set()
+        self._reports: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     def check(self) -> str:
         """This instance's link to the cluster as /ready names it."""
@@ -95,20 +98,28 @@ class ClusterIngest:
             group.create_task(self._consume(), name="spotbox-cluster-consume")
 
     async def settle(self, timeout_s: float) -> None:
-        """Wait (bounded) for the deliveries being committed, so their acknowledgements go out before leaving."""
-        if self._tasks:
+        """Take no new delivery, and wait (bounded) for those being committed so that their acks go out first.
+
+        Whatever is not acknowledged by then stays with the cluster, which delivers it again.
+        """
+        self._closing = True
+        for report in self._reports:
+            report.cancel()
+        if self._handling:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout_s):
-                    await asyncio.gather(*self._tasks, return_exceptions=True)
+                    await asyncio.gather(*self._handling, return_exceptions=True)
         await self.client.drain()
 
     async def _consume(self) -> None:
         while True:
             delivery = await self.client.deliveries.get()
+            if self._closing:
+                continue  # left unacknowledged: the cluster delivers it again
             # Many statuses are committed at once (the writer batches them); acks still leave in arrival order.
             task = asyncio.create_task(self._handle(delivery), name="spotbox-cluster-status")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._handling.add(task)
+            task.add_done_callback(self._handling.discard)
 
     async def _handle(self, delivery: Delivery) -> None:
         """Store one delivery, then acknowledge it; cancelled (shutdown), it stays for redelivery."""
@@ -162,8 +173,8 @@ class ClusterIngest:
             self._publish_report(REJECTED_TOPIC.format(serial=rejection.serial_number), report),
             name="spotbox-cluster-rejected",
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
 
     async def _publish_report(self, topic: str, report: bytes) -> None:
         try:

@@ -115,6 +115,8 @@ class RowSource:
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 if self.listening:
                     logger.warning("live feeds: lost the database's notifications, reconnecting: %r", exc)
+            except Exception:
+                logger.exception("live feeds: listening failed; reconnecting")
             finally:
                 self.listening = False
                 if conn is not None:
@@ -130,6 +132,11 @@ class RowSource:
                 await self._catch_up()
             except StorageError as exc:
                 logger.warning("live feeds: cannot read new rows, retrying: %s", exc)
+                await asyncio.sleep(_RETRY_S)
+                self._wake.set()
+            except Exception:
+                # A bug or a driver in a bad state: say so, and carry on from the last row sent.
+                logger.exception("live feeds: reading new rows failed; retrying")
                 await asyncio.sleep(_RETRY_S)
                 self._wake.set()
 
