@@ -228,11 +228,15 @@ async def test_ready_names_the_cluster_while_it_is_unreachable(
             detail = (await resp.json())["detail"]
         assert detail["cluster"].startswith(f"unreachable: mqtt://127.0.0.1:{port}")
         assert "broker" not in detail
+        async with box.http.get(f"{box.base_url}/metrics") as resp:
+            assert "spotbox_cluster_up 0.0" in await resp.text()
         await broker.start()
         async with asyncio.timeout(20):
             await ingest(box).client.wait_subscribed()
         async with box.http.get(f"{box.base_url}/ready") as resp:
             assert resp.status == 200, await resp.text()
+        async with box.http.get(f"{box.base_url}/metrics") as resp:
+            assert "spotbox_cluster_up 1.0" in await resp.text()
 
 
 def test_cluster_mode_refuses_sqlite() -> None:
