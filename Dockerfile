@@ -33,5 +33,5 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, ssl, urllib.request; tls = bool(os.environ.get('SPOTBOX_TLS_CERT')); urllib.request.urlopen(('https' if tls else 'http') + '://127.0.0.1:' + os.environ.get('SPOTBOX_HTTP_PORT', '8000') + '/health', timeout=4, context=ssl._create_unverified_context() if tls else None)"]
 
 ENTRYPOINT ["spotbox"]
-# Listening on 0.0.0.0 requires users (SPEC section 7): create /data/users first, as shown above.
+# Listening on 0.0.0.0 requires users (docs/security.md): create /data/users first, as shown above.
 CMD ["run", "--http-host", "0.0.0.0", "--mqtt-host", "0.0.0.0", "--users", "/data/users"]

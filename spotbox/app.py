@@ -13,22 +13,23 @@ from functools import partial
 from aiohttp import web
 
 from spotbox import metrics
-from spotbox.api import dashboard, docs, feeds, fleet, forward, health, ingest, robots, stats
+from spotbox.api import auth, dashboard, docs, feeds, fleet, forward, health, ingest, robots, stats
 from spotbox.api.errors import error_middleware
-from spotbox.broker import SpotboxBroker
-from spotbox.broker.limits import MqttLimits
-from spotbox.broker.websocket import serve_mqtt_websocket
 from spotbox.cluster.client import BrokerURL
 from spotbox.cluster.contexts import cluster_ctx, row_source_ctx, shared_stats_ctx
 from spotbox.cluster.forward import ForwardConfig, Forwarder, keep_after_id
+from spotbox.errors import ConfigError, StorageError
 from spotbox.keys import BROKER, FORWARDERS, HUB, PIPELINE, RETENTION, ROWS, RUNTIME, SETTINGS, STORAGE
+from spotbox.mqtt.broker import Broker
+from spotbox.mqtt.listeners import MqttLimits
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
-from spotbox.settings import Runtime, Settings, load_runtime
+from spotbox.runtime import Runtime, load_runtime
+from spotbox.settings import Settings
 from spotbox.sse import FeedHub
 from spotbox.status import dumps
 from spotbox.storage import open_storage
-from spotbox.validation import Rejection, StatusValidator
+from spotbox.validation import Rejection
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,12 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     """Open (and migrate) the database for the app's lifetime."""
     settings = app[SETTINGS]
     storage = open_storage(settings.database)
-    await storage.open()
+    try:
+        await storage.open()
+    except StorageError as exc:
+        # At start, an unusable database is a setting to change: name it (and where, without the password).
+        where = "" if settings.database.scheme == "sqlite" else f" ({settings.database.redacted()})"
+        raise ConfigError("--database-url", f"{exc}{where}") from exc
     logger.info("storage ready: %s", settings.database.redacted())
     app[STORAGE] = storage
     yield
@@ -68,7 +74,7 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     hub = app[HUB]
     pipeline = IngestPipeline(
         app[STORAGE],
-        StatusValidator(settings.schema_path, max_depth=settings.max_json_depth),
+        app[RUNTIME].validator,
         # On PostgreSQL committed rows reach the hub through the RowSource, with those of other instances.
         app[ROWS].committed if ROWS in app else hub.publish,
         on_rejected=partial(_rejected, app),
@@ -96,22 +102,32 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Start the embedded broker (built here: amqtt needs the running loop) and its TCP listener."""
+    """Start the MQTT broker (spotbox.mqtt) and its TCP listener; on exit, settle what was read, then disconnect."""
     settings, runtime = app[SETTINGS], app[RUNTIME]
-    limits = MqttLimits(settings.max_payload, settings.max_topic_length, settings.max_connections)
-    broker = SpotboxBroker(app[PIPELINE], runtime.users, limits)
+    limits = MqttLimits(
+        max_payload=settings.max_payload,
+        max_topic_length=settings.max_topic_length,
+        max_connections=settings.max_connections,
+        max_pending_logins=settings.max_pending_logins,
+        connect_timeout_s=settings.connect_timeout_s,
+        receive_maximum=settings.receive_maximum,
+        max_keepalive=settings.max_keepalive,
+        max_queued=settings.max_queued,
+        max_outbound_bytes=settings.max_outbound_bytes,
+    )
+    broker = Broker(app[PIPELINE], runtime.users, limits)
     await broker.start()
     try:
-        host, port = await broker.listen(settings.mqtt_host, settings.mqtt_port, runtime.ssl_context)
+        host, port = await broker.listen(
+            settings.mqtt_host, settings.mqtt_port, runtime.ssl_context, sock=runtime.mqtt_socket
+        )
     except BaseException:
-        await broker.shutdown()
+        await broker.close()
         raise
     logger.info("mqtt listening on %s:%d%s", host, port, " (TLS)" if runtime.ssl_context else "")
     app[BROKER] = broker
     yield
-    await broker.stop_listening()
-    await broker.shutdown()
-    await broker.close_connections()
+    await broker.close()
 
 
 async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -162,20 +178,19 @@ async def forward_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def close_streams(app: web.Application) -> None:
-    """End every SSE stream so shutdown does not wait on clients."""
-    app[HUB].close_all()
+    """End every SSE stream so shutdown does not wait on clients (those that do not read are cut off)."""
+    await app[HUB].shutdown()
 
 
 async def disconnect_mqtt(app: web.Application) -> None:
-    """Stop accepting MQTT clients and cut the connected ones, so shutdown waits on none of them (TCP or /mqtt)."""
+    """Stop accepting and reading MQTT clients, acknowledge what was committed, disconnect them (TCP and /mqtt)."""
     if BROKER in app:
-        await app[BROKER].stop_listening()
-        app[BROKER].abort_clients()
+        await app[BROKER].close()
 
 
 async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
     """GET /mqtt: MQTT over WebSocket on the HTTP port."""
-    return await serve_mqtt_websocket(request, request.app[BROKER])
+    return await request.app[BROKER].serve_websocket(request)
 
 
 def _ingest_contexts(settings: Settings) -> list[Callable[[web.Application], AsyncIterator[None]]]:
@@ -193,10 +208,12 @@ def _ingest_contexts(settings: Settings) -> list[Callable[[web.Application], Asy
 def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Application:
     """Build the spotbox application (reading the files the settings name unless given); nothing starts yet."""
     # --max-payload bounds an HTTP status body as it bounds an MQTT payload.
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_payload)
+    # The error shape wraps everything, the login check included.
+    middlewares = [error_middleware, auth.read_auth_middleware]
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_payload)
     app[SETTINGS] = settings
     app[RUNTIME] = runtime if runtime is not None else load_runtime(settings)
-    app[HUB] = FeedHub()
+    app[HUB] = FeedHub(max_streams=settings.max_streams)
     app[FORWARDERS] = []
     app.cleanup_ctx.extend(_ingest_contexts(settings))
     if settings.forward:
@@ -206,6 +223,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
     app.on_shutdown.extend([disconnect_mqtt, close_streams])
     if settings.broker is None:  # cluster mode has no broker here: /mqtt is then a 404 in the JSON error shape
         app.router.add_get("/mqtt", mqtt_websocket)
+    auth.add_routes(app)
     robots.add_routes(app)
     health.add_routes(app)
     feeds.add_routes(app)

@@ -52,10 +52,18 @@ class BenchConfig:
     baseline_messages: int = 3_000
     qos: int = 1
     mqtt_version: str = "3.1.1"
+    # Packets encoded before the start: the lean load measures the server, not the publishers.
+    pre_encoded: bool = False
 
     def load(self, messages: int) -> loadgen.Load:
         """The publishers' part of this run, for `messages` statuses."""
-        return loadgen.Load(self.robots, messages, self.window, self.rate, self.qos, self.mqtt_version)
+        return loadgen.Load(
+            self.robots, messages, self.window, self.rate, self.qos, self.mqtt_version, self.pre_encoded
+        )
+
+
+# The broker-core issue's load: a few publishers with a deep window of pre-encoded QoS 1 statuses, no feeds.
+LEAN = {"robots": 3, "window": 100, "sse": 0, "pre_encoded": True, "baseline": False}
 
 
 @dataclass
@@ -87,7 +95,7 @@ def _proc_status_mb(pid: int, field: str) -> float:
     return 0.0
 
 
-def _peak_rss_mb(pid: int) -> float:
+def peak_rss_mb(pid: int) -> float:
     return _proc_status_mb(pid, "VmHWM")
 
 
@@ -115,7 +123,7 @@ def _rss_growth(samples: list[float]) -> dict[str, Any] | None:
 
 
 @asynccontextmanager
-async def _scratch_database(base: str | None, workdir: Path, name: str) -> AsyncIterator[str]:
+async def scratch_database(base: str | None, workdir: Path, name: str) -> AsyncIterator[str]:
     """An empty database of the asked kind for one run: a SQLite file in `workdir` (removed with it), or a
     PostgreSQL database on `base`'s server, dropped afterwards."""
     if base is None or DatabaseURL.parse(base).scheme == "sqlite":
@@ -183,13 +191,18 @@ async def _follow(http: aiohttp.ClientSession, url: str, expect: int, latencies:
                     return
 
 
-async def bench_spotbox(
-    config: BenchConfig, database_url: str, extra_args: tuple[str, ...] = (), forward: dict[str, Any] | None = None
-) -> Figures:
-    """Run `spotbox run` (with `extra_args`) and measure it under the configured load.
+@dataclass
+class Server:
+    """A running `spotbox run` subprocess and the ports it listens on."""
 
-    With `forward` (a dict filled here), also time until every stored status is acknowledged upstream.
-    """
+    proc: asyncio.subprocess.Process
+    mqtt_port: int
+    http_port: int
+
+
+@asynccontextmanager
+async def spotbox_server(database_url: str, *args: str) -> AsyncIterator[Server]:
+    """`spotbox run` on free ports over `database_url` (extra `args` appended), stopped with SIGTERM on exit."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -203,12 +216,13 @@ async def bench_spotbox(
         database_url,
         "--log-level",
         "info",
-        *extra_args,
+        *args,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
     ports: dict[bytes, int] = {}
+    drain = None
     try:
         async with asyncio.timeout(30):
             while len(ports) < 2:
@@ -219,20 +233,36 @@ async def bench_spotbox(
                     ports[match.group(1)] = int(match.group(2))
         # Keep reading the server's log so a chatty run can never block it on a full pipe.
         drain = asyncio.create_task(proc.stderr.read(), name="bench-server-log")
+        yield Server(proc, ports[b"mqtt"], ports[b"http"])
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            await proc.wait()
+        if drain is not None:
+            drain.cancel()
+
+
+async def bench_spotbox(
+    config: BenchConfig, database_url: str, extra_args: tuple[str, ...] = (), forward: dict[str, Any] | None = None
+) -> Figures:
+    """Run `spotbox run` (with `extra_args`) and measure it under the configured load.
+
+    With `forward` (a dict filled here), also time until every stored status is acknowledged upstream.
+    """
+    async with spotbox_server(database_url, *extra_args) as server:
         per_robot = config.messages // config.robots
+        base = f"http://127.0.0.1:{server.http_port}"
         latencies: list[tuple[float, float]] = []
         async with aiohttp.ClientSession() as http:
             followers = [
-                asyncio.create_task(
-                    _follow(http, f"http://127.0.0.1:{ports[b'http']}/robots/BENCH-{i:04d}/feed", per_robot, latencies)
-                )
+                asyncio.create_task(_follow(http, f"{base}/robots/BENCH-{i:04d}/feed", per_robot, latencies))
                 for i in range(min(config.sse, config.robots))
             ]
             await asyncio.sleep(0.5)  # let the feeds subscribe before the first publish
             rss: list[float] = []
-            sampler = asyncio.create_task(_sample_rss(proc.pid, rss), name="bench-rss")
+            sampler = asyncio.create_task(_sample_rss(server.proc.pid, rss), name="bench-rss")
             try:
-                result = await loadgen.drive("127.0.0.1", ports[b"mqtt"], config.load(per_robot * config.robots))
+                result = await loadgen.drive("127.0.0.1", server.mqtt_port, config.load(per_robot * config.robots))
             finally:
                 sampler.cancel()
             if result.errors:
@@ -241,15 +271,10 @@ async def bench_spotbox(
             async with asyncio.timeout(60):
                 await asyncio.gather(*followers)
             if forward is not None:
-                drained = await _forward_drained(http, ports[b"http"])
+                drained = await _forward_drained(http, server.http_port)
                 forward["forwarded_per_s"] = round(result.acked / (drained - result.first_send), 1)
                 forward["drained_after_load_s"] = round(max(0.0, drained - end), 3)
-        peak = _peak_rss_mb(proc.pid)
-        drain.cancel()
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            await proc.wait()
+        peak = peak_rss_mb(server.proc.pid)
     stored = await _count_rows(database_url)
     if config.qos and stored != result.acked:
         raise BenchError(f"{result.acked} statuses acknowledged but {stored} stored")
@@ -257,26 +282,28 @@ async def bench_spotbox(
     return Figures(stored, seconds, stored / seconds, _latency_figures(latencies), peak, _rss_growth(rss))
 
 
-async def _forward_drained(http: aiohttp.ClientSession, http_port: int) -> float:
-    """When GET /forward first showed no lag (perf_counter), polled every 10 ms."""
+async def _forward_drained(http: aiohttp.ClientSession, http_port: int, up: list[float] | None = None) -> float:
+    """When GET /forward first showed no lag (perf_counter), polled every 10 ms; `up` gets when the link came up."""
     async with asyncio.timeout(600):
         while True:
             async with http.get(f"http://127.0.0.1:{http_port}/forward") as resp:
                 [target] = (await resp.json())["targets"]
+            if up is not None and not up and target["state"] == "up":
+                up.append(time.perf_counter())
             if target["lag_rows"] == 0 and target["forwarded"] > 0:
                 return time.perf_counter()
             await asyncio.sleep(0.01)
 
 
 @asynccontextmanager
-async def _mosquitto(workdir: Path, name: str) -> AsyncIterator[tuple[int, int] | None]:
-    """A Mosquitto of the bench's own on a free port: (port, pid), or None when it is not installed."""
+async def _mosquitto(workdir: Path, name: str, port: int | None = None) -> AsyncIterator[tuple[int, int] | None]:
+    """A Mosquitto of the bench's own on `port` or a free one: (port, pid), or None when it is not installed."""
     # Debian installs the broker in /usr/sbin, often not on a user's PATH.
     mosquitto = shutil.which("mosquitto", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
     if mosquitto is None:
         yield None
         return
-    port = _free_port()
+    port = port or _free_port()
     conf = workdir / f"{name}.conf"
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 0\n"
@@ -307,11 +334,11 @@ async def run_forward_bench(config: BenchConfig) -> dict[str, Any]:
     """
     with tempfile.TemporaryDirectory(prefix="spotbox-bench-") as tmp:
         workdir = Path(tmp)
-        async with _scratch_database(config.database_url, workdir, "plain") as plain_db:
+        async with scratch_database(config.database_url, workdir, "plain") as plain_db:
             plain = await bench_spotbox(config, plain_db)
         async with (
             _mosquitto(workdir, "upstream") as upstream,
-            _scratch_database(config.database_url, workdir, "forward") as forward_db,
+            scratch_database(config.database_url, workdir, "forward") as forward_db,
         ):
             if upstream is None:
                 raise BenchError("mosquitto is not installed: it is the upstream broker of the forward bench")
@@ -329,7 +356,7 @@ async def run_forward_bench(config: BenchConfig) -> dict[str, Any]:
     }
 
 
-def _percentiles(values: list[float]) -> tuple[float, float]:
+def percentiles(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return (values[0], values[0]) if values else (0.0, 0.0)
     return statistics.median(values), statistics.quantiles(values, n=100)[98]
@@ -344,8 +371,8 @@ def _latency_figures(latencies: list[tuple[float, float]]) -> dict[str, float]:
     by_time = sorted(latencies)
     trim = len(by_time) // 20
     steady = [latency for _, latency in by_time[trim : len(by_time) - trim]]
-    p50, p99 = _percentiles([latency for _, latency in by_time])
-    steady_p50, steady_p99 = _percentiles(steady)
+    p50, p99 = percentiles([latency for _, latency in by_time])
+    steady_p50, steady_p99 = percentiles(steady)
     return {"p50": p50, "p99": p99, "steady_p50": steady_p50, "steady_p99": steady_p99}
 
 
@@ -374,7 +401,7 @@ async def bench_classic(config: BenchConfig, database_url: str, workdir: Path) -
             await loadgen.drive("127.0.0.1", port, config.load(count))
             async with asyncio.timeout(600):
                 done = orjson.loads(await subscriber.stdout.readline())
-            peak = _peak_rss_mb(subscriber.pid) + _peak_rss_mb(broker_pid)
+            peak = peak_rss_mb(subscriber.pid) + peak_rss_mb(broker_pid)
             await subscriber.wait()
         finally:
             if subscriber is not None and subscriber.returncode is None:
@@ -388,11 +415,11 @@ async def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Both stacks, one after the other, on this machine; the figures as one JSON-able dict."""
     with tempfile.TemporaryDirectory(prefix="spotbox-bench-") as tmp:
         workdir = Path(tmp)
-        async with _scratch_database(config.database_url, workdir, "spotbox") as spotbox_db:
+        async with scratch_database(config.database_url, workdir, "spotbox") as spotbox_db:
             spotbox = await bench_spotbox(config, spotbox_db)
         baseline = None
         if config.baseline:
-            async with _scratch_database(config.database_url, workdir, "classic") as classic_db:
+            async with scratch_database(config.database_url, workdir, "classic") as classic_db:
                 baseline = await bench_classic(config, classic_db, workdir)
     backend = DatabaseURL.parse(config.database_url).scheme if config.database_url else "sqlite"
     return {
@@ -434,3 +461,73 @@ def format_table(figures: dict[str, Any]) -> str:
     ratio = figures["ratio_vs_baseline"]
     lines.append(f"ratio vs classic stack: {ratio}x" if ratio is not None else "classic stack: not measured")
     return "\n".join(lines)
+
+
+async def _live_load(config: BenchConfig, server: Server, messages: int) -> dict[str, float]:
+    """A paced load (`config.rate`) with SSE followers: stored per second and publish-to-SSE latency."""
+    per_robot = messages // config.robots
+    latencies: list[tuple[float, float]] = []
+    async with aiohttp.ClientSession() as http:
+        followers = [
+            asyncio.create_task(
+                _follow(http, f"http://127.0.0.1:{server.http_port}/robots/BENCH-{i:04d}/feed", per_robot, latencies)
+            )
+            for i in range(min(config.sse, config.robots))
+        ]
+        await asyncio.sleep(0.5)  # let the feeds subscribe before the first publish
+        result = await loadgen.drive("127.0.0.1", server.mqtt_port, config.load(per_robot * config.robots))
+        async with asyncio.timeout(60):
+            await asyncio.gather(*followers)
+    latency = _latency_figures(latencies)
+    return {
+        "stored_per_s": round(result.acked / (result.last_ack - result.first_send), 1),
+        "sse_p99_ms": round(latency["steady_p99"], 2),
+        "_first_send": result.first_send,
+    }
+
+
+async def run_forward_catch_up(config: BenchConfig, backlog: int) -> dict[str, Any]:
+    """An uplink outage, then its catch-up beside live ingest.
+
+    With the upstream Mosquitto down, `backlog` statuses are stored (as fast as they come); then a paced live load
+    (`config.rate`, `config.messages`) runs once with the upstream still down and once while spotbox catches up on
+    the backlog after the upstream returns. Reports live ingest in both, and how fast the backlog drains.
+    """
+    if config.rate is None:
+        raise BenchError("--forward-backlog needs --rate: the live load it measures beside the catch-up is paced")
+    with tempfile.TemporaryDirectory(prefix="spotbox-bench-") as tmp:
+        workdir = Path(tmp)
+        upstream_port = _free_port()
+        args = ("--forward", f"mqtt://127.0.0.1:{upstream_port}", "--forward-keepalive", "5")
+        async with (
+            scratch_database(config.database_url, workdir, "catchup") as database_url,
+            spotbox_server(database_url, *args) as server,
+        ):
+            fill = await loadgen.drive(
+                "127.0.0.1", server.mqtt_port, loadgen.Load(config.robots, backlog, max(config.window, 50))
+            )
+            if fill.acked != backlog:
+                raise BenchError(f"only {fill.acked} of {backlog} backlog statuses were acknowledged")
+            alone = await _live_load(config, server, config.messages)
+            async with _mosquitto(workdir, "upstream", upstream_port) as upstream:
+                if upstream is None:
+                    raise BenchError("mosquitto is not installed: it is the upstream broker of the forward bench")
+                back_at = time.perf_counter()
+                up: list[float] = []
+                async with aiohttp.ClientSession() as http:
+                    during, drained = await asyncio.gather(
+                        _live_load(config, server, config.messages), _forward_drained(http, server.http_port, up)
+                    )
+    total = backlog + 2 * config.messages
+    return {
+        "config": {**asdict(config), "backlog": backlog, "database_url": None},
+        "live_stored_per_s_without_catch_up": alone["stored_per_s"],
+        "live_stored_per_s_during_catch_up": during["stored_per_s"],
+        "live_cut_pct": round(100 * (1 - during["stored_per_s"] / alone["stored_per_s"]), 1),
+        "live_sse_p99_ms_without_catch_up": alone["sse_p99_ms"],
+        "live_sse_p99_ms_during_catch_up": during["sse_p99_ms"],
+        # The forwarder retries a lost uplink at most 10 s apart: it finds the upstream back within that.
+        "reconnected_after_s": round(up[0] - back_at, 2),
+        "drained_s": round(drained - up[0], 2),
+        "drained_per_s": round(total / (drained - up[0]), 1),
+    }

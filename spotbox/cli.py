@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
+import socket
+import sys
 from typing import Any
 
 import aiomqtt
@@ -13,19 +16,23 @@ import orjson
 from aiohttp import web
 
 from spotbox.app import create_app
-from spotbox.bench import BenchConfig, format_table, run_bench, run_forward_bench
-from spotbox.errors import ConfigError, ListenError, SpotboxError
+from spotbox.bench import LEAN, BenchConfig, format_table, run_bench, run_forward_bench, run_forward_catch_up
+from spotbox.bench_reads import ReadsConfig, format_reads, run_reads
+from spotbox.errors import SpotboxError
+from spotbox.listeners import bind_both, raise_open_files_limit, try_lines
 from spotbox.loadgen import PROTOCOL_LEVELS
 from spotbox.logs import configure_logging
 from spotbox.options import click_options
-from spotbox.settings import Runtime, Settings, load_runtime
-from spotbox.simulate import MQTT_VERSIONS, Fleet, FleetConfig
+from spotbox.runtime import Runtime, load_runtime
+from spotbox.settings import Settings
+from spotbox.simulate import MQTT_VERSIONS, Fleet, FleetConfig, FleetStats
 from spotbox.users_cli import users
 
 logger = logging.getLogger(__name__)
 
 
-@click.group()
+# Options without a variable of their own read SPOTBOX_<COMMAND>_<OPTION> (SPOTBOX_BENCH_ROBOTS, say).
+@click.group(context_settings={"auto_envvar_prefix": "SPOTBOX"})
 @click.version_option(package_name="spotbox")
 def main() -> None:
     """spotbox: MQTT broker, validation, storage, live feed and history for a robot fleet, in one process."""
@@ -38,38 +45,47 @@ main.add_command(users)
 @click_options(Settings)
 def run(**values: Any) -> None:
     """Run the broker, the ingest pipeline and the HTTP API until SIGINT or SIGTERM."""
+    # Everything that can be checked is checked, and both ports bound, before the database is opened:
+    # a busy port or a bad file leaves no database behind.
     try:
         settings = Settings(**values)
         runtime = load_runtime(settings)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    configure_logging(settings.log_level, settings.log_format)
-    try:
-        asyncio.run(serve(settings, runtime))
+        bound = bind_both(
+            settings.http_host, settings.http_port, settings.mqtt_host, settings.mqtt_port, mqtt=settings.broker is None
+        )
     except SpotboxError as exc:
         raise click.ClickException(str(exc)) from None
+    configure_logging(settings.log_level, settings.log_format)
+    raise_open_files_limit(settings.max_connections + settings.max_pending_logins + settings.max_streams)
+    try:
+        asyncio.run(serve(settings, dataclasses.replace(runtime, mqtt_socket=bound.mqtt), bound.http))
+    except SpotboxError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        bound.close()
 
 
-async def serve(settings: Settings, runtime: Runtime) -> None:
-    """Start everything, log the real listening addresses, and run until a stop signal."""
+async def serve(settings: Settings, runtime: Runtime, http_socket: socket.socket) -> None:
+    """Start storage, pipeline and broker, then serve HTTP on the bound socket; run until a stop signal."""
+    # Handlers first: a stop signal that comes while starting ends the run cleanly once started.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     app = create_app(settings, runtime)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.http_host, settings.http_port, ssl_context=runtime.ssl_context)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ListenError(
-                "HTTP", settings.http_host, settings.http_port, "--http-port (or --http-host)", exc
-            ) from exc
+        await web.SockSite(runner, http_socket, ssl_context=runtime.ssl_context).start()
         scheme = "https" if runtime.ssl_context else "http"
         for host, port, *_ in runner.addresses:
             logger.info("http listening on %s://%s:%d", scheme, host, port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+        if runtime.mqtt_socket is not None:  # None in cluster mode: robots publish to the cluster
+            watch, publish = try_lines(
+                http_socket, runtime.mqtt_socket, tls_cert=settings.tls_cert, users=runtime.users is not None
+            )
+            logger.info("watch a robot live: %s", watch)
+            logger.info("publish a status: %s", publish)
         await stop.wait()
         logger.info("stopping")
     finally:
@@ -78,7 +94,14 @@ async def serve(settings: Settings, runtime: Runtime) -> None:
 
 
 @main.command()
-@click.option("--robot-count", envvar="ROBOT_COUNT", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option(
+    "--robot-count",
+    envvar="ROBOT_COUNT",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Robots ROBOT-001, ROBOT-002, ..., one MQTT connection each.",
+)
 @click.option(
     "--publish-interval-sec",
     envvar="PUBLISH_INTERVAL_SEC",
@@ -95,14 +118,28 @@ async def serve(settings: Settings, runtime: Runtime) -> None:
     show_default=True,
     help="Share of deliberately invalid statuses.",
 )
-@click.option("--jitter-max-sec", envvar="JITTER_MAX_SEC", type=click.FloatRange(min=0), default=0.2, show_default=True)
-@click.option("--enable-stats-log/--no-stats-log", envvar="ENABLE_STATS_LOG", default=False, show_default=True)
+@click.option(
+    "--jitter-max-sec",
+    envvar="JITTER_MAX_SEC",
+    type=click.FloatRange(min=0),
+    default=0.2,
+    show_default=True,
+    help="Random extra wait, up to this many seconds, after each status.",
+)
+@click.option(
+    "--enable-stats-log/--no-stats-log",
+    envvar="ENABLE_STATS_LOG",
+    default=False,
+    show_default=True,
+    help="Log what was sent every --stats-log-interval-sec.",
+)
 @click.option(
     "--stats-log-interval-sec",
     envvar="STATS_LOG_INTERVAL_SEC",
     type=click.FloatRange(min=0.1),
     default=5.0,
     show_default=True,
+    help="Seconds between two stats lines.",
 )
 @click.option(
     "--mqtt-version",
@@ -117,13 +154,22 @@ async def serve(settings: Settings, runtime: Runtime) -> None:
     envvar="SPOTBOX_SIM_COUNT",
     type=click.IntRange(min=1),
     default=None,
-    help="Stop after this many statuses in all (default: run until interrupted).",
+    help="Stop after this many statuses in all, not per robot (default: run until Ctrl-C).",
 )
-@click.option("--host", envvar="MQTT_HOST", default="127.0.0.1", show_default=True)
-@click.option("--port", envvar="MQTT_PORT", type=click.IntRange(1, 65535), default=1883, show_default=True)
-@click.option("--username", envvar="MQTT_USERNAME", default=None)
-@click.option("--password", envvar="MQTT_PASSWORD", default=None)
-@click.option("--qos", envvar="MQTT_QOS", type=click.IntRange(0, 2), default=1, show_default=True)
+@click.option("--host", envvar="MQTT_HOST", default="127.0.0.1", show_default=True, help="MQTT broker address.")
+@click.option(
+    "--port",
+    envvar="MQTT_PORT",
+    type=click.IntRange(1, 65535),
+    default=1883,
+    show_default=True,
+    help="MQTT port: the one spotbox run logs.",
+)
+@click.option("--username", envvar="MQTT_USERNAME", default=None, help="MQTT user (spotbox run --users).")
+@click.option("--password", envvar="MQTT_PASSWORD", default=None, help="Password of --username.")
+@click.option(
+    "--qos", envvar="MQTT_QOS", type=click.IntRange(0, 2), default=1, show_default=True, help="QoS of every status."
+)
 @click.option(
     "--log-level",
     envvar="SPOTBOX_LOG_LEVEL",
@@ -164,11 +210,30 @@ def simulate(
         password=password,
         qos=qos,
     )
+    fleet = Fleet(config)
     try:
-        stats = asyncio.run(Fleet(config).run())
+        stats = asyncio.run(_until_stopped(fleet))
     except* aiomqtt.MqttError as group:
         raise click.ClickException(f"MQTT broker {host}:{port}: {group.exceptions[0]}") from None
     click.echo(f"sent {stats.valid + stats.invalid} statuses ({stats.invalid} invalid, {stats.failed} failed)")
+    # Without --count, Ctrl-C is how a run ends: a success, like ping's. Stopped short of --count, the asked-for
+    # work is not done: 128 + the signal, as the shell reports a program a signal ended.
+    if fleet.stopped_by is not None and count is not None:
+        sys.exit(128 + fleet.stopped_by)
+
+
+async def _until_stopped(fleet: Fleet) -> FleetStats:
+    """Run the fleet; SIGINT (Ctrl-C) or SIGTERM stops it with its summary, a second one aborts at once."""
+    loop = asyncio.get_running_loop()
+
+    def stop(signum: int) -> None:
+        for each in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(each)
+        fleet.stop(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop, signum)
+    return await fleet.run()
 
 
 @main.command()
@@ -198,6 +263,42 @@ def simulate(
     help="Measure store and forward instead: ingest without and with --forward to a local Mosquitto, "
     "and how fast statuses reach it.",
 )
+@click.option(
+    "--forward-backlog",
+    type=int,
+    default=None,
+    help="With --forward: store this many statuses while the upstream is down, then measure the paced live load "
+    "(--rate, --messages) without and during the catch-up.",
+)
+@click.option(
+    "--scenario",
+    type=click.Choice(["ingest", "reads"]),
+    default="ingest",
+    show_default=True,
+    help="ingest: robots publish over MQTT; reads: history requests against a filled database.",
+)
+@click.option(
+    "--rows", type=click.IntRange(min=1), default=1_000_000, show_default=True, help="reads: statuses stored first."
+)
+@click.option(
+    "--connections", type=click.IntRange(min=1), default=32, show_default=True, help="reads: concurrent clients."
+)
+@click.option(
+    "--duration", type=click.FloatRange(min=1), default=10.0, show_default=True, help="reads: seconds of load."
+)
+@click.option(
+    "--client",
+    type=click.Choice(["auto", "wrk", "aiohttp"]),
+    default="auto",
+    show_default=True,
+    help="reads: load generator (auto: wrk when installed, else aiohttp in this process).",
+)
+@click.option(
+    "--lean",
+    is_flag=True,
+    help="The ingest-speed load: 3 publishers, 100 in flight each, pre-encoded packets, no SSE, no classic stack "
+    "(overrides --robots, --window, --sse, --baseline).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(
     robots: int,
@@ -211,18 +312,61 @@ def bench(
     qos: int,
     mqtt_version: str,
     forward: bool,
+    forward_backlog: int | None,
+    scenario: str,
+    rows: int,
+    connections: int,
+    duration: float,
+    client: str,
+    lean: bool,
     as_json: bool,
 ) -> None:
-    """Measure stored statuses per second, publish-to-SSE latency and memory, against the classic stack."""
+    """Measure stored statuses per second, publish-to-SSE latency and memory, against the classic stack.
+
+    With --scenario reads: history requests per second and their latency, on a database filled with --rows.
+    """
     configure_logging("warning", "text")
+    if scenario == "reads":
+        reads = ReadsConfig(
+            rows=rows,
+            robots=robots,
+            connections=connections,
+            duration_s=duration,
+            database_url=database_url,
+            client=client,
+        )
+        try:
+            figures = asyncio.run(run_reads(reads))
+        except SpotboxError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(orjson.dumps(figures).decode() if as_json else format_reads(figures))
+        return
     config = BenchConfig(
         robots, messages, rate, window, sse, database_url, baseline, baseline_messages, qos, mqtt_version
     )
+    if lean:
+        config = dataclasses.replace(config, **LEAN)  # type: ignore[arg-type]
     try:
-        figures = asyncio.run(run_forward_bench(config) if forward else run_bench(config))
+        if forward_backlog is not None:
+            figures = asyncio.run(run_forward_catch_up(config, forward_backlog))
+        else:
+            figures = asyncio.run(run_forward_bench(config) if forward else run_bench(config))
     except SpotboxError as exc:
         raise click.ClickException(str(exc)) from None
-    if forward and not as_json:
+    if (forward or forward_backlog is not None) and not as_json:
         click.echo("\n".join(f"{key}: {value}" for key, value in figures.items() if key != "config"))
         return
     click.echo(orjson.dumps(figures).decode() if as_json else format_table(figures))
+
+
+def _show_envvars(command: click.Command) -> None:
+    """Make every flag of every command name its environment variable in --help."""
+    for param in command.params:
+        if isinstance(param, click.Option) and not param.is_eager:
+            param.show_envvar = True
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _show_envvars(sub)
+
+
+_show_envvars(main)

@@ -20,9 +20,17 @@ class ConfigError(SpotboxError):
 class ListenError(SpotboxError):
     """A listener could not bind its address."""
 
-    def __init__(self, what: str, host: str, port: int, option: str, cause: OSError) -> None:
-        reason = "address already in use" if cause.errno == errno.EADDRINUSE else (cause.strerror or str(cause))
-        super().__init__(f"cannot listen for {what} on {host}:{port} ({reason}); change {option}")
+    def __init__(
+        self, what: str, host: str, port: int, option: str, cause: OSError, *, host_option: str | None = None
+    ) -> None:
+        if cause.errno == errno.EADDRINUSE:
+            # Another broker on 1883 is the common case: say what to run instead.
+            advice = f"another program holds it: start with {option} 0 (any free port) or another {option}"
+            reason = "address already in use"
+        else:
+            advice = f"change {option}" + (f" (or {host_option})" if host_option else "")
+            reason = cause.strerror or str(cause)
+        super().__init__(f"cannot listen for {what} on {host}:{port} ({reason}); {advice}")
         self.host = host
         self.port = port
         self.option = option
@@ -79,3 +87,11 @@ class ForbiddenError(SpotboxError):
     def __init__(self, message: str, detail: object = None) -> None:
         super().__init__(message)
         self.detail = detail
+
+
+class TooManyStreamsError(SpotboxError):
+    """Every SSE stream `--max-streams` allows is open; answered with 503 until one ends."""
+
+    def __init__(self, max_streams: int) -> None:
+        super().__init__(f"too many open feeds: at most {max_streams} (--max-streams); retry later")
+        self.max_streams = max_streams

@@ -5,14 +5,15 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from spotbox.broker import SpotboxBroker
 from spotbox.cluster.forward import Forwarder
 from spotbox.cluster.ingest import ClusterIngest
 from spotbox.cluster.rows import RowSource
 from spotbox.cluster.stats import SharedStats
+from spotbox.mqtt.broker import Broker
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
-from spotbox.settings import Runtime, Settings
+from spotbox.runtime import Runtime
+from spotbox.settings import Settings
 from spotbox.sse import FeedHub
 from spotbox.storage import Storage
 
@@ -22,7 +23,7 @@ RUNTIME = web.AppKey("runtime", Runtime)
 STORAGE = web.AppKey("storage", Storage)
 HUB = web.AppKey("hub", FeedHub)
 PIPELINE = web.AppKey("pipeline", IngestPipeline)
-BROKER = web.AppKey("broker", SpotboxBroker)
+BROKER = web.AppKey("broker", Broker)
 METRICS = web.AppKey("metrics", CollectorRegistry)
 RETENTION = web.AppKey("retention", Retention)
 FORWARDERS = web.AppKey("forwarders", list[Forwarder])

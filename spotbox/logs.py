@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,6 +11,55 @@ import orjson
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and belongs in the JSON line.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
+
+
+# What a terminal or a log reader would act on instead of showing: C0 controls (newline, escape), DEL, C1 controls
+# (0x9b starts an escape sequence on some terminals) and Unicode's line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# The same, newline excepted: a traceback keeps its lines.
+_CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character written as an escape (`\\n`, `\\x1b`): one line, no terminal codes."""
+    return _CONTROL.sub(_escape_one, text) if _CONTROL.search(text) else text
+
+
+class TextFormatter(logging.Formatter):
+    """One line per record whatever its arguments hold: a client id, topic or user name sent by anyone is escaped.
+
+    Control characters in the message (after %-formatting) become escapes, so a newline cannot forge a record
+    and terminal codes reach no terminal. An exception's traceback keeps its lines, each indented and escaped
+    likewise, so none of them can pass for a record either.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one escaped line, then its indented traceback, if any."""
+        record.message = escape_controls(record.getMessage())
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        extra: list[str] = []
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            extra.append(record.exc_text)
+        if record.stack_info:
+            extra.append(self.formatStack(record.stack_info))
+        for block in extra:
+            escaped = _CONTROL_BUT_NEWLINE.sub(_escape_one, block)
+            line += "\n" + "\n".join(f"  {part}" for part in escaped.split("\n"))
+        return line
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,9 +85,5 @@ def configure_logging(level: str, fmt: str) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    if level.lower() != "debug":
-        # amqtt logs every connection and transition at INFO; keep spotbox's own lines readable.
-        logging.getLogger("amqtt").setLevel(logging.WARNING)
-        logging.getLogger("transitions").setLevel(logging.WARNING)

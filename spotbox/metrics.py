@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from spotbox.cluster.forward import Forwarder
 from spotbox.cluster.ingest import ClusterIngest
 from spotbox.keys import BROKER, CLUSTER, FORWARDERS, HUB, METRICS, PIPELINE
+from spotbox.mqtt.broker import Broker
 
 
 class SpotboxCollector:
@@ -46,15 +47,17 @@ class SpotboxCollector:
             yield from pipeline.commit_seconds.collect()
         broker = self._app.get(BROKER)
         if broker is not None:
-            connected = sum(1 for session, _ in broker.sessions.values() if session.transitions.state == "connected")
             yield GaugeMetricFamily(
-                "spotbox_mqtt_clients_connected", "MQTT clients connected (TCP and WebSocket).", value=connected
+                "spotbox_mqtt_clients_connected",
+                "MQTT clients connected (TCP and WebSocket).",
+                value=broker.connected_count,
             )
             yield GaugeMetricFamily(
                 "spotbox_mqtt_connections_paused",
                 "MQTT connections not being read for backpressure (ingest queue or connection window full).",
                 value=broker.paused_connections,
             )
+            yield from _dropped(broker)
         yield GaugeMetricFamily(
             "spotbox_sse_streams_open", "Open SSE feeds, per robot and fleet.", value=self._app[HUB].stream_count
         )
@@ -98,9 +101,35 @@ def _forward_metrics(forwarders: list[Forwarder]) -> Iterator[Metric]:
     yield from (lag_rows, lag_seconds, forwarded, up)
 
 
+def _dropped(broker: Broker) -> Iterator[Metric]:
+    """Messages the broker did not deliver, by why; connections refused while too many were logging in."""
+    dropped = CounterMetricFamily(
+        "spotbox_mqtt_messages_dropped",
+        "MQTT messages not delivered to a subscriber: session queue full (--max-queued), QoS 0 past the outbound "
+        "budget (--max-outbound-bytes), expired, or over the client's Maximum Packet Size.",
+        labels=["reason"],
+    )
+    counters = broker.counters
+    dropped.add_metric(["queue_full"], broker.sessions.counters.queue_full)
+    dropped.add_metric(["max_outbound_bytes"], counters.dropped_max_outbound_bytes)
+    dropped.add_metric(["expired"], counters.dropped_expired)
+    dropped.add_metric(["too_large"], counters.dropped_too_large)
+    yield dropped
+    yield CounterMetricFamily(
+        "spotbox_mqtt_connections_refused",
+        "MQTT connections refused because too many were still logging in (--max-pending-logins).",
+        value=counters.refused_connections,
+    )
+
+
 def add_routes(app: web.Application) -> None:
     """Give the app its own registry (tests run many apps in one process) and serve it at /metrics."""
     registry = CollectorRegistry()
     registry.register(SpotboxCollector(app))
+    # The standard process_* (CPU, memory, open files) and python_* (version, garbage collector) series that
+    # dashboards and alerts expect of any Python exporter.
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     app[METRICS] = registry
     app.router.add_get("/metrics", make_aiohttp_handler(registry))

@@ -136,11 +136,13 @@ def check_values(settings: object) -> None:
 
 
 def _click_type(row: Row) -> Any:
+    if row.type is bool:
+        return click.BOOL
     if row.option.choices:
         return click.Choice(row.option.choices, case_sensitive=False)
     if row.type is Path:
         return click.Path(dir_okay=False, path_type=Path)
-    return row.type if row.type is not bool else click.BOOL
+    return row.type
 
 
 def click_options(settings_class: type[Any]) -> Callable[[FC], FC]:
@@ -150,11 +152,11 @@ def click_options(settings_class: type[Any]) -> Callable[[FC], FC]:
         # click lists options in the order the decorators apply from the top: add the last row first.
         for row in reversed(rows(settings_class)):
             show_default: bool | str = row.option.default_text or row.default is not None
-            # A bool is a switch with its --no- form; a tuple[str, ...] is repeated (the variable splits on spaces).
-            declaration = f"{row.flag}/--no-{row.flag[2:]}" if row.type is bool else row.flag
+            # A bool row is a --flag/--no-flag pair; a tuple[str, ...] row is repeated (its variable splits on spaces).
+            flags = f"{row.flag}/--no-{row.flag[2:]}" if row.type is bool else row.flag
             kind = {"multiple": True} if row.type is tuple else {"type": _click_type(row)}
             command = click.option(
-                declaration,
+                flags,
                 row.name,
                 **kind,
                 envvar=list(row.envvars),

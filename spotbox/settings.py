@@ -1,10 +1,9 @@
-"""The one frozen Settings object; built by the CLI (or a test) and checked as it is built."""
+"""The frozen Settings: each field is a row of the `spotbox run` options table (spotbox/options.py); values only."""
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -30,7 +29,6 @@ from spotbox.options import (
     tcp_port,
 )
 from spotbox.status import SERIAL_RE
-from spotbox.users import Users
 
 BUNDLED_SCHEMA = Path(__file__).parent / "schemas" / "robot-status.schema.json"
 LOG_FORMATS = ("text", "json")
@@ -77,19 +75,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _server_ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
-    """The TLS context of both listeners, or None without a certificate."""
-    if cert is None or key is None:
-        return None
-    # The default server context: TLS 1.2 or later, the library's vetted cipher choice.
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError("--tls-cert", f"cannot load the certificate {cert} with the key {key}: {exc}") from None
-    return context
 
 
 def _check_forward_urls(urls: tuple[str, ...]) -> str | None:
@@ -174,15 +159,64 @@ class Settings:
     max_topic_length: int = option(1024, "Longest MQTT topic, in bytes.", group=VALIDATION, check=between(1, 65535))
     max_connections: int = option(
         1000,
-        "Most MQTT clients connected at once (TCP and WebSocket together); more are refused.",
+        "Most MQTT clients logged in at once (TCP and WebSocket together); more are refused.",
         group=VALIDATION,
         check=at_least(1),
+    )
+    max_pending_logins: int = option(
+        200,
+        "Most MQTT connections still logging in (no CONNECT handled yet), apart from --max-connections; more are "
+        "closed at once.",
+        group=VALIDATION,
+        check=at_least(1),
+    )
+    connect_timeout_s: float = option(
+        5.0,
+        "Seconds a new MQTT connection has to send its CONNECT before it is closed.",
+        group=VALIDATION,
+        check=positive,
+    )
+    max_keepalive: int = option(
+        3600,
+        "Longest MQTT keep alive granted, in seconds: an MQTT 5 client asking for more, or for none, is told this one "
+        "(Server Keep Alive).",
+        group=VALIDATION,
+        check=between(1, 65535),
+    )
+    receive_maximum: int = option(
+        100,
+        "Unacknowledged QoS 1/2 PUBLISHes an MQTT 5 client may have in flight to spotbox (announced in CONNACK; one "
+        "more ends the connection with 0x93).",
+        group=VALIDATION,
+        check=between(1, 65535),
+    )
+    max_queued: int = option(
+        1000,
+        "QoS 1/2 messages kept per MQTT session for a client that is offline or cannot take them yet; further ones "
+        "are dropped and counted.",
+        group=VALIDATION,
+        check=at_least(0),
+    )
+    max_outbound_bytes: int = option(
+        4 * 1024 * 1024,
+        "Bytes an MQTT client may leave unread: past it QoS 0 messages to it are dropped (counted), and a client "
+        "stuck past it for 30 s is disconnected.",
+        group=VALIDATION,
+        check=at_least(1024),
     )
     max_json_depth: int = option(
         32,
         "Deepest nesting of objects and arrays in a status (2 is the depth of a status itself).",
         group=VALIDATION,
         check=at_least(2),
+    )
+    max_future_s: float = option(
+        300.0,
+        "Seconds a status timestamp may be ahead of its receive time (robot clock skew); later ones are refused.",
+        group=VALIDATION,
+        flag="--max-future",
+        envvars=("SPOTBOX_MAX_FUTURE",),
+        check=between(0, 366 * 86400, " seconds (a year)"),
     )
     users_path: Path | None = option(
         None,
@@ -191,6 +225,12 @@ class Settings:
         flag="--users",
         envvars=("SPOTBOX_USERS",),
         default_text="none: anonymous MQTT, loopback only",
+    )
+    open_reads: bool = option(
+        False,
+        "With --users, leave the read routes (history, feeds, console) open: only behind an authenticating proxy "
+        "or on a trusted network.",
+        group=SECURITY,
     )
     tls_cert: Path | None = option(
         None,
@@ -216,6 +256,12 @@ class Settings:
         "HTTP ingest answers 503 when a status is not committed within this many seconds.",
         group=PIPELINE,
         check=positive,
+    )
+    max_streams: int = option(
+        2000,
+        "Most SSE feeds open at once (robot pages and /feed consoles); one more is answered 503.",
+        group=PIPELINE,
+        check=at_least(1),
     )
     sse_ping_s: float = option(
         15.0,
@@ -336,19 +382,3 @@ class Settings:
     def forward_topic_prefix(self) -> str:
         """What every forwarded topic starts with: `--forward-prefix`, or `spotbox/{gateway id}/`."""
         return self.forward_prefix if self.forward_prefix is not None else f"spotbox/{self.gateway_id}/"
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """What the settings point to, read once at start-up: the MQTT users and the TLS context of both listeners."""
-
-    users: Users | None = None
-    ssl_context: ssl.SSLContext | None = None
-
-
-def load_runtime(settings: Settings) -> Runtime:
-    """Read the users file and the TLS files the settings name; raise ConfigError naming the option."""
-    users = Users.load(settings.users_path) if settings.users_path is not None else None
-    if users is not None and not users.by_name:
-        raise ConfigError("--users", f"{settings.users_path} has no users; add one with spotbox users add NAME")
-    return Runtime(users, _server_ssl_context(settings.tls_cert, settings.tls_key))

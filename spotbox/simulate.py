@@ -122,6 +122,13 @@ class Fleet:
         self.stats = FleetStats()
         self._rng = random.Random(config.seed)  # noqa: S311 - a simulation, not security
         self._done = asyncio.Event()
+        # The signal that stopped the fleet early (Ctrl-C, SIGTERM), or None.
+        self.stopped_by: int | None = None
+
+    def stop(self, signum: int) -> None:
+        """Stop publishing: each robot finishes the status in flight, then the fleet returns its stats."""
+        self.stopped_by = signum
+        self._done.set()
 
     def _client(self, identifier: str) -> aiomqtt.Client:
         client = aiomqtt.Client(
@@ -156,7 +163,7 @@ class Fleet:
 
     def _take_ticket(self) -> bool:
         """Claim the right to publish one more message under `--count`; the last claim wakes every robot."""
-        if self.config.count is not None and self.stats.sent >= self.config.count:
+        if self.stopped_by is not None or (self.config.count is not None and self.stats.sent >= self.config.count):
             return False
         self.stats.sent += 1
         if self.stats.sent == self.config.count:

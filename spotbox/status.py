@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
 
 import orjson
 
 SERIAL_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
 SERIAL_RE = re.compile(SERIAL_PATTERN)
+# "." and ".." match the pattern but mean "here" and "up" in URLs and file names: they are never serials.
+SERIAL_RULE = f"does not match {SERIAL_PATTERN} (and is not . or ..)"
 STATUS_TOPIC_RE = re.compile(r"robot/([^/]*)/status")
 
 
@@ -23,7 +26,7 @@ def status_topic_serial(topic: str) -> str | None:
 
 def is_valid_serial(serial: str) -> bool:
     """True when `serial` is a robot serial number spotbox accepts."""
-    return SERIAL_RE.fullmatch(serial) is not None
+    return SERIAL_RE.fullmatch(serial) is not None and serial not in (".", "..")
 
 
 def parse_utc(text: str) -> datetime:
@@ -68,11 +71,41 @@ class StatusRecord:
     height: float
     payload: bytes
     payload_hash: bytes
+    # For a QoS 1/2 status without a timestamp: what identifies its delivery (see `Delivery`), stored with the row.
+    delivery_key: bytes | None = None
+    # True for a resend (DUP) of such a status: storage keeps it once when a row of the same delivery is recent.
+    resend: bool = False
 
     @property
     def dedup_key(self) -> tuple[str, int, bytes]:
         """Same robot, same ts, same payload: one row."""
         return (self.serial_number, to_micros(self.ts), self.payload_hash)
+
+
+@dataclass(slots=True, frozen=True)
+class Delivery:
+    """One MQTT delivery of a status at QoS 1 or 2: the publishing client, its packet id, and its DUP flag.
+
+    A status without a timestamp takes its receive time as `ts`, so a resend after a lost PUBACK is not equal to
+    the stored row. The client id, packet id and payload digest identify the delivery instead: storage keeps them
+    with the row, and a resend (DUP) of the same delivery within RESEND_WINDOW is a duplicate, even across a restart.
+    Equal payloads alone never are: an idle robot legitimately repeats the same status.
+    """
+
+    client_id: str
+    packet_id: int
+    resend: bool
+
+    def key(self, payload_hash: bytes) -> bytes:
+        """The delivery key stored with the row."""
+        ident = self.client_id.encode("utf-8", "surrogatepass") + b"\0" + self.packet_id.to_bytes(2, "big")
+        return hashlib.blake2b(ident + payload_hash, digest_size=16).digest()
+
+
+# How far back a resend (DUP) of a status without a timestamp is matched against stored deliveries: a resend comes
+# on the reconnect after a lost PUBACK, a restart included; an older row with the same key is more likely an earlier
+# identical status whose packet id the client has since reused.
+RESEND_WINDOW = timedelta(minutes=5)
 
 
 def payload_digest(raw: bytes) -> bytes:
@@ -104,6 +137,56 @@ class StoredStatus:
         if include_payload:
             body["payload"] = orjson.Fragment(rec.payload)
         return body
+
+
+class StatusRow(NamedTuple):
+    """A stored status as the read routes show it, without its raw payload: the columns they read, in this order."""
+
+    id: int
+    serial_number: str
+    ts: datetime
+    received_at: datetime
+    battery_level: int
+    battery_status: str
+    driving_status: str
+    current_drive_id: str | None
+    latitude: float
+    longitude: float
+    height: float
+
+    def to_api(self) -> dict[str, Any]:
+        """The one JSON shape of a status (the same as StoredStatus.to_api)."""
+        return api_item(self)
+
+
+def api_item(row: Sequence[Any]) -> dict[str, Any]:
+    """The JSON shape of a status from a row of StatusRow's columns, a raw payload text after them if any.
+
+    `ts` and `received_at` may be datetimes or already the text `dumps` writes for them (`...Z`): the history
+    route has SQLite format them, where it costs no Python time.
+    """
+    body = {
+        "id": row[0],
+        "serial_number": row[1],
+        "ts": row[2],
+        "received_at": row[3],
+        "battery_level": row[4],
+        "battery_status": row[5],
+        "driving_status": row[6],
+        "current_drive_id": row[7],
+        "location": {"latitude": row[8], "longitude": row[9], "height": row[10]},
+    }
+    if len(row) > API_COLUMN_COUNT:
+        body["payload"] = orjson.Fragment(row[API_COLUMN_COUNT])
+    return body
+
+
+API_COLUMN_COUNT = len(StatusRow._fields)
+
+
+def api_items_json(rows: Sequence[Sequence[Any]]) -> bytes:
+    """A JSON array of statuses from rows of StatusRow's columns (and a payload text), in one orjson call."""
+    return dumps([api_item(row) for row in rows])
 
 
 def dumps(value: Any) -> bytes:

@@ -12,9 +12,10 @@ list further MQTT topic filters the user is granted (an operator's `robot/#`, fo
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from spotbox.errors import ConfigError
-from spotbox.status import SERIAL_PATTERN, is_valid_serial
+from spotbox.status import SERIAL_RULE, is_valid_serial
 
 FORMAT_VERSION = 1
 # argon2id with OWASP's minimum recommended parameters (19 MiB, 2 passes, 1 lane): about 20 ms per check here.
@@ -112,7 +113,7 @@ def hash_password(password: str) -> str:
 def make_user(name: str, password: str, publish: Iterable[str] = (), subscribe: Iterable[str] = ()) -> User:
     """A new user entry; raises ValueError naming what is wrong with the name, password or grants."""
     if not is_valid_serial(name):
-        raise ValueError(f"user name {name!r} must match {SERIAL_PATTERN} (it is the robot's serial number)")
+        raise ValueError(f"user name {name!r} {SERIAL_RULE} (it is the robot's serial number)")
     if not password:
         raise ValueError("the password must not be empty")
     grants = (*publish, *subscribe)
@@ -123,7 +124,7 @@ def make_user(name: str, password: str, publish: Iterable[str] = (), subscribe: 
 
 def _parse_user(path: Path, name: Any, entry: Any) -> User:
     if not isinstance(name, str) or not is_valid_serial(name):
-        raise UsersFileError(path, f"user name {name!r} does not match {SERIAL_PATTERN}")
+        raise UsersFileError(path, f"user name {name!r} {SERIAL_RULE}")
     if not isinstance(entry, dict) or not isinstance(entry.get("password"), str):
         raise UsersFileError(path, f"user {name!r} has no password hash")
     if not entry["password"].startswith("$argon2"):
@@ -205,6 +206,25 @@ class Users:
         except (VerificationError, InvalidHashError):
             return None
         return user
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold the users file's lock around a load, change and save, so concurrent `spotbox users` lose no change.
+
+    The lock is on `.NAME.lock` beside the file (the file itself is replaced on every save, so it cannot carry
+    the lock); the kernel releases it when the holder exits, however it exits.
+    """
+    lock_path = path.with_name(f".{path.name}.lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise UsersFileError(path, f"cannot lock {lock_path}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 # Verified against for unknown names, so that a refusal takes as long whether or not the name exists.

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from spotbox.errors import ConfigError
-from spotbox.users import Users, make_user
+from spotbox.users import Users, locked, make_user
 
 FILE_OPTION = click.option(
     "--file",
@@ -22,6 +25,15 @@ FILE_OPTION = click.option(
 def _load(path: Path, *, missing_ok: bool = False) -> Users:
     try:
         return Users.load(path, missing_ok=missing_ok)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    try:
+        with locked(path):
+            yield
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -45,15 +57,17 @@ def users() -> None:
 @click.option("--subscribe", multiple=True, help="A topic filter NAME may also subscribe to (repeatable).")
 def add(name: str, path: Path, password: str, publish: tuple[str, ...], subscribe: tuple[str, ...]) -> None:
     """Add user NAME, or set a new password (and, when given, new grants) for an existing one."""
-    current = _load(path, missing_ok=True)
-    previous = current.by_name.get(name)
-    if previous is not None and not publish and not subscribe:
-        publish, subscribe = previous.publish, previous.subscribe
     try:
+        # Hashed before taking the lock: the lock is held only for the load, change and save.
         user = make_user(name, password, publish, subscribe)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    current.with_user(user).save()
+    with _locked(path):
+        current = _load(path, missing_ok=True)
+        previous = current.by_name.get(name)
+        if previous is not None and not publish and not subscribe:
+            user = replace(user, publish=previous.publish, subscribe=previous.subscribe)
+        current.with_user(user).save()
     click.echo(f"{'updated' if previous else 'added'} user {name} in {path}")
 
 
@@ -62,10 +76,11 @@ def add(name: str, path: Path, password: str, publish: tuple[str, ...], subscrib
 @FILE_OPTION
 def remove(name: str, path: Path) -> None:
     """Remove user NAME; its connections are refused from the next start of spotbox run."""
-    current = _load(path)
-    if name not in current.by_name:
-        raise click.ClickException(f"{path}: no user {name!r}")
-    current.without(name).save()
+    with _locked(path):
+        current = _load(path)
+        if name not in current.by_name:
+            raise click.ClickException(f"{path}: no user {name!r}")
+        current.without(name).save()
     click.echo(f"removed user {name} from {path}")
 
 

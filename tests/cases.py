@@ -1,4 +1,4 @@
-"""Every rule of SPEC section 4, with a case on each side of its boundary."""
+"""Every rule of the robot-status schema (schemas/robot-status.schema.json), a case on each side of its boundary."""
 
 from __future__ import annotations
 

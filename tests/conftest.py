@@ -29,7 +29,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -40,8 +40,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from spotbox.app import create_app
-from spotbox.broker import SpotboxBroker
 from spotbox.keys import BROKER, PIPELINE, STORAGE
+from spotbox.mqtt.broker import Broker
 from spotbox.pipeline import IngestPipeline
 from spotbox.settings import Settings
 from spotbox.storage import Storage
@@ -196,6 +196,8 @@ class Box:
 
     server: TestServer
     http: aiohttp.ClientSession
+    # Sent with `history()`: a login that may read, for an instance started with --users.
+    read_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def mqtt_port(self) -> int:
@@ -208,7 +210,7 @@ class Box:
         return f"http://127.0.0.1:{self.server.port}"
 
     @property
-    def broker(self) -> SpotboxBroker:
+    def broker(self) -> Broker:
         return self.server.app[BROKER]
 
     @property
@@ -224,7 +226,8 @@ class Box:
         items: list[dict[str, Any]] = []
         query = dict(params)
         while True:
-            async with self.http.get(f"{self.base_url}/robots/{serial}/history", params=query) as resp:
+            url = f"{self.base_url}/robots/{serial}/history"
+            async with self.http.get(url, params=query, headers=self.read_headers) as resp:
                 if resp.status == 404:
                     return items
                 assert resp.status == 200, await resp.text()

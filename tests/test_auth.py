@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
 import aiomqtt
 import orjson
 import pytest
 
 from spotbox.loadgen import connect_packet
-from spotbox.settings import Settings, load_runtime
+from spotbox.runtime import load_runtime
+from spotbox.settings import Settings
 from spotbox.users import Users, make_user
 from tests.conftest import Box, BoxFactory
 from tests.helpers import mqtt_client, payload, stamp
@@ -45,8 +47,10 @@ def secured_settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def secured(make_box: BoxFactory, tmp_path: Path) -> Box:
-    """spotbox with a users file."""
-    return await make_box(secured_settings(tmp_path))
+    """spotbox with a users file; its `history()` reads as the operator."""
+    box = await make_box(secured_settings(tmp_path))
+    box.read_headers = operator_login()
+    return box
 
 
 def port_for(box: Box, transport: str) -> int:
@@ -54,6 +58,11 @@ def port_for(box: Box, transport: str) -> int:
     port = box.mqtt_port if transport == "tcp" else box.server.port
     assert port is not None
     return port
+
+
+def operator_login() -> dict[str, str]:
+    """HTTP Basic headers of the operator, who may read every robot."""
+    return {"Authorization": aiohttp.encode_basic_auth("operator", PASSWORDS["operator"])}
 
 
 def login(name: str) -> dict[str, str]:

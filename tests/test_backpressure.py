@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from spotbox.broker.handler import READ_WINDOW
+from spotbox.mqtt.connection import READ_WINDOW
 from spotbox.settings import Settings
 from tests.conftest import BoxFactory
 from tests.helpers import raw_publisher

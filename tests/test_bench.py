@@ -73,3 +73,20 @@ async def test_loadgen_speaks_mqtt5(tmp_path: Path, qos: int) -> None:
         await broker.wait()
     assert result.acked == result.sent == 50
     assert result.errors == []
+
+
+@pytest.mark.slow  # four spotbox processes and an uplink reconnect: about 15 s
+async def test_bench_measures_forwarding_and_its_catch_up() -> None:
+    """Test that `bench --forward` stores every status with and without forwarding and sees them all upstream, and
+    `--forward-backlog` reports live ingest beside a catch-up and the drain rate."""
+    require_tool("mosquitto")  # the upstream broker
+    forward = await bench_json(*("--forward", "--robots", "2", "--messages", "200", "--sse", "1"))
+    assert forward["stored"] == 200
+    assert forward["stored_per_s_without_forward"] > 0
+    assert forward["forwarded_per_s"] > 0
+    catch_up = await bench_json(
+        *("--forward-backlog", "300", "--robots", "2", "--messages", "100", "--rate", "200", "--sse", "1")
+    )
+    assert catch_up["live_stored_per_s_without_catch_up"] > 0
+    assert catch_up["live_stored_per_s_during_catch_up"] > 0
+    assert catch_up["drained_per_s"] > 0

@@ -97,7 +97,7 @@ async def stored_count_reaches(storage: Storage, count: int, timeout_s: float = 
 
 async def every_row(storage: Storage) -> list[StoredStatus]:
     """Every stored row, by id."""
-    return await storage.rows_after(None, 0, 1_000_000)
+    return await storage.statuses_after(0, 1_000_000)
 
 
 def assert_each_once(rows: list[StoredStatus], expected: int) -> None:

@@ -354,8 +354,10 @@ async def test_systemd_unit_command_runs(tmp_path: Path) -> None:
             *relocated(command[2:], paths), env={**env, "SPOTBOX_HTTP_PORT": "0", "SPOTBOX_MQTT_PORT": "0"}
         ) as box,
         aiohttp.ClientSession() as http,
-        http.get(f"http://127.0.0.1:{box.http_port}/") as resp,
+        # With its users file the console asks a browser to log in first.
+        http.get(f"http://127.0.0.1:{box.http_port}/", headers={"Accept": "text/html"}) as resp,
     ):
         assert resp.status == 200
+        assert resp.url.path == "/login"
         assert "spotbox" in await resp.text()
     assert (tmp_path / "state" / "spotbox.db").is_file()

@@ -21,7 +21,7 @@ from tests.test_auth import PASSWORDS, secured_settings
 
 pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
 
-# Every route of SPEC section 6 and the HTTP contract, including those other parts of spotbox add.
+# Every HTTP route of spotbox (README's HTTP API), including those other parts of spotbox add.
 DOCUMENTED = {
     ("get", "/"),
     ("get", "/robots"),

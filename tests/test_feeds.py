@@ -15,7 +15,7 @@ from spotbox.errors import StorageUnavailableError
 from spotbox.keys import HUB
 from spotbox.settings import Settings
 from spotbox.sse import REPLAY_PAGE, FeedHub
-from spotbox.status import StoredStatus, parse_utc
+from spotbox.status import StatusRow, parse_utc
 from spotbox.validation import Rejection
 from tests.conftest import Box
 from tests.helpers import FeedReader, SseEvent, mqtt_client, open_feed, payload, stamp
@@ -107,7 +107,7 @@ async def test_rows_committed_during_the_replay_are_sent_once(
     read_rows = box.storage.rows_after
     calls = 0
 
-    async def racing_rows_after(serial: str | None, after: int, limit: int) -> list[StoredStatus]:
+    async def racing_rows_after(serial: str | None, after: int, limit: int) -> list[StatusRow]:
         # The feed has subscribed by now: this row is both on its live buffer and in the query's result.
         nonlocal calls
         calls += 1
@@ -148,7 +148,7 @@ async def test_bad_last_event_id_is_400(box: Box) -> None:
 async def test_replay_during_storage_outage_is_503(box: Box, monkeypatch: pytest.MonkeyPatch) -> None:
     """Test that a resume the database cannot serve answers 503 in the JSON error shape, not a broken stream."""
 
-    async def unreachable(serial: str | None, after: int, limit: int) -> list[StoredStatus]:
+    async def unreachable(serial: str | None, after: int, limit: int) -> list[StatusRow]:
         raise StorageUnavailableError("connection refused")
 
     monkeypatch.setattr(box.storage, "rows_after", unreachable)
@@ -219,7 +219,7 @@ def stall_replay(box: Box, monkeypatch: pytest.MonkeyPatch, publish: Publish, bu
     read_rows = box.storage.rows_after
     stalled = False
 
-    async def slow_rows_after(serial: str | None, after: int, limit: int) -> list[StoredStatus]:
+    async def slow_rows_after(serial: str | None, after: int, limit: int) -> list[StatusRow]:
         nonlocal stalled
         if not stalled:
             stalled = True

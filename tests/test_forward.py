@@ -165,7 +165,7 @@ async def test_every_status_is_forwarded_with_its_row_id_in_order(make_box: BoxF
                 assert resp.status == 200, "an uplink outage must not make the gateway unready"
             await broker.start()
             await receiver.wait_for(1000)
-            stored = await box.storage.rows_after(None, 0, 5000)
+            stored = await box.storage.statuses_after(0, 5000)
     assert len(stored) == 1000
     assert receiver.distinct == {row.id for row in stored}
     assert_in_order_per_robot(receiver)
@@ -280,7 +280,7 @@ async def test_a_killed_gateway_resumes_from_its_saved_cursor(tmp_path: Path) ->
         storage = open_storage(Settings(database_url=f"sqlite:///{database}").database)
         await storage.open()
         try:
-            stored = {row.id for row in await storage.rows_after(None, 0, 5000)}
+            stored = {row.id for row in await storage.statuses_after(0, 5000)}
             assert len(await storage.history(HistoryQuery("R00", limit=5000))) == 200
         finally:
             await storage.close()
@@ -413,7 +413,7 @@ async def test_full_scale_outage_and_kill_lose_nothing(tmp_path: Path) -> None:
         storage = open_storage(Settings(database_url=f"sqlite:///{database}").database)
         await storage.open()
         try:
-            stored = {row.id for row in await storage.rows_after(None, 0, 50_000)}
+            stored = {row.id for row in await storage.statuses_after(0, 50_000)}
         finally:
             await storage.close()
     assert len(stored) == 20_000

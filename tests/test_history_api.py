@@ -76,7 +76,7 @@ async def test_include_payload_adds_the_raw_message(box: Box) -> None:
 
 
 async def test_status_shape(box: Box) -> None:
-    """Test that a history item has exactly the fields of SPEC section 6."""
+    """Test that a history item has exactly the fields README documents."""
     await seed(box, "R1", [1])
     _, page = await get(box, "/robots/R1/history")
     item = page["items"][0]

@@ -17,16 +17,17 @@ from tests.test_auth import secured_settings
 
 pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
 
-PASSWORDS = {"ROBOT-A": "pw-a", "ROBOT-B": "pw-b", "fleet": "pw-fleet", "commander": "pw-cmd"}
+PASSWORDS = {"ROBOT-A": "pw-a", "ROBOT-B": "pw-b", "fleet": "pw-fleet", "commander": "pw-cmd", "watcher": "pw-w"}
 CHALLENGE = 'Basic realm="spotbox"'
 
 
 def write_users(path: Path) -> Path:
-    """Two robots, `fleet` granted every robot's status, `commander` granted only robot/+/cmd."""
+    """Two robots, `fleet` granted every robot's status, `commander` granted only robot/+/cmd, `watcher` reads all."""
     users = Users(path)
     for name in ("ROBOT-A", "ROBOT-B"):
         users = users.with_user(make_user(name, PASSWORDS[name]))
     users = users.with_user(make_user("fleet", PASSWORDS["fleet"], publish=["robot/+/status"]))
+    users = users.with_user(make_user("watcher", PASSWORDS["watcher"], subscribe=["robot/#"]))
     users.with_user(make_user("commander", PASSWORDS["commander"], publish=["robot/+/cmd"])).save()
     return path
 
@@ -35,7 +36,9 @@ def write_users(path: Path) -> Path:
 async def secured(make_box: BoxFactory, tmp_path: Path) -> Box:
     """spotbox with a users file (SQLite: access control does not depend on the database)."""
     settings = secured_settings(tmp_path)
-    return await make_box(dataclasses.replace(settings, users_path=write_users(tmp_path / "http-users.json")))
+    box = await make_box(dataclasses.replace(settings, users_path=write_users(tmp_path / "http-users.json")))
+    box.read_headers = login("watcher")
+    return box
 
 
 def login(name: str, password: str | None = None) -> dict[str, str]:
@@ -100,13 +103,16 @@ async def test_grants_decide_which_robots_a_user_may_post_for(secured: Box) -> N
     assert await secured.history("ROBOT-B") == []
 
 
-async def test_reads_stay_open_with_users(secured: Box) -> None:
-    """Test that with --users the read routes still answer without credentials (only ingest is guarded)."""
-    async with mqtt_client(secured.mqtt_port, username="ROBOT-A", password=PASSWORDS["ROBOT-A"]) as robot:
+async def test_open_reads_leave_reads_open_with_users(make_box: BoxFactory, tmp_path: Path) -> None:
+    """Test that with --users and --open-reads the read routes answer without credentials (only ingest is guarded)."""
+    settings = dataclasses.replace(secured_settings(tmp_path), open_reads=True)
+    box = await make_box(dataclasses.replace(settings, users_path=write_users(tmp_path / "http-users.json")))
+    async with mqtt_client(box.mqtt_port, username="ROBOT-A", password=PASSWORDS["ROBOT-A"]) as robot:
         await robot.publish("robot/ROBOT-A/status", payload(), qos=1)
-    async with secured.http.get(f"{secured.base_url}/robots/ROBOT-A") as resp:
+    async with box.http.get(f"{box.base_url}/robots/ROBOT-A") as resp:
         assert resp.status == 200
-    assert len(await secured.history("ROBOT-A")) == 1
+    assert len(await box.history("ROBOT-A")) == 1
+    assert (await post(box, "ROBOT-A"))[0] == 401
 
 
 async def test_without_users_post_needs_no_credentials(make_box: BoxFactory, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -16,6 +17,7 @@ from tests.cases import INVALID
 from tests.conftest import Box, BoxFactory
 from tests.helpers import mqtt_client, open_feed, status
 from tests.test_durability import Outage
+from tests.test_validation import BAD_NUMBERS, GOOD_NUMBERS, _with_number
 
 MAX_BODY = 1024 * 1024
 
@@ -61,7 +63,7 @@ async def test_same_status_twice_is_a_duplicate(box: Box) -> None:
 @pytest.mark.sqlite_only
 @pytest.mark.parametrize(("name", "doc", "field"), INVALID, ids=[case[0] for case in INVALID])
 async def test_invalid_status_is_422_with_its_errors(box: Box, name: str, doc: dict[str, Any], field: str) -> None:
-    """Test that each invalid case of SPEC section 4 is a 422 naming the failing field, and is not stored."""
+    """Test that each invalid case of tests/cases.py is a 422 naming the failing field, and is not stored."""
     code, body, _ = await post(box, "ROBOT-H3", doc)
     assert code == 422
     assert body["error"] == "invalid status"
@@ -195,3 +197,60 @@ async def test_storage_outage_is_503_with_retry_after_then_recovers(
     code, body, _ = await post(box, "ROBOT-H8", status(battery_level=12))
     assert (code, body["duplicate"]) == (202, False)
     assert [item["battery_level"] for item in await box.history("ROBOT-H8")] == [11, 12]
+
+
+async def test_unstorable_numbers_get_the_same_verdict_on_every_database(box: Box) -> None:
+    """Test that numbers PostgreSQL could not keep are a 422 naming the field, and edge numbers are stored, on both."""
+    for name, fragment, field in BAD_NUMBERS:
+        code, body, _ = await post(box, "ROBOT-H8", _with_number(fragment))
+        assert code == 422, (name, body)
+        assert body["detail"]["field"] == field, name
+    for name, fragment in GOOD_NUMBERS:
+        code, body, _ = await post(box, "ROBOT-H8", _with_number(fragment).replace(b"10:00:00Z", b"10:00:01Z"))
+        assert code == 202, (name, body)
+        assert box.pipeline.stats.stored >= 1
+        # Each edge case once: a new timestamp per case keeps them apart from the first one's row.
+        await box.storage.delete_before(datetime(2100, 1, 1, tzinfo=UTC), 10)
+    assert box.pipeline.stats.stored == len(GOOD_NUMBERS)
+
+
+async def test_a_huge_refused_status_is_reported_in_bounded_size(box: Box) -> None:
+    """Test that a 1 MB refused value gives short reasons in the 422, the rejected topic, /feed, and a 4 KiB copy."""
+    raw = orjson.dumps(status(battery_level=[1e15] * 30_000, driving_status=["MOVING"] * 30_000))
+    assert 800_000 < len(raw) < 1024 * 1024
+    async with (
+        mqtt_client(box.mqtt_port) as watcher,
+        open_feed(box.http, f"{box.base_url}/feed") as feed,
+    ):
+        await watcher.subscribe("spotbox/rejected/+", qos=1)
+        code, body, resp = await post(box, "ROBOT-H9", raw)
+        assert code == 422
+        assert resp.content_length is not None
+        assert resp.content_length < 1000
+        fields = [error.split(":")[0] for error in body["detail"]["errors"]]
+        assert fields[:2] == ["battery_level", "driving_status"]
+        async with asyncio.timeout(10):
+            message = await anext(aiter(watcher.messages))
+            event = await feed.next()
+    assert isinstance(message.payload, bytes)
+    report = orjson.loads(message.payload)
+    assert report["payload_truncated"] is True
+    assert report["payload"] == raw[:4096].decode()
+    assert len(message.payload) < 6000
+    assert all(len(error) <= 200 for error in report["errors"])
+    assert event.event == "rejected"
+    assert event.json()["field"] == "battery_level"
+    assert len(event.json()["reason"]) <= 200
+
+
+async def test_a_small_refused_status_is_reported_whole(box: Box) -> None:
+    """Test that a refused payload under 4 KiB is copied whole to spotbox/rejected/{serial}, not marked truncated."""
+    raw = orjson.dumps(status(battery_level=0))
+    async with mqtt_client(box.mqtt_port) as watcher:
+        await watcher.subscribe("spotbox/rejected/+", qos=1)
+        assert (await post(box, "ROBOT-H9", raw))[0] == 422
+        async with asyncio.timeout(10):
+            message = await anext(aiter(watcher.messages))
+    assert isinstance(message.payload, bytes)
+    report = orjson.loads(message.payload)
+    assert (report["payload"], report["payload_truncated"]) == (raw.decode(), False)

@@ -83,7 +83,7 @@ async def test_mosquitto_pub_status_is_stored(box: Box) -> None:
 
 
 async def test_invalid_statuses_are_never_stored_streamed_or_routed(box: Box) -> None:
-    """Test that no invalid case of SPEC section 4 is stored, streamed or delivered; the valid one after is."""
+    """Test that no invalid case of tests/cases.py is stored, streamed or delivered; the valid one after is."""
     async with (
         open_feed(box.http, f"{box.base_url}/robots/ROBOT-004/feed") as feed,
         mqtt_client(box.mqtt_port) as watcher,

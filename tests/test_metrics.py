@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,16 @@ async def test_each_app_has_its_own_registry(make_box: BoxFactory, tmp_path: Pat
     assert first["spotbox_messages_stored_total"] == 1
     assert second["spotbox_messages_stored_total"] == 0
     assert second["spotbox_batch_commit_seconds_count"] == 0
+
+
+async def test_standard_process_and_python_series(box: Box) -> None:
+    """Test that /metrics carries the standard process_* and python_* series of this very process."""
+    metrics = await scrape(box)
+    assert metrics["process_resident_memory_bytes"] > 0
+    assert metrics["process_open_fds"] > 0
+    assert metrics["process_cpu_seconds_total"] > 0
+    assert 0 < metrics["process_start_time_seconds"] <= time.time()
+    version = sys.version_info
+    info = f'python_info{{implementation="CPython",major="{version.major}",minor="{version.minor}",'
+    assert any(name.startswith(info) for name in metrics)
+    assert 'python_gc_collections_total{generation="0"}' in metrics

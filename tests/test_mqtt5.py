@@ -11,8 +11,8 @@ import mqtt5
 import orjson
 import pytest
 
-from spotbox.broker.handler import READ_WINDOW
-from spotbox.broker.mqtt5_connect import MAX_KEEP_ALIVE_S, TOPIC_ALIAS_MAX
+from spotbox.keys import SETTINGS
+from spotbox.mqtt.broker import TOPIC_ALIAS_MAX
 from tests.cases import INVALID
 from tests.conftest import Box, BoxFactory, require_tool
 from tests.helpers import mqtt_client, payload, stamp
@@ -36,8 +36,9 @@ async def test_connack_carries_what_spotbox_offers(box: Box) -> None:
         assert connack.reason_code == mqtt5.ConnAckReasonCode.SUCCESS
         assert not connack.session_present
         assert connack.assigned_client_id  # [MQTT-3.2.2-16]
-        assert connack.server_keep_alive == MAX_KEEP_ALIVE_S
-        assert connack.receive_max == READ_WINDOW
+        settings = box.server.app[SETTINGS]
+        assert connack.server_keep_alive == settings.max_keepalive
+        assert connack.receive_max == settings.receive_maximum
         assert connack.topic_alias_max == TOPIC_ALIAS_MAX
         assert connack.max_packet_size == box.broker.limits.max_packet + 5
         assert connack.retain_available
@@ -76,7 +77,7 @@ async def test_invalid_status_gets_puback_0x99_and_reaches_no_subscriber(
 
 
 async def test_every_rule_of_section_4_gets_0x99_with_its_field(box: Box) -> None:
-    """Test that each invalid case of SPEC section 4 published over MQTT 5 at QoS 1 gets 0x99 naming its field,
+    """Test that each invalid case of tests/cases.py published over MQTT 5 at QoS 1 gets 0x99 naming its field,
     and that a subscriber of robot/+/status receives exactly the valid message sent last."""
     async with mqtt_client(box.mqtt_port, "5") as watcher, paho_v5(box.mqtt_port) as robot:
         await watcher.subscribe("robot/+/status", qos=1)
@@ -217,3 +218,23 @@ async def test_denied_subscription_gets_0x87(secured: Box) -> None:
             mqtt5.SubAckReasonCode.NOT_AUTHORIZED,
             mqtt5.SubAckReasonCode.GRANTED_QOS_AT_LEAST_ONCE,
         ]
+
+
+async def test_reason_strings_name_each_field_briefly(box: Box) -> None:
+    """Test that 0x99 reason strings name the missing field itself, a repeated key, an unstorable number, and stay
+    within 200 characters for a 1 MB value."""
+    cases = [
+        (b'{"battery_level": 50}', "battery_status: is required"),
+        (b'{"battery_level": 150, ' + payload()[1:], "battery_level: is a duplicate key"),
+        (payload().replace(b'"latitude":52.52', b'"latitude":1e-999999'), "location.latitude: 1e-999999 rounds to 0"),
+        (payload(battery_status=["CHARGING"] * 80_000), 'battery_status: an array of 80000 items is not one of ["'),
+    ]
+    async with paho_v5(box.mqtt_port) as robot:
+        for raw, expected in cases:
+            code, properties = await robot.publish(STATUS.format("R7"), raw, qos=1)
+            assert code.value == 0x99
+            reason = reason_string(properties)
+            assert reason is not None
+            assert reason.startswith(expected), reason
+            assert len(reason) <= 200
+    assert await box.history("R7") == []

@@ -43,7 +43,7 @@ def port(box: Box) -> int:
 async def test_publish_properties_reach_mqtt5_and_payload_reaches_311(port: int) -> None:
     """Test that a v5 PUBLISH's properties reach a v5 subscriber intact and its payload a 3.1.1 subscriber."""
     async with wire_client(port) as (subscriber, _), mqtt_client(port, "3.1.1") as old:
-        # amqtt delivers at the subscription's QoS (not the lower of the two): subscribe at the publisher's.
+        # Subscribed at the publisher's QoS, so the message arrives at QoS 1 (the lower of the two).
         assert await subscribe(subscriber, "robot/+/cmd", qos=Q1) == [1]
         await old.subscribe("robot/+/cmd", qos=1)
         async with wire_client(port) as (publisher, _):

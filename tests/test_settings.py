@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from spotbox.cli import main
 from spotbox.errors import ConfigError
-from spotbox.options import README, readme_table, replace_table, rows
-from spotbox.settings import DatabaseURL, Settings, load_runtime
+from spotbox.options import README, at_least, check_values, click_options, option, readme_table, replace_table, rows
+from spotbox.runtime import load_runtime
+from spotbox.settings import DatabaseURL, Settings
 
 # One bad value per check; test_every_check_is_provoked keeps this list complete.
 BAD_VALUES: list[tuple[dict[str, Any], str]] = [
@@ -40,7 +44,16 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"max_payload": 300_000_000}, "--max-payload"),
     ({"max_topic_length": 65536}, "--max-topic-length"),
     ({"max_connections": 0}, "--max-connections"),
+    ({"max_streams": 0}, "--max-streams"),
     ({"max_json_depth": 1}, "--max-json-depth"),
+    ({"max_future_s": -1.0}, "--max-future"),
+    ({"max_pending_logins": 0}, "--max-pending-logins"),
+    ({"connect_timeout_s": 0}, "--connect-timeout-s"),
+    ({"max_keepalive": 0}, "--max-keepalive"),
+    ({"receive_maximum": 0}, "--receive-maximum"),
+    ({"receive_maximum": 65536}, "--receive-maximum"),
+    ({"max_queued": -1}, "--max-queued"),
+    ({"max_outbound_bytes": 100}, "--max-outbound-bytes"),
     ({"tls_key": Path("/no/such/key.pem")}, "--tls-cert"),
     ({"forward": ("http://cloud.example",)}, "--forward"),
     ({"forward": ("mqtt://a", "mqtt://a")}, "--forward"),
@@ -137,3 +150,76 @@ def test_database_urls(url: str, scheme: str, path: Path | None) -> None:
 def test_password_is_redacted_in_logs() -> None:
     """Test that the database password never reaches a log line."""
     assert DatabaseURL.parse("postgresql://spot:s3cret@db/spotbox").redacted() == "postgresql://spot:***@db/spotbox"
+
+
+def _commands(command: click.Command, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
+    found = [(path, command)]
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            found += _commands(sub, (*path, name))
+    return found
+
+
+COMMANDS = _commands(main)
+
+
+@pytest.mark.parametrize(("path", "command"), COMMANDS, ids=[" ".join(path) or "spotbox" for path, _ in COMMANDS])
+def test_every_flag_of_every_command_names_its_variable(path: tuple[str, ...], command: click.Command) -> None:
+    """Test that each flag in each command's --help names the environment variable it also reads."""
+    result = CliRunner().invoke(main, [*path, "--help"], terminal_width=400)
+    assert result.exit_code == 0
+    ctx = main.make_context("spotbox", ["--help"], resilient_parsing=True)
+    for name in path:
+        ctx = click.Context(ctx.command.commands[name], parent=ctx, info_name=name)  # type: ignore[attr-defined]
+    for flag in [param for param in command.params if isinstance(param, click.Option) and not param.is_eager]:
+        record = flag.get_help_record(ctx)
+        assert record is not None
+        assert "env var: " in record[1], record
+        # What --help prints is that record.
+        assert " ".join(record[1].split()) in " ".join(result.output.split())
+
+
+def test_every_mqtt_example_names_the_port() -> None:
+    """Test that each MQTT command in README and docs names its port: without it, another broker on 1883 gets it."""
+    documents = [README, *README.parent.joinpath("docs").glob("*.md")]
+    commands = [
+        line
+        for document in documents
+        for line in document.read_text(encoding="utf-8").splitlines()
+        if re.search(r"\b(mosquitto_pub|mosquitto_sub|spotbox simulate)\b", line) and "`" not in line
+    ]
+    assert commands
+    for line in commands:
+        assert re.search(r" (-p|--port) \d+", line), line
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A settings class of three rows, as another part of spotbox would add them."""
+
+    rate: float | None = option(None, "Rate.", group="G", check=at_least(1), default_text="unlimited")
+    verbose: bool = option(False, "Talk more.", group="G")
+    mode: str = option("a", "Mode.", group="G", choices=("a", "b"), envvars=("MODE",))
+
+    def __post_init__(self) -> None:
+        check_values(self)
+
+
+def test_a_row_is_a_flag_a_variable_and_a_check() -> None:
+    """Test that one option(...) field gives a typed flag (bool: --x/--no-x), its variable, and its check."""
+    seen: list[Sample] = []
+
+    @click.command()
+    @click_options(Sample)
+    def command(**values: Any) -> None:
+        seen.append(Sample(**values))
+
+    runner = CliRunner()
+    assert runner.invoke(command, ["--rate", "2.5", "--verbose"], env={"MODE": "b"}).exit_code == 0
+    assert runner.invoke(command, ["--no-verbose"]).exit_code == 0
+    assert seen == [Sample(2.5, True, "b"), Sample(None, False, "a")]
+    assert runner.invoke(command, [], env={"SPOTBOX_RATE": "0.5"}).exit_code == 1  # ConfigError, not caught here
+    with pytest.raises(ConfigError, match=r"^--rate: 0.5 is below 1$"):
+        Sample(rate=0.5)
+    with pytest.raises(ConfigError, match=r"^--mode: 'c' is not one of a, b$"):
+        Sample(mode="c")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
+import signal
 from datetime import UTC, datetime
 
 import orjson
@@ -15,6 +17,7 @@ from spotbox.simulate import Fleet, FleetConfig, Robot, spoil
 from spotbox.status import StatusRecord
 from spotbox.validation import Rejection, StatusValidator
 from tests.conftest import SPOTBOX, Box
+from tests.helpers import open_feed
 
 pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
 
@@ -77,7 +80,7 @@ async def test_fleet_stores_exactly_its_valid_statuses(box: Box) -> None:
         assert times == sorted(times)
 
 
-async def test_simulate_command_with_assignment_env_vars(box: Box) -> None:
+async def test_simulate_command_with_fleet_env_vars(box: Box) -> None:
     """Test `spotbox simulate --count 20 --invalid-rate 0.3` as a user runs it, robots from ROBOT_COUNT."""
     proc = await asyncio.create_subprocess_exec(
         SPOTBOX,
@@ -103,3 +106,33 @@ async def test_simulate_command_with_assignment_env_vars(box: Box) -> None:
     per_robot = [len(await box.history(f"ROBOT-00{n}")) for n in (1, 2, 3)]
     assert all(count > 0 for count in per_robot)
     assert sum(per_robot) == valid
+
+
+@pytest.mark.parametrize(("count", "code"), [([], 0), (["--count", "1000000"], 128 + signal.SIGINT)])
+async def test_ctrl_c_prints_the_summary(box: Box, count: list[str], code: int) -> None:
+    """Test that Ctrl-C stops spotbox simulate with its summary and no traceback: exit 0 for an open-ended run,
+    128+SIGINT when it stops short of --count."""
+    async with open_feed(box.http, f"{box.base_url}/feed") as feed:
+        proc = await asyncio.create_subprocess_exec(
+            SPOTBOX,
+            "simulate",
+            *count,
+            "--port",
+            str(box.mqtt_port),
+            "--publish-interval-sec",
+            "0.01",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(30):
+            for _ in range(5):
+                await feed.next()
+            proc.send_signal(signal.SIGINT)
+            out, err = await proc.communicate()
+    assert proc.returncode == code, err.decode()
+    assert b"Traceback" not in err
+    assert b"Aborted" not in err
+    match = re.fullmatch(rb"sent (\d+) statuses \(0 invalid, 0 failed\)\n", out)
+    assert match is not None, out
+    # Every status it counts as sent was acknowledged, so stored.
+    assert int(match.group(1)) == box.pipeline.stats.stored

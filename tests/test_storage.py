@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
+from spotbox.errors import StorageUnavailableError
 from spotbox.settings import BUNDLED_SCHEMA, DatabaseURL
-from spotbox.status import StatusRecord
+from spotbox.status import RESEND_WINDOW, Delivery, StatusRecord
 from spotbox.storage import HistoryQuery, Storage, open_storage
+from spotbox.storage import postgres as postgres_backend
+from spotbox.storage import sqlite as sqlite_backend
+from spotbox.storage.base import COLUMNS
+from spotbox.storage.sqlite import SQLiteStorage
 from spotbox.validation import StatusValidator
 from tests.conftest import fresh_postgres_database
 from tests.helpers import payload
@@ -119,12 +130,12 @@ async def test_latest_is_the_greatest_ts_then_id(storage: Storage) -> None:
     await storage.write_batch([record("R1", 3)])
     latest = await storage.latest("R1")
     assert latest is not None
-    assert latest.record.ts == T0 + timedelta(minutes=5)
+    assert latest.ts == T0 + timedelta(minutes=5)
     # Same ts, another payload: both stored, the later row wins the tie.
     [tie_id] = await storage.write_batch([record("R1", 5, battery_level=9)])
     latest = await storage.latest("R1")
     assert latest is not None
-    assert (latest.id, latest.record.battery_level) == (tie_id, 9)
+    assert (latest.id, latest.battery_level) == (tie_id, 9)
 
 
 async def test_latest_per_robot_is_one_row_per_robot_in_serial_order(storage: Storage) -> None:
@@ -134,11 +145,11 @@ async def test_latest_per_robot_is_one_row_per_robot_in_serial_order(storage: St
     for n, serial in enumerate(serials):
         await storage.write_batch([record(serial, minute, battery_level=n + minute) for minute in (3, 9, 1)])
     rows = await storage.latest_per_robot()
-    assert [row.record.serial_number for row in rows] == sorted(serials)
+    assert [row.serial_number for row in rows] == sorted(serials)
     for row in rows:
-        n = serials.index(row.record.serial_number)
-        assert (row.record.ts, row.record.battery_level) == (T0 + timedelta(minutes=9), n + 9)
-        latest = await storage.latest(row.record.serial_number)
+        n = serials.index(row.serial_number)
+        assert (row.ts, row.battery_level) == (T0 + timedelta(minutes=9), n + 9)
+        latest = await storage.latest(row.serial_number)
         assert latest is not None
         assert row.id == latest.id
 
@@ -187,7 +198,7 @@ async def test_fleet_order_is_byte_order_whatever_the_postgres_locale() -> None:
         finally:
             await store.close()
     # en-US would give a, A.9, B-1, b-2.
-    assert [row.record.serial_number for row in rows] == ["A.9", "B-1", "a", "b-2"]
+    assert [row.serial_number for row in rows] == ["A.9", "B-1", "a", "b-2"]
 
 
 async def test_delete_before_keeps_rows_after_a_forward_cursor(storage: Storage) -> None:
@@ -210,3 +221,111 @@ async def test_forward_cursors_are_kept_per_target(storage: Storage) -> None:
     assert await storage.forward_cursor("mqtt://a:1883") == ids[2]
     assert await storage.forward_cursor("mqtt://b:1883") == ids[4]
     assert await storage.count_after(ids[2] or 0) == 2
+
+
+async def test_full_disk_is_reported_as_such_and_writes_resume(tmp_path: Path) -> None:
+    """Test that a write on a full disk fails naming the cause (not "cannot rollback"), and the next write works."""
+    store = SQLiteStorage(tmp_path / "full.db")
+    await store.open()
+    try:
+        writer = store._writer  # the fault: SQLite's own size limit on this connection
+        assert writer is not None
+        async with writer.execute("PRAGMA page_count") as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        # The file may not grow: the next batch hits SQLITE_FULL, and SQLite rolls the transaction back itself.
+        await writer.execute(f"PRAGMA max_page_count = {row[0]}")
+        with pytest.raises(StorageUnavailableError, match="database or disk is full"):
+            await store.write_batch([record("R1", 1, firmware="x" * 200_000)])
+        await writer.execute("PRAGMA max_page_count = 1073741823")
+        [row_id] = await store.write_batch([record("R1", 2)])
+        assert row_id is not None
+        assert [row.id for row in await store.history(HistoryQuery("R1"))] == [row_id]
+    finally:
+        await store.close()
+
+
+async def test_failed_commit_keeps_its_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that a COMMIT failing on a full disk (SQLite then rolls back by itself) reports the full disk."""
+    store = SQLiteStorage(tmp_path / "full.db")
+    await store.open()
+    try:
+        writer = store._writer  # the fault: a COMMIT that the disk refuses, at the connection
+        assert writer is not None
+        execute = writer.execute
+
+        async def full_disk_commit() -> None:
+            await execute("ROLLBACK")  # what SQLite does when it cannot write the commit
+            raise sqlite3.OperationalError("database or disk is full")
+
+        def faulty(sql: str, parameters: Any = None) -> Any:
+            return full_disk_commit() if sql == "COMMIT" else execute(sql, parameters)
+
+        monkeypatch.setattr(writer, "execute", faulty)
+        with pytest.raises(StorageUnavailableError, match="database or disk is full"):
+            await store.write_batch([record("R1", 1)])
+        monkeypatch.undo()
+        [row_id] = await store.write_batch([record("R1", 2)])
+        assert [row.id for row in await store.history(HistoryQuery("R1"))] == [row_id]
+    finally:
+        await store.close()
+
+
+def _delivered(minute: int, *, resend: bool, client: str = "c1", received: timedelta = timedelta(0)) -> StatusRecord:
+    """An unstamped status of R1 received at T0 + minute + `received`, delivered by `client` with packet id 7."""
+    at = T0 + timedelta(minutes=minute) + received
+    verdict = VALIDATOR.check("R1", payload(timestamp=...), at)
+    assert isinstance(verdict, StatusRecord)
+    key = Delivery(client, 7, resend).key(verdict.payload_hash)
+    return dataclasses.replace(verdict, delivery_key=key, resend=resend)
+
+
+async def test_resent_delivery_is_stored_once_within_the_window(storage: Storage) -> None:
+    """Test that a resend (DUP) of a stored delivery is a duplicate within RESEND_WINDOW, a new row past it, and
+    that an equal payload without DUP or from another client is always a new row."""
+    [first] = await storage.write_batch([_delivered(0, resend=False)])
+    assert first is not None
+    assert await storage.write_batch([_delivered(1, resend=True)]) == [None]
+    batch = [
+        _delivered(2, resend=False),
+        _delivered(3, resend=True, client="c2"),
+        _delivered(0, resend=True, received=RESEND_WINDOW + timedelta(seconds=1)),
+    ]
+    assert all(row_id is not None for row_id in await storage.write_batch(batch))
+    assert len(await storage.history(HistoryQuery("R1"))) == 4
+
+
+async def test_older_schema_is_migrated_keeping_rows(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that a database of the schema before delivery keys is migrated at open, its rows kept and readable."""
+    module: Any = sqlite_backend if database_url.startswith("sqlite") else postgres_backend
+    migrations = module.MIGRATIONS
+    monkeypatch.setattr(module, "MIGRATIONS", migrations[:2])
+    old = open_storage(DatabaseURL.parse(database_url))
+    await old.open()
+    await old.close()
+    # A row of the release before, written without a delivery key.
+    row = record("R1", 0)
+    columns = ", ".join(COLUMNS)
+    if module is sqlite_backend:
+        values = sqlite_backend._row_values(row)[: len(COLUMNS)]  # the old release's row
+        with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db, db:
+            db.execute(f"INSERT INTO status ({columns}) VALUES ({', '.join('?' * len(COLUMNS))})", values)
+    else:
+        values = postgres_backend._values(row)[: len(COLUMNS)]  # the old release's row
+        conn = await asyncpg.connect(database_url)
+        try:
+            marks = ", ".join(f"${n + 1}" for n in range(len(COLUMNS)))
+            await conn.execute(f"INSERT INTO status ({columns}) VALUES ({marks.replace('$11', '$11::jsonb')})", *values)
+        finally:
+            await conn.close()
+    monkeypatch.setattr(module, "MIGRATIONS", migrations)
+    new = open_storage(DatabaseURL.parse(database_url))
+    await new.open()
+    try:
+        [row_id] = await new.write_batch([_delivered(1, resend=False)])
+        assert await new.write_batch([_delivered(2, resend=True)]) == [None]
+        rows = await new.history(HistoryQuery("R1"))
+        assert [stored.record.ts for stored in rows] == [row.ts, T0 + timedelta(minutes=1)]
+        assert rows[1].id == row_id
+    finally:
+        await new.close()

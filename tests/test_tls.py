@@ -33,13 +33,24 @@ async def test_tls_for_mqtt_websocket_and_http(tmp_path: Path, certificate: tupl
             box.http_port, transport="websockets", path="/mqtt", tls_context=trusted, **login("ROBOT-A")
         ) as robot:
             await robot.publish("robot/ROBOT-A/status", payload(timestamp=stamp(2)), qos=1)
+        own = {"Authorization": aiohttp.encode_basic_auth("ROBOT-A", PASSWORDS["ROBOT-A"])}
+        base = f"https://127.0.0.1:{box.http_port}"
         async with (
             aiohttp.ClientSession() as http,
-            http.get(f"https://127.0.0.1:{box.http_port}/robots/ROBOT-A/history", ssl=trusted) as resp,
+            http.get(f"{base}/robots/ROBOT-A/history", ssl=trusted, headers=own) as resp,
         ):
             assert resp.status == 200
             page = await resp.json()
         assert [item["ts"] for item in page["items"]] == [stamp(1), stamp(2)]
+        # Under TLS the console's session cookie is Secure: a browser never sends it over plain HTTP.
+        form = {"username": "operator", "password": PASSWORDS["operator"], "next": "/"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{base}/login", data=form, ssl=trusted, allow_redirects=False) as resp,
+        ):
+            assert resp.status == 303
+            cookie = resp.cookies["spotbox_session"]
+            assert (cookie["secure"], cookie["httponly"], cookie["samesite"]) == (True, True, "Strict")
 
         # Plain MQTT on the TLS port gets no CONNACK: the bytes are not a TLS handshake.
         async with raw_client(box.mqtt_port) as plain:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import stat
+import subprocess
 from pathlib import Path
 
 import orjson
@@ -11,7 +13,8 @@ from click.testing import CliRunner, Result
 
 from spotbox.cli import main
 from spotbox.errors import ConfigError
-from spotbox.users import Users, filter_covers
+from spotbox.users import Users, filter_covers, locked
+from tests.conftest import SPOTBOX
 
 
 def users_cmd(*args: str, stdin: str | None = None) -> Result:
@@ -33,7 +36,8 @@ def test_add_stores_an_argon2_hash_in_a_private_file(tmp_path: Path) -> None:
     entry = orjson.loads(text)["users"]["ROBOT-001"]
     assert entry["password"].startswith("$argon2id$v=19$m=19456,t=2,p=1$")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert [p.name for p in tmp_path.iterdir()] == ["users.json"], "a temporary file was left behind"
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".users.json.lock", "users.json"], "a temporary file was left behind"
     users = Users.load(path)
     assert users.authenticate("ROBOT-001", "s3cret-pass") is not None
     assert users.authenticate("ROBOT-001", "wrong") is None
@@ -78,7 +82,9 @@ def test_remove(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["robot/ALPHA", "--password", "x"], "must match"),
+        (["robot/ALPHA", "--password", "x"], "does not match"),
+        ([".", "--password", "x"], "is not . or .."),
+        (["..", "--password", "x"], "is not . or .."),
         (["ALPHA", "--password", ""], "must not be empty"),
         (["ALPHA", "--password", "x", "--subscribe", "robot/#/status"], "'#' must be a whole level, and the last"),
         (["ALPHA", "--password", "x", "--publish", "robot/a+"], "'+' must be a whole level"),
@@ -144,3 +150,59 @@ def test_list_shows_grants(tmp_path: Path) -> None:
 def test_filter_covers(granted: str, requested: str, covered: bool) -> None:
     """Test that a grant covers exactly the topics and filters MQTT matching says it does."""
     assert filter_covers(granted, requested) is covered
+
+
+async def _users_subprocess(*args: str) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        SPOTBOX, "users", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return proc.returncode
+
+
+def _crowded_file(path: Path) -> list[str]:
+    """A users file of 3,000 users: loading and saving it takes long enough for unlocked runs to overlap."""
+    some_hash = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g"
+    names = [f"FLEET-{n:05d}" for n in range(3_000)]
+    users = {name: {"password": some_hash, "publish": [], "subscribe": []} for name in names}
+    path.write_bytes(orjson.dumps({"version": 1, "users": users}))
+    return names
+
+
+async def test_concurrent_adds_lose_no_user(tmp_path: Path) -> None:
+    """Test that eight `spotbox users add` run at once leave eight users (each loads, changes, saves under a lock)."""
+    path = tmp_path / "users.json"
+    fleet = _crowded_file(path)
+    names = [f"ROBOT-{n}" for n in range(8)]
+    async with asyncio.timeout(60):
+        await asyncio.gather(
+            *(_users_subprocess("add", name, "--file", str(path), "--password", "pw") for name in names)
+        )
+    assert sorted(Users.load(path).by_name) == sorted(fleet + names)
+
+
+async def test_add_racing_a_remove_does_not_bring_the_user_back(tmp_path: Path) -> None:
+    """Test that a removal run while another user is added stays removed, whichever runs first."""
+    path = tmp_path / "users.json"
+    fleet = _crowded_file(path)
+    add_user(path, "REVOKED", "pw")
+    async with asyncio.timeout(60):
+        await asyncio.gather(
+            _users_subprocess("remove", "REVOKED", "--file", str(path)),
+            *(_users_subprocess("add", f"NEW-{n}", "--file", str(path), "--password", "pw") for n in range(2)),
+        )
+    assert sorted(Users.load(path).by_name) == sorted([*fleet, "NEW-0", "NEW-1"])
+
+
+def test_a_held_lock_makes_a_change_wait(tmp_path: Path) -> None:
+    """Test that `spotbox users add` waits while another holds the users file's lock, then applies its change."""
+    path = tmp_path / "users.json"
+    add_user(path, "FIRST", "pw")
+    with locked(path):
+        proc = subprocess.Popen([SPOTBOX, "users", "add", "SECOND", "--file", str(path), "--password", "pw"])
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.5)
+        assert "SECOND" not in Users.load(path).by_name
+    assert proc.wait(timeout=30) == 0
+    assert sorted(Users.load(path).by_name) == ["FIRST", "SECOND"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import timeit
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,7 @@ def test_valid_status_is_accepted(validator: StatusValidator, name: str, doc: di
 
 
 def test_reason_reads_like_the_spec(validator: StatusValidator) -> None:
-    """Test that the reason for battery_level 150 is the sentence SPEC section 3 shows."""
+    """Test that the reason for battery_level 150 names the field, the value and the limit in one sentence."""
     verdict = validator.check("ROBOT-001", payload(battery_level=150), NOW)
     assert isinstance(verdict, Rejection)
     assert verdict.reason == "battery_level: 150 is greater than the maximum of 100"
@@ -60,7 +62,7 @@ def test_reason_reads_like_the_spec(validator: StatusValidator) -> None:
         (b"", "payload: not valid UTF-8 JSON"),
         (b"[" * 5000 + b"]" * 5000, "payload: nests objects and arrays deeper than 32 levels"),
         (payload(firmware="a\u0000b"), "payload: the NUL character"),
-        (payload().replace(b'"latitude":52.52', b'"latitude":1e400'), "payload: not valid UTF-8 JSON"),
+        (payload().replace(b'"latitude":52.52', b'"latitude":1e400'), "location.latitude: 1e400 is beyond"),
     ],
     ids=["malformed", "invalid_utf8", "array", "empty", "deep", "nul_character", "infinite_number"],
 )
@@ -71,7 +73,7 @@ def test_unparseable_payload_is_rejected(validator: StatusValidator, raw: bytes,
     assert verdict.reason.startswith(expected), verdict.reason
 
 
-@pytest.mark.parametrize("serial", ["", "robot 1", "a" * 65, "ROBOT/../x", "röbot"])
+@pytest.mark.parametrize("serial", ["", "robot 1", "a" * 65, "ROBOT/../x", "röbot", ".", ".."])
 def test_bad_serial_is_rejected(validator: StatusValidator, serial: str) -> None:
     """Test that a topic level that is not a valid serial number is rejected."""
     verdict = validator.check(serial, payload(), NOW)
@@ -134,3 +136,185 @@ def test_fast_validator_agrees_with_jsonschema(name: str, doc: dict[str, Any], v
     fast = jsonschema_rs.validator_for(schema, validate_formats=True)
     assert reference.is_valid(doc) is valid, name
     assert fast.is_valid(doc) is valid, name
+
+
+def test_each_missing_field_is_named(validator: StatusValidator) -> None:
+    """Test that every missing required field gets its own error naming it, not the first one three times."""
+    verdict = validator.check("R1", b'{"battery_level": 50}', NOW)
+    assert isinstance(verdict, Rejection)
+    assert verdict.errors == [
+        "battery_status: is required",
+        "driving_status: is required",
+        "location: is required",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"battery_status": None}, 'battery_status: null is not one of ["CHARGING", "DISCHARGING"]'),
+        ({"battery_status": True}, 'battery_status: true is not one of ["CHARGING", "DISCHARGING"]'),
+        ({"battery_level": None}, 'battery_level: null is not of type "integer"'),
+        ({"battery_level": False}, 'battery_level: false is not of type "integer"'),
+        ({"driving_status": "PARKED"}, 'driving_status: "PARKED" is not one of ["IDLE", "MOVING"]'),
+        ({"current_drive_id": None}, 'current_drive_id: null is not of type "string"'),
+    ],
+    ids=["null_enum", "true_enum", "null_type", "false_type", "string_enum", "null_drive_id"],
+)
+def test_reasons_are_written_in_json_terms(validator: StatusValidator, changes: dict[str, Any], expected: str) -> None:
+    """Test that reasons spell values and lists as JSON (null, true, ["A", "B"]), not as Python."""
+    verdict = validator.check("R1", payload(**changes), NOW)
+    assert isinstance(verdict, Rejection)
+    assert verdict.reason == expected
+
+
+BIG_ARRAY = [1e15] * 60_000  # about 1 MB of JSON
+
+
+@pytest.mark.parametrize("where", ["battery_level", "location", "battery_status", "current_drive_id", "timestamp"])
+def test_a_huge_value_gives_a_short_reason(validator: StatusValidator, where: str) -> None:
+    """Test that a 1 MB array in a field gives a reason of at most 200 characters naming the field and the rule."""
+    raw = payload(**{where: BIG_ARRAY})
+    assert len(raw) > 1_000_000
+    verdict = validator.check("R1", raw, NOW)
+    assert isinstance(verdict, Rejection)
+    assert verdict.field == where
+    assert all(len(error) <= 200 for error in verdict.errors), verdict.errors
+    assert "an array of 60000 items" in verdict.reason
+
+
+def test_a_huge_value_costs_about_a_parse(validator: StatusValidator) -> None:
+    """Test that refusing a 1 MB array costs a small multiple of parsing it, not a rendering of the whole value."""
+    raw = payload(battery_level=BIG_ARRAY, location=BIG_ARRAY)
+    parse = min(timeit.repeat(lambda: orjson.loads(raw), number=1, repeat=3))
+    check = min(timeit.repeat(lambda: validator.check("R1", raw, NOW), number=1, repeat=3))
+    # Measured about 8x here (the walk for depth and numbers, the error pass); rendering the values was 20x more.
+    assert check < 40 * parse + 0.02, (check, parse)
+
+
+def test_a_long_string_is_quoted_only_in_part(validator: StatusValidator) -> None:
+    """Test that a reason quotes at most the start of a long string value."""
+    verdict = validator.check("R1", payload(battery_status="X" * 100_000), NOW)
+    assert isinstance(verdict, Rejection)
+    assert verdict.field == "battery_status"
+    assert len(verdict.reason) <= 200
+    assert '"XXXX' in verdict.reason
+
+
+# (name, raw JSON of the latitude, or of an extra field `extra`, the field the rejection names)
+BAD_NUMBERS = [
+    ("underflow_exponent", b'"latitude":1e-999999', "location.latitude"),
+    ("underflow_long_mantissa", b'"latitude":0.' + b"0" * 400 + b"1", "location.latitude"),
+    ("underflow_mixed", b'"latitude":0.0000000000000000000001e-310', "location.latitude"),
+    ("negative_underflow", b'"latitude":-2e-324', "location.latitude"),
+    ("overflow", b'"latitude":1e309', "location.latitude"),
+    ("overflow_digits", b'"latitude":1' + b"0" * 400, "location.latitude"),
+    ("int_past_int64", b'"extra":9223372036854775808', "extra"),
+    ("int_below_int64", b'"extra":-9223372036854775809', "extra"),
+    ("int_past_uint64", b'"extra":18446744073709551616', "extra"),
+    ("int_of_5000_digits", b'"extra":' + b"7" * 5000, "extra"),
+    ("nested_underflow", b'"extra":{"a":[1,{"b":1e-400}]}', "extra.a.1.b"),
+]
+GOOD_NUMBERS = [
+    ("smallest_subnormal", b'"latitude":5e-324'),
+    ("zero_with_exponent", b'"latitude":0e-999'),
+    ("negative_zero", b'"latitude":-0.0'),
+    ("large_double", b'"latitude":1.7976931348623157e308'),
+    ("int64_max", b'"extra":9223372036854775807'),
+    ("int64_min", b'"extra":-9223372036854775808'),
+    ("many_digits_in_range", b'"extra":0.12345678901234567890123456789'),
+    ("bad_number_in_a_string", b'"extra":"1e-999999 and 18446744073709551616"'),
+    ("zero_beside_a_long_string", b'"latitude":0.0,"extra":"12345678901234567890123"'),
+]
+
+
+def _with_number(fragment: bytes) -> bytes:
+    raw = payload()
+    if fragment.startswith(b'"latitude"'):
+        return raw.replace(b'"latitude":52.52', fragment)
+    return raw[:-1] + b"," + fragment + b"}"
+
+
+@pytest.mark.parametrize(("name", "fragment", "field"), BAD_NUMBERS, ids=[case[0] for case in BAD_NUMBERS])
+def test_number_no_database_keeps_as_written_is_refused(
+    validator: StatusValidator, name: str, fragment: bytes, field: str
+) -> None:
+    """Test that a number out of the double or int64 range, or rounding to 0 from non-zero text, is refused by field."""
+    verdict = validator.check("R1", _with_number(fragment), NOW)
+    assert isinstance(verdict, Rejection), name
+    assert verdict.field == field, verdict.errors
+    assert len(verdict.reason) <= 200
+
+
+@pytest.mark.parametrize(("name", "fragment"), GOOD_NUMBERS, ids=[case[0] for case in GOOD_NUMBERS])
+def test_number_in_range_is_accepted(validator: StatusValidator, name: str, fragment: bytes) -> None:
+    """Test that numbers at the edges of the ranges, and number-like text in strings, are accepted."""
+    verdict = validator.check("R1", _with_number(fragment), NOW)
+    assert isinstance(verdict, StatusRecord), (name, verdict)
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b'{"battery_level": 150, ' + payload()[1:], "battery_level"),
+        (payload()[:-1] + b', "battery_level" : 50}', "battery_level"),
+        (payload().replace(b'"latitude":52.52', b'"latitude":1,"latitude":52.52'), "location.latitude"),
+        (payload()[:-1] + b',"extra":[{"a":1,"b":2,"a":3}]}', "extra.0.a"),
+    ],
+    ids=["top_level", "space_before_colon", "nested", "inside_an_array"],
+)
+def test_duplicate_key_is_refused(validator: StatusValidator, raw: bytes, field: str) -> None:
+    """Test that a status repeating a key at any depth is refused, naming the repeated field."""
+    verdict = validator.check("R1", raw, NOW)
+    assert isinstance(verdict, Rejection)
+    assert verdict.field == field, verdict.errors
+    assert "duplicate key" in verdict.reason
+
+
+def test_key_like_text_in_strings_is_not_a_duplicate(validator: StatusValidator) -> None:
+    """Test that strings holding `":` (which the quick key count sees) do not make a status a duplicate."""
+    verdict = validator.check("R1", payload(note='say "a": 1, "a": 2'), NOW)
+    assert isinstance(verdict, StatusRecord), verdict
+
+
+@pytest.mark.parametrize(
+    "drive_id",
+    [
+        "\uff15f0c6a53-2f4e-4d8a-9d55-2b4a3c1e7f10",  # fullwidth 5
+        "\u0665f0c6a53-2f4e-4d8a-9d55-2b4a3c1e7f10",  # Arabic-Indic 5
+        "5f0c6a53-2f4e-4d8a-9d55-2b4a3c1e7f1\U0001d7ce",  # mathematical bold 0
+        "{5f0c6a53-2f4e-4d8a-9d55-2b4a3c1e7f10}",
+        "urn:uuid:5f0c6a53-2f4e-4d8a-9d55-2b4a3c1e7f10",
+    ],
+    ids=["fullwidth", "arabic_indic", "math_digit", "braces", "urn"],
+)
+def test_drive_id_must_be_ascii_rfc4122_text(validator: StatusValidator, drive_id: str) -> None:
+    """Test that only the RFC 4122 text form in ASCII hex passes current_drive_id."""
+    verdict = validator.check("R1", payload(current_drive_id=drive_id), NOW)
+    assert isinstance(verdict, Rejection)
+    assert verdict.field == "current_drive_id"
+
+
+def test_stored_drive_id_is_the_payload_uuid() -> None:
+    """Test that the stored id is the same UUID value as the payload's, on the reference and fast validators alike."""
+    validator = StatusValidator(BUNDLED_SCHEMA)
+    text = "5F0C6A53-2F4E-4D8A-9D55-2B4A3C1E7F10"
+    record = validator.check("R1", payload(current_drive_id=text), NOW)
+    assert isinstance(record, StatusRecord)
+    assert record.current_drive_id is not None
+    assert uuid.UUID(record.current_drive_id) == uuid.UUID(text)
+
+
+def test_timestamp_far_ahead_is_refused() -> None:
+    """Test that a timestamp beyond --max-future of the receive time is refused naming timestamp, one within it not."""
+    validator = StatusValidator(BUNDLED_SCHEMA, max_future=timedelta(minutes=5))
+    year_9999 = validator.check("R1", payload(timestamp="9999-12-31T23:59:59Z"), NOW)
+    assert isinstance(year_9999, Rejection)
+    assert year_9999.field == "timestamp"
+    assert "--max-future" in year_9999.reason
+    later = validator.check("R1", payload(timestamp=(NOW + timedelta(minutes=6)).isoformat()), NOW)
+    assert isinstance(later, Rejection)
+    soon = validator.check("R1", payload(timestamp=(NOW + timedelta(minutes=4)).isoformat()), NOW)
+    assert isinstance(soon, StatusRecord)
+    past = validator.check("R1", payload(timestamp="2001-01-01T00:00:00Z"), NOW)
+    assert isinstance(past, StatusRecord)

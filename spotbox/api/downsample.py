@@ -14,7 +14,8 @@ from spotbox.keys import STORAGE
 from spotbox.status import to_micros
 from spotbox.storage.base import AGGREGATES, Aggregate, Bucket, DownsampleQuery
 
-INTERVAL_RE = re.compile(r"(\d+)([smhd])")
+# At most 9 digits: more are past MAX_INTERVAL in any unit (and int() refuses 4,300 digits with an error of its own).
+INTERVAL_RE = re.compile(r"(\d{1,9})([smhd])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # Ten years: far beyond any chart, and far from overflowing microseconds.
 MAX_INTERVAL = timedelta(days=3650)

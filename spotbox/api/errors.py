@@ -15,6 +15,7 @@ from spotbox.errors import (
     NotFoundError,
     PayloadTooLargeError,
     StorageUnavailableError,
+    TooManyStreamsError,
     UnauthorizedError,
 )
 from spotbox.status import dumps
@@ -78,6 +79,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         ForbiddenError,
     ) as exc:
         return client_error_response(exc)
+    except TooManyStreamsError as exc:
+        detail = {"max_streams": exc.max_streams}
+        return error_response(503, str(exc), detail, {"Retry-After": str(RETRY_AFTER_S)})
     except StorageUnavailableError as exc:
         logger.warning("%s %s: storage unavailable: %s", request.method, request.path, exc)
         return error_response(503, "storage unavailable, retry later", None, {"Retry-After": str(RETRY_AFTER_S)})

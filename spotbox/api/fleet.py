@@ -10,16 +10,12 @@ from spotbox.api.errors import json_response
 from spotbox.api.params import serial_param
 from spotbox.errors import NotFoundError
 from spotbox.keys import STORAGE
-from spotbox.status import StoredStatus
+from spotbox.status import StatusRow
 
 
-def robot_summary(latest: StoredStatus) -> dict[str, Any]:
+def robot_summary(latest: StatusRow) -> dict[str, Any]:
     """A robot as /robots shows it: its serial, when its latest status arrived, and that status."""
-    return {
-        "serial_number": latest.record.serial_number,
-        "last_seen": latest.record.received_at,
-        "latest": latest.to_api(),
-    }
+    return {"serial_number": latest.serial_number, "last_seen": latest.received_at, "latest": latest.to_api()}
 
 
 async def list_robots(request: web.Request) -> web.Response:

@@ -27,7 +27,7 @@ from spotbox.validation import Rejection
 logger = logging.getLogger(__name__)
 
 
-def _basic_credentials(header: str) -> tuple[str, str] | None:
+def basic_credentials(header: str) -> tuple[str, str] | None:
     """(name, password) of an `Authorization: Basic ...` header (RFC 7617), None when it is not one."""
     # aiohttp's BasicAuth would do this, but it is deprecated for removal in aiohttp 4.
     scheme, _, encoded = header.strip().partition(" ")
@@ -45,7 +45,7 @@ def _basic_credentials(header: str) -> tuple[str, str] | None:
 async def _login(request: web.Request, users: Users) -> User:
     """The user of the request's HTTP Basic credentials, checked as an MQTT login is; 401 without one."""
     peer = request.remote
-    credentials = _basic_credentials(request.headers.get(hdrs.AUTHORIZATION, ""))
+    credentials = basic_credentials(request.headers.get(hdrs.AUTHORIZATION, ""))
     if credentials is None:
         logger.warning("http ingest refused: no Basic credentials from %s", peer)
         raise UnauthorizedError("authentication required")
@@ -97,7 +97,8 @@ async def post_status(request: web.Request) -> web.Response:
     if isinstance(verdict, Rejection):
         # Operators watching spotbox/rejected/+ see every rejection, whatever the transport.
         await request.app[BROKER].report_rejection(topic, verdict, raw)
-        if not _is_json(raw):
+        # A number orjson cannot read (1e400) names its field: that is an invalid status, not a malformed body.
+        if verdict.field == "payload" and not _is_json(raw):
             raise BadRequestError("body is not JSON", {"errors": verdict.errors, "field": verdict.field})
         raise InvalidStatusError(verdict.errors, verdict.field)
     if not pipeline.storage_available:

@@ -32,6 +32,9 @@ def time_param(request: web.Request, name: str) -> datetime | None:
         return parse_utc(raw.strip())
     except ValueError:
         raise BadRequestError(f"{name} is not an ISO 8601 date-time", {name: raw}) from None
+    except OverflowError:
+        # 0001-01-01T00:00:00+01:00 and 9999-12-31T23:59:59-01:00 are outside what a UTC datetime holds.
+        raise BadRequestError(f"{name} is outside the years 1 to 9999 in UTC", {name: raw}) from None
 
 
 def int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -73,6 +76,9 @@ def cursor_param(request: web.Request) -> tuple[datetime, int] | None:
     try:
         text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
         micros, row_id = (int(part) for part in text.split(":"))
+        # Row ids are signed 64-bit integers on both backends; a larger one cannot even be bound to a query.
+        if not 0 <= row_id <= _ROW_ID_MAX:
+            raise ValueError(row_id)  # noqa: TRY301 - the one refusal below
         return from_micros(micros), row_id
     except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError):
         raise BadRequestError("cursor is not one this server issued", {"cursor": raw}) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 from aiohttp import web
 
 from spotbox.api.downsample import downsampled_history
@@ -37,17 +38,12 @@ async def history(request: web.Request) -> web.Response:
     include_payload = bool_param(request, "include_payload")
     after = cursor_param(request)
     storage = request.app[STORAGE]
-    # One extra row tells whether another page follows.
-    rows = await storage.history(HistoryQuery(serial, start, end, after, limit + 1))
-    if not rows and after is None and not await storage.robot_exists(serial):
+    page = await storage.history_page(HistoryQuery(serial, start, end, after, limit), include_payload)
+    if not page.count and after is None and not await storage.robot_exists(serial):
         raise NotFoundError("unknown robot", {"serial_number": serial})
-    page = rows[:limit]
-    next_cursor = encode_cursor(page[-1].record.ts, page[-1].id) if len(rows) > limit else None
-    body = {
-        "serial_number": serial,
-        "items": [row.to_api(include_payload=include_payload) for row in page],
-        "next_cursor": next_cursor,
-    }
+    next_cursor = encode_cursor(*page.next_after) if page.next_after is not None else None
+    # The items are JSON already (built where the rows were read); only the envelope is encoded here.
+    body = {"serial_number": serial, "items": orjson.Fragment(page.items_json), "next_cursor": next_cursor}
     return web.Response(body=dumps(body), content_type="application/json")
 
 

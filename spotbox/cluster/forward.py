@@ -196,7 +196,7 @@ class Forwarder:
         window = max(1, min(self.config.window, self.client.receive_maximum))
         try:
             while True:
-                rows = await self.storage.rows_after(None, after, _PAGE)
+                rows = await self.storage.statuses_after(after, _PAGE)
                 if not rows:
                     while in_flight:
                         await self._settle(in_flight.popleft())
@@ -265,7 +265,7 @@ class Forwarder:
                 await self._save()
                 self.lag_rows = await self.storage.count_after(self.cursor)
                 oldest = await self.storage.rows_after(None, self.cursor, 1) if self.lag_rows else []
-                self.lag_seconds = (datetime.now(UTC) - oldest[0].record.received_at).total_seconds() if oldest else 0.0
+                self.lag_seconds = (datetime.now(UTC) - oldest[0].received_at).total_seconds() if oldest else 0.0
             except StorageError as exc:
                 logger.warning("forward %s: cannot save its cursor: %s", self.target, exc)
 

@@ -9,8 +9,8 @@ same instance id. The publisher's own acknowledgement comes from the cluster.
 
 - A refused status is handled: acknowledged, counted, and its report published to `spotbox/rejected/{serial}`.
 - A redelivered status is stored once: one with a timestamp by the storage's (serial, ts, payload) key; one without
-  gets the receive time of its first delivery, kept per (instance, packet id) in memory and, written before the
-  commit, in the database (table `cluster_delivery`), so that a restart finds it too.
+  by its delivery key (this instance's client id, the cluster's packet id, the payload digest), stored with the row
+  as the embedded broker stores a robot's (status.Delivery), so that a restart finds it too.
 - A row the database refuses for good (not an outage: those are retried by the writer) is logged and acknowledged,
   or it would hold back every later acknowledgement.
 """
@@ -22,14 +22,14 @@ import contextlib
 import logging
 import ssl
 from datetime import datetime
-from typing import Any
 
 import mqtt5
 
-from spotbox.cluster.client import BrokerURL, ConnectionLostError, Delivery, MqttClient, PublishRefusedError
-from spotbox.errors import StorageError, StorageUnavailableError
+from spotbox.cluster.client import BrokerURL, ConnectionLostError, MqttClient, PublishRefusedError
+from spotbox.cluster.client import Delivery as ClusterDelivery
+from spotbox.errors import StorageError
 from spotbox.pipeline import IngestPipeline
-from spotbox.status import StatusRecord, dumps, payload_digest, status_topic_serial
+from spotbox.status import Delivery, dumps, payload_digest, status_topic_serial
 from spotbox.storage.postgres import PostgresStorage
 from spotbox.validation import Rejection
 
@@ -37,8 +37,6 @@ logger = logging.getLogger(__name__)
 
 SHARED_STATUS_FILTER = "$share/spotbox/robot/+/status"
 REJECTED_TOPIC = "spotbox/rejected/{serial}"
-_RETRY_FIRST_S = 0.05
-_RETRY_MAX_S = 5.0
 
 
 def rejection_report(topic: str, rejection: Rejection, payload: bytes) -> bytes:
@@ -121,7 +119,7 @@ class ClusterIngest:
             self._handling.add(task)
             task.add_done_callback(self._handling.discard)
 
-    async def _handle(self, delivery: Delivery) -> None:
+    async def _handle(self, delivery: ClusterDelivery) -> None:
         """Store one delivery, then acknowledge it; cancelled (shutdown), it stays for redelivery."""
         packet = delivery.packet
         try:
@@ -138,34 +136,27 @@ class ClusterIngest:
             logger.warning("cluster sent %r on the status subscription; ignored", packet.topic)
             return
         payload = bytes(packet.payload)
-        first = await self._first_received(packet, payload) if packet.duplicate else None
-        verdict = self.pipeline.check(serial, payload, first)
+        packet_id = packet.packet_id or 0
+        first = self._first_received(packet_id, payload) if packet.duplicate else None
+        # The delivery key: this instance's session and the cluster's packet id, as the embedded broker keys a
+        # robot's session and packet id; stored with a status without a timestamp, it makes a DUP a duplicate.
+        delivery = Delivery(self.client.client_id, packet_id, packet.duplicate)
+        verdict = self.pipeline.check(serial, payload, first, delivery=delivery)
         if isinstance(verdict, Rejection):
             self._report(packet.topic, verdict, payload)
             return
-        if first is None and _unstamped(verdict) and packet.packet_id is not None:
-            self._unstamped[packet.packet_id] = (verdict.payload_hash, verdict.received_at)
-            await _retrying(
-                self.storage.remember_delivery,
-                self.instance_id,
-                packet.packet_id,
-                verdict.payload_hash,
-                verdict.received_at,
-            )
+        if first is None and verdict.ts == verdict.received_at:
+            self._unstamped[packet_id] = (verdict.payload_hash, verdict.received_at)
         await self.pipeline.commit(verdict)
 
-    async def _first_received(self, packet: mqtt5.PublishPacket, payload: bytes) -> datetime | None:
-        """For a redelivery of a status without a timestamp, when it was first received (None: a new one)."""
-        if packet.packet_id is None:
-            return None
-        digest = payload_digest(payload)
-        known = self._unstamped.get(packet.packet_id)
-        if known is not None and known[0] == digest:
-            return known[1]
-        found: datetime | None = await _retrying(
-            self.storage.first_delivery, self.instance_id, packet.packet_id, digest
-        )
-        return found
+    def _first_received(self, packet_id: int, payload: bytes) -> datetime | None:
+        """For a resend of a status without a timestamp still known here, when it was first received.
+
+        A resend after a reconnect may come while its first delivery is still being committed: the same receive
+        time gives it the same ts, so the two are one row. After a restart the stored delivery key does that.
+        """
+        known = self._unstamped.get(packet_id)
+        return known[1] if known is not None and known[0] == payload_digest(payload) else None
 
     def _report(self, topic: str, rejection: Rejection, payload: bytes) -> None:
         report = rejection_report(topic, rejection, payload)
@@ -181,20 +172,3 @@ class ClusterIngest:
             await self.client.publish(topic, report, content_type="application/json")
         except (ConnectionLostError, PublishRefusedError) as exc:
             logger.warning("rejection report to %s not published: %s", topic, exc)
-
-
-def _unstamped(record: StatusRecord) -> bool:
-    """True for a status without a timestamp: its ts is its receive time."""
-    return record.ts == record.received_at
-
-
-async def _retrying(operation: Any, *args: Any) -> Any:
-    """Run a storage call, retrying with capped backoff while the database is unreachable (the ack waits)."""
-    delay = _RETRY_FIRST_S
-    while True:
-        try:
-            return await operation(*args)
-        except StorageUnavailableError as exc:
-            logger.debug("cluster delivery journal unavailable, retrying: %s", exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _RETRY_MAX_S)

@@ -6,7 +6,7 @@ resumes on any instance without a gap or a repeat. PostgreSQL storage draws row 
 advisory lock held until commit (`_COMMIT_ORDER_LOCK` in storage/postgres.py), so ids are in commit order: a read of
 "rows after N" never passes a row still in flight. The RowSource is then the one path from the table to the hub:
 
-- It keeps `last_id`, the last row it handed to the hub, and reads `committed_after(last_id)` page by page when
+- It keeps `last_id`, the last row it handed to the hub, and reads `statuses_after(last_id)` page by page when
   woken, publishing in id order. The database is the data path; nothing travels in a notification.
 - Wake-ups: this instance's own commits (the pipeline's `on_stored`), and `LISTEN spotbox_status`, on which every
   instance's insert transaction notifies with a small payload naming its writer. Notifications are lost while the
@@ -147,7 +147,7 @@ class RowSource:
                 self._rejections.popleft()
             return
         while True:
-            rows = await self.storage.committed_after(self.last_id, _PAGE)
+            rows = await self.storage.statuses_after(self.last_id, _PAGE)
             # Own commits may have moved last_id on while reading (with no feed open): publish each row once.
             fresh = [row for row in rows if row.id > self.last_id]
             if fresh:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
-from spotbox.status import StatusRecord, StoredStatus
+from spotbox.status import RESEND_WINDOW, StatusRecord, StatusRow, StoredStatus
 
 # Columns written for each status, in this order, by every backend.
 COLUMNS = (
@@ -24,6 +24,8 @@ COLUMNS = (
     "payload",
     "payload_hash",
 )
+# What a write adds to COLUMNS: the delivery key of a QoS 1/2 status without a timestamp (null otherwise).
+WRITE_COLUMNS = (*COLUMNS, "delivery_key")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,20 @@ class HistoryQuery:
     end: datetime | None = None
     after: tuple[datetime, int] | None = None
     limit: int = 500
+
+
+# Raw payload bytes one history page may hold (include_payload=true): past them the page ends early, with a cursor
+# to the rest, so that a request's memory does not grow with --max-payload times `limit`.
+PAGE_PAYLOAD_BUDGET = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """One page of history ready to send: its statuses as one JSON array, and the (ts, id) the next page follows."""
+
+    items_json: bytes
+    count: int
+    next_after: tuple[datetime, int] | None
 
 
 Aggregate = Literal["avg", "min", "max", "last", "count"]
@@ -72,18 +88,28 @@ class Storage(Protocol):
         """Commit `records` in one transaction; the row id of each, or None for a duplicate already stored."""
 
     async def history(self, query: HistoryQuery) -> list[StoredStatus]:
-        """Up to `query.limit` rows of one robot, oldest first."""
+        """Up to `query.limit` rows of one robot, oldest first, raw payloads included."""
+
+    async def history_page(self, query: HistoryQuery, include_payload: bool) -> HistoryPage:
+        """A page of up to `query.limit` statuses of one robot in (ts, id) order, as the API shows them.
+
+        Raw payloads are read only with `include_payload`, and then at most PAGE_PAYLOAD_BUDGET bytes of them (but
+        always one row): a page cut short by them has a `next_after` like a full one.
+        """
 
     async def robot_exists(self, serial_number: str) -> bool:
         """True once any status of this robot is stored."""
 
-    async def rows_after(self, serial_number: str | None, after_id: int, limit: int) -> list[StoredStatus]:
+    async def statuses_after(self, after_id: int, limit: int) -> list[StoredStatus]:
+        """Up to `limit` rows of every robot with id greater than `after_id`, by id, raw payloads included."""
+
+    async def rows_after(self, serial_number: str | None, after_id: int, limit: int) -> list[StatusRow]:
         """Up to `limit` rows with id greater than `after_id`, by id: of one robot, or of the fleet for None."""
 
-    async def latest(self, serial_number: str) -> StoredStatus | None:
+    async def latest(self, serial_number: str) -> StatusRow | None:
         """The robot's row with the greatest (ts, id), or None for a robot never seen."""
 
-    async def latest_per_robot(self) -> list[StoredStatus]:
+    async def latest_per_robot(self) -> list[StatusRow]:
         """The latest row (by ts, id) of every robot, ordered by serial number."""
 
     async def time_range(self, serial_number: str) -> tuple[datetime, datetime] | None:
@@ -112,6 +138,35 @@ class Storage(Protocol):
 
     async def close(self) -> None:
         """Release connections; safe to call twice."""
+
+
+def resent_keys(records: Sequence[StatusRecord]) -> list[bytes]:
+    """The delivery keys of the resends (DUP) in `records`, to look up among recent rows before inserting."""
+    return [record.delivery_key for record in records if record.resend and record.delivery_key is not None]
+
+
+def resend_cutoff(records: Sequence[StatusRecord]) -> datetime:
+    """Rows received before this are too old to be the first delivery of any resend in `records`."""
+    return min(record.received_at for record in records if record.resend) - RESEND_WINDOW
+
+
+def without_resent(records: Sequence[StatusRecord], stored: Iterable[tuple[bytes, datetime]]) -> list[StatusRecord]:
+    """`records` without the resends whose delivery is a stored row received within RESEND_WINDOW before them:
+    those are duplicates, not written again. `stored` is (delivery key, received_at) of candidate rows."""
+    latest: dict[bytes, datetime] = {}
+    for key, received_at in stored:
+        latest[key] = max(received_at, latest.get(key, received_at))
+    if not latest:
+        return list(records)
+    return [
+        record
+        for record in records
+        if not (
+            record.resend
+            and record.delivery_key in latest
+            and latest[record.delivery_key] >= record.received_at - RESEND_WINDOW
+        )
+    ]
 
 
 def assign_ids(records: Sequence[StatusRecord], returned: dict[tuple[str, int, bytes], int]) -> list[int | None]:

@@ -12,9 +12,17 @@ from typing import Any
 import asyncpg
 
 from spotbox.errors import StorageError, StorageUnavailableError
-from spotbox.status import StatusRecord, StoredStatus, to_micros
+from spotbox.status import StatusRecord, StatusRow, StoredStatus, api_items_json, to_micros
 from spotbox.storage import base
-from spotbox.storage.base import COLUMNS, Bucket, DownsampleQuery, HistoryQuery, assign_ids
+from spotbox.storage.base import (
+    PAGE_PAYLOAD_BUDGET,
+    WRITE_COLUMNS,
+    Bucket,
+    DownsampleQuery,
+    HistoryPage,
+    HistoryQuery,
+    assign_ids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,21 +50,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # A feed resuming from Last-Event-ID reads one robot's rows after an id; the fleet feed uses the primary key.
     ("CREATE INDEX status_robot_id ON status (serial_number, id)",),
+    # History pages are index-only scans: every column the API shows is in the index (no heap fetch per row once
+    # vacuum has marked the pages all-visible); it replaces the (serial_number, ts, id) index.
+    (
+        "CREATE INDEX status_robot_time_api ON status (serial_number, ts, id) INCLUDE (received_at, battery_level, "
+        "battery_status, driving_status, current_drive_id, latitude, longitude, height)",
+        "DROP INDEX status_robot_time",
+    ),
     # Store and forward: the last row id each upstream broker acknowledged.
     ("CREATE TABLE forward_cursor (target text PRIMARY KEY, row_id bigint NOT NULL)",),
-    # Cluster mode: when each instance first received the status without a timestamp that is in flight under a
-    # packet id of its session, so that a redelivery (DUP) gets the same ts and is stored once.
+    # What identifies the MQTT delivery of a status without a timestamp, so that a resend after a restart is
+    # stored once (see status.Delivery); null for every other row, which the partial index leaves out.
     (
-        """
-        CREATE TABLE cluster_delivery (
-            session text NOT NULL,
-            packet_id integer NOT NULL,
-            payload_hash bytea NOT NULL,
-            received_at timestamptz NOT NULL,
-            PRIMARY KEY (session, packet_id)
-        )
-        """,
-        # Each instance's last hour of ingest counts (GET /stats), so that any instance answers for all of them.
+        "ALTER TABLE status ADD COLUMN delivery_key bytea",
+        "CREATE INDEX status_delivery ON status (delivery_key) WHERE delivery_key IS NOT NULL",
+    ),
+    # Each instance's last hour of ingest counts (GET /stats), so that any instance sharing the database answers
+    # for all of them.
+    (
         "CREATE TABLE instance_stats (instance text PRIMARY KEY, updated_at timestamptz NOT NULL, "
         "snapshot jsonb NOT NULL)",
     ),
@@ -74,14 +85,22 @@ STATUS_CHANNEL = "spotbox_status"
 _LOCK_AND_NOTIFY = f"SELECT pg_advisory_xact_lock($1), pg_notify('{STATUS_CHANNEL}', $2)"
 
 _INSERT = f"""
-INSERT INTO status ({", ".join(COLUMNS)})
-SELECT s, t, r, b, bs, ds, d::uuid, la, lo, h, p::jsonb, ph
+INSERT INTO status ({", ".join(WRITE_COLUMNS)})
+SELECT s, t, r, b, bs, ds, d::uuid, la, lo, h, p::jsonb, ph, dk
 FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::smallint[], $5::text[], $6::text[],
-            $7::text[], $8::float8[], $9::float8[], $10::float8[], $11::text[], $12::bytea[])
-     AS u(s, t, r, b, bs, ds, d, la, lo, h, p, ph)
+            $7::text[], $8::float8[], $9::float8[], $10::float8[], $11::text[], $12::bytea[], $13::bytea[])
+     AS u(s, t, r, b, bs, ds, d, la, lo, h, p, ph, dk)
 ON CONFLICT (serial_number, ts, payload_hash) DO NOTHING
 RETURNING id, serial_number, ts, payload_hash
 """
+# StatusRow's columns: what the read routes show, no raw payload.
+_API_SELECT = (
+    "SELECT id, serial_number, ts, received_at, battery_level, battery_status, driving_status, "
+    "current_drive_id::text, latitude, longitude, height"
+)
+# Rows a history page with payloads reads from its cursor at a time (each payload up to --max-payload).
+_PAYLOAD_PREFETCH = 8
+_RESENT = "SELECT delivery_key, received_at FROM status WHERE delivery_key = ANY($1::bytea[]) AND received_at >= $2"
 _SELECT = (
     "SELECT id, serial_number, ts, received_at, battery_level, battery_status, driving_status, "
     "current_drive_id::text, latitude, longitude, height, payload::text, payload_hash FROM status"
@@ -130,6 +149,22 @@ def _stored(row: asyncpg.Record) -> StoredStatus:
     )
 
 
+# Connections: the writer's batches plus concurrent reads (`spotbox bench --scenario reads` measures the reads).
+POOL_SIZE = 8
+
+
+class _Connection(asyncpg.Connection):  # type: ignore[misc]
+    """A pooled connection released without asyncpg's reset query (a round trip per read, half a read's cost).
+
+    spotbox leaves no session state on a pooled connection to reset: no LISTEN, no SET, no session advisory lock
+    (the migration's lock is transaction-scoped), and every transaction is closed by its `async with`.
+    """
+
+    def get_reset_query(self) -> str:
+        """Nothing to reset."""
+        return ""
+
+
 class PostgresStorage:
     """Status rows in a PostgreSQL table."""
 
@@ -142,7 +177,9 @@ class PostgresStorage:
     async def open(self) -> None:
         """Create the pool and migrate; a server that cannot be reached is a StorageUnavailableError."""
         try:
-            self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, timeout=10)
+            self._pool = await asyncpg.create_pool(
+                self.dsn, min_size=1, max_size=POOL_SIZE, timeout=10, connection_class=_Connection
+            )
         except _UNAVAILABLE as exc:
             raise StorageUnavailableError(f"cannot reach PostgreSQL: {exc}") from exc
         except (asyncpg.PostgresError, ValueError) as exc:
@@ -179,14 +216,21 @@ class PostgresStorage:
         return self._pool.acquire(timeout=10)
 
     async def write_batch(self, records: Sequence[StatusRecord]) -> list[int | None]:
-        """Insert the whole batch with one statement, in one transaction."""
-        columns: list[list[Any]] = [[] for _ in COLUMNS]
-        for record in records:
-            for column, value in zip(columns, _values(record), strict=True):
-                column.append(value)
+        """Insert the whole batch with one statement, in one transaction (resends already stored left out)."""
+        resent = base.resent_keys(records)
         try:
             async with self._acquire() as conn, conn.transaction():
+                # First: ids are drawn after every earlier insert of any instance committed (commit order).
                 await conn.execute(_LOCK_AND_NOTIFY, _COMMIT_ORDER_LOCK, self.writer_tag)
+                if resent:
+                    stored = await conn.fetch(_RESENT, resent, base.resend_cutoff(records))
+                    records_to_write = base.without_resent(records, [(bytes(row[0]), row[1]) for row in stored])
+                else:
+                    records_to_write = list(records)
+                columns: list[list[Any]] = [[] for _ in WRITE_COLUMNS]
+                for record in records_to_write:
+                    for column, value in zip(columns, _values(record), strict=True):
+                        column.append(value)
                 rows = await conn.fetch(_INSERT, *columns)
         except _UNAVAILABLE as exc:
             raise StorageUnavailableError(f"PostgreSQL write failed: {exc!r}") from exc
@@ -196,43 +240,72 @@ class PostgresStorage:
         return assign_ids(records, returned)
 
     async def history(self, query: HistoryQuery) -> list[StoredStatus]:
-        """Rows of one robot in (ts, id) order, after the cursor, within the time range."""
-        clauses = ["serial_number = $1"]
-        params: list[Any] = [query.serial_number]
-        if query.start is not None:
-            params.append(query.start)
-            clauses.append(f"ts >= ${len(params)}")
-        if query.end is not None:
-            params.append(query.end)
-            clauses.append(f"ts <= ${len(params)}")
-        if query.after is not None:
-            params.extend(query.after)
-            clauses.append(f"(ts, id) > (${len(params) - 1}, ${len(params)})")
-        params.append(query.limit)
-        sql = f"{_SELECT} WHERE {' AND '.join(clauses)} ORDER BY ts, id LIMIT ${len(params)}"
-        return [_stored(row) for row in await self._fetch(sql, params)]
+        """Rows of one robot in (ts, id) order, after the cursor, within the time range, payloads included."""
+        where, params = _history_where(query)
+        sql = f"{_SELECT} WHERE {where} ORDER BY ts, id LIMIT ${len(params) + 1}"
+        return [_stored(row) for row in await self._fetch(sql, [*params, query.limit])]
+
+    async def history_page(self, query: HistoryQuery, include_payload: bool) -> HistoryPage:
+        """One page as JSON; payloads read only when asked for, through a cursor, within the budget."""
+        where, params = _history_where(query)
+        limit = f"LIMIT ${len(params) + 1}"
+        params.append(query.limit + 1)
+        if not include_payload:
+            rows = await self._fetch(f"{_API_SELECT} FROM status WHERE {where} ORDER BY ts, id {limit}", params)
+            more = len(rows) > query.limit
+            rows = rows[: query.limit]
+        else:
+            sql = f"{_API_SELECT}, payload::text FROM status WHERE {where} ORDER BY ts, id {limit}"
+            rows, more = await self._within_budget(sql, params, query.limit)
+        after = (rows[-1][2], rows[-1][0]) if more else None
+        return HistoryPage(api_items_json(rows), len(rows), after)
+
+    async def _within_budget(self, sql: str, params: Sequence[Any], limit: int) -> tuple[list[Any], bool]:
+        rows: list[Any] = []
+        held = 0
+        try:
+            async with self._acquire() as conn, conn.transaction():
+                async for row in conn.cursor(sql, *params, prefetch=_PAYLOAD_PREFETCH):
+                    held += len(row[-1])
+                    if len(rows) == limit or (rows and held > PAGE_PAYLOAD_BUDGET):
+                        return rows, True
+                    rows.append(row)
+        except _UNAVAILABLE as exc:
+            raise StorageUnavailableError(f"PostgreSQL read failed: {exc!r}") from exc
+        except asyncpg.PostgresError as exc:
+            raise StorageError(f"PostgreSQL read failed: {exc}") from exc
+        return rows, False
 
     async def robot_exists(self, serial_number: str) -> bool:
         """True once a row of this robot is stored."""
         return bool(await self._fetch("SELECT 1 FROM status WHERE serial_number = $1 LIMIT 1", [serial_number]))
 
-    async def rows_after(self, serial_number: str | None, after_id: int, limit: int) -> list[StoredStatus]:
-        """Rows with id greater than `after_id` in id order, of one robot or (None) of every robot."""
+    async def statuses_after(self, after_id: int, limit: int) -> list[StoredStatus]:
+        """Rows after `after_id` in id order, payloads included (what store and forward sends)."""
+        return [
+            _stored(row)
+            for row in await self._fetch(f"{_SELECT} WHERE id > $1 ORDER BY id LIMIT $2", [after_id, limit])
+        ]
+
+    async def rows_after(self, serial_number: str | None, after_id: int, limit: int) -> list[StatusRow]:
+        """Rows with id greater than `after_id` in id order, of one robot or (None) of every robot; no payloads."""
         if serial_number is None:
-            rows = await self._fetch(f"{_SELECT} WHERE id > $1 ORDER BY id LIMIT $2", [after_id, limit])
+            sql = f"{_API_SELECT} FROM status WHERE id > $1 ORDER BY id LIMIT $2"
+            rows = await self._fetch(sql, [after_id, limit])
         else:
-            sql = f"{_SELECT} WHERE serial_number = $1 AND id > $2 ORDER BY id LIMIT $3"
+            sql = f"{_API_SELECT} FROM status WHERE serial_number = $1 AND id > $2 ORDER BY id LIMIT $3"
             rows = await self._fetch(sql, [serial_number, after_id, limit])
-        return [_stored(row) for row in rows]
+        return [StatusRow(*row) for row in rows]
 
-    async def latest(self, serial_number: str) -> StoredStatus | None:
-        """The robot's row with the greatest (ts, id)."""
-        rows = await self._fetch(base.latest_sql(_SELECT, "$"), [serial_number])
-        return _stored(rows[0]) if rows else None
+    async def latest(self, serial_number: str) -> StatusRow | None:
+        """The robot's row with the greatest (ts, id); no payload."""
+        rows = await self._fetch(base.latest_sql(f"{_API_SELECT} FROM status", "$"), [serial_number])
+        return StatusRow(*rows[0]) if rows else None
 
-    async def latest_per_robot(self) -> list[StoredStatus]:
-        """The latest row of every robot, by serial number."""
-        return [_stored(row) for row in await self._fetch(base.latest_per_robot_sql(_SELECT, ' COLLATE "C"'), [])]
+    async def latest_per_robot(self) -> list[StatusRow]:
+        """The latest row of every robot, by serial number; no payloads."""
+        sql = base.latest_per_robot_sql(f"{_API_SELECT} FROM status", ' COLLATE "C"')
+        return [StatusRow(*row) for row in await self._fetch(sql, [])]
 
     async def time_range(self, serial_number: str) -> tuple[datetime, datetime] | None:
         """The first and last ts of the robot."""
@@ -275,26 +348,6 @@ class PostgresStorage:
         ((count,),) = await self._fetch("SELECT count(*) FROM status WHERE id > $1", [after_id])
         return int(count)
 
-    async def first_delivery(self, session: str, packet_id: int, payload_hash: bytes) -> datetime | None:
-        """When the status in flight under `packet_id` of `session` was first received, if it is this payload."""
-        sql = "SELECT received_at FROM cluster_delivery WHERE session = $1 AND packet_id = $2 AND payload_hash = $3"
-        rows = await self._fetch(sql, [session, packet_id, payload_hash])
-        return rows[0][0] if rows else None
-
-    async def remember_delivery(self, session: str, packet_id: int, payload_hash: bytes, received_at: datetime) -> None:
-        """Record the first receive time of a status in flight under `packet_id` (replacing that id's last use)."""
-        sql = (
-            "INSERT INTO cluster_delivery (session, packet_id, payload_hash, received_at) VALUES ($1, $2, $3, $4) "
-            "ON CONFLICT (session, packet_id) DO UPDATE SET payload_hash = excluded.payload_hash, "
-            "received_at = excluded.received_at"
-        )
-        await self._fetch(sql, [session, packet_id, payload_hash, received_at])
-
-    async def committed_after(self, after_id: int, limit: int) -> list[StoredStatus]:
-        """Rows of every robot after `after_id`, by id: the live feeds' source (spotbox/cluster/rows.py)."""
-        rows = await self._fetch(f"{_SELECT} WHERE id > $1 ORDER BY id LIMIT $2", [after_id, limit])
-        return [_stored(row) for row in rows]
-
     async def save_instance_stats(self, instance: str, snapshot: bytes) -> None:
         """Store this instance's /stats snapshot (JSON) under its name."""
         sql = (
@@ -336,6 +389,22 @@ class PostgresStorage:
                 pool.terminate()
 
 
+def _history_where(query: HistoryQuery) -> tuple[str, list[Any]]:
+    """The WHERE clause of one robot's rows in the query's range after its cursor, and its parameters."""
+    clauses = ["serial_number = $1"]
+    params: list[Any] = [query.serial_number]
+    if query.start is not None:
+        params.append(query.start)
+        clauses.append(f"ts >= ${len(params)}")
+    if query.end is not None:
+        params.append(query.end)
+        clauses.append(f"ts <= ${len(params)}")
+    if query.after is not None:
+        params.extend(query.after)
+        clauses.append(f"(ts, id) > (${len(params) - 1}, ${len(params)})")
+    return " AND ".join(clauses), params
+
+
 def _values(record: StatusRecord) -> tuple[Any, ...]:
     return (
         record.serial_number,
@@ -350,4 +419,5 @@ def _values(record: StatusRecord) -> tuple[Any, ...]:
         record.height,
         record.payload.decode(),
         record.payload_hash,
+        record.delivery_key,
     )

@@ -1,4 +1,4 @@
-"""SQLite storage: one aiosqlite writer connection in WAL mode, and one reader connection beside it."""
+"""SQLite storage: one aiosqlite writer connection in WAL mode, and a pool of reader threads beside it."""
 
 from __future__ import annotations
 
@@ -13,9 +13,20 @@ from typing import Any
 import aiosqlite
 
 from spotbox.errors import StorageError, StorageUnavailableError
-from spotbox.status import StatusRecord, StoredStatus, from_micros, to_micros
-from spotbox.storage import base
-from spotbox.storage.base import COLUMNS, Bucket, DownsampleQuery, HistoryQuery, assign_ids
+from spotbox.status import StatusRecord, StatusRow, StoredStatus, from_micros, to_micros
+from spotbox.storage import base, sqlite_read
+from spotbox.storage.base import (
+    COLUMNS,
+    PAGE_PAYLOAD_BUDGET,
+    WRITE_COLUMNS,
+    Bucket,
+    DownsampleQuery,
+    HistoryPage,
+    HistoryQuery,
+    assign_ids,
+)
+from spotbox.storage.lock import DatabaseLock
+from spotbox.storage.sqlite_read import API_SELECT, ReadPool, status_row
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +55,25 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # A feed resuming from Last-Event-ID reads one robot's rows after an id; the fleet feed uses the primary key.
     ("CREATE INDEX status_robot_id ON status (serial_number, id)",),
+    # History pages read every column the API shows from the index alone (no lookup of each row in the table,
+    # half a page's cost); it replaces the (serial_number, ts, id) index, whose queries it serves as well.
+    (
+        "CREATE INDEX status_robot_time_api ON status (serial_number, ts, id, received_at, battery_level, "
+        "battery_status, driving_status, current_drive_id, latitude, longitude, height)",
+        "DROP INDEX status_robot_time",
+    ),
     # Store and forward: the last row id each upstream broker acknowledged.
     ("CREATE TABLE forward_cursor (target TEXT PRIMARY KEY, row_id INTEGER NOT NULL)",),
+    # What identifies the MQTT delivery of a status without a timestamp, so that a resend after a restart is
+    # stored once (see status.Delivery); null for every other row, which the partial index leaves out.
+    (
+        "ALTER TABLE status ADD COLUMN delivery_key BLOB",
+        "CREATE INDEX status_delivery ON status (delivery_key) WHERE delivery_key IS NOT NULL",
+    ),
 )
 
 # 32766 bound variables per statement since SQLite 3.32; stay well below.
-_ROWS_PER_INSERT = 32000 // len(COLUMNS)
+_ROWS_PER_INSERT = 32000 // len(WRITE_COLUMNS)
 _SELECT = "SELECT id, " + ", ".join(COLUMNS) + " FROM status"
 # Floor of ts (integer microseconds) to a multiple of the interval, also before 1970 where % is negative.
 _BUCKET = "ts - ((ts % ?4) + ?4) % ?4"
@@ -63,6 +87,37 @@ DELETE FROM status WHERE id IN ({base.ROBOTS_CTE}
 ) AND id < (SELECT max(id) FROM status)"""
 # Rows no forward target still needs: every id when nothing is forwarded.
 _NO_KEEP = 2**63 - 1
+
+
+async def _rollback(db: aiosqlite.Connection) -> None:
+    """Roll back after a failed statement, keeping the failure the caller re-raises as the one reported.
+
+    On a full disk or an I/O error SQLite has often rolled back by itself, and ROLLBACK then fails with "no
+    transaction is active": that must not hide "database or disk is full".
+    """
+    try:
+        await db.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        if db.in_transaction:
+            logger.error("rollback failed, the connection is still in a transaction: %s", exc)
+        else:
+            logger.debug("rollback not needed, SQLite already rolled back: %s", exc)
+
+
+async def _without_resent(db: aiosqlite.Connection, records: Sequence[StatusRecord]) -> Sequence[StatusRecord]:
+    """`records` without the resends (DUP) whose first delivery is a recent row already."""
+    keys = base.resent_keys(records)
+    if not keys:
+        return records
+    stored: list[tuple[bytes, datetime]] = []
+    cutoff = to_micros(base.resend_cutoff(records))
+    for start in range(0, len(keys), _ROWS_PER_INSERT):
+        chunk = keys[start : start + _ROWS_PER_INSERT]
+        marks = ", ".join("?" * len(chunk))
+        sql = f"SELECT delivery_key, received_at FROM status WHERE delivery_key IN ({marks}) AND received_at >= ?"
+        async with db.execute(sql, [*chunk, cutoff]) as cursor:
+            stored.extend([(row[0], from_micros(row[1])) async for row in cursor])
+    return base.without_resent(records, stored)
 
 
 def _row_values(record: StatusRecord) -> tuple[Any, ...]:
@@ -79,6 +134,7 @@ def _row_values(record: StatusRecord) -> tuple[Any, ...]:
         record.height,
         record.payload.decode(),
         record.payload_hash,
+        record.delivery_key,
     )
 
 
@@ -108,10 +164,11 @@ class SQLiteStorage:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
+        self._readers: ReadPool | None = None
         # Ingest and retention share the writer connection; a statement of one must not land in the other's
         # transaction.
         self._write_lock = asyncio.Lock()
+        self._file_lock = DatabaseLock(path)
 
     async def _connect(self) -> aiosqlite.Connection:
         try:
@@ -125,7 +182,12 @@ class SQLiteStorage:
         """Open the file (created if missing), switch to WAL and migrate."""
         if not self.path.parent.is_dir():
             raise StorageError(f"cannot open SQLite database {self.path}: folder {self.path.parent} does not exist")
-        self._writer = await self._connect()
+        self._file_lock.acquire()
+        try:
+            self._writer = await self._connect()
+        except BaseException:
+            self._file_lock.release()
+            raise
         try:
             await self._writer.execute("PRAGMA journal_mode = WAL")
             # FULL: a committed batch survives power loss as well as a crash, since acks wait for it.
@@ -134,7 +196,7 @@ class SQLiteStorage:
         except sqlite3.Error as exc:
             await self.close()
             raise StorageError(f"cannot prepare SQLite database {self.path}: {exc}") from exc
-        self._reader = await self._connect()
+        self._readers = ReadPool(self.path)
 
     async def _migrate(self, db: aiosqlite.Connection) -> None:
         await db.execute("BEGIN IMMEDIATE")
@@ -158,7 +220,7 @@ class SQLiteStorage:
             if version < len(MIGRATIONS):
                 logger.info("sqlite schema of %s migrated from version %d to %d", self.path, version, len(MIGRATIONS))
         except BaseException:
-            await db.execute("ROLLBACK")
+            await _rollback(db)
             raise
 
     def _db(self, db: aiosqlite.Connection | None) -> aiosqlite.Connection:
@@ -179,12 +241,13 @@ class SQLiteStorage:
         try:
             await db.execute("BEGIN IMMEDIATE")
             try:
+                records = await _without_resent(db, records)
                 for start in range(0, len(records), _ROWS_PER_INSERT):
                     chunk = records[start : start + _ROWS_PER_INSERT]
-                    placeholders = ", ".join(["(" + ", ".join("?" * len(COLUMNS)) + ")"] * len(chunk))
+                    placeholders = ", ".join(["(" + ", ".join("?" * len(WRITE_COLUMNS)) + ")"] * len(chunk))
                     params = [value for record in chunk for value in _row_values(record)]
                     sql = (
-                        f"INSERT INTO status ({', '.join(COLUMNS)}) VALUES {placeholders} "
+                        f"INSERT INTO status ({', '.join(WRITE_COLUMNS)}) VALUES {placeholders} "
                         "ON CONFLICT DO NOTHING RETURNING id, serial_number, ts, payload_hash"
                     )
                     async with db.execute(sql, params) as cursor:
@@ -192,7 +255,7 @@ class SQLiteStorage:
                             returned[(row[1], row[2], row[3])] = row[0]
                 await db.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                await _rollback(db)
                 raise
         except sqlite3.OperationalError as exc:
             # Locked, disk full, I/O error: the batch may succeed when retried.
@@ -202,44 +265,45 @@ class SQLiteStorage:
         return returned
 
     async def history(self, query: HistoryQuery) -> list[StoredStatus]:
-        """Rows of one robot in (ts, id) order, after the cursor, within the time range."""
-        clauses = ["serial_number = ?"]
-        params: list[Any] = [query.serial_number]
-        if query.start is not None:
-            clauses.append("ts >= ?")
-            params.append(to_micros(query.start))
-        if query.end is not None:
-            clauses.append("ts <= ?")
-            params.append(to_micros(query.end))
-        if query.after is not None:
-            clauses.append("(ts, id) > (?, ?)")
-            params.extend((to_micros(query.after[0]), query.after[1]))
-        params.append(query.limit)
-        sql = f"{_SELECT} WHERE {' AND '.join(clauses)} ORDER BY ts, id LIMIT ?"
-        return [_stored(row) for row in await self._fetch(sql, params)]
+        """Rows of one robot in (ts, id) order, after the cursor, within the time range, payloads included."""
+        where, params = sqlite_read.history_where(query)
+        sql = f"{_SELECT} WHERE {where} ORDER BY ts, id LIMIT ?"
+        return [_stored(row) for row in await self._fetch(sql, [*params, query.limit])]
+
+    async def history_page(self, query: HistoryQuery, include_payload: bool) -> HistoryPage:
+        """One page as JSON, built in a reader thread; payloads read only when asked for, within the budget."""
+        sql, params = sqlite_read.history_sql(query, include_payload)
+        budget = PAGE_PAYLOAD_BUDGET if include_payload else None
+        return await self._pool().run(sqlite_read.history_page, sql, params, query.limit, budget)
 
     async def robot_exists(self, serial_number: str) -> bool:
         """True once a row of this robot is stored."""
         rows = await self._fetch("SELECT 1 FROM status WHERE serial_number = ? LIMIT 1", [serial_number])
         return bool(rows)
 
-    async def rows_after(self, serial_number: str | None, after_id: int, limit: int) -> list[StoredStatus]:
-        """Rows with id greater than `after_id` in id order, of one robot or (None) of every robot."""
+    async def statuses_after(self, after_id: int, limit: int) -> list[StoredStatus]:
+        """Rows after `after_id` in id order, payloads included (what store and forward sends)."""
+        return [
+            _stored(row) for row in await self._fetch(f"{_SELECT} WHERE id > ? ORDER BY id LIMIT ?", [after_id, limit])
+        ]
+
+    async def rows_after(self, serial_number: str | None, after_id: int, limit: int) -> list[StatusRow]:
+        """Rows with id greater than `after_id` in id order, of one robot or (None) of every robot; no payloads."""
         if serial_number is None:
-            rows = await self._fetch(f"{_SELECT} WHERE id > ? ORDER BY id LIMIT ?", [after_id, limit])
+            rows = await self._fetch(f"{API_SELECT} WHERE id > ? ORDER BY id LIMIT ?", [after_id, limit])
         else:
-            sql = f"{_SELECT} WHERE serial_number = ? AND id > ? ORDER BY id LIMIT ?"
+            sql = f"{API_SELECT} WHERE serial_number = ? AND id > ? ORDER BY id LIMIT ?"
             rows = await self._fetch(sql, [serial_number, after_id, limit])
-        return [_stored(row) for row in rows]
+        return [status_row(row) for row in rows]
 
-    async def latest(self, serial_number: str) -> StoredStatus | None:
-        """The robot's row with the greatest (ts, id)."""
-        rows = await self._fetch(base.latest_sql(_SELECT, "?"), [serial_number])
-        return _stored(rows[0]) if rows else None
+    async def latest(self, serial_number: str) -> StatusRow | None:
+        """The robot's row with the greatest (ts, id); no payload."""
+        rows = await self._fetch(base.latest_sql(API_SELECT, "?"), [serial_number])
+        return status_row(rows[0]) if rows else None
 
-    async def latest_per_robot(self) -> list[StoredStatus]:
-        """The latest row of every robot, by serial number."""
-        return [_stored(row) for row in await self._fetch(base.latest_per_robot_sql(_SELECT), [])]
+    async def latest_per_robot(self) -> list[StatusRow]:
+        """The latest row of every robot, by serial number; no payloads."""
+        return [status_row(row) for row in await self._fetch(base.latest_per_robot_sql(API_SELECT), [])]
 
     async def time_range(self, serial_number: str) -> tuple[datetime, datetime] | None:
         """The first and last ts of the robot."""
@@ -297,17 +361,19 @@ class SQLiteStorage:
         """Run a trivial query on the reader connection."""
         await self._fetch("SELECT 1", [])
 
-    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
-        db = self._db(self._reader)
-        try:
-            async with db.execute(sql, params) as cursor:
-                return list(await cursor.fetchall())
-        except sqlite3.Error as exc:
-            raise StorageUnavailableError(f"SQLite read failed: {exc}") from exc
+    def _pool(self) -> ReadPool:
+        if self._readers is None:
+            raise StorageUnavailableError(f"SQLite database {self.path} is not open")
+        return self._readers
+
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        return await self._pool().fetch(sql, params)
 
     async def close(self) -> None:
-        """Close both connections."""
-        for db in (self._reader, self._writer):
-            if db is not None:
-                await db.close()
-        self._reader = self._writer = None
+        """Close the readers and the writer."""
+        if self._readers is not None:
+            await self._readers.close()
+        if self._writer is not None:
+            await self._writer.close()
+        self._readers = self._writer = None
+        self._file_lock.release()

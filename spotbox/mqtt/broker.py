@@ -1,0 +1,418 @@
+"""The Broker: spotbox's MQTT engine as the app, the /mqtt route and the tests see it.
+
+It owns the listeners, the connections, the sessions, the subscription tree, the retained store, the router and
+the publish path, and one clock task that ends connections that missed their CONNECT deadline, went silent past
+their keep alive, or stopped reading for too long. Logins go through `auth.Authenticator` before any session is
+looked at: a refused login touches nothing.
+
+Presence hook: `on_connection_closed(client_id, serials)` (optional, set by whoever needs it) is called once a
+logged-in connection has ended, with the serials of the statuses it stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from spotbox.errors import ListenError
+from spotbox.mqtt.auth import Authenticator
+from spotbox.mqtt.connection import Closed, Connection, Stream
+from spotbox.mqtt.listeners import MqttLimits, TcpStream, WebSocketStream, start_tcp
+from spotbox.mqtt.message import Message
+from spotbox.mqtt.publish import PublishPath
+from spotbox.mqtt.retained import RetainedStore
+from spotbox.mqtt.router import Router, deliver
+from spotbox.mqtt.sessions import NEVER_EXPIRES, Queued, Session, Sessions, Will
+from spotbox.mqtt.subscriptions import Subscription, SubscriptionTree
+from spotbox.mqtt.topics import parse_shared, valid_topic_filter
+from spotbox.mqtt.wire import MQTT_5, Connect, Subscribe, Unsubscribe, Wire5
+from spotbox.pipeline import IngestPipeline
+from spotbox.status import status_topic_serial
+from spotbox.users import Users
+from spotbox.validation import Rejection
+
+logger = logging.getLogger(__name__)
+
+# Topic aliases a client may use towards spotbox [MQTT-3.2.2.3.8]; each costs one dict entry per connection.
+TOPIC_ALIAS_MAX = 32
+# How often the clock checks deadlines, keep alives and stuck clients.
+TICK_S = 0.25
+# Retained messages spotbox keeps, and their bytes in all.
+RETAINED_MAX_MESSAGES = 100_000
+RETAINED_MAX_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class BrokerCounters:
+    """Messages not delivered, by why, for /metrics (the sessions count their full queues)."""
+
+    dropped_max_outbound_bytes: int = 0
+    dropped_expired: int = 0
+    dropped_too_large: int = 0
+    refused_connections: int = 0
+
+
+class Broker:
+    """spotbox's MQTT broker, 3.1.1 and 5.0, over TCP, TLS and WebSocket."""
+
+    def __init__(self, pipeline: IngestPipeline, users: Users | None = None, limits: MqttLimits | None = None) -> None:
+        self.pipeline = pipeline
+        self.users = users
+        self.limits = limits or MqttLimits()
+        # One argon2 hash at a time: on a 2-core box a second would starve the event loop serving everyone else.
+        self.auth = Authenticator(users, max_hashing=1)
+        self.counters = BrokerCounters()
+        self.tree: SubscriptionTree[str] = SubscriptionTree()
+        self.retained = RetainedStore(RETAINED_MAX_MESSAGES, RETAINED_MAX_BYTES)
+        self.sessions = Sessions(
+            max_queued=self.limits.max_queued, publish_will=self._publish_will, discard=self._discard
+        )
+        self.router = Router(self.tree, self.sessions)
+        self.publish_path = PublishPath(self)
+        self.connections: set[Connection] = set()
+        self.logged_in = 0
+        self.paused_connections = 0
+        self.mqtt_address: tuple[str, int] | None = None
+        self.on_connection_closed: Callable[[str, frozenset[str]], None] | None = None
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._clock: asyncio.Task[None] | None = None
+
+    # --- listeners ----------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the clock (deadlines, keep alives, stuck clients)."""
+        self._clock = asyncio.create_task(self._tick_forever(), name="spotbox-mqtt-clock")
+
+    async def listen(
+        self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, *, sock: socket.socket | None = None
+    ) -> tuple[str, int]:
+        """Accept MQTT over TCP (TLS with a context) on host:port or on a bound socket; the real address."""
+        try:
+            self._server = await start_tcp(self._tcp_client, host, port, ssl_context, sock)
+        except OSError as exc:
+            raise ListenError("MQTT", host, port, "--mqtt-port", exc, host_option="--mqtt-host") from exc
+        address = self._server.sockets[0].getsockname()
+        self.mqtt_address = (address[0], address[1])
+        return self.mqtt_address
+
+    @property
+    def listening(self) -> bool:
+        """True while the TCP listener accepts connections."""
+        return self._server is not None and self._server.is_serving()
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The connection runs in a task of the broker's own (named, awaited at shutdown), not in the one asyncio's
+        # server made for this callback, which would log an error if it were ever cancelled.
+        stream = TcpStream(reader, writer)
+        task = asyncio.create_task(self.serve(stream), name=f"spotbox-mqtt-{stream.peer}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def serve_websocket(self, request: web.Request) -> web.WebSocketResponse:
+        """GET /mqtt: one MQTT client over a WebSocket, for its whole connection."""
+        # A client sends one MQTT packet per message; a bigger message is refused by aiohttp, unread.
+        ws = web.WebSocketResponse(protocols=("mqtt",), max_msg_size=self.limits.max_packet + 5)
+        await ws.prepare(request)
+        if request.transport is None:
+            return ws
+        stream = WebSocketStream(ws, request)
+        await self.serve(stream)
+        await stream.sent()
+        await ws.close()
+        return ws
+
+    async def serve(self, stream: Stream) -> None:
+        """Run one client's connection, within the bound on connections still logging in."""
+        logging_in = len(self.connections) - self.logged_in
+        if logging_in >= self.limits.max_pending_logins:
+            self.counters.refused_connections += 1
+            logger.warning(
+                "mqtt connection from %s refused: %d connections are still logging in", stream.peer, logging_in
+            )
+            stream.abort()
+            return
+        conn = Connection(self, stream)
+        self.connections.add(conn)
+        try:
+            await conn.run()
+        except Exception:
+            logger.exception("mqtt connection %s (%r) ended by an error", stream.peer, conn.client_id)
+        finally:
+            conn.end()
+
+    # --- logins -------------------------------------------------------------------------------------------------
+
+    async def login(self, conn: Connection, connect: Connect) -> bool:
+        """Check a CONNECT (login, will, client id owner, limits), then attach its session and answer CONNACK."""
+        v5 = connect.version == MQTT_5
+        wire = Wire5(connect.max_packet_size, connect.request_problem_info, connect.topic_alias_max) if v5 else None
+        if wire is not None:
+            wire.incoming_alias_max = TOPIC_ALIAS_MAX
+            conn.wire = wire
+        peer = conn.stream.peer
+        if self.logged_in >= self.limits.max_connections:
+            logger.warning(
+                "mqtt connection from %s refused: --max-connections %d reached", peer, self.limits.max_connections
+            )
+            return self._refuse(conn, 0x03, 0x97)  # server unavailable / quota exceeded
+        if connect.authentication_method is not None:
+            return self._refuse(conn, 0x05, 0x8C)  # bad authentication method: no enhanced auth
+        result = await self.auth.login(connect.username, connect.password, conn.stream.address)
+        if not result.ok:
+            logger.warning("mqtt login refused for user %r from %s: %s", connect.username, peer, result.reason)
+            return self._refuse(conn, result.code311, result.code5)
+        user = result.user
+        client_id = connect.client_id or f"spotbox-{uuid.uuid4().hex}"  # [MQTT-3.1.3-6]
+        will = connect.will
+        if will is not None and (
+            status_topic_serial(will.topic) is not None or not self.auth.may_publish(user, will.topic)
+        ):
+            # A will is never validated or stored: none on status topics, and only where the user may publish.
+            logger.warning("mqtt connection refused: user %r may not leave a will on %r", user, will.topic)
+            return self._refuse(conn, 0x05, 0x87)
+        session = self.sessions.get(client_id)
+        if session is not None and session.user != user:
+            # Taking over another user's session would hand over its subscriptions and queued messages.
+            logger.warning(
+                "mqtt connection refused: client id %r is in use by user %r, not %r", client_id, session.user, user
+            )
+            return self._refuse(conn, 0x05, 0x87)
+        if session is not None and session.connection is not None:
+            session.connection.kick(0x8E, "session taken over")  # [MQTT-3.1.4-3]
+        session, present = self.sessions.open(client_id, user, connect.version, connect.clean_start)
+        session.expiry_s = connect.session_expiry_s
+        if will is not None:
+            will.created = time.monotonic()
+            session.will = Will(will, connect.will_delay_s)
+        session.connection = conn
+        conn.session, conn.client_id, conn.logged_in = session, client_id, True
+        self.logged_in += 1
+        keep_alive = connect.keep_alive
+        if v5 and not 0 < keep_alive <= self.limits.max_keepalive:
+            keep_alive = self.limits.max_keepalive  # told in CONNACK [MQTT-3.2.2-21]
+        conn.keep_alive_s = keep_alive
+        conn.send_quota = connect.receive_max
+        if wire is not None:
+            conn.write(
+                wire.connack(
+                    present,
+                    0,
+                    assigned_client_id=None if connect.client_id else client_id,
+                    server_keep_alive=keep_alive,
+                    receive_max=self.limits.receive_maximum,
+                    topic_alias_max=TOPIC_ALIAS_MAX,
+                    max_packet_size=self.limits.max_packet + 5,
+                    subscription_id_available=True,
+                    shared_subscription_available=True,
+                    wildcard_subscription_available=True,
+                    retain_available=True,
+                )
+            )
+        else:
+            conn.write(conn.wire.connack(present, 0))
+        logger.info("mqtt client %r (user %r) connected from %s", client_id, user, peer)
+        conn.resume()
+        return True
+
+    def _refuse(self, conn: Connection, code311: int, code5: int) -> bool:
+        conn.write(conn.wire.connack(False, code5 if isinstance(conn.wire, Wire5) else code311))
+        return False
+
+    # --- subscriptions ------------------------------------------------------------------------------------------
+
+    def subscribe(self, conn: Connection, packet: Subscribe) -> None:
+        """SUBACK with a code per filter, then the retained messages of the new filters (Retain Handling)."""
+        session = conn.session
+        assert session is not None
+        codes: list[int] = []
+        retained_for: list[Subscription] = []
+        for request in packet.requests:
+            shared = parse_shared(request.filter)
+            if isinstance(shared, str) or valid_topic_filter(request.filter) is not None:
+                codes.append(0x8F)  # topic filter invalid
+                continue
+            group, inner = shared if shared is not None else (None, request.filter)
+            if group is not None and request.no_local:
+                raise Closed("No Local on a shared subscription", 0x82)  # [MQTT-3.8.3-4]
+            if not self.auth.may_subscribe(session.user, request.filter):
+                logger.warning("mqtt subscribe denied: user %r may not subscribe to %r", session.user, request.filter)
+                codes.append(0x87)
+                continue
+            subscription = Subscription(
+                inner,
+                request.qos,
+                no_local=request.no_local,
+                retain_as_published=request.retain_as_published,
+                retain_handling=request.retain_handling,
+                identifier=packet.identifier,
+                share_group=group,
+            )
+            existed = self.tree.add(session.client_id, subscription)
+            codes.append(request.qos)
+            # Retained messages go to the subscription that asked, when it is made [MQTT-3.3.1-9..11]; never to a
+            # shared one (MQTT 5.0 4.8.2).
+            if group is None and (request.retain_handling == 0 or (request.retain_handling == 1 and not existed)):
+                retained_for.append(subscription)
+        conn.write(conn.wire.suback(packet.packet_id, codes))
+        for subscription in retained_for:
+            ids = [subscription.identifier] if subscription.identifier is not None else []
+            for message in self.retained.match(subscription.filter):
+                conn.send_publish(Queued(message, min(message.qos, subscription.qos), True, ids))
+
+    def unsubscribe(self, conn: Connection, packet: Unsubscribe) -> None:
+        """UNSUBACK: 0x00 for each filter removed, 0x11 where no subscription existed."""
+        session = conn.session
+        assert session is not None
+        codes = []
+        for topic_filter in packet.filters:
+            shared = parse_shared(topic_filter)
+            group, inner = shared if isinstance(shared, tuple) else (None, topic_filter)
+            codes.append(0x00 if self.tree.remove(session.client_id, inner, group) else 0x11)
+        conn.write(conn.wire.unsuback(packet.packet_id, codes))
+
+    # --- session ends -------------------------------------------------------------------------------------------
+
+    def connection_ended(self, conn: Connection, session: Session, *, publish_will: bool) -> None:
+        """A logged-in connection left its session: the will and the session's end are decided now."""
+        if session.version != MQTT_5 and session.expiry_s:
+            session.expiry_s = NEVER_EXPIRES
+        self.sessions.connection_ended(session, publish_will=publish_will and not self._closing)
+
+    def connection_closed(self, conn: Connection) -> None:
+        """A connection is over (logged in or not)."""
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        if conn.logged_in:
+            self.logged_in -= 1
+            if self.on_connection_closed is not None and conn.client_id is not None:
+                try:
+                    self.on_connection_closed(conn.client_id, frozenset(conn.serials))
+                except Exception:
+                    logger.exception("on_connection_closed failed for %r", conn.client_id)
+
+    def _publish_will(self, session: Session, message: Message) -> None:
+        logger.debug("publishing the will of %r on %r", session.client_id, message.topic)
+        message.created = time.monotonic()
+        self.publish_path.route(message, session.client_id)
+
+    def _discard(self, session: Session) -> None:
+        self.tree.remove_all(session.client_id)
+
+    def deliver(self, session: Session, item: Queued) -> None:
+        """Send a message to one session (the router's last step)."""
+        deliver(self.sessions, session, item)
+
+    async def report_rejection(self, topic: str, rejection: Rejection, payload: bytes) -> None:
+        """Publish why a status was refused on `spotbox/rejected/{serial}` (HTTP ingest uses this too)."""
+        self.publish_path.report_rejection(topic, rejection, payload)
+
+    # --- the clock ----------------------------------------------------------------------------------------------
+
+    async def _tick_forever(self) -> None:
+        ticks = 0
+        while True:
+            await asyncio.sleep(TICK_S)
+            ticks += 1
+            try:
+                self.tick(time.monotonic())
+                if ticks % 40 == 0:
+                    self.retained.drop_expired(time.monotonic())
+            except Exception:
+                logger.exception("mqtt clock tick failed")
+
+    def tick(self, now: float) -> None:
+        """End connections past their CONNECT deadline, keep alive or stuck limit; send what waits for room."""
+        limits = self.limits
+        silent: list[Connection] = []
+        for conn in list(self.connections):
+            if conn.ended:
+                continue
+            if not conn.logged_in:
+                if now - conn.started > limits.connect_timeout_s:
+                    logger.warning(
+                        "mqtt connection from %s closed: no CONNECT within %g s",
+                        conn.stream.peer,
+                        limits.connect_timeout_s,
+                    )
+                    conn.stream.close()
+            elif conn.keep_alive_s and not conn.paused_depth and now - conn.last_heard > 1.5 * conn.keep_alive_s:
+                silent.append(conn)
+            elif conn.over_budget():
+                since = conn.over_budget_since or now
+                if now - since > limits.outbound_stuck_s:
+                    conn.kick(0x97, f"has not read its messages for {limits.outbound_stuck_s:g} s")
+            elif conn.session is not None and conn.session.queue:
+                conn.pump()
+        # The longest silent first: its will still reaches a client whose own silence ends in the same tick.
+        for conn in sorted(silent, key=lambda conn: conn.last_heard):
+            # [MQTT-3.1.2-24]: silent for 1.5 times the keep alive; the will is published.
+            conn.kick(0x8D, f"no packet within 1.5 times the keep alive of {conn.keep_alive_s} s")
+
+    # --- shutdown -----------------------------------------------------------------------------------------------
+
+    _closing = False
+
+    async def stop_listening(self) -> None:
+        """Stop accepting new MQTT connections."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    async def close(self, grace_s: float = 2.0) -> None:
+        """Stop reading every client, let committed statuses be acknowledged (within `grace_s`), then disconnect.
+
+        Called on shutdown and again at cleanup: the second call has nothing left to do.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        await self.stop_listening()
+        connections = list(self.connections)
+        for conn in connections:
+            conn.stopping = True
+            conn.stream.pause_reading()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):
+                while any(conn.pending for conn in connections):  # noqa: ASYNC110 - commits resolve in callbacks
+                    await asyncio.sleep(0.01)
+        for conn in connections:
+            if not conn.ended:
+                conn.kick(0x8B, "server shutting down")
+        # Closed connections end their reader loops; one that cannot flush to its client is cut after a moment.
+        tasks = set(self._tasks)
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=1.0)
+            for conn in connections:
+                conn.stream.abort()
+            if stuck:
+                await asyncio.wait(stuck, timeout=1.0)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
+        self.sessions.close()
+        self.auth.close()
+        if self._clock is not None:
+            self._clock.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._clock
+
+    def abort_clients(self) -> None:
+        """Cut every client connection at once."""
+        for conn in list(self.connections):
+            conn.stream.abort()
+
+    @property
+    def connected_count(self) -> int:
+        """Clients logged in now."""
+        return self.logged_in

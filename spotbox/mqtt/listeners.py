@@ -1,0 +1,170 @@
+"""Where clients come from: MQTT over TCP (and TLS) with asyncio's server, and over WebSocket at /mqtt (aiohttp).
+
+Each accepted client is a `Stream` handed to the broker, which runs one `Connection` for it. The TCP listener
+also takes a socket the CLI bound earlier (so a port error is reported before storage is opened).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import WSMsgType, web
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MqttLimits:
+    """How big a packet, topic and crowd of clients spotbox accepts, and how long it waits for them."""
+
+    max_payload: int = 1024 * 1024
+    max_topic_length: int = 1024
+    max_connections: int = 1000
+    max_pending_logins: int = 200
+    connect_timeout_s: float = 5.0
+    receive_maximum: int = 100
+    max_keepalive: int = 3600
+    max_queued: int = 1000
+    max_outbound_bytes: int = 4 * 1024 * 1024
+    outbound_stuck_s: float = 30.0
+
+    @property
+    def max_packet(self) -> int:
+        """The largest remaining length of any packet: a PUBLISH with the largest topic and payload."""
+        return self.max_payload + self.max_topic_length + 4
+
+
+def _peer(address: object) -> tuple[str, str]:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return str(address[0]), f"{address[0]}:{address[1]}"
+    return "", "?"
+
+
+class TcpStream:
+    """A TCP (or TLS) client through asyncio's streams."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._transport = writer.transport
+        self.address, self.peer = _peer(writer.get_extra_info("peername"))
+
+    async def read(self) -> bytes:
+        """The next bytes from the client; b"" once the stream has ended."""
+        return await self._reader.read(65536)
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the client."""
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def buffered(self) -> int:
+        """Bytes not yet sent."""
+        return self._transport.get_write_buffer_size()
+
+    def pause_reading(self) -> None:
+        """Stop reading from the network."""
+        if isinstance(self._transport, asyncio.ReadTransport) and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def close(self) -> None:
+        """Close after sending what is buffered."""
+        self._transport.close()
+
+    def abort(self) -> None:
+        """Close at once."""
+        self._transport.abort()
+
+
+class WebSocketStream:
+    """An MQTT client over a WebSocket (subprotocol `mqtt`, binary messages) [MQTT-6.0.0-1]."""
+
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request) -> None:
+        self._ws = ws
+        self._pending = bytearray()
+        self._sender: asyncio.Task[None] | None = None
+        self._closing = False
+        self._transport = request.transport
+        self.address, self.peer = _peer(request.transport.get_extra_info("peername") if request.transport else None)
+
+    async def read(self) -> bytes:
+        """The bytes of the next binary message; b"" when the WebSocket ends (a text frame ends it too)."""
+        message = await self._ws.receive()
+        while message.type == WSMsgType.BINARY and not message.data:
+            message = await self._ws.receive()  # an empty message is no end of stream
+        if message.type == WSMsgType.BINARY:
+            return bytes(message.data)
+        if message.type == WSMsgType.TEXT:
+            logger.warning("mqtt websocket client %s sent a text frame; closing", self.peer)
+        return b""
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes; they leave as one binary message per event-loop turn."""
+        if self._closing:
+            return
+        self._pending += data
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send(), name=f"spotbox-mqtt-ws-send-{self.peer}")
+
+    async def _send(self) -> None:
+        try:
+            while self._pending and not self._ws.closed:
+                data = bytes(self._pending)
+                self._pending.clear()
+                await self._ws.send_bytes(data)
+        except (ConnectionError, RuntimeError) as exc:
+            logger.debug("mqtt websocket %s: not sent: %r", self.peer, exc)
+        finally:
+            self._sender = None
+
+    async def sent(self) -> None:
+        """Return once what was written has been handed to the WebSocket."""
+        while self._sender is not None:
+            await asyncio.shield(self._sender)
+
+    def buffered(self) -> int:
+        """Bytes not yet sent."""
+        transport = self._transport
+        return len(self._pending) + (transport.get_write_buffer_size() if transport is not None else 0)
+
+    def pause_reading(self) -> None:
+        """Nothing to pause: the connection stops taking packets itself."""
+
+    def close(self) -> None:
+        """Close once what is queued is sent."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send(), name=f"spotbox-mqtt-ws-close-{self.peer}")
+
+    def abort(self) -> None:
+        """Close at once."""
+        self._closing = True
+        self._pending.clear()
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send(), name=f"spotbox-mqtt-ws-close-{self.peer}")
+
+
+async def start_tcp(
+    client_connected: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    sock: socket.socket | None = None,
+) -> asyncio.Server:
+    """The TCP (TLS with a context) listener, on host:port or on an already-bound socket."""
+    # A fleet reconnects at once after a restart of the gateway: thousands of SYNs within a second. asyncio's default
+    # backlog of 100 would drop most of them into the client's SYN retry (1 s, 3 s, 7 s...); the kernel caps this at
+    # net.core.somaxconn.
+    backlog = 4096
+    if sock is not None:
+        return await asyncio.start_server(client_connected, sock=sock, ssl=ssl_context, limit=2**20, backlog=backlog)
+    return await asyncio.start_server(
+        client_connected, host, port, reuse_address=True, ssl=ssl_context, limit=2**20, backlog=backlog
+    )

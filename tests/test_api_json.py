@@ -1,0 +1,200 @@
+"""The JSON clients parse, pinned: values and number formatting of every read route, whatever path builds it."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from spotbox.status import StatusRecord, parse_utc
+from spotbox.storage.sqlite import SQLiteStorage
+from tests.conftest import Box
+from tests.helpers import mqtt_client, open_feed, status
+from tests.test_storage import VALIDATOR
+
+SERIAL = "PIN-1"
+DRIVE = "5f0c6a53-2f4e-4d8a-9d55-2b4a3c1e7f10"
+# Statuses whose numbers and times are easy to print wrongly: integers stored as floats, exponents, negative
+# zero, the smallest subnormal, 17 significant digits, microseconds, an offset, a time before 1970.
+STATUSES: list[tuple[dict[str, Any], str]] = [
+    (
+        status(
+            timestamp="2026-11-22T10:00:00Z",
+            location={"latitude": 34, "longitude": -0.0, "height": 1e-7},
+        ),
+        "2026-11-22T10:00:01Z",
+    ),
+    (
+        status(
+            timestamp="2026-11-22T11:00:00.000001+01:00",
+            driving_status="IDLE",
+            current_drive_id=None,
+            battery_status="CHARGING",
+            battery_level=1,
+            location={"latitude": 0.30000000000000004, "longitude": 13.405000000000001, "height": 1e16},
+            firmware="fw-\u00e9",
+            temps=[1.5, 2e-5, 100],
+        ),
+        "2026-11-22T10:00:01.250000Z",
+    ),
+    (
+        status(
+            timestamp="1969-12-31T23:59:59.5Z",
+            battery_level=100,
+            driving_status="IDLE",
+            current_drive_id=...,
+            location={"latitude": 5e-324, "longitude": 180, "height": -1.5e300},
+        ),
+        "2026-11-22T10:00:02.999999Z",
+    ),
+]
+
+
+def literal(text: str | bytes) -> Any:
+    """Parse JSON keeping each number as the text it was written as, so 34.0 and 34 stay different."""
+    return json.loads(text, parse_float=lambda s: ("float", s), parse_int=lambda s: ("int", s))
+
+
+def records() -> list[StatusRecord]:
+    """The pinned statuses, validated as MQTT ingest validates them."""
+    out = []
+    for doc, received in STATUSES:
+        verdict = VALIDATOR.check(SERIAL, orjson.dumps(doc), parse_utc(received))
+        assert isinstance(verdict, StatusRecord), verdict
+        out.append(verdict)
+    return out
+
+
+def expected_item(row_id: int, index: int, backend: str = "sqlite") -> dict[str, Any]:
+    """Today's JSON of the index-th pinned status stored as row `row_id`, as `literal` parses it."""
+    item = {"id": ("int", str(row_id)), "serial_number": SERIAL, **ITEMS[index]}
+    if index == 0 and backend == "sqlite":
+        # SQLite stores a REAL -0.0 as 0: the sign is lost there (PostgreSQL's float8 keeps it).
+        item["location"] = {**item["location"], "longitude": ("float", "0.0")}
+    return item
+
+
+ITEMS: list[dict[str, Any]] = [
+    {
+        "ts": "2026-11-22T10:00:00Z",
+        "received_at": "2026-11-22T10:00:01Z",
+        "battery_level": ("int", "80"),
+        "battery_status": "DISCHARGING",
+        "driving_status": "MOVING",
+        "current_drive_id": DRIVE,
+        "location": {"latitude": ("float", "34.0"), "longitude": ("float", "-0.0"), "height": ("float", "1e-7")},
+    },
+    {
+        "ts": "2026-11-22T10:00:00.000001Z",
+        "received_at": "2026-11-22T10:00:01.250000Z",
+        "battery_level": ("int", "1"),
+        "battery_status": "CHARGING",
+        "driving_status": "IDLE",
+        "current_drive_id": None,
+        "location": {
+            "latitude": ("float", "0.30000000000000004"),
+            "longitude": ("float", "13.405000000000001"),
+            "height": ("float", "1e+16"),
+        },
+    },
+    {
+        "ts": "1969-12-31T23:59:59.500000Z",
+        "received_at": "2026-11-22T10:00:02.999999Z",
+        "battery_level": ("int", "100"),
+        "battery_status": "DISCHARGING",
+        "driving_status": "IDLE",
+        "current_drive_id": None,
+        "location": {
+            "latitude": ("float", "5e-324"),
+            "longitude": ("float", "180.0"),
+            "height": ("float", "-1.5e+300"),
+        },
+    },
+]
+
+
+def backend(box: Box) -> str:
+    """The kind of database `box` runs on."""
+    return "sqlite" if isinstance(box.storage, SQLiteStorage) else "postgresql"
+
+
+def exact_values(text: str | bytes) -> Any:
+    """Parse JSON with every number as an exact Decimal: the values, whatever their formatting."""
+    return json.loads(text, parse_float=Decimal, parse_int=Decimal)
+
+
+async def stored(box: Box) -> list[int]:
+    """Write the pinned statuses through the real storage; their row ids."""
+    ids = await box.storage.write_batch(records())
+    assert all(row_id is not None for row_id in ids)
+    return [row_id for row_id in ids if row_id is not None]
+
+
+async def text(box: Box, path: str, **params: str) -> bytes:
+    async with box.http.get(f"{box.base_url}{path}", params=params) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.content_type == "application/json"
+        return await resp.read()
+
+
+async def test_history_items_keep_their_json(box: Box) -> None:
+    """Test that history items (by ts: the 1969 row first) are today's JSON, number formatting included."""
+    ids = await stored(box)
+    page = literal(await text(box, f"/robots/{SERIAL}/history"))
+    order = [2, 0, 1]
+    assert page == {
+        "serial_number": SERIAL,
+        "items": [expected_item(ids[i], i, backend(box)) for i in order],
+        "next_cursor": None,
+    }
+    first = literal(await text(box, f"/robots/{SERIAL}/history", limit="1"))
+    assert first["items"] == [expected_item(ids[2], 2)]
+    assert isinstance(first["next_cursor"], str)
+    rest = literal(await text(box, f"/robots/{SERIAL}/history", limit="2", cursor=first["next_cursor"]))
+    assert rest["items"] == [expected_item(ids[i], i, backend(box)) for i in order[1:]]
+
+
+async def test_history_payload_is_the_stored_message(box: Box) -> None:
+    """Test that include_payload adds the stored message: SQLite's verbatim, PostgreSQL's jsonb with equal values."""
+    ids = await stored(box)
+    body = await text(box, f"/robots/{SERIAL}/history", include_payload="true")
+    page, exact = literal(body), exact_values(body)
+    for item, exact_item in zip(page["items"], exact["items"], strict=True):
+        index = ids.index(int(item["id"][1]))
+        sent = orjson.dumps(STATUSES[index][0])
+        if backend(box) == "sqlite":
+            assert item["payload"] == literal(sent)
+        assert exact_item["payload"] == exact_values(sent)
+        del item["payload"]
+        assert item == expected_item(ids[index], index, backend(box))
+
+
+async def test_latest_routes_keep_their_json(box: Box) -> None:
+    """Test that /robots and /robots/{serial} show the latest row (greatest ts) with today's JSON."""
+    ids = await stored(box)
+    robot = {"serial_number": SERIAL, "last_seen": ITEMS[1]["received_at"], "latest": expected_item(ids[1], 1)}
+    assert literal(await text(box, f"/robots/{SERIAL}")) == robot
+    assert literal(await text(box, "/robots")) == {"items": [robot]}
+
+
+async def test_feed_data_keeps_its_json(box: Box) -> None:
+    """Test that SSE data, replayed from storage and live from MQTT, is today's JSON of the status."""
+    ids = await stored(box)
+    async with open_feed(box.http, f"{box.base_url}/robots/{SERIAL}/feed", {"Last-Event-ID": "0"}) as feed:
+        replayed = [literal((await feed.next()).data) for _ in ids]
+        assert replayed == [expected_item(row_id, index, backend(box)) for index, row_id in enumerate(ids)]
+        doc, _ = STATUSES[0]
+        async with mqtt_client(box.mqtt_port) as robot:
+            await robot.publish(f"robot/{SERIAL}/status", orjson.dumps({**doc, "battery_level": 2}), qos=1)
+        event = await feed.next()
+    live = literal(event.data)
+    # Live events come from the validated status, not from a row read back: the sign of -0.0 is still there.
+    expected = {**expected_item(int(event.id or 0), 0, "postgresql"), "battery_level": ("int", "2")}
+    received = live.pop("received_at")
+    del expected["received_at"]
+    assert live == expected
+    assert received.endswith("Z")
+    assert datetime.fromisoformat(received) > datetime.fromisoformat(ITEMS[0]["received_at"])
