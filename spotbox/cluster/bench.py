@@ -1,7 +1,7 @@
 """Cluster mode measured: stored statuses/s of one `spotbox run --broker` instance, then of two, on one Mosquitto.
 
-`python -m spotbox.cluster.bench --database-url postgresql://postgres@127.0.0.1:5432/postgres` starts its own
-Mosquitto on a free port, and for each instance count: an empty database (created and dropped), that many
+`python -m spotbox.cluster.bench --database-url postgresql://postgres@127.0.0.1:5432/postgres` runs, for each
+instance count: its own Mosquitto on a free port, an empty database (created and dropped), that many
 `spotbox run --broker` processes, lean publishers that hand the whole load to Mosquitto at once (it acknowledges
 them itself), then the time until every status is committed. One JSON line per run. A tool, not the runtime.
 """
@@ -168,10 +168,12 @@ async def main(argv: list[str]) -> None:
     parser.add_argument("--publishers", type=int, default=20)
     parser.add_argument("--instances", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args(argv)
-    with _mosquitto(Path(tempfile.mkdtemp(prefix="spotbox-mosquitto-"))) as port:
-        for count in args.instances:
+    for count in args.instances:
+        # A Mosquitto per run: the sessions of a run's instances outlive them (that is the point), and a session
+        # left in the group would take its share of the next run's statuses.
+        with _mosquitto(Path(tempfile.mkdtemp(prefix="spotbox-mosquitto-"))) as port:
             result = await run_once(args.database_url, port, count, args.statuses, args.publishers)
-            print(json.dumps(result), flush=True)  # noqa: T201 - a command-line tool's output
+        print(json.dumps(result), flush=True)  # noqa: T201 - a command-line tool's output
 
 
 if __name__ == "__main__":
