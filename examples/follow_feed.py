@@ -1,4 +1,4 @@
-"""Follow one robot's live feed (Server-Sent Events) and print each status as it arrives.
+"""Follow one robot's live feed (Server-Sent Events) and print each status as it arrives (and each alert change).
 
 Usage: python examples/follow_feed.py [SERIAL] [COUNT]   (SPOTBOX_URL from the environment)
 """
@@ -18,9 +18,15 @@ async def main(serial: str, count: int) -> None:
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
     async with aiohttp.ClientSession(timeout=timeout) as http, http.get(f"{base}/robots/{serial}/feed") as resp:
         print(f"following {serial}", flush=True)
+        event = "message"
         async for raw in resp.content:
-            line = raw.decode().rstrip("\n")
-            if line.startswith("data: "):
+            line = raw.decode().rstrip("\r\n")
+            if line.startswith("event: "):
+                event = line[len("event: ") :]
+            elif line.startswith("data: ") and event == "alert":
+                alert = json.loads(line[len("data: ") :])
+                print("alert", alert["rule"], alert["state"], alert["message"], flush=True)
+            elif line.startswith("data: ") and event == "status":
                 status = json.loads(line[len("data: ") :])
                 print(status["id"], status["ts"], status["battery_level"], status["driving_status"], flush=True)
                 seen += 1

@@ -6,28 +6,30 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from functools import partial
 
 from aiohttp import web
 
 from spotbox import metrics
-from spotbox.api import auth, dashboard, docs, feeds, fleet, forward, health, ingest, robots, stats
+from spotbox.api import alerts, auth, dashboard, docs, feeds, fleet, forward, health, ingest, rejections, robots, stats
 from spotbox.api.errors import error_middleware
 from spotbox.cluster.client import BrokerURL
 from spotbox.cluster.contexts import cluster_ctx, row_source_ctx, shared_stats_ctx
 from spotbox.cluster.forward import ForwardConfig, Forwarder, keep_after_id
 from spotbox.errors import ConfigError, StorageError
-from spotbox.keys import BROKER, FORWARDERS, HUB, PIPELINE, RETENTION, ROWS, RUNTIME, SETTINGS, STORAGE
+from spotbox.keys import BROKER, FORWARDERS, HUB, OPS, PIPELINE, RETENTION, ROWS, RUNTIME, SETTINGS, STORAGE
 from spotbox.mqtt.broker import Broker
 from spotbox.mqtt.listeners import MqttLimits
+from spotbox.ops.alerts import Alert, Transition
+from spotbox.ops.service import Operations
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
 from spotbox.runtime import Runtime, load_runtime
 from spotbox.settings import Settings
 from spotbox.sse import FeedHub
-from spotbox.status import dumps
+from spotbox.status import StoredStatus, dumps
 from spotbox.storage import open_storage
 from spotbox.validation import Rejection
 
@@ -50,10 +52,12 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     await storage.close()
 
 
-def _rejected(app: web.Application, rejection: Rejection, received_at: datetime) -> None:
-    """A refused status: to the fleet feed, and upstream where rejections are forwarded."""
+def _rejected(app: web.Application, rejection: Rejection, received_at: datetime, raw: bytes) -> None:
+    """A refused status: to the fleet feed, the rejection record and the alert rules, and upstream where
+    rejections are forwarded."""
     # On PostgreSQL the RowSource sends it after the rows committed before it, as the hub alone would.
     (app[ROWS].rejected if ROWS in app else app[HUB].publish_rejected)(rejection, received_at)
+    app[OPS].on_rejected(rejection, received_at, raw)
     if app[FORWARDERS]:
         report = dumps(
             {
@@ -72,11 +76,19 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     """Run the one writer; on exit, let it commit what is still queued, then stop."""
     settings = app[SETTINGS]
     hub = app[HUB]
+    ops = app[OPS]
+
+    # On PostgreSQL committed rows reach the hub through the RowSource, with those of other instances.
+    publish = app[ROWS].committed if ROWS in app else hub.publish
+
+    def on_stored(rows: Sequence[StoredStatus]) -> None:
+        publish(rows)
+        ops.on_stored(rows)
+
     pipeline = IngestPipeline(
         app[STORAGE],
         app[RUNTIME].validator,
-        # On PostgreSQL committed rows reach the hub through the RowSource, with those of other instances.
-        app[ROWS].committed if ROWS in app else hub.publish,
+        on_stored,
         on_rejected=partial(_rejected, app),
         queue_size=settings.queue_size,
         batch_max=settings.batch_max,
@@ -101,6 +113,30 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
             await writer
 
 
+async def ops_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Presence, the registry, alerts and the rejection record: read back at start, kept by background loops."""
+    ops = Operations(app[STORAGE], app[SETTINGS], app[HUB])
+    await ops.start()
+    app[OPS] = ops
+
+    def forward_alert(alert: Alert, transition: Transition) -> None:
+        # Upstream, where alert changes are forwarded (--forward, --forward-alerts): each change, as the webhook.
+        if app[FORWARDERS]:
+            change = dumps({"transition": transition.to_api(), "alert": alert.to_api()})
+            for forwarder in app[FORWARDERS]:
+                forwarder.forward_event("alert", f"spotbox/alerts/{alert.serial_number}", change)
+
+    ops.alerts.listeners.append(forward_alert)
+    task = asyncio.create_task(ops.run(), name="spotbox-ops")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    # The last alert changes and rejections reach the database before storage closes (once, no retrying).
+    await ops.writer.write_pending(retry=False)
+    await ops.rejections.flush()
+
+
 async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
     """Start the MQTT broker (spotbox.mqtt) and its TCP listener; on exit, settle what was read, then disconnect."""
     settings, runtime = app[SETTINGS], app[RUNTIME]
@@ -116,6 +152,7 @@ async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
         max_outbound_bytes=settings.max_outbound_bytes,
     )
     broker = Broker(app[PIPELINE], runtime.users, limits)
+    broker.presence = app[OPS].presence
     await broker.start()
     try:
         host, port = await broker.listen(
@@ -126,6 +163,7 @@ async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
         raise
     logger.info("mqtt listening on %s:%d%s", host, port, " (TLS)" if runtime.ssl_context else "")
     app[BROKER] = broker
+    app[OPS].broker_ready(broker.publish_retained)
     yield
     await broker.close()
 
@@ -194,11 +232,13 @@ async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
 
 
 def _ingest_contexts(settings: Settings) -> list[Callable[[web.Application], AsyncIterator[None]]]:
-    """Storage, the pipeline, then the embedded broker or the cluster link; on PostgreSQL, what instances share."""
+    """Storage, operations, the pipeline, then the embedded broker or the cluster link; on PostgreSQL, what
+    instances share (the feeds' row source, /stats)."""
     postgres = settings.database.scheme == "postgresql"
     return [
         storage_ctx,
         *([row_source_ctx] if postgres else []),
+        ops_ctx,
         pipeline_ctx,
         *([shared_stats_ctx] if postgres else []),
         cluster_ctx if settings.broker is not None else broker_ctx,
@@ -232,6 +272,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
     fleet.add_routes(app)
     ingest.add_routes(app)
     stats.add_routes(app)
+    alerts.add_routes(app)
+    rejections.add_routes(app)
     dashboard.add_routes(app)
     forward.add_routes(app)
     return app

@@ -54,6 +54,12 @@ class BenchConfig:
     mqtt_version: str = "3.1.1"
     # Packets encoded before the start: the lean load measures the server, not the publishers.
     pre_encoded: bool = False
+    # Fan-out: /feed consoles receiving every status, and robot pages (/robots/BENCH-n/feed for n from 0: the
+    # first `robots` follow publishing robots, the others robots that stay silent), all reading.
+    sse_consoles: int = 0
+    sse_robot_pages: int = 0
+    # An alert rules file for the spotbox under test (an empty file: no rules, to measure what alerts cost).
+    alerts: str | None = None
 
     def load(self, messages: int) -> loadgen.Load:
         """The publishers' part of this run, for `messages` statuses."""
@@ -76,6 +82,10 @@ class Figures:
     latency_ms: dict[str, float] | None
     peak_rss_mb: float
     rss_mb: dict[str, Any] | None = None
+    # Publish to PUBACK/PUBCOMP (which spotbox sends after the commit), and how far apart the robots' CONNACKs came.
+    ack_ms: dict[str, float] | None = None
+    connect_spread_s: float | None = None
+    fanout: dict[str, Any] | None = None
 
 
 class BenchError(SpotboxError):
@@ -178,17 +188,65 @@ async def _stored_at(database_url: str, expected: int) -> float:
         await asyncio.sleep(0.02)
 
 
-async def _follow(http: aiohttp.ClientSession, url: str, expect: int, latencies: list[tuple[float, float]]) -> None:
+async def _follow(
+    http: aiohttp.ClientSession,
+    url: str,
+    expect: int,
+    latencies: list[tuple[float, float]],
+    overflows: list[str] | None = None,
+) -> None:
+    """Read a feed until `expect` statuses arrived (each one's delivery latency noted), or it overflowed."""
     async with http.get(url, timeout=aiohttp.ClientTimeout(total=None, sock_read=60)) as resp:
         seen = 0
+        if expect <= 0:
+            await resp.content.read()  # a silent robot's page: held open until cancelled
+            return
+        event = b""
         async for raw in resp.content:
-            if raw.startswith(b"data: "):
+            if raw.startswith(b"event: "):
+                event = raw[7:].strip()
+            elif raw.startswith(b"data: ") and event == b"overflow":
+                if overflows is not None:
+                    overflows.append(url)
+                return
+            # Only statuses: a robot's feed also carries its alerts and presence.
+            elif raw.startswith(b"data: ") and event == b"status":
                 received = time.time()
-                ts = datetime.fromisoformat(orjson.loads(raw[6:])["ts"]).timestamp()
+                doc = orjson.loads(raw[6:])
+                ts = datetime.fromisoformat(doc["ts"]).timestamp()
                 latencies.append((ts, (received - ts) * 1000))
                 seen += 1
                 if seen >= expect:
                     return
+
+
+def _fanout_followers(
+    http: aiohttp.ClientSession, base: str, config: BenchConfig, per_robot: int, overflows: list[str]
+) -> tuple[list[asyncio.Task[None]], list[asyncio.Task[None]], list[list[tuple[float, float]]]]:
+    """Tasks reading the fan-out feeds (those that end, those held open) and each feed's latencies."""
+    ending: list[asyncio.Task[None]] = []
+    held: list[asyncio.Task[None]] = []
+    per_feed: list[list[tuple[float, float]]] = []
+    for _ in range(config.sse_consoles):
+        per_feed.append([])
+        follow = _follow(http, f"{base}/feed", per_robot * config.robots, per_feed[-1], overflows)
+        ending.append(asyncio.create_task(follow))
+    for n in range(config.sse_robot_pages):
+        expect = per_robot if n < config.robots else 0
+        per_feed.append([])
+        follow = _follow(http, f"{base}/robots/BENCH-{n:04d}/feed", expect, per_feed[-1], overflows)
+        (ending if expect else held).append(asyncio.create_task(follow))
+    return ending, held, per_feed
+
+
+def _fanout_figures(config: BenchConfig, per_feed: list[list[tuple[float, float]]], overflows: list[str]) -> Any:
+    p99s = sorted(percentiles([latency for _, latency in feed])[1] for feed in per_feed if feed)
+    return {
+        "consoles": config.sse_consoles,
+        "robot_pages": config.sse_robot_pages,
+        "overflowed": len(overflows),
+        "feed_p99_ms": {"median": round(statistics.median(p99s), 2), "max": round(p99s[-1], 2)} if p99s else None,
+    }
 
 
 @dataclass
@@ -249,16 +307,24 @@ async def bench_spotbox(
 
     With `forward` (a dict filled here), also time until every stored status is acknowledged upstream.
     """
-    async with spotbox_server(database_url, *extra_args) as server:
+    if config.alerts is not None:
+        extra_args = (*extra_args, "--alerts", config.alerts)
+    fanout = None
+    streams = config.sse + config.sse_consoles + config.sse_robot_pages
+    # Past the default --max-streams (2,000) only when the run asks for more feeds.
+    args = ("--max-streams", str(streams + 10)) if streams > 1900 else ()
+    async with spotbox_server(database_url, *args, *extra_args) as server:
         per_robot = config.messages // config.robots
         base = f"http://127.0.0.1:{server.http_port}"
         latencies: list[tuple[float, float]] = []
-        async with aiohttp.ClientSession() as http:
+        overflows: list[str] = []
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
             followers = [
                 asyncio.create_task(_follow(http, f"{base}/robots/BENCH-{i:04d}/feed", per_robot, latencies))
                 for i in range(min(config.sse, config.robots))
             ]
-            await asyncio.sleep(0.5)  # let the feeds subscribe before the first publish
+            ending, held, per_feed = _fanout_followers(http, base, config, per_robot, overflows)
+            await asyncio.sleep(0.5 + (config.sse_consoles + config.sse_robot_pages) / 500)  # feeds subscribe first
             rss: list[float] = []
             sampler = asyncio.create_task(_sample_rss(server.proc.pid, rss), name="bench-rss")
             try:
@@ -268,8 +334,13 @@ async def bench_spotbox(
             if result.errors:
                 raise BenchError(f"{len(result.errors)} publishes refused; the first: {result.errors[0]}")
             end = result.last_ack if config.qos else await _stored_at(database_url, result.sent)
-            async with asyncio.timeout(60):
-                await asyncio.gather(*followers)
+            async with asyncio.timeout(120):
+                await asyncio.gather(*followers, *ending)
+            for task in held:
+                task.cancel()
+            await asyncio.gather(*held, return_exceptions=True)
+            if config.sse_consoles or config.sse_robot_pages:
+                fanout = _fanout_figures(config, per_feed, overflows)
             if forward is not None:
                 drained = await _forward_drained(http, server.http_port)
                 forward["forwarded_per_s"] = round(result.acked / (drained - result.first_send), 1)
@@ -279,7 +350,19 @@ async def bench_spotbox(
     if config.qos and stored != result.acked:
         raise BenchError(f"{result.acked} statuses acknowledged but {stored} stored")
     seconds = end - result.first_send
-    return Figures(stored, seconds, stored / seconds, _latency_figures(latencies), peak, _rss_growth(rss))
+    acks = [(sent, latency * 1000) for sent, latency in result.ack_latencies]
+    spread = max(result.connected_at) - min(result.connected_at) if result.connected_at else None
+    return Figures(
+        stored,
+        seconds,
+        stored / seconds,
+        _latency_figures(latencies),
+        peak,
+        _rss_growth(rss),
+        _latency_figures(acks) if acks else None,
+        spread,
+        fanout,
+    )
 
 
 async def _forward_drained(http: aiohttp.ClientSession, http_port: int, up: list[float] | None = None) -> float:
@@ -428,8 +511,11 @@ async def run_bench(config: BenchConfig) -> dict[str, Any]:
         "seconds": round(spotbox.seconds, 3),
         "stored_per_s": round(spotbox.stored_per_s, 1),
         "latency_ms": {k: round(v, 2) for k, v in (spotbox.latency_ms or {}).items()},
+        "ack_latency_ms": {k: round(v, 2) for k, v in (spotbox.ack_ms or {}).items()},
+        "connect_spread_s": None if spotbox.connect_spread_s is None else round(spotbox.connect_spread_s, 2),
         "peak_rss_mb": round(spotbox.peak_rss_mb, 1),
         "rss_mb": spotbox.rss_mb,
+        "fanout": spotbox.fanout,
         "baseline": None
         if baseline is None
         else {
@@ -452,10 +538,23 @@ def format_table(figures: dict[str, Any]) -> str:
     rows.append(("publish->SSE p50 ms", str(figures["latency_ms"]["p50"]), "-"))
     rows.append(("publish->SSE p99 ms", str(figures["latency_ms"]["p99"]), "-"))
     rows.append(("  steady state p50 / p99", f"{latency['steady_p50']} / {latency['steady_p99']}", "-"))
+    if acks := figures["ack_latency_ms"]:
+        rows.append(("publish->ack p50 / p99 ms", f"{acks['p50']} / {acks['p99']}", "-"))
+        rows.append(("  steady state p50 / p99", f"{acks['steady_p50']} / {acks['steady_p99']}", "-"))
     rows.append(("peak RSS MB", str(figures["peak_rss_mb"]), str(base.get("peak_rss_mb", "-"))))
     if figures["rss_mb"] is not None:
         growth = figures["rss_mb"]
         rows.append(("RSS warm -> end MB", f"{growth['warm']} -> {growth['end']} ({growth['growth_pct']:+}%)", "-"))
+    if figures.get("fanout"):
+        fanout = figures["fanout"]
+        p99 = fanout["feed_p99_ms"] or {}
+        rows.append(
+            (
+                f"fan-out {fanout['consoles']} consoles + {fanout['robot_pages']} robot pages",
+                f"feed p99 median {p99.get('median')} / max {p99.get('max')} ms, {fanout['overflowed']} overflowed",
+                "-",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
     ratio = figures["ratio_vs_baseline"]

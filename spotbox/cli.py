@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -271,6 +272,16 @@ async def _until_stopped(fleet: Fleet) -> FleetStats:
     "(--rate, --messages) without and during the catch-up.",
 )
 @click.option(
+    "--sse-consoles", type=click.IntRange(min=0), default=0, show_default=True, help="Fan-out: /feed readers."
+)
+@click.option(
+    "--sse-robot-pages",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Fan-out: robot page feeds, one robot each (the first --robots publish, the others stay silent).",
+)
+@click.option(
     "--scenario",
     type=click.Choice(["ingest", "reads"]),
     default="ingest",
@@ -299,6 +310,13 @@ async def _until_stopped(fleet: Fleet) -> FleetStats:
     help="The ingest-speed load: 3 publishers, 100 in flight each, pre-encoded packets, no SSE, no classic stack "
     "(overrides --robots, --window, --sse, --baseline).",
 )
+@click.option(
+    "--alerts",
+    "alerts_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Alert rules of the spotbox under test (an empty file runs it without rules).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(
     robots: int,
@@ -313,12 +331,15 @@ def bench(
     mqtt_version: str,
     forward: bool,
     forward_backlog: int | None,
+    sse_consoles: int,
+    sse_robot_pages: int,
     scenario: str,
     rows: int,
     connections: int,
     duration: float,
     client: str,
     lean: bool,
+    alerts_path: Path | None,
     as_json: bool,
 ) -> None:
     """Measure stored statuses per second, publish-to-SSE latency and memory, against the classic stack.
@@ -342,10 +363,23 @@ def bench(
         click.echo(orjson.dumps(figures).decode() if as_json else format_reads(figures))
         return
     config = BenchConfig(
-        robots, messages, rate, window, sse, database_url, baseline, baseline_messages, qos, mqtt_version
+        robots,
+        messages,
+        rate,
+        window,
+        sse,
+        database_url,
+        baseline,
+        baseline_messages,
+        qos,
+        mqtt_version,
+        sse_consoles=sse_consoles,
+        sse_robot_pages=sse_robot_pages,
     )
     if lean:
         config = dataclasses.replace(config, **LEAN)  # type: ignore[arg-type]
+    if alerts_path is not None:
+        config = dataclasses.replace(config, alerts=str(alerts_path))
     try:
         if forward_backlog is not None:
             figures = asyncio.run(run_forward_catch_up(config, forward_backlog))

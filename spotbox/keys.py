@@ -10,6 +10,7 @@ from spotbox.cluster.ingest import ClusterIngest
 from spotbox.cluster.rows import RowSource
 from spotbox.cluster.stats import SharedStats
 from spotbox.mqtt.broker import Broker
+from spotbox.ops.service import Operations
 from spotbox.pipeline import IngestPipeline
 from spotbox.retention import Retention
 from spotbox.runtime import Runtime
@@ -33,3 +34,4 @@ CLUSTER = web.AppKey("cluster", ClusterIngest)
 ROWS = web.AppKey("rows", RowSource)
 # On PostgreSQL: /stats for every instance sharing the database.
 SHARED_STATS = web.AppKey("shared_stats", SharedStats)
+OPS = web.AppKey("ops", Operations)

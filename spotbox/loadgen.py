@@ -95,6 +95,9 @@ class LoadResult:
     last_send: float = 0.0
     last_ack: float = 0.0
     errors: list[str] = field(default_factory=list)
+    # (send time, publish-to-acknowledgement seconds) of each acknowledged publish; when each robot had its CONNACK.
+    ack_latencies: list[tuple[float, float]] = field(default_factory=list)
+    connected_at: list[float] = field(default_factory=list)
 
 
 def status_payload(n: int) -> bytes:
@@ -118,6 +121,7 @@ async def _read_acks(
     messages: int,
     slots: asyncio.Semaphore,
     result: LoadResult,
+    sent_at: dict[int, float],
 ) -> None:
     """Count PUBACKs (QoS 1) or answer PUBRECs and count PUBCOMPs (QoS 2), freeing a window slot for each."""
     done = 0
@@ -127,6 +131,7 @@ async def _read_acks(
         if not data:
             raise ConnectionError("the broker closed the connection")
         buffer += data
+        now = time.perf_counter()
         start = 0
         while (header := fixed_header(buffer, start)) is not None:
             first, length, header_len = header
@@ -147,8 +152,11 @@ async def _read_acks(
             done += 1
             result.acked += 1
             slots.release()
+            sent = sent_at.pop(int.from_bytes(body[:2]), None)
+            if sent is not None:
+                result.ack_latencies.append((sent, now - sent))
         del buffer[:start]
-        result.last_ack = time.perf_counter()
+        result.last_ack = now
 
 
 def _status_packet(topic: bytes, n: int, load: Load) -> bytes:
@@ -173,6 +181,7 @@ async def robot(
     first, body = await read_packet(reader)
     if first != CONNACK or body[1] != 0:
         raise ConnectionError(f"{serial}: CONNECT (MQTT {load.version}) refused: {body.hex()}")
+    result.connected_at.append(time.perf_counter())
     topic = mqtt_string(f"robot/{serial}/status")
     packets = (
         [
@@ -186,8 +195,11 @@ async def robot(
     slots = asyncio.Semaphore(load.window)
     interval = load.robots / load.rate if load.rate else None
     acks = None
+    sent_at: dict[int, float] = {}
     if load.qos:
-        acks = asyncio.create_task(_read_acks(reader, writer, load, messages, slots, result), name=f"acks-{serial}")
+        acks = asyncio.create_task(
+            _read_acks(reader, writer, load, messages, slots, result, sent_at), name=f"acks-{serial}"
+        )
     # When this robot publishes next; paced robots start at their own phase of the interval.
     next_at = time.perf_counter() + (interval * index / load.robots if interval else 0.0)
     try:
@@ -202,6 +214,7 @@ async def robot(
             if not result.first_send:
                 result.first_send = time.perf_counter()
             writer.write(packets[n] if packets is not None else _status_packet(topic, n, load))
+            sent_at[n % 65535 + 1] = time.perf_counter()
             result.sent += 1
             if n % load.window == 0:
                 await writer.drain()

@@ -11,8 +11,10 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from spotbox.cluster.forward import Forwarder
 from spotbox.cluster.ingest import ClusterIngest
-from spotbox.keys import BROKER, CLUSTER, FORWARDERS, HUB, METRICS, PIPELINE
+from spotbox.keys import BROKER, CLUSTER, FORWARDERS, HUB, METRICS, OPS, PIPELINE
 from spotbox.mqtt.broker import Broker
+from spotbox.ops.presence import STATES
+from spotbox.ops.rules import SEVERITIES
 
 
 class SpotboxCollector:
@@ -58,6 +60,18 @@ class SpotboxCollector:
                 value=broker.paused_connections,
             )
             yield from _dropped(broker)
+        ops = self._app.get(OPS)
+        if ops is not None:
+            presence = GaugeMetricFamily("spotbox_robots", "Robots by presence.", labels=["presence"])
+            counts = ops.presence.counts()
+            for state in STATES:
+                presence.add_metric([state], counts[state])
+            yield presence
+            active = GaugeMetricFamily("spotbox_alerts_active", "Active alerts by severity.", labels=["severity"])
+            for severity in SEVERITIES:
+                count = sum(1 for a in ops.alerts.current.values() if a.state == "active" and a.severity == severity)
+                active.add_metric([severity], count)
+            yield active
         yield GaugeMetricFamily(
             "spotbox_sse_streams_open", "Open SSE feeds, per robot and fleet.", value=self._app[HUB].stream_count
         )

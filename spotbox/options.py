@@ -44,6 +44,7 @@ PIPELINE = "Ingest and streams"
 LOGGING = "Logging"
 FORWARD = "Store and forward"
 CLUSTER = "Cluster mode"
+OPERATIONS = "Fleet operations"
 
 
 @dataclass(frozen=True)

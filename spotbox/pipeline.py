@@ -42,7 +42,8 @@ class IngestStats:
 class IngestPipeline:
     """Validates statuses, commits them in batches through one writer, and hands stored rows to `on_stored`.
 
-    `on_rejected` hears of each refused status as it is refused; both callbacks must return at once.
+    `on_rejected` hears of each refused status (with its raw payload) as it is refused; both callbacks must return
+    at once.
     """
 
     def __init__(
@@ -51,7 +52,7 @@ class IngestPipeline:
         validator: StatusValidator,
         on_stored: Callable[[Sequence[StoredStatus]], None],
         *,
-        on_rejected: Callable[[Rejection, datetime], None] | None = None,
+        on_rejected: Callable[[Rejection, datetime, bytes], None] | None = None,
         queue_size: int,
         batch_max: int,
         batch_wait_s: float,
@@ -112,7 +113,7 @@ class IngestPipeline:
                 },
             )
             if self._on_rejected is not None:
-                self._on_rejected(verdict, received_at)
+                self._on_rejected(verdict, received_at, raw)
         return verdict
 
     async def commit(self, record: StatusRecord) -> int | None:

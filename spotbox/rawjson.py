@@ -2,29 +2,40 @@
 
 orjson keeps the last of two equal keys, reads `1e-999999` as 0.0 and integers past 64 bits as floats; PostgreSQL's
 jsonb refuses some of those numbers and SQLite keeps the text, so the two databases would disagree. These checks
-refuse such a status before it is stored, naming the field. They cost well under a microsecond for an ordinary
-status: an exact (slower) pass over the text runs only when a cheap test of the text and of the parsed document
-both say it might find something.
+refuse such a status before it is stored, naming the field. They cost about 2 microseconds for an ordinary status
+(one translate of the text, a walk of its objects and arrays); an exact pass runs only when those say it might find
+something: a second parse by the standard library, which names the field, up to 64 KiB; past that, bulk passes in
+C (strings blanked out, keys counted, numbers read by orjson at once), a few times the cost of parsing.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from typing import Any
+import re
+from itertools import compress
+from typing import Any, NamedTuple
+
+import orjson
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-# Digits become "0", exponent markers "e" (the sign stays): long digit runs and negative 3-digit exponents then show
-# up as plain substrings, found by bytes.find in C instead of a regular expression.
-_SHAPE = bytes.maketrans(b"123456789E", b"000000000e")
+# Digits become "0", exponent markers "e" (the sign stays), whitespace a space: long digit runs, negative 3-digit
+# exponents and whitespace before a colon then show up as plain substrings, found in C without a regular expression.
+_SHAPE = bytes.maketrans(b"123456789E\t\n\r", b"000000000e   ")
 # An integer past int64 has 19 digits or more, and so does a mantissa small enough to underflow (without an
 # exponent, or with one under 300 in size); an exponent from -300 down has at least three digits.
 _LONG_DIGITS = b"0" * 19
 _NEGATIVE_EXPONENT = b"e-000"
 # A key ends with `"`, optional whitespace, then `:`; any whitespace right before a colon defeats the quick count.
-_SPACED_COLONS = (b" :", b"\t:", b"\n:", b"\r:")
+_SPACED_COLON = b" :"
 _PREVIEW = 40
+# Up to this size a refused status is parsed again by the standard library to name the field; past it the text is
+# checked in C-heavy passes (strings blanked out, numbers read in bulk) and the reason names `payload`.
+NAMED_EXACT_MAX = 64 * 1024
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_WHITESPACE = b" \t\n\r"
+# With strings emptied, what separates numbers: punctuation, and the three literals (removed first).
+_PUNCTUATION = bytes.maketrans(b',[]{}:"', b"       ")
 
 
 def preview(text: str, limit: int = _PREVIEW) -> str:
@@ -32,8 +43,7 @@ def preview(text: str, limit: int = _PREVIEW) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-@dataclass(slots=True, frozen=True)
-class Shape:
+class Shape(NamedTuple):
     """What one walk of a parsed status finds: how deep it nests, how many keys, numbers to look at closer."""
 
     depth: int
@@ -42,12 +52,16 @@ class Shape:
     doubtful_floats: bool
 
 
-def shape(doc: dict[str, Any], max_depth: int) -> Shape:
-    """Walk `doc` once (stopping past `max_depth`): nesting, key count, an integer past int64, doubtful floats.
+def shape(doc: dict[str, Any], max_depth: int, *, numbers: bool = True) -> Shape:
+    """Walk `doc` once (stopping past `max_depth`): nesting, key count and, when `numbers`, an integer past int64
+    and doubtful floats. Without `numbers` (the text holds no number that could be wrong) only containers are
+    visited, which is what most statuses need.
 
     A float is doubtful when it is 0 (perhaps an underflow of non-zero text) or at least 2**63 in size (perhaps an
-    integer past 64 bits that orjson turned into a float); the text decides, see `number_problem`.
+    integer past 64 bits that orjson turned into a float); the text decides, see `exact_problem`.
     """
+    if not numbers:
+        return _containers(doc, max_depth)
     depth = 1
     keys = 0
     bad_integer: tuple[str, int] | None = None
@@ -76,20 +90,44 @@ def shape(doc: dict[str, Any], max_depth: int) -> Shape:
     return Shape(depth, keys, bad_integer, doubtful)
 
 
-def may_repeat_keys(raw: bytes, keys: int) -> bool:
+def _containers(doc: dict[str, Any], max_depth: int) -> Shape:
+    """`shape` visiting objects and arrays only: nesting and key count."""
+    depth = 1
+    keys = 0
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, level = stack.pop()
+        if level > depth:
+            depth = level
+            if level > max_depth:
+                break
+        if type(value) is dict:
+            keys += len(value)
+            value = value.values()
+        stack.extend([(child, level + 1) for child in value if type(child) is dict or type(child) is list])
+    return Shape(depth, keys, None, False)
+
+
+class Hints(NamedTuple):
+    """What a quick look at the text says: whether a number in it could be wrong, whether the key count is exact."""
+
+    numbers: bool
+    spaced_colon: bool
+
+
+def hints(raw: bytes) -> Hints:
+    """One pass over the text in C: can a number be an integer past int64 or a non-zero number rounding to 0, and
+    does whitespace sit before a colon (so that counting `":` may miss a key)?"""
+    shaped = raw.translate(_SHAPE)
+    return Hints(_LONG_DIGITS in shaped or _NEGATIVE_EXPONENT in shaped, _SPACED_COLON in shaped)
+
+
+def may_repeat_keys(raw: bytes, keys: int, *, spaced_colon: bool) -> bool:
     """False when `raw` surely holds no more keys than the `keys` orjson kept (so no key repeats).
 
     Every key ends in `":` (unless whitespace sits before its colon); a string can add a few more, never fewer.
     """
-    if any(spaced in raw for spaced in _SPACED_COLONS):
-        return True
-    return raw.count(b'":') > keys
-
-
-def may_hold_bad_number(raw: bytes) -> bool:
-    """False when no number in `raw` can be an integer past int64 or a non-zero number that rounds to 0."""
-    shaped = raw.translate(_SHAPE)
-    return _LONG_DIGITS in shaped or _NEGATIVE_EXPONENT in shaped
+    return spaced_colon or raw.count(b'":') > keys
 
 
 class _Bad:
@@ -159,13 +197,53 @@ def exact_problem(raw: bytes) -> str | None:
     return None if found is None else f"{found[0]}: {found[1]}"
 
 
-def problem(raw: bytes, doc: dict[str, Any], walked: Shape) -> str | None:
-    """`field: rule` when `raw` repeats a key or holds a number spotbox refuses; None for an ordinary status."""
+def _unquoted(raw: bytes) -> bytes:
+    """`raw` with every string emptied and whitespace removed: a key is then exactly `"":`."""
+    return _STRING.sub(b'""', raw).translate(None, _WHITESPACE)
+
+
+def _bad_token(unquoted: bytes) -> bytes | None:
+    """The first number in `unquoted` text no database keeps as written, read in bulk rather than one by one."""
+    for literal in (b"true", b"false", b"null"):
+        unquoted = unquoted.replace(literal, b" ")
+    tokens = unquoted.translate(_PUNCTUATION).split()
+    # orjson reads them all at once (as it read the status: 1e-999 as 0.0), ten times faster than float() each.
+    values = orjson.loads(b"[" + b",".join(tokens) + b"]")
+    # compress/map iterate in C: only the zeros, and the integers past 2**63 in size, are looked at one by one.
+    for token in set(compress(tokens, map((0.0).__eq__, values))):
+        if token.lower().partition(b"e")[0].strip(b"-0.") != b"":
+            return token
+    if values and (max(values) >= 2**63 or min(values) < -(2**63)):
+        for token in compress(tokens, map((2.0**63).__le__, map(abs, values))):
+            if not any(mark in token for mark in (b".", b"e", b"E")) and isinstance(_int(token.decode()), _Bad):
+                return token
+    return None
+
+
+def _large_problem(raw: bytes, walked: Shape, *, repeats: bool, numbers: bool) -> str | None:
+    """`problem` for a status past NAMED_EXACT_MAX: exact, in passes that cost a few parses, naming `payload`."""
+    unquoted = _unquoted(raw)
+    if repeats and unquoted.count(b'"":') != walked.keys:
+        return "payload: repeats a key in an object (a JSON object names each key once)"
+    if numbers and (token := _bad_token(unquoted)) is not None:
+        return f"payload: {preview(token.decode())} rounds to 0 as a double or is beyond the 64-bit integer range"
+    return None
+
+
+def problem(raw: bytes, walked: Shape, seen: Hints) -> str | None:
+    """`field: rule` when `raw` repeats a key or holds a number spotbox refuses; None for an ordinary status.
+
+    `walked` is `shape` of the parsed document, with `numbers` when `seen.numbers` and the status is at most
+    NAMED_EXACT_MAX bytes (a larger one has its numbers read from the text in bulk instead).
+    """
     if walked.bad_integer is not None:
         field, value = walked.bad_integer
         return f"{field}: {preview(str(value))} is beyond the 64-bit integer range"
-    repeats = may_repeat_keys(raw, walked.keys)
-    numbers = walked.doubtful_floats and may_hold_bad_number(raw)
+    repeats = may_repeat_keys(raw, walked.keys, spaced_colon=seen.spaced_colon)
+    large = len(raw) > NAMED_EXACT_MAX
+    numbers = walked.doubtful_floats or (large and seen.numbers)
     if not repeats and not numbers:
         return None
+    if large:
+        return _large_problem(raw, walked, repeats=repeats, numbers=numbers)
     return exact_problem(raw)

@@ -16,6 +16,7 @@ from spotbox.options import (
     FORWARD,
     LOGGING,
     NETWORK,
+    OPERATIONS,
     PIPELINE,
     SECURITY,
     STORAGE,
@@ -165,8 +166,8 @@ class Settings:
     )
     max_pending_logins: int = option(
         200,
-        "Most MQTT connections still logging in (no CONNECT handled yet), apart from --max-connections; more are "
-        "closed at once.",
+        "Most MQTT connections logging in at once (no CONNECT handled yet), apart from --max-connections; more wait "
+        "their turn unread, each within its --connect-timeout-s.",
         group=VALIDATION,
         check=at_least(1),
     )
@@ -200,7 +201,7 @@ class Settings:
     max_outbound_bytes: int = option(
         4 * 1024 * 1024,
         "Bytes an MQTT client may leave unread: past it QoS 0 messages to it are dropped (counted), and a client "
-        "stuck past it for 30 s is disconnected.",
+        "over it that takes no byte for 5 s is disconnected.",
         group=VALIDATION,
         check=at_least(1024),
     )
@@ -360,6 +361,43 @@ class Settings:
         group=CLUSTER,
         check=between(1, 65535),
     )
+    stale_after_s: float | None = option(
+        None,
+        "Seconds without a status before a robot is stale.",
+        group=OPERATIONS,
+        flag="--stale-after",
+        envvars=("SPOTBOX_STALE_AFTER",),
+        check=positive,
+        default_text="3x the robot's median gap, at least 10 s",
+    )
+    offline_after_s: float = option(
+        600.0,
+        "Seconds without a status before a robot is offline (the end of its MQTT connection is enough).",
+        group=OPERATIONS,
+        flag="--offline-after",
+        envvars=("SPOTBOX_OFFLINE_AFTER",),
+        check=positive,
+    )
+    alerts_path: Path | None = option(
+        None,
+        "TOML file of alert rules (see examples/alerts.toml); it replaces the built-in rules.",
+        group=OPERATIONS,
+        flag="--alerts",
+        envvars=("SPOTBOX_ALERTS",),
+        check=readable_file,
+        default_text="built-in rules",
+    )
+    alert_webhook: str | None = option(
+        None,
+        "URL that each alert change is POSTed to as JSON, retried with backoff.",
+        group=OPERATIONS,
+        check=lambda url: None if urlsplit(url).scheme in ("http", "https") else f"{url!r} is not an http(s):// URL",
+        default_text="none",
+    )
+    # Not options: how often time-driven presence and alert changes are looked for, and the rejections kept per
+    # robot in the rejection record (tests shorten or shrink them).
+    ops_tick_s: float = 1.0
+    rejections_kept: int = 1000
     database: DatabaseURL = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -373,6 +411,12 @@ class Settings:
             )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert", "give both --tls-cert and --tls-key, or neither")
+        if self.stale_after_s is not None and self.offline_after_s < self.stale_after_s:
+            raise ConfigError("--offline-after", f"{self.offline_after_s:g} s is below --stale-after")
+        if self.ops_tick_s <= 0 or self.rejections_kept < 1:
+            raise ConfigError(
+                "rejections_kept", "the operations tick and the rejections kept per robot must be positive"
+            )
         object.__setattr__(self, "database", DatabaseURL.parse(self.database_url))
         if self.broker is not None and self.database.scheme != "postgresql":
             # Instances share their statuses through the database: a file on one box cannot be that.

@@ -1,4 +1,4 @@
-"""Live feeds: committed rows fanned out to Server-Sent Events streams, one bounded buffer per stream."""
+"""Live feeds: committed rows fanned out to Server-Sent Events streams through one bounded log per watched feed."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,23 +29,46 @@ REPLAY_PAGE = 500
 
 # Longest a write to one client may block before its connection is aborted (aiohttp-sse's default is 120 s).
 SEND_TIMEOUT_S = 30.0
+# Kernel send buffer of a feed's socket: 256 KiB (Linux doubles it) is about 600 statuses in flight, 2.5 MB/s
+# to a client 100 ms away.
+SEND_BUFFER = 256 * 1024
 # At shutdown, how long streams get to hand their clients what is pending before their connections are cut.
 SHUTDOWN_GRACE_S = 1.0
 
 
-@dataclass(frozen=True, slots=True)
 class FeedEvent:
-    """One SSE event, encoded once (as the bytes on the wire) and shared by every stream that sends it."""
+    """One SSE event, encoded once (as the bytes on the wire) and shared by every stream that sends it.
 
-    event: str
-    id: int | None
-    wire: bytes
+    A status is encoded when a stream first sends it, not when it is committed: feeds whose clients have stopped
+    reading cost no encoding at all. Until then it holds the row without its raw payload.
+    """
+
+    __slots__ = ("_row", "_wire", "event", "id")
+
+    def __init__(self, event: str, row_id: int | None, wire: bytes | None = None, row: StatusRow | None = None) -> None:
+        self.event = event
+        self.id = row_id
+        self._wire = wire
+        self._row = row
 
     @classmethod
     def of(cls, event: str, row_id: int | None, data: bytes) -> FeedEvent:
         """The event `event` with JSON `data` (one line: orjson writes no newline) and the SSE id `row_id`."""
-        head = b"" if row_id is None else b"id: %d\r\n" % row_id
-        return cls(event, row_id, b"%sevent: %s\r\ndata: %s\r\n\r\n" % (head, event.encode(), data))
+        return cls(event, row_id, _encode(event, row_id, data))
+
+    @property
+    def wire(self) -> bytes:
+        """The event as sent: `id:` (if any), `event:` and `data:` lines, then an empty line."""
+        if self._wire is None:
+            assert self._row is not None
+            self._wire = _encode(self.event, self.id, dumps(self._row.to_api()))
+            self._row = None
+        return self._wire
+
+
+def _encode(event: str, row_id: int | None, data: bytes) -> bytes:
+    head = b"" if row_id is None else b"id: %d\r\n" % row_id
+    return b"%sevent: %s\r\ndata: %s\r\n\r\n" % (head, event.encode(), data)
 
 
 OVERFLOW = FeedEvent.of("overflow", None, b'{"error": "stream fell too far behind; reconnect"}')
@@ -142,8 +166,27 @@ class FeedStream:
 
 
 def status_event(row: StoredStatus | StatusRow) -> FeedEvent:
-    """The `status` event of a committed row; its SSE id is the row id."""
-    return FeedEvent.of("status", row.id, dumps(row.to_api()))
+    """The `status` event of a committed row; its SSE id is the row id. Encoded when first sent."""
+    if isinstance(row, StatusRow):
+        return FeedEvent("status", row.id, row=row)
+    rec = row.record
+    return FeedEvent(
+        "status",
+        row.id,
+        row=StatusRow(
+            row.id,
+            rec.serial_number,
+            rec.ts,
+            rec.received_at,
+            rec.battery_level,
+            rec.battery_status,
+            rec.driving_status,
+            rec.current_drive_id,
+            rec.latitude,
+            rec.longitude,
+            rec.height,
+        ),
+    )
 
 
 class FeedHub:
@@ -221,6 +264,18 @@ class FeedHub:
     def _streams(self) -> list[FeedStream]:
         return [stream for log in self._logs.values() for stream in log.streams]
 
+    def publish_event(self, serial_number: str | None, event: str, data: object) -> None:
+        """Send an event without a row id (presence, alert) to the fleet streams and, with a serial, to that
+        robot's streams; never blocks."""
+        keys = (None,) if serial_number is None else (None, serial_number)
+        targets = [log for key in keys if (log := self._logs.get(key)) is not None]
+        if not targets:
+            return
+        encoded = FeedEvent.of(event, None, dumps(data))
+        for log in targets:
+            log.events.append(encoded)
+            log.flush()
+
     def close_all(self) -> None:
         """End every stream after what its log holds, for shutdown."""
         for stream in self._streams():
@@ -271,12 +326,16 @@ class Replay:
 
 async def _write(response: EventSourceResponse, data: bytes) -> None:
     """Write to the client; a client that takes nothing for SEND_TIMEOUT_S has its connection aborted."""
-    try:
-        async with asyncio.timeout(SEND_TIMEOUT_S):
-            await response.write(data)
-    except TimeoutError:
-        response.stop_streaming()
-        raise
+    async with asyncio.timeout(SEND_TIMEOUT_S):
+        await response.write(data)
+
+
+def _bound_send_buffer(request: web.Request) -> None:
+    """Cap the kernel's send buffer of a feed's socket (Linux would grow it to 4 MiB per stream): a client that
+    stops reading is then blocked on, and cut off for overflow, after about SEND_BUFFER bytes, not megabytes."""
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
 
 
 async def serve_feed(
@@ -293,6 +352,7 @@ async def serve_feed(
         await replay.fetch()
     async with sse_response(request, ping_interval=ping_interval, send_timeout=SEND_TIMEOUT_S) as response:
         stream.transport = request.transport
+        _bound_send_buffer(request)
         # The ping task ends when the client goes away; end the stream with it.
         gone = asyncio.create_task(response.wait(), name=f"sse-wait-{stream.name}")
         gone.add_done_callback(lambda _: stream.close())
@@ -306,8 +366,12 @@ async def serve_feed(
                 # Everything pending in one write.
                 if events:
                     await _write(response, b"".join(event.wire for event in events))
-        except (ConnectionResetError, TimeoutError):
+        except ConnectionResetError:
             logger.debug("feed client of %s went away", stream.name)
+        except TimeoutError:
+            # A graceful end would wait on the same full buffer: cut the connection.
+            logger.info("feed client of %s took nothing for %.0f s; connection cut", stream.name, SEND_TIMEOUT_S)
+            stream.abort()
         except StorageError as exc:
             # The client resumes from the last row it got, once storage is back.
             logger.warning("feed of %s ended: replay failed: %s", stream.name, exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from array import array
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import Any
 
 WINDOW_S = 3600
 BUCKET_S = 60
-# A bound on memory whatever serials robots invent: beyond it a minute counts in the totals only.
+# A bound on memory whatever serials robots invent: beyond it a robot counts in the totals only.
 MAX_ROBOTS_PER_BUCKET = 10_000
 
 
@@ -50,11 +51,57 @@ class Counts:
 class _Bucket:
     index: int
     total: Counts = field(default_factory=Counts)
-    robots: dict[str, Counts] = field(default_factory=dict)
+
+
+class _Robot:
+    """One robot's hour: received and valid counts in a ring of per-minute slots (two 32-bit integers a minute),
+    and its rejections by field, kept only for the minutes that have any."""
+
+    __slots__ = ("counts", "last", "rejected")
+
+    def __init__(self, span: int, index: int) -> None:
+        self.counts = array("I", bytes(8 * span))  # slot i: received at 2i, valid at 2i + 1
+        self.last = index
+        self.rejected: dict[int, Counter[str]] | None = None
+
+    def count(self, span: int, index: int, rejected_field: str | None) -> None:
+        if index != self.last:
+            # Clear the slots of the minutes skipped since the last count (all of them after an hour or more).
+            for skipped in range(max(self.last + 1, index - span + 1), index + 1):
+                slot = skipped % span
+                self.counts[2 * slot] = self.counts[2 * slot + 1] = 0
+            self.last = index
+            if self.rejected is not None:
+                self.rejected = {i: c for i, c in self.rejected.items() if i > index - span} or None
+        slot = index % span
+        self.counts[2 * slot] += 1
+        if rejected_field is None:
+            self.counts[2 * slot + 1] += 1
+            return
+        if self.rejected is None:
+            self.rejected = {}
+        self.rejected.setdefault(index, Counter())[rejected_field] += 1
+
+    def total(self, span: int, now: int) -> Counts:
+        """The counts of the minutes after `now - span`."""
+        counts = Counts()
+        for index in range(max(self.last - span + 1, now - span + 1), self.last + 1):
+            slot = index % span
+            counts.received += self.counts[2 * slot]
+            counts.valid += self.counts[2 * slot + 1]
+        for index, reasons in (self.rejected or {}).items():
+            if index > now - span:
+                counts.rejected_by_reason.update(reasons)
+        return counts
 
 
 class StatsWindow:
-    """A sliding window of `window_s` seconds made of `bucket_s` buckets; expired buckets are dropped."""
+    """A sliding window of `window_s` seconds made of `bucket_s` buckets; expired buckets are dropped.
+
+    Per robot it costs a ring of two 32-bit counters a bucket (480 bytes an hour, about 700 with the objects
+    around it: about 12 bytes a robot-minute, 7 MB for 10,000 robots), plus its rejections by field for the
+    buckets that have any. At most `max_robots` robots are itemised; more count in the totals only.
+    """
 
     def __init__(
         self,
@@ -70,6 +117,7 @@ class StatsWindow:
         self._span = window_s // bucket_s
         self._max_robots = max_robots
         self._buckets: deque[_Bucket] = deque()
+        self._robots: dict[str, _Robot] = {}
 
     def count(self, serial: str | None, rejected_field: str | None) -> None:
         """Count one status of robot `serial` (None: not a valid serial, counted in the totals only)."""
@@ -77,26 +125,25 @@ class StatsWindow:
         bucket.total.count(rejected_field)
         if serial is None:
             return
-        robot = bucket.robots.get(serial)
+        robot = self._robots.get(serial)
         if robot is None:
-            if len(bucket.robots) >= self._max_robots:
+            if len(self._robots) >= self._max_robots:
                 return
-            robot = bucket.robots[serial] = Counts()
-        robot.count(rejected_field)
+            robot = self._robots[serial] = _Robot(self._span, bucket.index)
+        robot.count(self._span, bucket.index, rejected_field)
 
     def snapshot(self) -> dict[str, Any]:
         """The window summed over its buckets: totals, then per robot, as /stats shows it."""
-        self._expire(self._index())
+        now = self._index()
+        self._expire(now)
         total = Counts()
-        robots: dict[str, Counts] = {}
         for bucket in self._buckets:
             total.add(bucket.total)
-            for serial, counts in bucket.robots.items():
-                robots.setdefault(serial, Counts()).add(counts)
+        robots = {serial: self._robots[serial].total(self._span, now) for serial in sorted(self._robots)}
         return {
             "window_s": self.window_s,
             **total.to_api(),
-            "robots": {serial: robots[serial].to_api() for serial in sorted(robots)},
+            "robots": {serial: counts.to_api() for serial, counts in robots.items() if counts.received},
         }
 
     @property
@@ -104,12 +151,20 @@ class StatsWindow:
         """Buckets held right now (at most window_s / bucket_s)."""
         return len(self._buckets)
 
+    @property
+    def robot_count(self) -> int:
+        """Robots itemised right now (at most max_robots)."""
+        return len(self._robots)
+
     def _index(self) -> int:
         return int(self._clock() // self._bucket_s)
 
     def _expire(self, index: int) -> None:
         while self._buckets and self._buckets[0].index <= index - self._span:
             self._buckets.popleft()
+        # Robots silent for the whole window are forgotten.
+        for serial in [serial for serial, robot in self._robots.items() if robot.last <= index - self._span]:
+            del self._robots[serial]
 
     def _current(self) -> _Bucket:
         index = self._index()

@@ -81,6 +81,8 @@ class User:
     password_hash: str
     publish: tuple[str, ...] = ()
     subscribe: tuple[str, ...] = ()
+    # The operator's grant: register, change and remove robots over HTTP (POST/PATCH/DELETE /robots).
+    manage: bool = False
 
     @property
     def publish_filters(self) -> tuple[str, ...]:
@@ -102,7 +104,8 @@ class User:
 
     def to_json(self) -> dict[str, Any]:
         """The user's entry in the file."""
-        return {"password": self.password_hash, "publish": list(self.publish), "subscribe": list(self.subscribe)}
+        entry = {"password": self.password_hash, "publish": list(self.publish), "subscribe": list(self.subscribe)}
+        return {**entry, "manage": True} if self.manage else entry
 
 
 def hash_password(password: str) -> str:
@@ -110,7 +113,9 @@ def hash_password(password: str) -> str:
     return HASHER.hash(password)
 
 
-def make_user(name: str, password: str, publish: Iterable[str] = (), subscribe: Iterable[str] = ()) -> User:
+def make_user(
+    name: str, password: str, publish: Iterable[str] = (), subscribe: Iterable[str] = (), *, manage: bool = False
+) -> User:
     """A new user entry; raises ValueError naming what is wrong with the name, password or grants."""
     if not is_valid_serial(name):
         raise ValueError(f"user name {name!r} {SERIAL_RULE} (it is the robot's serial number)")
@@ -119,7 +124,7 @@ def make_user(name: str, password: str, publish: Iterable[str] = (), subscribe: 
     grants = (*publish, *subscribe)
     if problem := next((p for p in map(check_filter, grants) if p), None):
         raise ValueError(problem)
-    return User(name, hash_password(password), tuple(publish), tuple(subscribe))
+    return User(name, hash_password(password), tuple(publish), tuple(subscribe), manage)
 
 
 def _parse_user(path: Path, name: Any, entry: Any) -> User:
@@ -138,7 +143,10 @@ def _parse_user(path: Path, name: Any, entry: Any) -> User:
         if problem := next((p for p in map(check_filter, filters) if p), None):
             raise UsersFileError(path, f"user {name!r}: {problem}")
         grants[kind] = tuple(filters)
-    return User(name, entry["password"], grants["publish"], grants["subscribe"])
+    manage = entry.get("manage", False)
+    if not isinstance(manage, bool):
+        raise UsersFileError(path, f"user {name!r}: manage must be true or false")
+    return User(name, entry["password"], grants["publish"], grants["subscribe"], manage)
 
 
 @dataclass(frozen=True)

@@ -55,11 +55,16 @@ def users() -> None:
 )
 @click.option("--publish", multiple=True, help="A topic filter NAME may also publish to (repeatable).")
 @click.option("--subscribe", multiple=True, help="A topic filter NAME may also subscribe to (repeatable).")
-def add(name: str, path: Path, password: str, publish: tuple[str, ...], subscribe: tuple[str, ...]) -> None:
+@click.option(
+    "--manage/--no-manage", default=None, help="May register, change and remove robots (POST/PATCH/DELETE /robots)."
+)
+def add(
+    name: str, path: Path, password: str, publish: tuple[str, ...], subscribe: tuple[str, ...], manage: bool | None
+) -> None:
     """Add user NAME, or set a new password (and, when given, new grants) for an existing one."""
     try:
         # Hashed before taking the lock: the lock is held only for the load, change and save.
-        user = make_user(name, password, publish, subscribe)
+        user = make_user(name, password, publish, subscribe, manage=bool(manage))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     with _locked(path):
@@ -67,6 +72,8 @@ def add(name: str, path: Path, password: str, publish: tuple[str, ...], subscrib
         previous = current.by_name.get(name)
         if previous is not None and not publish and not subscribe:
             user = replace(user, publish=previous.publish, subscribe=previous.subscribe)
+        if previous is not None and manage is None:
+            user = replace(user, manage=previous.manage)
         current.with_user(user).save()
     click.echo(f"{'updated' if previous else 'added'} user {name} in {path}")
 

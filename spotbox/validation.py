@@ -176,10 +176,12 @@ class StatusValidator:
             return Rejection(serial, [reason("payload", f"not valid UTF-8 JSON ({preview(str(exc), 120)})")])
         if not isinstance(doc, dict):
             return Rejection(serial, [f"payload: must be a JSON object, got {type(doc).__name__}"])
-        walked = rawjson.shape(doc, self.max_depth)
+        # Numbers are looked at one by one only when the text holds one that could be wrong (a rare status).
+        seen = rawjson.hints(raw)
+        walked = rawjson.shape(doc, self.max_depth, numbers=seen.numbers and len(raw) <= rawjson.NAMED_EXACT_MAX)
         if walked.depth > self.max_depth:
             return Rejection(serial, [too_deep])
-        if problem := rawjson.problem(raw, doc, walked):
+        if problem := rawjson.problem(raw, walked, seen):
             return Rejection(serial, [reason(*problem.split(": ", 1))])
         if errors := self._errors(doc):
             return Rejection(serial, errors)

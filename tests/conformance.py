@@ -5,7 +5,8 @@ wire of MQTT 3.1.1 and MQTT 5.0 alike.
 Settings these tests expect of the broker engine (a test needing one that `Settings` lacks is an expected failure):
 `max_queued` (offline queue per session, default 1,000), `receive_maximum` (announced in CONNACK, default 100),
 `max_keepalive` (MQTT 5 Server Keep Alive), `connect_timeout_s` (CONNECT deadline), `max_pending_logins` (connections
-still logging in, apart from `max_connections`), `max_outbound_bytes` (per-client outbound byte budget).
+still logging in, apart from `max_connections`), `max_outbound_bytes` (per-client outbound byte budget),
+`max_inflight_bytes` (bytes held for incoming QoS 2 messages awaiting PUBREL, all sessions together).
 Metric: `spotbox_mqtt_messages_dropped_total{reason}`.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import uuid
@@ -128,6 +130,36 @@ class Peer:
             await self.expect(mqtt5.PingRespPacket)
         else:
             assert await self.expect(tuple) == (0xD0, b"")
+
+    async def replies(self, data: bytes, expect: int, grace: float = 0.5) -> list[tuple[int, bytes]]:
+        """Send `data` and a PINGREQ; every packet but PUBLISHes (kept for `next`) the server sends until both its
+        PINGRESP and a packet starting with `expect` came, or `grace` seconds after the PINGRESP, as (first byte,
+        body): replies to different packets may come in any order."""
+        await self.send(data + b"\xc0\x00")
+        replies: list[tuple[int, bytes]] = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10) as deadline:
+                while True:
+                    packet = await self._receive()
+                    if isinstance(packet, Delivery):
+                        self.pending.append(packet)
+                        continue
+                    assert packet is not None, "closed by the server"
+                    raw = packet if isinstance(packet, tuple) else self._framed(packet.write())
+                    replies.append(raw)
+                    if {0xD0, expect} <= {first for first, _ in replies}:
+                        return replies
+                    if raw[0] == 0xD0:
+                        deadline.reschedule(asyncio.get_running_loop().time() + grace)
+        return replies
+
+    @staticmethod
+    def _framed(data: bytes) -> tuple[int, bytes]:
+        """(first byte, body) of one encoded packet."""
+        index = 1
+        while data[index] & 0x80:
+            index += 1
+        return data[0], data[index + 1 :]
 
     async def _receive(self) -> Delivery | mqtt5.Packet | tuple[int, bytes] | None:
         """The next packet: a Delivery for a PUBLISH; else the mqtt5 packet, or (first byte, body) on 3.1.1."""

@@ -18,16 +18,21 @@ Which database a test runs on (the suite stays under 90 s on 2 cores by design, 
 - `own_database_url` is `database_url` with a PostgreSQL database of its own (CREATE DATABASE): for tests of
   creating and migrating a truly empty database (tests/test_storage.py).
 - A PostgreSQL test that cannot reach its server skips on a laptop and fails under CI=true (`unavailable`).
+- Tests run in parallel processes (pytest-xdist, `-n auto` in pyproject; `-n 0` for one process): a test binds
+  port 0, writes under tmp_path, names what it creates uniquely, and relies on no other test having run first.
+- Waiting costs the whole suite: wait on events with generous timeouts, never on fixed sleeps, and shorten a
+  setting (or inject a clock) rather than wait real seconds for an expiry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +55,21 @@ PG_ADMIN_URL = os.environ.get("SPOTBOX_TEST_POSTGRES_URL", "postgresql://postgre
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # The console script a user runs, from the environment the tests run in.
 SPOTBOX = str(Path(sys.executable).parent / "spotbox")
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport() -> Iterator[None]:
+    """No garbage collection while pytest builds a test's report. On CPython 3.11.7 a finalizer the collector runs in
+    the middle of pytest's ast.parse of a failed (or expected-to-fail) test's source raises SystemError "AST
+    constructor recursion depth mismatch" (CPython gh-106905, fixed in 3.11.8), which ends the whole run with
+    INTERNALERROR."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def unavailable(reason: str) -> NoReturn:
@@ -282,3 +302,14 @@ async def certificate(tmp_path: Path) -> tuple[Path, Path]:
         _, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     return cert, key
+
+
+@pytest.fixture
+async def secured(make_box: BoxFactory, tmp_path: Path) -> Box:
+    """spotbox with the users file of tests/test_auth.py (robots and an operator); its `history()` reads as the
+    operator (reads need a login with users)."""
+    from tests.test_auth import operator_login, secured_settings  # noqa: PLC0415 - the users of those tests
+
+    box = await make_box(secured_settings(tmp_path))
+    box.read_headers = operator_login()
+    return box

@@ -82,14 +82,25 @@ class SseEvent:
         return orjson.loads(self.data)
 
 
-class FeedReader:
-    """Reads SSE events from an open feed response."""
+# The operations events (issue 13) that tests of statuses and rejections do not look at.
+OPS_EVENTS = ("presence", "alert")
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+
+class FeedReader:
+    """Reads SSE events from an open feed response, skipping the event types in `skip`."""
+
+    def __init__(self, response: aiohttp.ClientResponse, skip: tuple[str, ...] = OPS_EVENTS) -> None:
         self.response = response
+        self.skip = skip
 
     async def next(self) -> SseEvent:
-        """The next event (pings and comments skipped)."""
+        """The next event not skipped (pings and comments skipped too)."""
+        while True:
+            event = await self._next()
+            if event.event not in self.skip:
+                return event
+
+    async def _next(self) -> SseEvent:
         fields: dict[str, str] = {}
         while True:
             raw = await self.response.content.readline()
@@ -109,14 +120,14 @@ class FeedReader:
 
 @asynccontextmanager
 async def open_feed(
-    http: aiohttp.ClientSession, url: str, headers: Mapping[str, str] | None = None
+    http: aiohttp.ClientSession, url: str, headers: Mapping[str, str] | None = None, skip: tuple[str, ...] = OPS_EVENTS
 ) -> AsyncIterator[FeedReader]:
     """Subscribe to a feed (resuming with a `Last-Event-ID` header, say); once this returns, the stream is live."""
     timeout = aiohttp.ClientTimeout(total=None, sock_read=30)
     async with http.get(url, headers=headers, timeout=timeout) as response:
         assert response.status == 200, await response.text()
         assert response.headers["Content-Type"].startswith("text/event-stream")
-        yield FeedReader(response)
+        yield FeedReader(response, skip)
 
 
 T0 = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)

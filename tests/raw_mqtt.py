@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import aiohttp
+
 from spotbox import loadgen
 from spotbox.loadgen import mqtt_string
 from spotbox.mqtt.framing import frame
@@ -162,6 +164,22 @@ class RawClient:
         except ConnectionResetError:
             pass  # closed with our unread bytes still in its buffer: the kernel answers with a reset
 
+    async def answers_until_closed(self, seconds: float = 5.0) -> list[tuple[int, bytes]]:
+        """The packets the server sends until it closes the connection; a PINGRESP (callers send a PINGREQ after
+        their attack: a server still reading answers it) ends the list early, and (-1, b"open") ends it when the
+        connection is still open after `seconds`."""
+        packets: list[tuple[int, bytes]] = []
+        try:
+            async with asyncio.timeout(seconds):
+                while True:
+                    packets.append(await self.read_packet())
+                    if packets[-1][0] == PINGRESP:
+                        return packets
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            return packets
+        except TimeoutError:
+            return [*packets, (-1, b"open")]
+
     async def closed_within(self, seconds: float = 5.0) -> bytes:
         """Everything the server sends until it closes the connection, which it must within `seconds`."""
         data = b""
@@ -197,3 +215,42 @@ async def raw_session(
         body = await client.expect(0x20)
         assert body[1] == CONNACK_ACCEPTED, body
         yield client, bool(body[0] & 1)
+
+
+class WsRawClient:
+    """MQTT bytes in binary WebSocket messages on `/mqtt`: each `send` is one message, however it splits a packet."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self._buffer = bytearray()
+
+    async def send(self, data: bytes) -> None:
+        await self.ws.send_bytes(data)
+
+    async def read_packet(self) -> tuple[int, bytes] | None:
+        """The next packet from the server: (first byte, body); None once the server closed the WebSocket."""
+        while True:
+            if len(self._buffer) >= 2:
+                length, shift, index = 0, 0, 1
+                while index < len(self._buffer):
+                    byte = self._buffer[index]
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    index += 1
+                    if not byte & 0x80:
+                        break
+                if not self._buffer[index - 1] & 0x80 and len(self._buffer) >= index + length:
+                    first, body = self._buffer[0], bytes(self._buffer[index : index + length])
+                    del self._buffer[: index + length]
+                    return first, body
+            message = await self.ws.receive()
+            if message.type != aiohttp.WSMsgType.BINARY:
+                return None
+            self._buffer.extend(message.data)
+
+
+@asynccontextmanager
+async def ws_raw_client(http: aiohttp.ClientSession, base_url: str) -> AsyncIterator[WsRawClient]:
+    """A raw MQTT-over-WebSocket connection to `/mqtt` (subprotocol "mqtt")."""
+    async with http.ws_connect(f"{base_url}/mqtt", protocols=["mqtt"]) as ws:
+        yield WsRawClient(ws)

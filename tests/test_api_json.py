@@ -173,9 +173,22 @@ async def test_history_payload_is_the_stored_message(box: Box) -> None:
 
 
 async def test_latest_routes_keep_their_json(box: Box) -> None:
-    """Test that /robots and /robots/{serial} show the latest row (greatest ts) with today's JSON."""
+    """Test that /robots and /robots/{serial} show the latest row (greatest ts) with today's JSON, and `last_seen`
+    the receive time of the last row stored (the third, an older ts received later)."""
     ids = await stored(box)
-    robot = {"serial_number": SERIAL, "last_seen": ITEMS[1]["received_at"], "latest": expected_item(ids[1], 1)}
+    robot = {
+        "serial_number": SERIAL,
+        # Written straight to storage after the start, never received: presence unknown, since nothing; unregistered.
+        "presence": "unknown",
+        "presence_since": None,
+        "registered": False,
+        "name": None,
+        "model": None,
+        "site": None,
+        "tags": [],
+        "last_seen": ITEMS[2]["received_at"],
+        "latest": expected_item(ids[1], 1),
+    }
     assert literal(await text(box, f"/robots/{SERIAL}")) == robot
     assert literal(await text(box, "/robots")) == {"items": [robot]}
 

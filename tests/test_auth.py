@@ -14,7 +14,7 @@ from spotbox.loadgen import connect_packet
 from spotbox.runtime import load_runtime
 from spotbox.settings import Settings
 from spotbox.users import Users, make_user
-from tests.conftest import Box, BoxFactory
+from tests.conftest import Box
 from tests.helpers import mqtt_client, payload, stamp
 from tests.raw_mqtt import CONNACK_ACCEPTED, CONNACK_NOT_AUTHORIZED, raw_client
 
@@ -43,14 +43,6 @@ def secured_settings(tmp_path: Path) -> Settings:
         batch_wait_ms=1.0,
         users_path=write_users(tmp_path / "users.json"),
     )
-
-
-@pytest.fixture
-async def secured(make_box: BoxFactory, tmp_path: Path) -> Box:
-    """spotbox with a users file; its `history()` reads as the operator."""
-    box = await make_box(secured_settings(tmp_path))
-    box.read_headers = operator_login()
-    return box
 
 
 def port_for(box: Box, transport: str) -> int:

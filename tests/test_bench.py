@@ -36,6 +36,8 @@ async def test_bench_json_reports_both_stacks() -> None:
     assert figures["stored_per_s"] > 0
     assert 0 < figures["latency_ms"]["p50"] <= figures["latency_ms"]["p99"]
     assert 0 < figures["latency_ms"]["steady_p50"] <= figures["latency_ms"]["steady_p99"]
+    assert 0 < figures["ack_latency_ms"]["p50"] <= figures["ack_latency_ms"]["p99"]
+    assert figures["connect_spread_s"] >= 0
     assert figures["peak_rss_mb"] > 0
     assert 0 < figures["rss_mb"]["warm"] <= figures["peak_rss_mb"]
     assert 0 < figures["rss_mb"]["end"] <= figures["peak_rss_mb"]
@@ -90,3 +92,32 @@ async def test_bench_measures_forwarding_and_its_catch_up() -> None:
     assert catch_up["live_stored_per_s_without_catch_up"] > 0
     assert catch_up["live_stored_per_s_during_catch_up"] > 0
     assert catch_up["drained_per_s"] > 0
+
+
+@pytest.mark.parametrize("client", ["aiohttp", "wrk"])
+async def test_bench_reads_scenario_reports_requests(client: str) -> None:
+    """Test that `--scenario reads` fills a database, drives the history route and reports rate and latency."""
+    if client == "wrk":
+        require_tool("wrk")
+    figures = await bench_json(
+        *("--scenario", "reads", "--rows", "2000", "--duration", "1", "--connections", "4", "--client", client)
+    )
+    assert figures["scenario"] == "reads"
+    assert figures["client"] == client
+    assert figures["config"]["rows"] == 2000
+    assert figures["requests"] > 0
+    assert figures["errors"] == 0
+    assert figures["requests_per_s"] > 0
+    assert 0 < figures["latency_ms"]["p50"] <= figures["latency_ms"]["p99"] <= figures["latency_ms"]["max"]
+
+
+async def test_bench_fanout_reports_feeds() -> None:
+    """Test that --sse-consoles and --sse-robot-pages add the feeds' delivery figures to an ingest run."""
+    figures = await bench_json(
+        *("--robots", "2", "--messages", "200", "--sse", "0", "--no-baseline"),
+        *("--sse-consoles", "2", "--sse-robot-pages", "4"),
+    )
+    assert figures["stored"] == 200
+    fanout = figures["fanout"]
+    assert (fanout["consoles"], fanout["robot_pages"], fanout["overflowed"]) == (2, 4, 0)
+    assert 0 < fanout["feed_p99_ms"]["median"] <= fanout["feed_p99_ms"]["max"]

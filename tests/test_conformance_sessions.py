@@ -4,12 +4,18 @@ order, with DUP and their packet ids [MQTT-4.4.0-1]; QoS 1/2 messages queued whi
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from tests.conformance import DROPPED, VERSIONS, Delivery, Peer, metric, peer, start
+from spotbox.loadgen import mqtt_string
+from spotbox.loadgen import publish_packet as loadgen_publish
+from spotbox.settings import Settings
+from tests.conformance import DROPPED, VERSIONS, Delivery, Peer, metric, peer, settings_with, start
 from tests.conftest import Box, BoxFactory
+from tests.helpers import payload
+from tests.raw_mqtt import PUBACK, raw_session
 
 
 @pytest.fixture
@@ -112,3 +118,30 @@ async def test_offline_queue_is_bounded_and_drops_are_counted(
         await publish_all(box)
         assert [d.topic for d in await sub.received()] == ["s/0", "s/1", "s/2"]
     assert sum((await metric(box, DROPPED)).values()) == 2
+
+
+async def test_status_resent_after_a_restart_is_stored_once(make_box: BoxFactory, tmp_path: Path) -> None:
+    """Test that a status without timestamp whose PUBACK was lost in a restart, resent with DUP and its packet id,
+    is stored once; the same status sent again as a new message (no DUP, new id) is stored again."""
+    body = payload(timestamp=...)
+    first = await start(make_box, tmp_path)
+    async with raw_session(first.mqtt_port, "idle-robot", clean=False) as (robot, _):
+        await robot.send(loadgen_publish(mqtt_string("robot/IDLE/status"), 7, body, 1))
+        await robot.expect(PUBACK)  # committed; the robot "loses" this PUBACK
+    await first.server.close()
+    second = await start(make_box, tmp_path)
+    async with raw_session(second.mqtt_port, "idle-robot", clean=False) as (robot, _):
+        await robot.send(loadgen_publish(mqtt_string("robot/IDLE/status"), 7, body, 1, dup=True))
+        await robot.expect(PUBACK)
+        assert len(await second.history("IDLE")) == 1
+        await robot.send(loadgen_publish(mqtt_string("robot/IDLE/status"), 8, body, 1))
+        await robot.expect(PUBACK)
+    assert len(await second.history("IDLE")) == 2
+
+
+def test_queue_and_receive_maximum_defaults(tmp_path: Path) -> None:
+    """Test that an operator who sets nothing gets an offline queue of 1,000 messages per session and a Receive
+    Maximum of 100."""
+    settings_with(tmp_path, max_queued=1000, receive_maximum=100)  # an expected failure while Settings lacks them
+    defaults = {field.name: field.default for field in dataclasses.fields(Settings)}
+    assert (defaults["max_queued"], defaults["receive_maximum"]) == (1000, 100)

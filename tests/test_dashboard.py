@@ -76,12 +76,16 @@ async def test_page_and_its_files_are_served(sqlite_box: Box) -> None:
         html = await resp.text()
     assert '<table id="fleet-table">' in html
     assets = re.findall(r'(?:href|src)="(static/[^"]+)"', html)
-    assert sorted(assets) == ["static/charts.js", "static/dashboard.css", "static/dashboard.js"]
-    types = {"css": "text/css", "js": "javascript"}
+    assert sorted(assets) == ["static/charts.js", "static/dashboard.css", "static/dashboard.js", "static/favicon.svg"]
+    types = {"css": "text/css", "js": "javascript", "svg": "image/svg+xml"}
     for asset in assets:
         async with sqlite_box.http.get(f"{sqlite_box.base_url}/{asset}") as resp:
             assert resp.status == 200, asset
             assert types[asset.rsplit(".", 1)[1]] in resp.content_type
+    # Browsers ask for /favicon.ico whatever the page says.
+    async with sqlite_box.http.get(f"{sqlite_box.base_url}/favicon.ico") as resp:
+        assert resp.status == 200
+        assert resp.content_type == "image/svg+xml"
 
 
 @pytest.mark.parametrize("name", ["missing.js", "..%2Fapi%2Fdashboard.py", "..%2F..%2Fpyproject.toml"])

@@ -36,9 +36,16 @@ DOCUMENTED = {
     ("get", "/metrics"),
     ("get", "/openapi.json"),
     ("get", "/docs"),
+    ("post", "/robots"),
+    ("patch", "/robots/{serial}"),
+    ("delete", "/robots/{serial}"),
+    ("get", "/alerts"),
+    ("get", "/alerts/{id}"),
+    ("post", "/alerts/{id}/ack"),
+    ("get", "/rejections"),
 }
 # MQTT over WebSocket is a protocol endpoint and the dashboard's files are its own, not HTTP API routes.
-UNDOCUMENTED = {"/mqtt", "/static/{name}"}
+UNDOCUMENTED = {"/mqtt", "/static/{name}", "/favicon.ico"}
 
 
 @pytest.fixture
@@ -155,6 +162,21 @@ REAL_ANSWERS = [
     ("get", "/stats", None, 200),
     ("get", "/health", None, 200),
     ("get", "/ready", None, 200),
+    ("post", "/robots", b'{"serial_number": "REG-1", "site": "berlin", "tags": ["a"]}', 201),
+    ("post", "/robots", b'{"serial_number": "REG-1"}', 409),
+    ("post", "/robots", b'{"serial_number": "REG-2", "colour": "red"}', 400),
+    ("patch", "/robots/REG-1", b'{"name": "Forklift"}', 200),
+    ("patch", "/robots/NOT-REGISTERED", b'{"name": "x"}', 404),
+    ("get", "/robots/REG-1", None, 200),
+    ("get", "/robots?presence=online&site=berlin", None, 200),
+    ("post", "/robots/LOW/status", payload(battery_level=5), 202),
+    ("get", "/alerts", None, 200),
+    ("get", "/alerts?state=open&serial=LOW", None, 200),
+    ("get", "/alerts?state=burning", None, 400),
+    ("get", "/alerts/no-such-alert", None, 404),
+    ("post", "/alerts/no-such-alert/ack", None, 404),
+    ("get", "/rejections", None, 200),
+    ("get", "/rejections?limit=0", None, 400),
 ]
 
 

@@ -1,23 +1,29 @@
-"""spotbox's own MQTT engine beyond the protocol's rules: its log lines, its limits and its hooks (its settings' checks
+"""spotbox's own MQTT engine beyond the protocol's rules: its limits and its hooks (its settings' checks
 are in test_settings)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 from pathlib import Path
 
+import aiohttp
 import mqtt5
 import orjson
 import pytest
 
+from spotbox.loadgen import mqtt_string
+from spotbox.loadgen import publish_packet as loadgen_publish
 from spotbox.mqtt.broker import Broker
+from spotbox.mqtt.connection import READ_WINDOW
 from spotbox.mqtt.wire import REASON_MAX_CHARS
 from spotbox.settings import Settings
 from tests.conftest import Box, BoxFactory
-from tests.helpers import mqtt_client, payload, stamp
+from tests.helpers import mqtt_client, nth_status, payload, stamp
 from tests.mqtt5_clients import wire_client
 from tests.raw_mqtt import CONNACK_ACCEPTED, connect_packet, publish, raw_client, subscribe
+from tests.test_durability import Outage
 
 
 @pytest.fixture
@@ -79,19 +85,41 @@ async def test_presence_hook_hears_of_each_closed_connection(box: Box) -> None:
 
 
 async def test_connections_logging_in_are_bounded(make_box: BoxFactory, sqlite_settings: Settings) -> None:
-    """Test that past max_pending_logins sockets that have not logged in, a new socket is closed at once, and a
-    logged-in client still publishes."""
-    box = await make_box(dataclasses.replace(sqlite_settings, max_pending_logins=3))
+    """Test that past max_pending_logins sockets that have not logged in, a new client waits unread until a slot
+    frees (an idle socket reaches its CONNECT deadline) and then logs in and publishes; and that once as many
+    connections wait as --max-connections allows, one more is closed at once."""
+    settings = dataclasses.replace(sqlite_settings, max_pending_logins=3, connect_timeout_s=1.0, max_connections=2)
+    box = await make_box(settings)
     idle = [await asyncio.open_connection("127.0.0.1", box.mqtt_port) for _ in range(3)]
     try:
-        async with raw_client(box.mqtt_port) as extra, asyncio.timeout(5):
-            await extra.wait_closed_by_server()
+        async with mqtt_client(box.mqtt_port) as robot:  # waits for an idle socket's deadline, then logs in
+            await robot.publish("robot/R-OK/status", payload(timestamp=stamp(3)), qos=1)
+        more_idle = [await asyncio.open_connection("127.0.0.1", box.mqtt_port) for _ in range(3 + 2)]
+        try:
+            async with raw_client(box.mqtt_port) as extra, asyncio.timeout(5):
+                await extra.wait_closed_by_server()  # 3 logging in, 2 waiting: the line is full
+        finally:
+            for _, writer in more_idle:
+                writer.close()
     finally:
         for _, writer in idle:
             writer.close()
-    async with mqtt_client(box.mqtt_port) as robot:
-        await robot.publish("robot/R-OK/status", payload(timestamp=stamp(3)), qos=1)
     assert [item["ts"] for item in await box.history("R-OK")] == [stamp(3)]
+
+
+async def test_a_connection_storm_is_served_without_a_refusal(make_box: BoxFactory, sqlite_settings: Settings) -> None:
+    """Test that many more clients connecting at once than --max-pending-logins all log in: the rest wait their
+    turn instead of being refused (a fleet reconnecting after a restart)."""
+    box = await make_box(dataclasses.replace(sqlite_settings, max_pending_logins=2))
+
+    async def robot(n: int) -> None:
+        async with mqtt_client(box.mqtt_port, identifier=f"storm-{n}") as client:
+            await client.publish(f"robot/STORM-{n}/status", payload(timestamp=stamp(n)), qos=1)
+
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(robot(n) for n in range(40)))
+    assert box.broker.counters.refused_connections == 0
+    assert len(await box.history("STORM-39")) == 1
 
 
 async def test_status_with_properties_is_routed_with_them(box: Box) -> None:
@@ -133,3 +161,67 @@ async def test_publish_hidden_in_a_payload_is_never_read(box: Box) -> None:
         await watcher.publish("robot/R-HID/cmd", b"marker", qos=1)
         async with asyncio.timeout(5):
             assert (await anext(watcher.messages)).payload == b"marker"
+
+
+async def test_time_paused_by_backpressure_is_not_keep_alive_silence(
+    make_box: BoxFactory, sqlite_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test that a 3.1.1 publisher with a 1 s keep alive, not read for 2.5 s while its window waits for storage,
+    is not disconnected as silent: once storage is back every status is acknowledged on the same connection."""
+    box = await make_box(sqlite_settings)
+    outage = Outage(box.storage, monkeypatch)
+    sent = READ_WINDOW + 10
+    async with raw_client(box.mqtt_port) as robot:
+        await robot.send(connect_packet("paused", keep_alive=1))
+        assert await robot.connack() == CONNACK_ACCEPTED
+        for n in range(sent):
+            await robot.send(loadgen_publish(mqtt_string("robot/R-PAUSE/status"), n + 1, nth_status(n), 1))
+        async with asyncio.timeout(10):
+            while box.broker.paused_connections != 1:  # noqa: ASYNC110 - a plain counter, no event to wait on
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(2.5)  # past 1.5 times the keep alive, paused by spotbox all along
+        outage.down = False
+        async with asyncio.timeout(10):
+            acked = {int.from_bytes((await robot.expect(0x40))[:2], "big") for _ in range(sent)}
+    assert acked == set(range(1, sent + 1))
+
+
+async def test_a_subscriber_that_takes_nothing_is_disconnected(make_box: BoxFactory, sqlite_settings: Settings) -> None:
+    """Test that a subscriber over its outbound budget that takes no byte of it is disconnected once the stuck limit
+    has passed (shortened here), and the publisher goes on."""
+    box = await make_box(dataclasses.replace(sqlite_settings, max_outbound_bytes=64 * 1024))
+    broker = box.broker
+    broker.limits = dataclasses.replace(broker.limits, outbound_stuck_s=0.5)
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
+    stuck.connect(("127.0.0.1", box.mqtt_port))
+    reader, writer = await asyncio.open_connection(sock=stuck)
+    try:
+        writer.write(connect_packet("stuck") + subscribe(1, ("flood", 0)))
+        async with asyncio.timeout(10):
+            assert await reader.readexactly(9) == b"\x20\x02\x00\x00\x90\x03\x00\x01\x00"  # CONNACK, SUBACK
+        async with mqtt_client(box.mqtt_port) as sender:
+            for _ in range(100):
+                await sender.publish("flood", b"x" * 65536, qos=0)
+            async with asyncio.timeout(10):
+                while broker.connected_count > 1:  # noqa: ASYNC110 - a plain counter, no event to wait on
+                    await asyncio.sleep(0.05)
+            await sender.publish("flood", b"still-served", qos=1)
+    finally:
+        writer.close()
+    assert broker.counters.dropped_max_outbound_bytes > 0
+
+
+async def test_websocket_client_silent_past_its_keep_alive_is_closed(box: Box) -> None:
+    """Test that an MQTT client over WebSocket that stays silent for 1.5 times its keep alive of 1 s is closed, as
+    a TCP one is (its WebSocket gets a close frame)."""
+    started = asyncio.get_running_loop().time()
+    async with box.http.ws_connect(f"{box.base_url}/mqtt", protocols=("mqtt",)) as ws:
+        await ws.send_bytes(connect_packet("ws-silent", keep_alive=1))
+        connack = await ws.receive()
+        assert connack.type == aiohttp.WSMsgType.BINARY
+        assert bytes(connack.data) == b"\x20\x02\x00\x00"
+        async with asyncio.timeout(10):
+            closed = await ws.receive()
+    assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+    assert asyncio.get_running_loop().time() - started >= 1.5

@@ -10,7 +10,7 @@ from tests.test_history_api import get, seed
 
 
 async def test_robots_lists_each_robot_with_its_latest_status(box: Box) -> None:
-    """Test that /robots has each robot once, by serial, with the row of greatest ts and its received_at."""
+    """Test that /robots has each robot once, by serial, with the row of greatest ts, and the latest receive time."""
     await seed(box, "R2", [1, 5, 3])
     await seed(box, "R1", [2])
     status, body = await get(box, "/robots")
@@ -21,8 +21,18 @@ async def test_robots_lists_each_robot_with_its_latest_status(box: Box) -> None:
         newest = max(history, key=lambda row: (row["ts"], row["id"]))
         assert item["latest"] == newest
         assert item["latest"]["ts"] == f"2026-11-22T10:{minute}:00Z"
-        assert item["last_seen"] == newest["received_at"]
-        assert set(item) == {"serial_number", "last_seen", "latest"}
+        assert (
+            item["last_seen"] == history[-1]["received_at"]
+            if minute == "02"
+            else max(r["received_at"] for r in history)
+        )
+        assert set(item) == {
+            *("serial_number", "last_seen", "latest", "presence", "presence_since", "registered"),
+            *("name", "model", "site", "tags"),
+        }
+        # Written straight to storage, not received since this start: its presence is not known yet.
+        assert item["presence"] == "unknown"
+        assert item["registered"] is False
 
 
 async def test_empty_fleet_is_an_empty_list(box: Box) -> None:
@@ -31,7 +41,8 @@ async def test_empty_fleet_is_an_empty_list(box: Box) -> None:
 
 
 async def test_one_robot_follows_what_mqtt_commits(box: Box) -> None:
-    """Test that /robots/{serial} is the latest status by ts: a newer one replaces it, an older one does not."""
+    """Test that /robots/{serial} is the latest status by ts: a newer one replaces it, an older one does not, but
+    moves `last_seen`, the latest receive time."""
     async with mqtt_client(box.mqtt_port) as robot:
         await robot.publish("robot/ROBOT-F1/status", payload(timestamp="2026-11-22T10:00:00Z"), qos=1)
         status, first = await get(box, "/robots/ROBOT-F1")
@@ -44,11 +55,18 @@ async def test_one_robot_follows_what_mqtt_commits(box: Box) -> None:
     assert first["latest"]["battery_level"] == 80
     assert newer["latest"]["battery_level"] == 7
     assert newer["latest"]["ts"] == "2026-11-22T10:05:00Z"
-    assert after_old == newer
+    assert after_old["latest"] == newer["latest"]
     assert newer["serial_number"] == "ROBOT-F1"
     assert newer["last_seen"] == newer["latest"]["received_at"]
+    late = next(row for row in await box.history("ROBOT-F1") if row["battery_level"] == 3)
+    assert after_old["last_seen"] == late["received_at"] > newer["last_seen"]
     _, fleet = await get(box, "/robots")
-    assert fleet["items"] == [newer]
+    # Presence moves on as the connection ends (tests/test_presence.py); the rest is unchanged.
+    assert newer["presence"] == "online"
+    moving = ("presence", "presence_since")
+    assert [{k: v for k, v in item.items() if k not in moving} for item in fleet["items"]] == [
+        {k: v for k, v in after_old.items() if k not in moving}
+    ]
 
 
 async def test_unknown_robot_is_404(box: Box) -> None:

@@ -25,7 +25,7 @@ from spotbox.settings import Settings
 from spotbox.storage import open_storage
 from spotbox.storage.base import HistoryQuery
 from tests.conftest import SPOTBOX, Box, BoxFactory, require_tool
-from tests.helpers import raw_publisher, status
+from tests.helpers import payload, raw_publisher, status
 from tests.mosquitto import Mosquitto, free_port, mosquitto_process
 
 PREFIX = "cloud/gw1/"
@@ -347,7 +347,8 @@ async def test_a_refused_topic_is_reported_and_forwarding_goes_on(make_box: BoxF
         await broker.start()
         async with receiving(broker.port) as receiver:
             await receiver.subscribed.wait()
-            box = await make_box(forwarding(tmp_path, broker))
+            # Only statuses: the robots' presence alerts (they go offline as they disconnect) would be refused too.
+            box = await make_box(forwarding(tmp_path, broker, forward_alerts=False))
             await publish_fleet(box, robots=2, each=10)  # R00 is allowed upstream, R01 is not
             await receiver.wait_for(10)
             state = await forward_state_when(box, lambda state: state["refused"] == 10 and state["lag_rows"] == 0)
@@ -430,3 +431,20 @@ async def _publish_range(port: int, robots: int, first: int, each: int) -> None:
             await publisher.acked_ids(each)
 
     await asyncio.gather(*(one(robot) for robot in range(robots)))
+
+
+async def test_alert_changes_are_forwarded_upstream(make_box: BoxFactory, tmp_path: Path) -> None:
+    """Test that each alert change goes upstream to PREFIXspotbox/alerts/{serial} as {"transition", "alert"}."""
+    with mosquitto_process(tmp_path) as broker:
+        await broker.start()
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="cloud-alerts") as cloud_client:
+            await cloud_client.subscribe(f"{PREFIX}spotbox/alerts/#", qos=1)
+            box = await make_box(forwarding(tmp_path, broker))
+            async with box.http.post(f"{box.base_url}/robots/LOW/status", data=payload(battery_level=5)) as resp:
+                assert resp.status == 202
+            async with asyncio.timeout(20):
+                message = await anext(aiter(cloud_client.messages))
+    assert str(message.topic) == f"{PREFIX}spotbox/alerts/LOW"
+    assert isinstance(message.payload, bytes)
+    change = orjson.loads(message.payload)
+    assert (change["transition"]["to"], change["alert"]["rule"]) == ("pending", "battery_low")

@@ -67,6 +67,10 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"instance_id": "a b"}, "--instance-id"),
     ({"session_expiry_s": -1}, "--session-expiry-s"),
     ({"cluster_inflight": 0}, "--cluster-inflight"),
+    ({"stale_after_s": 0.0}, "--stale-after"),
+    ({"offline_after_s": 0.0}, "--offline-after"),
+    ({"alerts_path": Path("/no/such/rules.toml")}, "--alerts"),
+    ({"alert_webhook": "ftp://example.org/hook"}, "--alert-webhook"),
 ]
 
 

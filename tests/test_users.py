@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -65,6 +66,22 @@ def test_add_again_changes_the_password_and_keeps_grants(tmp_path: Path) -> None
     assert user.subscribe == ("robot/#",)
     assert user.publish == ("robot/+/cmd",)
     assert Users.load(path).authenticate("operator", "old") is None
+
+
+def test_manage_grant_is_given_kept_and_taken(tmp_path: Path) -> None:
+    """Test that --manage gives the registry grant, re-adding keeps it, --no-manage takes it, a bad value is refused."""
+    path = tmp_path / "users.json"
+    add_user(path, "admin", "pw", "--manage")
+    assert orjson.loads(path.read_text())["users"]["admin"]["manage"] is True
+    add_user(path, "admin", "pw2")
+    assert Users.load(path).by_name["admin"].manage is True
+    add_user(path, "admin", "pw3", "--no-manage")
+    assert Users.load(path).by_name["admin"].manage is False
+    entry = orjson.loads(path.read_text())
+    entry["users"]["admin"]["manage"] = "yes"
+    path.write_bytes(orjson.dumps(entry))
+    with pytest.raises(ConfigError, match="manage must be true or false"):
+        Users.load(path)
 
 
 def test_remove(tmp_path: Path) -> None:
@@ -152,9 +169,13 @@ def test_filter_covers(granted: str, requested: str, covered: bool) -> None:
     assert filter_covers(granted, requested) is covered
 
 
+# `spotbox users` in a process of its own, loading only the users command (a tenth of the whole CLI's start-up).
+USERS_COMMAND = "import sys; from spotbox.users_cli import users; users(sys.argv[1:], prog_name='spotbox users')"
+
+
 async def _users_subprocess(*args: str) -> int:
     proc = await asyncio.create_subprocess_exec(
-        SPOTBOX, "users", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        sys.executable, "-c", USERS_COMMAND, *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
     _, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()

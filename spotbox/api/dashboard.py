@@ -28,7 +28,13 @@ async def static_file(request: web.Request) -> web.FileResponse:
     return web.FileResponse(path, headers=_HEADERS)
 
 
+async def favicon(request: web.Request) -> web.FileResponse:
+    """GET /favicon.ico: the console's icon (an SVG, which every current browser takes at this address too)."""
+    return web.FileResponse(STATIC_DIR / "favicon.svg", headers={**_HEADERS, "Content-Type": "image/svg+xml"})
+
+
 def add_routes(app: web.Application) -> None:
     """Register the page and its static files."""
     app.router.add_get("/", index)
+    app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/static/{name}", static_file)

@@ -121,13 +121,19 @@ class Connection:
         self.uncommitted = 0  # statuses waiting for their commit (the 3.1.1 read window)
         self.unacked_in = 0  # QoS 1/2 PUBLISHes received and not yet fully acknowledged (MQTT 5 Receive Maximum)
         self.paused_depth = 0
+        # Over its outbound budget, or with messages queued for room: the clock watches it (stuck? room again?).
+        self.congested = False
+        # Since when the client is over its outbound budget with no byte taken, and how much was unsent then.
         self.over_budget_since: float | None = None
+        self._stuck_at = 0
         self.stopping = False
         self.ended = False
+        self.kicked_at: float | None = None  # when spotbox closed it (the clock cuts it if it does not go)
         self._window_free = asyncio.Event()
         self._buffer = bytearray()
         self._out = bytearray()
         self._flush_handle: asyncio.Handle | None = None
+        self._settling = False  # settling a round of commits: its writes are flushed at its end, not scheduled
         self._outgoing_aliases: dict[str, int] = {}
         self._will_on_close = True
 
@@ -338,7 +344,16 @@ class Connection:
 
     def _commit_done(self, _: asyncio.Future[int | None]) -> None:
         """The head of the line is committed: settle every publish at the front that is ready, in order, then watch
-        the new head."""
+        the new head; the acknowledgements leave in one write at the end."""
+        self._settling = True
+        try:
+            self._settle_ready()
+        finally:
+            self._settling = False
+        self._flush()
+        self._window_free.set()
+
+    def _settle_ready(self) -> None:
         pending = self.pending
         while pending and (pending[0].commit is None or pending[0].commit.done()):
             item = pending.popleft()
@@ -352,7 +367,6 @@ class Connection:
             head = pending[0].commit
             assert head is not None  # a head without a commit is settled by the loop above
             head.add_done_callback(self._commit_done)
-        self._window_free.set()
 
     def _settle(self, pending: Pending) -> None:
         publish = pending.publish
@@ -368,7 +382,7 @@ class Connection:
         if packet.session_expiry_s is not None:
             if session.expiry_s == 0 and packet.session_expiry_s != 0:
                 raise Closed("session expiry set on DISCONNECT after 0 on CONNECT", _Reason.PROTOCOL_ERROR)
-            session.expiry_s = packet.session_expiry_s  # [MQTT-3.14.2-?]
+            session.expiry_s = packet.session_expiry_s  # MQTT 5.0 3.14.2.2.2
         # The will is published only when the client asks with 0x04 [MQTT-3.14.4-3].
         self._will_on_close = packet.reason_code == _Reason.DISCONNECT_WITH_WILL_MESSAGE
         raise Closed("DISCONNECT", level=logging.DEBUG)
@@ -380,11 +394,13 @@ class Connection:
         if self.ended:
             return
         self._out += data
-        if self._flush_handle is None:
+        if self._flush_handle is None and not self._settling:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_handle = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         if self._out and not self.ended:
             data = bytes(self._out)
             self._out.clear()
@@ -395,13 +411,26 @@ class Connection:
         return len(self._out) + self.stream.buffered()
 
     def over_budget(self) -> bool:
-        """True while the client leaves more than its outbound budget unread (noted for the stuck-client check)."""
-        if self.buffered() <= self.broker.limits.max_outbound_bytes:
+        """True while the client leaves more than its outbound budget unread (then the clock watches it)."""
+        if self.buffered() > self.broker.limits.max_outbound_bytes:
+            self.congested = True
+            return True
+        return False
+
+    def stuck_for(self, now: float) -> float:
+        """Seconds this client has been over its outbound budget without taking a byte of it (0: not stuck).
+
+        A slow reader makes progress and is never cut; one that reads nothing at all is. Once it is under its
+        budget with nothing queued, the clock stops watching it.
+        """
+        buffered = self.buffered()
+        if buffered <= self.broker.limits.max_outbound_bytes:
             self.over_budget_since = None
-            return False
-        if self.over_budget_since is None:
-            self.over_budget_since = time.monotonic()
-        return True
+            self.congested = bool(self.session is not None and self.session.queue)
+            return 0.0
+        if self.over_budget_since is None or buffered < self._stuck_at:
+            self.over_budget_since, self._stuck_at = now, buffered
+        return now - self.over_budget_since
 
     def send_ack(self, kind: int, packet_id: int, code: int = 0, reason: str | None = None) -> None:
         """PUBACK/PUBREC (and the rest) with a reason code where the version has one."""
@@ -420,6 +449,7 @@ class Connection:
             return
         if session.queue or len(session.inflight) >= self.send_quota or self.over_budget():
             self.broker.sessions.enqueue(session, item)
+            self.congested = True
             return
         self._send_tracked(item)
 
@@ -472,7 +502,7 @@ class Connection:
         if outgoing is None or outgoing.qos != 2:
             self.write(self.wire.ack(PUBREL, packet.packet_id, 0x92))  # packet identifier not found
             return
-        if packet.reason_code >= 0x80:  # the subscriber refused it: the flow ends here [MQTT-4.3.3-?]
+        if packet.reason_code >= 0x80:  # the subscriber refused it: the flow ends here (MQTT 5.0 4.3.3)
             del session.inflight[packet.packet_id]
             self.pump()
             return
@@ -508,14 +538,19 @@ class Connection:
 
     # --- the end ------------------------------------------------------------------------------------------------
 
-    def kick(self, code: int, reason: str) -> None:
-        """End this connection from outside (take-over, keep alive, stuck): DISCONNECT (MQTT 5), then close."""
+    def kick(self, code: int, reason: str, *, abort: bool = False) -> None:
+        """End this connection from outside (take-over, keep alive, stuck): DISCONNECT (MQTT 5), then close; `abort`
+        drops what is unsent, for a client that takes nothing (closing would wait for it forever)."""
         logger.info("mqtt connection %s (%r) closed: %s", self.stream.peer, self.client_id, reason)
-        if isinstance(self.wire, Wire5) and self.logged_in:
+        self.kicked_at = time.monotonic()
+        if isinstance(self.wire, Wire5) and self.logged_in and not abort:
             self.write(self.wire.disconnect(code, reason))
         self._flush()
         self.detach(publish_will=True)
-        self.stream.close()
+        if abort:
+            self.stream.abort()
+        else:
+            self.stream.close()
 
     def detach(self, *, publish_will: bool) -> None:
         """Leave the session (its will and ending decided now); the connection is then only closing."""

@@ -31,7 +31,8 @@ class MqttLimits:
     max_keepalive: int = 3600
     max_queued: int = 1000
     max_outbound_bytes: int = 4 * 1024 * 1024
-    outbound_stuck_s: float = 30.0
+    # A client over its outbound budget that takes no byte of it for this long is disconnected.
+    outbound_stuck_s: float = 5.0
 
     @property
     def max_packet(self) -> int:
@@ -117,6 +118,9 @@ class WebSocketStream:
                 data = bytes(self._pending)
                 self._pending.clear()
                 await self._ws.send_bytes(data)
+            if self._closing and not self._ws.closed:
+                # The close frame ends the client's connection, and the reader loop's receive() with it.
+                await self._ws.close()
         except (ConnectionError, RuntimeError) as exc:
             logger.debug("mqtt websocket %s: not sent: %r", self.peer, exc)
         finally:
@@ -144,11 +148,11 @@ class WebSocketStream:
             self._sender = asyncio.create_task(self._send(), name=f"spotbox-mqtt-ws-close-{self.peer}")
 
     def abort(self) -> None:
-        """Close at once."""
+        """Close at once: the connection under the WebSocket is cut (no close handshake to wait for)."""
         self._closing = True
         self._pending.clear()
-        if self._sender is None:
-            self._sender = asyncio.create_task(self._send(), name=f"spotbox-mqtt-ws-close-{self.peer}")
+        if self._transport is not None:
+            self._transport.abort()
 
 
 async def start_tcp(

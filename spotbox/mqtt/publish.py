@@ -108,6 +108,9 @@ class PublishPath:
                 logger.error("status of %r not stored, not acknowledged: %s", pending.serial, exc)
                 return
             conn.serials.add(pending.serial or "")
+            if self.broker.presence is not None:
+                # The robot is online while this connection is up.
+                self.broker.presence.bind(pending.serial or "", conn)
         # 4. route
         if pending.message is not None:
             self.route(pending.message, conn.client_id)

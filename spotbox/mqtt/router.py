@@ -1,7 +1,7 @@
 """Fan-out: one message to every session whose subscriptions match it, each copy as its subscriptions ask.
 
 Per client, all its matching (non-shared) subscriptions make ONE copy [MQTT-3.3.4-2]: at the highest granted QoS,
-capped by the published QoS [MQTT-3.8.4-8 / 3.3.4-? "min(published, granted)"], carrying every matching
+capped by the published QoS (MQTT 3.1.1 and 5.0 section 3.8.4), carrying every matching
 subscription identifier [MQTT-3.3.4-3], with RETAIN kept if one of them is Retain As Published [MQTT-3.3.1-12],
 and none at all when every one of them is No Local and the client published it [MQTT-3.8.3-3]. A shared
 subscription is a copy of its own, to the one member the tree picked. The connection then sends it (within the

@@ -190,7 +190,7 @@ def decode_connect(version: int, frame: memoryview, header_len: int) -> Connect:
         w = connect.will
         will5 = Message(w.topic, w.payload or b"", int(w.qos), w.retain, _properties(w), 0.0)
     if connect.receive_max == 0:
-        raise ProtocolViolation("Receive Maximum 0")  # [MQTT-3.1.2-?] a value of 0 is a Protocol Error
+        raise ProtocolViolation("Receive Maximum 0")  # a Protocol Error (MQTT 5.0 3.1.2.11.3)
     return Connect(
         MQTT_5,
         connect.client_id,
@@ -307,7 +307,7 @@ class Wire5:
             packet, used = mqtt5.read(frame)
         except _CODEC_ERRORS as exc:
             if "Topic alias must be set" in str(exc):
-                # Well-formed, but neither a topic nor an alias: a Protocol Error [MQTT-3.3.2-?].
+                # Well-formed, but neither a topic nor an alias: a Protocol Error (MQTT 5.0 3.3.2.3.4).
                 raise ProtocolViolation("a PUBLISH without a topic name or topic alias") from None
             raise MalformedPacket(f"malformed packet: {exc}") from None
         if used != len(frame):

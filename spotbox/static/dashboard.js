@@ -1,46 +1,70 @@
-// spotbox dashboard: the fleet from /robots and /stats, kept live by the /feed event stream, and for the
-// selected robot a battery chart (downsampled history) and its recent positions (plain history).
+// spotbox console: the fleet (presence, latest status) from /robots and /stats, open alerts from /alerts and recent
+// rejections from /rejections, all kept live by the /feed event stream; for the selected robot a battery chart over a
+// chosen time range (downsampled history), its position plot, recent statuses and recent rejections.
 // No build step and no library: every URL is relative so the page also works behind a path prefix.
+// Rendering is batched: events only mark robots dirty, and one animation frame renders the rows that changed.
 "use strict";
 
 (() => {
-  const MINUTE_MS = 60 * 1000;
+  const SECOND_MS = 1000;
+  const MINUTE_MS = 60 * SECOND_MS;
   const HOUR_MS = 60 * MINUTE_MS;
   const TRACK_MS = 5 * MINUTE_MS;
-  const STATS_REFRESH_MS = 30 * 1000; // the rejected counts are a sliding hour: resync them now and then
-  const TICK_MS = 5 * 1000; // "last seen" ages and the chart's time window move on
-  const FEED_RETRY_MS = 5 * 1000;
+  const STATS_REFRESH_MS = 30 * SECOND_MS; // the rejected counts are a sliding hour: resync them now and then
+  const TICK_MS = 5 * SECOND_MS; // "last seen" ages and the chart's time window move on
+  const RENDER_MS = 250;
+  const VIRTUAL_FROM = 200; // a fleet larger than this shows only the rows in (and near) view
+  const OVERSCAN = 15;
+  const RESORT_MS = 1000; // live updates re-sort the table at most this often (a click sorts at once)
+  const FEED_RETRY_MS = 5 * SECOND_MS;
   const MAX_POSITIONS = 600;
   const SHOWN_POSITIONS = 10;
   const SHOWN_REJECTIONS = 20;
+  const SHOWN_ALERTS = 100;
+  const ALERTS_RENDER_MS = 500; // an alert storm (a site losing power) redraws the alert list at most this often
+  // Time ranges of the battery chart: span, bucket (the server's downsampling interval) and its name.
+  const RANGES = {
+    "1h": { span: HOUR_MS, bucket: MINUTE_MS, interval: "1m", label: "1-minute average" },
+    "6h": { span: 6 * HOUR_MS, bucket: 5 * MINUTE_MS, interval: "5m", label: "5-minute average" },
+    "24h": { span: 24 * HOUR_MS, bucket: 15 * MINUTE_MS, interval: "15m", label: "15-minute average" },
+    "7d": { span: 7 * 24 * HOUR_MS, bucket: HOUR_MS, interval: "1h", label: "1-hour average" },
+  };
+  const PRESENCE_ORDER = { online: 0, stale: 1, offline: 2, unknown: 3 };
 
-  const robots = new Map(); // serial -> {serial, latest, lastSeen, rejected, lastRejection}
+  const robots = new Map(); // serial -> entry (see robot())
+  let ordered = []; // every robot, in the table's order
+  let windowDirty = false; // the rows to show changed (order, filter, scrolling, robots added)
+  let shownCount = 0;
+  let rowHeight = 0;
+  const alerts = new Map(); // id -> open alert
   const totals = { received: null, valid: null, rejected: null };
-  // The selected robot: {serial, buckets: Map(bucket start -> {sum, count}), positions: Map(row id -> status)}.
+  const sort = { key: "serial", dir: 1 };
+  const filter = { serial: "", state: "" };
+  const dirty = new Set();
+  let frame = 0;
+  let resortDue = false;
+  let lastSort = 0;
+  let resortTimer = 0;
+  let alertsDirty = false;
+  let alertsRendered = 0;
+  let alertsTimer = 0;
+  let anyRegistered = false;
+  let range = "1h";
+  // The selected robot: {serial, range, buckets: Map(bucket start -> {sum, count}), positions: Map(id -> status)}.
   let view = null;
 
   const $ = (selector) => document.querySelector(selector);
 
   async function getJSON(url) {
     const response = await fetch(url, { headers: { Accept: "application/json" } });
-    if (!response.ok) {
-      throw new Error(`${url.split("?")[0]} answered HTTP ${response.status}`);
-    }
+    if (!response.ok) throw new Error(`${url.split("?")[0]} answered HTTP ${response.status}`);
     return response.json();
   }
 
   const time = (iso) => Date.parse(iso);
   const isoAgo = (ms) => new Date(Date.now() - ms).toISOString();
   const isNewer = (a, b) => !b || time(a.ts) > time(b.ts) || (time(a.ts) === time(b.ts) && a.id > b.id);
-
-  function robot(serial) {
-    let entry = robots.get(serial);
-    if (!entry) {
-      entry = { serial, latest: null, lastSeen: null, rejected: 0, lastRejection: null };
-      robots.set(serial, entry);
-    }
-    return entry;
-  }
+  const lower = (value) => (value ? value.toLowerCase() : "\u2013");
 
   function ago(iso) {
     if (!iso) return "\u2013";
@@ -51,69 +75,262 @@
     return new Date(iso).toLocaleString();
   }
 
-  const lower = (value) => (value ? value.toLowerCase() : "\u2013");
+  function robot(serial) {
+    let entry = robots.get(serial);
+    if (!entry) {
+      entry = {
+        serial, latest: null, lastSeen: null, rejected: 0, lastRejection: null,
+        presence: "unknown", presenceSince: null, registered: null, row: null, cells: null, shown: {},
+      };
+      robots.set(serial, entry);
+      place(entry);
+    }
+    return entry;
+  }
+
+  function markDirty(entry) {
+    dirty.add(entry);
+    schedule();
+  }
+
+  // Changes are drawn a few times a second, not at every frame: a busy fleet changes some row all the time, and
+  // each drawn frame costs the browser style, layout and paint work whatever the number of rows changed.
+  function schedule() {
+    if (!frame) frame = setTimeout(() => requestAnimationFrame(flush), RENDER_MS);
+  }
 
   // ---- fleet table -------------------------------------------------------------------------------------------
 
-  function cell(row, name) {
-    return row.querySelector(`td.${name}`);
-  }
+  const COLUMNS = ["presence", "battery", "charging", "driving", "last-seen", "rejected"];
 
-  function createRow(serial) {
+  function createRow(entry) {
     const row = document.createElement("tr");
-    row.dataset.serial = serial;
-    const first = document.createElement("th");
-    first.scope = "row";
-    const button = document.createElement("button");
-    button.type = "button";
-    button.textContent = serial;
-    first.append(button);
-    row.append(first);
-    for (const name of ["battery", "charging", "driving", "last-seen", "rejected"]) {
+    row.dataset.serial = entry.serial;
+    const cells = {};
+    for (const name of COLUMNS) {
       const td = document.createElement("td");
       td.className = name;
-      row.append(td);
+      cells[name] = td;
     }
-    const battery = cell(row, "battery");
+    const first = document.createElement("th");
+    first.scope = "row";
+    first.className = "serial";
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = entry.serial;
+    const mark = document.createElement("span");
+    mark.className = "unregistered";
+    mark.textContent = "unregistered";
+    mark.title = "This robot publishes but is not registered (POST /robots)";
+    mark.hidden = true;
+    first.append(button, mark);
+    const dot = document.createElement("span");
+    dot.className = "dot";
+    const label = document.createElement("span");
+    label.className = "label";
+    cells.presence.append(dot, label);
     const bar = document.createElement("span");
     bar.className = "bar";
     bar.append(document.createElement("span"));
     const value = document.createElement("span");
     value.className = "value";
-    battery.append(bar, value);
-    row.addEventListener("click", () => select(serial));
-    // Rows stay ordered by serial, as /robots lists them.
-    const body = $("#fleet-table tbody");
-    const next = [...body.rows].find((other) => other.dataset.serial > serial);
-    body.insertBefore(row, next || null);
-    return row;
+    cells.battery.append(bar, value);
+    cells.rejected.classList.add("wide");
+    cells.charging.classList.add("wide");
+    cells.driving.classList.add("narrow-hide");
+    row.append(cells.presence, first, cells.battery, cells.charging, cells.driving, cells["last-seen"], cells.rejected);
+    row.addEventListener("click", () => select(entry.serial));
+    entry.row = row;
+    entry.cells = { ...cells, serialMark: mark, dot, label, bar: bar.firstChild, value };
   }
 
-  function renderRow(entry, flash) {
-    const row = document.querySelector(`#fleet-table tr[data-serial="${CSS.escape(entry.serial)}"]`) ||
-      createRow(entry.serial);
+  // Into its place in the current order (binary search): one insertion, not a re-sort of the fleet.
+  function place(entry) {
+    let [low, high] = [0, ordered.length];
+    while (low < high) {
+      const middle = (low + high) >> 1;
+      if (compare(ordered[middle], entry) < 0) low = middle + 1;
+      else high = middle;
+    }
+    ordered.splice(low, 0, entry);
+    windowDirty = true;
+  }
+
+  // Write a property only when it changed: most updates change one or two cells of one row.
+  function put(entry, key, target, property, next) {
+    if (entry.shown[key] === next) return;
+    entry.shown[key] = next;
+    if (property === "text") target.textContent = next;
+    else if (property === "hidden") target.hidden = next;
+    else if (property.startsWith("data-")) target.dataset[property.slice(5)] = next;
+    else target.setAttribute(property, next);
+  }
+
+  function renderRow(entry) {
+    if (!entry.row) createRow(entry);
+    const c = entry.cells;
     const latest = entry.latest;
     const level = latest ? latest.battery_level : null;
-    const bar = cell(row, "battery").querySelector(".bar > span");
-    bar.style.width = `${level || 0}%`;
-    bar.dataset.level = level === null ? "" : level < 20 ? "low" : level < 50 ? "mid" : "high";
-    cell(row, "battery").querySelector(".value").textContent = level === null ? "\u2013" : `${level} %`;
-    cell(row, "charging").textContent = latest ? lower(latest.battery_status) : "\u2013";
-    cell(row, "charging").dataset.state = latest ? latest.battery_status : "";
-    cell(row, "driving").textContent = latest ? lower(latest.driving_status) : "\u2013";
-    cell(row, "driving").title = latest && latest.current_drive_id ? `drive ${latest.current_drive_id}` : "";
-    cell(row, "last-seen").textContent = ago(entry.lastSeen);
-    cell(row, "last-seen").title = entry.lastSeen || "";
-    cell(row, "rejected").textContent = String(entry.rejected);
-    cell(row, "rejected").title = entry.lastRejection || "";
-    cell(row, "rejected").classList.toggle("nonzero", entry.rejected > 0);
-    row.classList.toggle("selected", view !== null && view.serial === entry.serial);
-    if (flash) {
-      row.classList.remove(flash);
-      void row.offsetWidth; // restart the highlight animation
-      row.classList.add(flash);
+    put(entry, "presence", c.dot, "data-presence", entry.presence);
+    put(entry, "presence-label", c.label, "text", entry.presence);
+    put(entry, "presence-title", c.presence, "title", entry.presenceSince ? `since ${new Date(entry.presenceSince).toLocaleString()}` : "");
+    put(entry, "unregistered", c.serialMark, "hidden", !(anyRegistered && entry.registered === false));
+    put(entry, "bar", c.bar, "style", `width: ${level || 0}%`);
+    put(entry, "level", c.bar, "data-level", level === null ? "" : level < 20 ? "low" : level < 50 ? "mid" : "high");
+    put(entry, "battery", c.value, "text", level === null ? "\u2013" : `${level} %`);
+    put(entry, "charging", c.charging, "text", latest ? lower(latest.battery_status) : "\u2013");
+    put(entry, "charging-state", c.charging, "data-state", latest ? latest.battery_status : "");
+    put(entry, "driving", c.driving, "text", latest ? lower(latest.driving_status) : "\u2013");
+    put(entry, "last-seen", c["last-seen"], "text", ago(entry.lastSeen));
+    put(entry, "rejected", c.rejected, "text", String(entry.rejected));
+    put(entry, "rejected-title", c.rejected, "title", entry.lastRejection || "");
+    put(entry, "rejected-nonzero", c.rejected, "data-nonzero", entry.rejected > 0 ? "yes" : "no");
+    put(entry, "selected", entry.row, "data-selected", view !== null && view.serial === entry.serial ? "yes" : "no");
+  }
+
+  function flash(entry, name) {
+    if (!entry.row) return;
+    entry.row.classList.remove(name);
+    void entry.row.offsetWidth; // restart the highlight animation
+    entry.row.classList.add(name);
+  }
+
+  function alertingSerials() {
+    const serials = new Set();
+    for (const alert of alerts.values()) serials.add(alert.serial_number);
+    return serials;
+  }
+
+  let alerting = new Set();
+
+  function matches(entry) {
+    if (filter.serial && !entry.serial.toLowerCase().includes(filter.serial)) return false;
+    if (filter.state === "alerting") return alerting.has(entry.serial);
+    return !filter.state || entry.presence === filter.state;
+  }
+
+  function compare(a, b) {
+    const value = (entry) => {
+      const latest = entry.latest;
+      switch (sort.key) {
+        case "presence": return PRESENCE_ORDER[entry.presence] ?? 9;
+        case "battery": return latest ? latest.battery_level : -1;
+        case "charging": return latest ? latest.battery_status : "";
+        case "driving": return latest ? latest.driving_status : "";
+        case "last-seen": return entry.lastSeen ? time(entry.lastSeen) : 0;
+        case "rejected": return entry.rejected;
+        default: return entry.serial;
+      }
+    };
+    const [x, y] = [value(a), value(b)];
+    if (x < y) return -sort.dir;
+    if (x > y) return sort.dir;
+    return a.serial < b.serial ? -1 : a.serial > b.serial ? 1 : 0;
+  }
+
+  function resort() {
+    const sorted = [...ordered].sort(compare);
+    if (sorted.every((entry, index) => ordered[index] === entry)) return;
+    ordered = sorted;
+    windowDirty = true;
+  }
+
+  // The rows in the table: every matching robot, or for a large fleet only those in (or near) the scrolled view,
+  // with spacer rows standing in for the others. A change to a robot off screen costs no DOM work at all.
+  function renderWindow() {
+    windowDirty = false;
+    const list = ordered.filter(matches);
+    shownCount = list.length;
+    let [start, end] = [0, list.length];
+    const height = rowHeight || 48;
+    if (list.length > VIRTUAL_FROM) {
+      const scroller = $("#fleet .scroll");
+      start = Math.max(0, Math.floor(scroller.scrollTop / height) - OVERSCAN);
+      end = Math.min(list.length, start + Math.ceil(scroller.clientHeight / height) + 2 * OVERSCAN);
     }
+    const shown = list.slice(start, end);
+    for (const entry of shown) {
+      if (!entry.row || entry.stale) {
+        entry.stale = false;
+        renderRow(entry);
+      }
+    }
+    const body = $("#fleet-table tbody");
+    const rows = shown.map((entry) => entry.row);
+    const current = [...body.rows].filter((row) => !row.classList.contains("spacer"));
+    if (rows.length !== current.length || rows.some((row, index) => row !== current[index])) {
+      body.replaceChildren(...rows);
+    }
+    spacer(body, "top", start * height, true);
+    spacer(body, "bottom", (list.length - end) * height, false);
+    if (!rowHeight && rows.length > 0) rowHeight = rows[0].getBoundingClientRect().height || 0;
+  }
+
+  function spacer(body, name, pixels, first) {
+    let row = body.querySelector(`tr.spacer.${name}`);
+    if (pixels <= 0) {
+      if (row) row.remove();
+      return;
+    }
+    if (!row) {
+      row = document.createElement("tr");
+      row.className = `spacer ${name}`;
+      row.setAttribute("aria-hidden", "true");
+      row.append(document.createElement("td"));
+      row.firstChild.colSpan = 7;
+    }
+    row.style.height = `${pixels}px`;
+    if (first && body.firstChild !== row) body.prepend(row);
+    if (!first && body.lastChild !== row) body.append(row);
+  }
+
+  function flush() {
+    frame = 0;
+    if (alertsDirty && Date.now() - alertsRendered >= ALERTS_RENDER_MS) {
+      alertsDirty = false;
+      alertsRendered = Date.now();
+      const before = alerting;
+      alerting = alertingSerials();
+      if (filter.state === "alerting" && (before.size !== alerting.size || [...before].some((s) => !alerting.has(s)))) {
+        windowDirty = true;
+      }
+      renderAlerts();
+    }
+    for (const entry of dirty) {
+      if (entry.row && entry.row.isConnected) renderRow(entry);
+      else entry.stale = true;
+      if (filter.state || filter.serial) windowDirty = true;
+    }
+    const sortedBy = sort.key !== "serial" && dirty.size > 0;
+    dirty.clear();
+    const now = Date.now();
+    if (resortDue || (sortedBy && now - lastSort >= RESORT_MS)) {
+      resortDue = false;
+      lastSort = now;
+      resort();
+    } else if (sortedBy && !resortTimer) {
+      resortTimer = setTimeout(() => {
+        resortTimer = 0;
+        resortDue = true;
+        schedule();
+      }, RESORT_MS);
+    }
+    if (windowDirty) renderWindow();
+    renderCounts();
+    if (alertsDirty && !alertsTimer) {
+      alertsTimer = setTimeout(() => {
+        alertsTimer = 0;
+        schedule();
+      }, ALERTS_RENDER_MS);
+    }
+  }
+
+  function renderCounts() {
+    const counts = { online: 0, stale: 0, offline: 0, unknown: 0 };
+    for (const entry of robots.values()) counts[entry.presence] = (counts[entry.presence] || 0) + 1;
+    for (const state of ["online", "stale", "offline"]) $(`#count-${state}`).textContent = String(counts[state]);
     $("#fleet-empty").hidden = robots.size > 0;
+    $("#fleet-count").textContent = robots.size ? `${shownCount} of ${robots.size}` : "";
   }
 
   function note(text) {
@@ -138,18 +355,155 @@
     element.textContent = text;
   }
 
+  function setupTable() {
+    for (const th of document.querySelectorAll("#fleet-table thead th[data-sort]")) {
+      th.querySelector("button").addEventListener("click", () => {
+        const key = th.dataset.sort;
+        sort.dir = sort.key === key ? -sort.dir : 1;
+        sort.key = key;
+        for (const other of document.querySelectorAll("#fleet-table thead th[data-sort]")) {
+          other.setAttribute("aria-sort", other === th ? (sort.dir > 0 ? "ascending" : "descending") : "none");
+        }
+        resort();
+        renderWindow();
+        renderCounts();
+      });
+    }
+    $("#fleet .scroll").addEventListener("scroll", () => {
+      windowDirty = true;
+      requestAnimationFrame(() => {
+        if (windowDirty) renderWindow();
+      });
+    }, { passive: true });
+    const refilter = () => {
+      filter.serial = $("#filter-serial").value.trim().toLowerCase();
+      filter.state = $("#filter-state").value;
+      windowDirty = true;
+      schedule();
+    };
+    $("#filter-serial").addEventListener("input", refilter);
+    $("#filter-state").addEventListener("change", refilter);
+  }
+
+  // ---- alerts ------------------------------------------------------------------------------------------------
+
+  function onAlert(alert) {
+    if (alert.open) alerts.set(alert.id, alert);
+    else alerts.delete(alert.id);
+    alertsDirty = true;
+    schedule();
+  }
+
+  function renderAlerts() {
+    const list = $("#alert-list");
+    const shown = [...alerts.values()]
+      .sort((a, b) => time(b.created_at) - time(a.created_at) || (b.id > a.id ? 1 : -1))
+      .slice(0, SHOWN_ALERTS);
+    list.replaceChildren(...shown.map(alertItem));
+    $("#alerts-count").textContent = String(alerts.size);
+    $("#alerts-count").dataset.nonzero = alerts.size > 0 ? "yes" : "no";
+    $("#alerts-empty").hidden = alerts.size > 0;
+  }
+
+  function alertItem(alert) {
+    const item = document.createElement("li");
+    item.dataset.id = alert.id;
+    item.dataset.state = alert.state;
+    item.dataset.severity = alert.severity;
+    item.dataset.acknowledged = String(alert.acknowledged);
+    const head = document.createElement("div");
+    const severity = document.createElement("span");
+    severity.className = "severity";
+    severity.textContent = alert.severity;
+    const serial = document.createElement("button");
+    serial.type = "button";
+    serial.className = "link";
+    serial.textContent = alert.serial_number;
+    serial.addEventListener("click", () => select(alert.serial_number));
+    const state = document.createElement("span");
+    state.className = "state";
+    state.textContent = alert.state;
+    head.append(severity, " ", serial, " ", state);
+    const message = document.createElement("p");
+    message.className = "message";
+    message.textContent = `${alert.rule}: ${alert.message}`;
+    const when = document.createElement("p");
+    when.className = "when";
+    const since = alert.activated_at || alert.created_at;
+    when.textContent = `since ${new Date(since).toLocaleString()}` +
+      (alert.cleared_at ? `, cleared ${new Date(alert.cleared_at).toLocaleTimeString()}` : "");
+    item.append(head, message, when);
+    if (alert.acknowledged) {
+      const by = document.createElement("p");
+      by.className = "acknowledged";
+      by.textContent = `acknowledged${alert.acknowledged_by ? ` by ${alert.acknowledged_by}` : ""}`;
+      item.append(by);
+    } else {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "ack";
+      button.textContent = "Acknowledge";
+      button.addEventListener("click", () => acknowledge(alert.id, button));
+      item.append(button);
+    }
+    return item;
+  }
+
+  async function acknowledge(id, button) {
+    button.disabled = true;
+    try {
+      // With --users the server asks for a login (HTTP Basic): the browser shows its login dialog.
+      const response = await fetch(`alerts/${encodeURIComponent(id)}/ack`, { method: "POST" });
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      onAlert(await response.json());
+    } catch (error) {
+      button.disabled = false;
+      button.textContent = `Acknowledge (failed: ${error.message})`;
+    }
+  }
+
+  async function loadAlerts() {
+    const open = new Map();
+    let query = "alerts?state=open&limit=1000";
+    try {
+      for (;;) {
+        const page = await getJSON(query);
+        for (const alert of page.items) open.set(alert.id, alert);
+        if (!page.next_cursor || open.size >= 5000) break;
+        query = `alerts?state=open&limit=1000&cursor=${encodeURIComponent(page.next_cursor)}`;
+      }
+    } catch (error) {
+      $("#alerts-empty").textContent = `Alerts unavailable (${error.message}).`;
+      return;
+    }
+    alerts.clear();
+    for (const [id, alert] of open) alerts.set(id, alert);
+    alertsDirty = true;
+    schedule();
+  }
+
   // ---- loading and live updates -----------------------------------------------------------------------------
 
   async function loadRobots() {
     try {
       const body = await getJSON("robots");
+      anyRegistered = body.items.some((item) => item.registered);
       for (const item of body.items) {
         const entry = robot(item.serial_number);
         // The feed may already have delivered something newer while this request was in flight.
         if (item.latest && isNewer(item.latest, entry.latest)) entry.latest = item.latest;
-        if (!entry.lastSeen || time(item.last_seen) > time(entry.lastSeen)) entry.lastSeen = item.last_seen;
-        renderRow(entry);
+        if (item.last_seen && (!entry.lastSeen || time(item.last_seen) > time(entry.lastSeen))) {
+          entry.lastSeen = item.last_seen;
+        }
+        if (!entry.presenceSince || (item.presence_since && time(item.presence_since) >= time(entry.presenceSince))) {
+          entry.presence = item.presence;
+          entry.presenceSince = item.presence_since;
+        }
+        entry.registered = item.registered;
+        dirty.add(entry);
       }
+      for (const entry of robots.values()) dirty.add(entry); // the unregistered marks may have changed
+      schedule();
       note("");
     } catch (error) {
       note(`Fleet list unavailable (${error.message}); robots appear as they publish.`);
@@ -164,15 +518,20 @@
       totals.rejected = body.rejected;
       const perRobot = body.robots || {};
       for (const entry of robots.values()) {
-        entry.rejected = perRobot[entry.serial] ? perRobot[entry.serial].rejected : 0;
-        renderRow(entry);
+        const rejected = perRobot[entry.serial] ? perRobot[entry.serial].rejected : 0;
+        if (rejected !== entry.rejected) {
+          entry.rejected = rejected;
+          dirty.add(entry);
+        }
       }
       for (const [serial, counts] of Object.entries(perRobot)) {
         if (!robots.has(serial) && counts.rejected > 0) {
-          robot(serial).rejected = counts.rejected;
-          renderRow(robots.get(serial));
+          const entry = robot(serial);
+          entry.rejected = counts.rejected;
+          dirty.add(entry);
         }
       }
+      schedule();
       $("#summary").classList.remove("unavailable");
     } catch (error) {
       // Without /stats the counts are the ones seen live since the page opened.
@@ -182,61 +541,115 @@
     renderTotals();
   }
 
+  function rejectionText(rejection) {
+    // The reason usually names its field already ("battery_level: 150 is greater than ..."): say it once.
+    return rejection.reason.startsWith(rejection.field) ? rejection.reason : `${rejection.field}: ${rejection.reason}`;
+  }
+
+  function rejectionItem(rejection, withSerial) {
+    const item = document.createElement("li");
+    const when = new Date(time(rejection.received_at) || Date.now()).toLocaleTimeString();
+    item.textContent = `${when} ${withSerial ? `${rejection.serial_number} \u2013 ` : ""}${rejectionText(rejection)}`;
+    if (rejection.payload !== undefined) item.title = rejection.payload;
+    return item;
+  }
+
+  function showRejections(list, empty, items, withSerial) {
+    list.replaceChildren(...items.slice(0, SHOWN_REJECTIONS).map((r) => rejectionItem(r, withSerial)));
+    empty.hidden = items.length > 0;
+  }
+
+  async function loadRejections() {
+    try {
+      const body = await getJSON(`rejections?limit=${SHOWN_REJECTIONS}`);
+      showRejections($("#rejections"), $("#rejections-empty"), body.items, true);
+    } catch (error) {
+      $("#rejections-empty").textContent = `Rejections unavailable (${error.message}); showing live ones.`;
+    }
+  }
+
+  function prependRejection(list, empty, rejection, withSerial) {
+    list.prepend(rejectionItem(rejection, withSerial));
+    while (list.children.length > SHOWN_REJECTIONS) list.lastElementChild.remove();
+    empty.hidden = true;
+  }
+
   function onStatus(status) {
     const entry = robot(status.serial_number);
     if (isNewer(status, entry.latest)) entry.latest = status;
     if (!entry.lastSeen || time(status.received_at) > time(entry.lastSeen)) entry.lastSeen = status.received_at;
     bump("received");
     bump("valid");
-    renderTotals();
-    renderRow(entry, "updated");
+    totalsDirty();
+    markDirty(entry);
     if (view && view.serial === status.serial_number) {
       addToView(view, status);
-      renderDetail();
+      renderDetailSoon();
     }
   }
 
   function onRejected(rejection) {
     const entry = robot(rejection.serial_number);
     entry.rejected += 1;
-    // The reason usually names its field already ("battery_level: 150 is greater than ..."): say it once.
-    const reason = rejection.reason.startsWith(rejection.field)
-      ? rejection.reason
-      : `${rejection.field}: ${rejection.reason}`;
-    entry.lastRejection = reason;
+    entry.lastRejection = rejectionText(rejection);
     bump("received");
     bump("rejected");
-    renderTotals();
-    renderRow(entry, "rejected");
-    const item = document.createElement("li");
-    const when = new Date(time(rejection.received_at) || Date.now()).toLocaleTimeString();
-    item.textContent = `${when} ${rejection.serial_number} \u2013 ${reason}`;
-    const list = $("#rejections");
-    list.prepend(item);
-    while (list.children.length > SHOWN_REJECTIONS) list.lastElementChild.remove();
-    $("#rejections-empty").hidden = true;
+    totalsDirty();
+    markDirty(entry);
+    flash(entry, "rejected");
+    prependRejection($("#rejections"), $("#rejections-empty"), rejection, true);
+    if (view && view.serial === rejection.serial_number) {
+      prependRejection($("#detail-rejections"), $("#detail-rejections-empty"), rejection, false);
+    }
+  }
+
+  function onPresence(change) {
+    const entry = robot(change.serial_number);
+    entry.presence = change.presence;
+    entry.presenceSince = change.presence_since;
+    markDirty(entry);
+    if (view && view.serial === change.serial_number) renderDetailSoon();
+  }
+
+  let totalsFrame = 0;
+  function totalsDirty() {
+    if (!totalsFrame) totalsFrame = requestAnimationFrame(() => { totalsFrame = 0; renderTotals(); });
+  }
+
+  let opened = false;
+
+  function reloadAll(withView) {
+    loadRobots();
+    loadStats();
+    loadAlerts();
+    loadRejections();
+    if (withView && view) select(view.serial);
   }
 
   function connectFeed() {
     setConnection("connecting", "connecting\u2026");
     const feed = new EventSource("feed");
-    feed.addEventListener("open", () => setConnection("live", "live"));
+    feed.addEventListener("open", () => {
+      setConnection("live", "live");
+      // Events sent before the stream was up (the first snapshot may be older than it) or while it was down
+      // (presence, alerts, rejections are not replayed) are lost: reload the console from the API.
+      reloadAll(opened);
+      opened = true;
+    });
     feed.addEventListener("status", (event) => onStatus(JSON.parse(event.data)));
     feed.addEventListener("rejected", (event) => onRejected(JSON.parse(event.data)));
+    feed.addEventListener("presence", (event) => onPresence(JSON.parse(event.data)));
+    feed.addEventListener("alert", (event) => onAlert(JSON.parse(event.data)));
     feed.addEventListener("error", () => {
       if (feed.readyState !== EventSource.CLOSED) {
-        // The browser reconnects by itself, sending Last-Event-ID: spotbox replays what was missed.
+        // The browser reconnects by itself; the next "open" reloads the console.
         setConnection("reconnecting", "reconnecting\u2026");
         return;
       }
       // A refused stream (not 200, e.g. spotbox restarting) is not retried by the browser: retry from a fresh
       // snapshot rather than replaying an unbounded backlog.
       setConnection("offline", "live feed unavailable, retrying");
-      setTimeout(() => {
-        connectFeed();
-        loadRobots();
-        loadStats();
-      }, FEED_RETRY_MS);
+      setTimeout(connectFeed, FEED_RETRY_MS);
     });
   }
 
@@ -245,62 +658,64 @@
   function addToView(target, status) {
     if (target.positions.has(status.id)) return;
     target.positions.set(status.id, status);
-    if (target.positions.size > MAX_POSITIONS) {
-      target.positions.delete(target.positions.keys().next().value);
-    }
+    if (target.positions.size > MAX_POSITIONS) target.positions.delete(target.positions.keys().next().value);
     addToBucket(target, status);
   }
 
   function addToBucket(target, status) {
-    // Fold a status into its 1-minute bucket, as the server's average does.
-    const start = Math.floor(time(status.ts) / MINUTE_MS) * MINUTE_MS;
+    // Fold a status into its bucket, as the server's average does.
+    const size = RANGES[target.range].bucket;
+    const start = Math.floor(time(status.ts) / size) * size;
     const bucket = target.buckets.get(start) || { sum: 0, count: 0 };
     bucket.sum += status.battery_level;
     bucket.count += 1;
     target.buckets.set(start, bucket);
   }
 
-  async function loadView(target) {
+  async function loadChart(target) {
+    const spec = RANGES[target.range];
     const path = `robots/${encodeURIComponent(target.serial)}/history`;
-    const chartQuery = `interval=1m&agg=avg&start_time=${encodeURIComponent(isoAgo(HOUR_MS))}`;
-    const trackQuery = `limit=1000&start_time=${encodeURIComponent(isoAgo(TRACK_MS))}`;
-    const [chart, positions] = await Promise.all([
-      getJSON(`${path}?${chartQuery}`),
-      (async () => {
-        const items = [];
-        let page = await getJSON(`${path}?${trackQuery}`);
-        items.push(...page.items);
-        while (page.next_cursor) {
-          page = await getJSON(`${path}?${trackQuery}&cursor=${encodeURIComponent(page.next_cursor)}`);
-          items.push(...page.items);
-        }
-        return items;
-      })(),
-    ]);
-    const live = [...target.positions.values()];
-    target.positions.clear();
-    for (const item of positions.slice(-MAX_POSITIONS)) target.positions.set(item.id, item);
+    const query = `interval=${spec.interval}&agg=avg&start_time=${encodeURIComponent(isoAgo(spec.span))}`;
+    const chart = await getJSON(`${path}?${query}`);
+    target.buckets.clear();
     for (const item of chart.items) {
       if (item.battery_level === undefined || item.battery_level === null) continue;
       if (item.bucket) {
         target.buckets.set(time(item.bucket), { sum: item.battery_level * item.count, count: item.count });
       } else {
-        // A plain history row (a spotbox without downsampling): fold it into its minute here.
-        addToBucket(target, item);
+        addToBucket(target, item); // a plain history row (a spotbox without downsampling)
       }
-    }
-    // Statuses that arrived live while loading and are not in the loaded rows yet.
-    for (const status of live) {
-      if (!target.positions.has(status.id)) addToView(target, status);
     }
   }
 
+  async function loadView(target) {
+    const path = `robots/${encodeURIComponent(target.serial)}/history`;
+    const trackQuery = `limit=1000&start_time=${encodeURIComponent(isoAgo(TRACK_MS))}`;
+    const [, recent, latestRows, rejections] = await Promise.all([
+      loadChart(target),
+      getJSON(`${path}?${trackQuery}`),
+      // A robot reporting past timestamps has no "last five minutes": its latest row still shows.
+      getJSON(`robots/${encodeURIComponent(target.serial)}`).catch(() => null),
+      getJSON(`rejections?serial=${encodeURIComponent(target.serial)}&limit=${SHOWN_REJECTIONS}`).catch(() => ({ items: [] })),
+    ]);
+    const live = [...target.positions.values()];
+    target.positions.clear();
+    for (const item of recent.items.slice(-MAX_POSITIONS)) target.positions.set(item.id, item);
+    if (target.positions.size === 0 && latestRows && latestRows.latest) {
+      target.positions.set(latestRows.latest.id, latestRows.latest);
+    }
+    for (const status of live) if (!target.positions.has(status.id)) target.positions.set(status.id, status);
+    target.rejections = rejections.items;
+  }
+
   async function select(serial) {
-    const target = { serial, buckets: new Map(), positions: new Map() };
+    const target = { serial, range, buckets: new Map(), positions: new Map(), rejections: [] };
     view = target;
-    for (const entry of robots.values()) renderRow(entry);
+    for (const entry of robots.values()) dirty.add(entry);
+    schedule();
     history.replaceState(null, "", `#${encodeURIComponent(serial)}`);
     $("#detail").hidden = false;
+    $("#detail-hint").hidden = true;
     $("#detail-title").textContent = serial;
     $("#detail-error").hidden = true;
     delete $("#detail").dataset.loaded;
@@ -314,40 +729,70 @@
     }
     if (view === target) {
       $("#detail").dataset.loaded = "true";
+      showRejections($("#detail-rejections"), $("#detail-rejections-empty"), target.rejections, false);
       renderDetail();
     }
   }
 
+  async function setRange(name) {
+    range = name;
+    for (const button of document.querySelectorAll("#range button")) {
+      button.setAttribute("aria-pressed", String(button.dataset.range === name));
+    }
+    if (!view) return;
+    const target = view;
+    target.range = name;
+    delete $("#detail").dataset.loaded;
+    try {
+      await loadChart(target);
+    } catch (error) {
+      $("#detail-error").textContent = `History unavailable: ${error.message}`;
+      $("#detail-error").hidden = false;
+    }
+    if (view === target) {
+      $("#detail").dataset.loaded = "true";
+      renderDetail();
+    }
+  }
+
+  let detailFrame = 0;
+  function renderDetailSoon() {
+    if (!detailFrame) detailFrame = requestAnimationFrame(() => { detailFrame = 0; renderDetail(); });
+  }
+
   function renderDetail() {
     if (!view) return;
-    const latest = robots.has(view.serial) ? robots.get(view.serial).latest : null;
+    const entry = robots.get(view.serial);
+    const latest = entry ? entry.latest : null;
+    $("#detail-dot").dataset.presence = entry ? entry.presence : "unknown";
+    $("#detail-dot").title = entry ? entry.presence : "unknown";
     $("#detail-latest").textContent = latest
-      ? `battery ${latest.battery_level} %, ${lower(latest.battery_status)}, ${lower(latest.driving_status)}` +
+      ? `${entry.presence}: battery ${latest.battery_level} %, ${lower(latest.battery_status)}, ${lower(latest.driving_status)}` +
         (latest.current_drive_id ? ` (drive ${latest.current_drive_id})` : "") +
-        ` at ${latest.location.latitude.toFixed(5)}, ${latest.location.longitude.toFixed(5)}`
+        ` at ${latest.location.latitude.toFixed(5)}, ${latest.location.longitude.toFixed(5)},` +
+        ` height ${latest.location.height.toFixed(1)} m`
       : "no valid status yet";
+    $("#range-note").textContent = RANGES[view.range].label;
     drawChart();
     drawTrack();
     renderPositions();
   }
 
-  // ---- drawing (charts.js draws; this picks what) -------------------------------------------------------------
-
   function drawChart() {
+    const spec = RANGES[view.range];
     const end = Date.now();
-    const begin = end - HOUR_MS;
+    const begin = end - spec.span;
     const points = [...view.buckets.entries()]
-      .filter(([start]) => start >= begin - MINUTE_MS && start <= end)
+      .filter(([start]) => start >= begin - spec.bucket && start <= end)
       .sort((a, b) => a[0] - b[0])
       .map(([start, bucket]) => [start, bucket.sum / bucket.count]);
-    window.spotboxCharts.battery($("#battery-chart"), points, begin, end, MINUTE_MS);
+    window.spotboxCharts.battery($("#battery-chart"), points, begin, end, spec.bucket);
   }
 
   function shownPositions() {
     const all = [...view.positions.values()].sort((a, b) => time(a.ts) - time(b.ts) || a.id - b.id);
     const since = Date.now() - TRACK_MS;
     const recent = all.filter((status) => time(status.ts) >= since);
-    // A robot reporting past timestamps has no "last five minutes": show its last positions instead.
     return recent.length > 0 ? recent : all.slice(-SHOWN_POSITIONS);
   }
 
@@ -356,14 +801,13 @@
   }
 
   function renderPositions() {
-    const body = $("#positions tbody");
     const rows = shownPositions().slice(-SHOWN_POSITIONS).reverse().map((status) => {
       const row = document.createElement("tr");
       const values = [
-        new Date(time(status.ts)).toLocaleTimeString(),
+        new Date(time(status.ts)).toLocaleTimeString([], { hourCycle: "h23" }),
+        `${status.battery_level} %`,
         status.location.latitude.toFixed(5),
         status.location.longitude.toFixed(5),
-        status.location.height.toFixed(1),
         lower(status.driving_status),
       ];
       for (const value of values) {
@@ -373,13 +817,17 @@
       }
       return row;
     });
-    body.replaceChildren(...rows);
+    $("#positions tbody").replaceChildren(...rows);
   }
 
   // ---- start ------------------------------------------------------------------------------------------------
 
   function start() {
     renderTotals();
+    setupTable();
+    for (const button of document.querySelectorAll("#range button")) {
+      button.addEventListener("click", () => setRange(button.dataset.range));
+    }
     // Subscribe first, then take the snapshot: nothing is missed between them, and newer wins when both have it.
     connectFeed();
     loadRobots().then(() => {
@@ -387,10 +835,13 @@
       if (wanted) select(wanted);
     });
     loadStats();
+    loadAlerts();
+    loadRejections();
     setInterval(loadStats, STATS_REFRESH_MS);
     setInterval(() => {
-      for (const entry of robots.values()) renderRow(entry);
-      renderDetail();
+      for (const entry of robots.values()) dirty.add(entry);
+      schedule();
+      renderDetailSoon();
     }, TICK_MS);
   }
 

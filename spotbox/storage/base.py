@@ -112,6 +112,9 @@ class Storage(Protocol):
     async def latest_per_robot(self) -> list[StatusRow]:
         """The latest row (by ts, id) of every robot, ordered by serial number."""
 
+    async def last_received(self, serial_number: str | None = None) -> dict[str, datetime]:
+        """When the most recently stored status of each robot (or of one) was received: its `last_seen`."""
+
     async def time_range(self, serial_number: str) -> tuple[datetime, datetime] | None:
         """The first and last ts of the robot's rows, or None for a robot never seen."""
 
@@ -132,6 +135,21 @@ class Storage(Protocol):
 
     async def count_after(self, after_id: int) -> int:
         """How many rows have an id greater than `after_id` (a forward target's lag)."""
+
+    def db_time(self, moment: datetime) -> Any:
+        """A datetime as a parameter of this backend's time columns."""
+
+    def from_db_time(self, value: Any) -> datetime:
+        """A value of this backend's time columns as an aware UTC datetime."""
+
+    async def execute(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
+        """Run write statements (`$n` placeholders) in one transaction; the row count of each.
+
+        For the small operations tables (registry, alerts, rejections), whose SQL both backends share.
+        """
+
+    async def query(self, sql: str, params: Sequence[Any]) -> list[Sequence[Any]]:
+        """The rows of one read statement (`$n` placeholders)."""
 
     async def ping(self) -> None:
         """Raise StorageUnavailableError unless the database answers."""
@@ -198,6 +216,19 @@ def latest_per_robot_sql(select: str, collate: str = "") -> str:
         f"{ROBOTS_CTE} {select} JOIN robots ON status.id = (SELECT s.id FROM status AS s "
         f"WHERE s.serial_number = robots.serial ORDER BY s.ts DESC, s.id DESC LIMIT 1) ORDER BY robots.serial{collate}"
     )
+
+
+# Each robot's most recently stored row is its greatest id, found through the (serial_number, id) index: its
+# receive time is when the robot was last seen, whatever the ts it claims.
+LAST_RECEIVED_SQL = f"""{ROBOTS_CTE}
+SELECT robots.serial, (SELECT s.received_at FROM status AS s WHERE s.serial_number = robots.serial
+                       ORDER BY s.id DESC LIMIT 1)
+FROM robots WHERE robots.serial IS NOT NULL"""
+
+
+def last_received_one_sql(mark: str) -> str:
+    """LAST_RECEIVED_SQL for one robot; `mark` is the backend's numbered placeholder."""
+    return f"SELECT serial_number, received_at FROM status WHERE serial_number = {mark}1 ORDER BY id DESC LIMIT 1"
 
 
 def latest_sql(select: str, mark: str) -> str:

@@ -65,6 +65,61 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE status ADD COLUMN delivery_key bytea",
         "CREATE INDEX status_delivery ON status (delivery_key) WHERE delivery_key IS NOT NULL",
     ),
+    # Operations (issue 13): the registered fleet, alerts with their transitions, and the bounded rejection record.
+    (
+        """
+        CREATE TABLE robot (
+            serial_number text PRIMARY KEY,
+            name text, model text, site text,
+            tags text NOT NULL,
+            registered_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE alert (
+            id text PRIMARY KEY,
+            rule text NOT NULL,
+            serial_number text NOT NULL,
+            severity text NOT NULL,
+            state text NOT NULL,
+            acknowledged boolean NOT NULL,
+            ack_by text,
+            ack_at timestamptz,
+            created_at timestamptz NOT NULL,
+            activated_at timestamptz,
+            cleared_at timestamptz,
+            updated_at timestamptz NOT NULL,
+            value double precision,
+            message text NOT NULL
+        )
+        """,
+        "CREATE INDEX alert_created ON alert (created_at, id)",
+        "CREATE INDEX alert_open ON alert (state, acknowledged)",
+        """
+        CREATE TABLE alert_transition (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            alert_id text NOT NULL,
+            at timestamptz NOT NULL,
+            from_state text,
+            to_state text NOT NULL,
+            by_user text
+        )
+        """,
+        "CREATE INDEX alert_transition_alert ON alert_transition (alert_id, id)",
+        """
+        CREATE TABLE rejection (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            serial_number text NOT NULL,
+            received_at timestamptz NOT NULL,
+            field text NOT NULL,
+            reason text NOT NULL,
+            payload bytea NOT NULL
+        )
+        """,
+        "CREATE INDEX rejection_robot ON rejection (serial_number, id)",
+        "CREATE INDEX rejection_time ON rejection (received_at)",
+    ),
     # Each instance's last hour of ingest counts (GET /stats), so that any instance sharing the database answers
     # for all of them.
     (
@@ -307,6 +362,14 @@ class PostgresStorage:
         sql = base.latest_per_robot_sql(f"{_API_SELECT} FROM status", ' COLLATE "C"')
         return [StatusRow(*row) for row in await self._fetch(sql, [])]
 
+    async def last_received(self, serial_number: str | None = None) -> dict[str, datetime]:
+        """When the most recently stored status of each robot (or of one) was received."""
+        if serial_number is None:
+            rows = await self._fetch(base.LAST_RECEIVED_SQL, [])
+        else:
+            rows = await self._fetch(base.last_received_one_sql("$"), [serial_number])
+        return {row[0]: row[1] for row in rows}
+
     async def time_range(self, serial_number: str) -> tuple[datetime, datetime] | None:
         """The first and last ts of the robot."""
         ((first, last),) = await self._fetch(base.time_range_sql("$"), [serial_number])
@@ -365,6 +428,34 @@ class PostgresStorage:
         """The greatest row id (0 for an empty table)."""
         ((value,),) = await self._fetch("SELECT coalesce(max(id), 0) FROM status", [])
         return int(value)
+
+    def db_time(self, moment: datetime) -> datetime:
+        """A datetime as this backend stores it: timestamptz takes it as it is."""
+        return moment
+
+    def from_db_time(self, value: Any) -> datetime:
+        """A stored time back as an aware UTC datetime."""
+        moment: datetime = value
+        return moment
+
+    async def execute(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
+        """Run write statements in one transaction; each one's row count."""
+        counts: list[int] = []
+        try:
+            async with self._acquire() as conn, conn.transaction():
+                for sql, params in statements:
+                    status: str = await conn.execute(sql, *params)
+                    tail = status.rsplit(" ", 1)[-1]
+                    counts.append(int(tail) if tail.isdigit() else 0)
+        except _UNAVAILABLE as exc:
+            raise StorageUnavailableError(f"PostgreSQL write failed: {exc!r}") from exc
+        except asyncpg.PostgresError as exc:
+            raise StorageError(f"PostgreSQL write failed: {exc}") from exc
+        return counts
+
+    async def query(self, sql: str, params: Sequence[Any]) -> list[Sequence[Any]]:
+        """Rows of a read statement."""
+        return list(await self._fetch(sql, params))
 
     async def ping(self) -> None:
         """Run a trivial query."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -70,6 +72,61 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE status ADD COLUMN delivery_key BLOB",
         "CREATE INDEX status_delivery ON status (delivery_key) WHERE delivery_key IS NOT NULL",
     ),
+    # Operations (issue 13): the registered fleet, alerts with their transitions, and the bounded rejection record.
+    (
+        """
+        CREATE TABLE robot (
+            serial_number TEXT PRIMARY KEY,
+            name TEXT, model TEXT, site TEXT,
+            tags TEXT NOT NULL,            -- a JSON array of strings
+            registered_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE alert (
+            id TEXT PRIMARY KEY,
+            rule TEXT NOT NULL,
+            serial_number TEXT NOT NULL,
+            severity TEXT NOT NULL,
+            state TEXT NOT NULL,
+            acknowledged INTEGER NOT NULL,
+            ack_by TEXT,
+            ack_at INTEGER,
+            created_at INTEGER NOT NULL,
+            activated_at INTEGER,
+            cleared_at INTEGER,
+            updated_at INTEGER NOT NULL,
+            value REAL,
+            message TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX alert_created ON alert (created_at, id)",
+        "CREATE INDEX alert_open ON alert (state, acknowledged)",
+        """
+        CREATE TABLE alert_transition (
+            id INTEGER PRIMARY KEY,
+            alert_id TEXT NOT NULL,
+            at INTEGER NOT NULL,
+            from_state TEXT,
+            to_state TEXT NOT NULL,
+            by_user TEXT
+        )
+        """,
+        "CREATE INDEX alert_transition_alert ON alert_transition (alert_id, id)",
+        """
+        CREATE TABLE rejection (
+            id INTEGER PRIMARY KEY,
+            serial_number TEXT NOT NULL,
+            received_at INTEGER NOT NULL,
+            field TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            payload BLOB NOT NULL
+        )
+        """,
+        "CREATE INDEX rejection_robot ON rejection (serial_number, id)",
+        "CREATE INDEX rejection_time ON rejection (received_at)",
+    ),
 )
 
 # 32766 bound variables per statement since SQLite 3.32; stay well below.
@@ -118,6 +175,11 @@ async def _without_resent(db: aiosqlite.Connection, records: Sequence[StatusReco
         async with db.execute(sql, [*chunk, cutoff]) as cursor:
             stored.extend([(row[0], from_micros(row[1])) async for row in cursor])
     return base.without_resent(records, stored)
+
+
+def _numbered(sql: str) -> str:
+    """PostgreSQL's `$1` placeholders as SQLite's `?1`, so that the operations tables share their SQL."""
+    return re.sub(r"\$(\d+)", r"?\1", sql)
 
 
 def _row_values(record: StatusRecord) -> tuple[Any, ...]:
@@ -305,6 +367,14 @@ class SQLiteStorage:
         """The latest row of every robot, by serial number; no payloads."""
         return [status_row(row) for row in await self._fetch(base.latest_per_robot_sql(API_SELECT), [])]
 
+    async def last_received(self, serial_number: str | None = None) -> dict[str, datetime]:
+        """When the most recently stored status of each robot (or of one) was received."""
+        if serial_number is None:
+            rows = await self._fetch(base.LAST_RECEIVED_SQL, [])
+        else:
+            rows = await self._fetch(base.last_received_one_sql("?"), [serial_number])
+        return {serial: from_micros(received) for serial, received in rows}
+
     async def time_range(self, serial_number: str) -> tuple[datetime, datetime] | None:
         """The first and last ts of the robot."""
         ((first, last),) = await self._fetch(base.time_range_sql("?"), [serial_number])
@@ -356,6 +426,42 @@ class SQLiteStorage:
         """Rows past `after_id`, counted on the primary key."""
         ((count,),) = await self._fetch("SELECT count(*) FROM status WHERE id > ?", [after_id])
         return int(count)
+
+    def db_time(self, moment: datetime) -> int:
+        """A datetime as this backend stores it: integer microseconds."""
+        return to_micros(moment)
+
+    def from_db_time(self, value: Any) -> datetime:
+        """A stored time back as an aware UTC datetime."""
+        return from_micros(value)
+
+    async def execute(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
+        """Run write statements (numbered `$n` placeholders) in one transaction; each one's row count."""
+        db = self._db(self._writer)
+        counts: list[int] = []
+        async with self._write_lock:
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    for sql, params in statements:
+                        async with db.execute(_numbered(sql), params) as cursor:
+                            counts.append(cursor.rowcount)
+                    await db.execute("COMMIT")
+                except BaseException:
+                    # A cancelled COMMIT may still complete in aiosqlite's thread: then there is nothing to roll
+                    # back, and the cancellation (not that) must go on.
+                    with contextlib.suppress(sqlite3.Error):
+                        await db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                raise StorageUnavailableError(f"SQLite write failed: {exc}") from exc
+            except sqlite3.Error as exc:
+                raise StorageError(f"SQLite write failed: {exc}") from exc
+        return counts
+
+    async def query(self, sql: str, params: Sequence[Any]) -> list[Sequence[Any]]:
+        """Rows of a read statement with numbered `$n` placeholders."""
+        return list(await self._fetch(_numbered(sql), params))
 
     async def ping(self) -> None:
         """Run a trivial query on the reader connection."""

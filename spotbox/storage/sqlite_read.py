@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Threads (and connections) reading at once: two let one thread's query step in SQLite while another thread
-# turns its rows into JSON; more only add GIL contention on two cores (measured with `spotbox bench --scenario reads`).
+# Threads (and connections) reading at once: two let one thread's query step in SQLite (without the GIL) while
+# the other turns its rows into JSON; on two cores more would mostly wait for the GIL.
 READERS = 2
 
 

@@ -1,0 +1,1 @@
+"""Operating the fleet: presence, the registry, alerts with a lifecycle, the rejection record and the webhook."""

@@ -1,0 +1,325 @@
+"""Alerts with a lifecycle: rules evaluated on committed statuses, rejections, presence changes and a clock tick.
+
+Two axes, as operators know them from ThingsBoard: `state` is pending (condition true, its duration not yet met),
+active, or cleared (past its clear level); `acknowledged` is set by a user (who and when kept), before or after it
+clears. Every change is a `Transition`. An alert that would become active again after clearing is a new alert.
+A threshold alert ends only at its clear level: a value between the threshold and the clear level keeps a pending
+alert maturing and an active one active, so a battery wavering around 20% opens one alert, not one a minute.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from spotbox.ops.presence import RobotPresence, State, utc_now
+from spotbox.ops.rules import Rule
+from spotbox.status import StoredStatus
+
+logger = logging.getLogger(__name__)
+
+AlertState = Literal["pending", "active", "cleared"]
+ALERT_STATES: tuple[AlertState, ...] = ("pending", "active", "cleared")
+# The acknowledgement is recorded as a transition between these two pseudo-states.
+UNACKNOWLEDGED, ACKNOWLEDGED = "unacknowledged", "acknowledged"
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One change of an alert: when, from what, to what, and who (for an acknowledgement)."""
+
+    at: datetime
+    from_state: str | None
+    to_state: str
+    by: str | None = None
+
+    def to_api(self) -> dict[str, Any]:
+        """The transition as the API shows it."""
+        return {"at": self.at, "from": self.from_state, "to": self.to_state, "by": self.by}
+
+
+@dataclass(slots=True)
+class Alert:
+    """One alert of one rule on one robot."""
+
+    id: str
+    rule: str
+    serial_number: str
+    severity: str
+    state: AlertState
+    created_at: datetime
+    updated_at: datetime
+    message: str
+    value: float | None = None
+    acknowledged: bool = False
+    ack_by: str | None = None
+    ack_at: datetime | None = None
+    activated_at: datetime | None = None
+    cleared_at: datetime | None = None
+    history: list[Transition] = field(default_factory=list)
+
+    @property
+    def is_open(self) -> bool:
+        """Shown in the console's open list: pending, active, or once active, cleared but not acknowledged."""
+        if self.state != "cleared":
+            return True
+        return not self.acknowledged and self.activated_at is not None
+
+    def to_api(self) -> dict[str, Any]:
+        """The alert as the API, the feeds, MQTT and the webhook show it."""
+        return {
+            "id": self.id,
+            "rule": self.rule,
+            "serial_number": self.serial_number,
+            "severity": self.severity,
+            "state": self.state,
+            "acknowledged": self.acknowledged,
+            "acknowledged_by": self.ack_by,
+            "acknowledged_at": self.ack_at,
+            "created_at": self.created_at,
+            "activated_at": self.activated_at,
+            "cleared_at": self.cleared_at,
+            "updated_at": self.updated_at,
+            "value": self.value,
+            "message": self.message,
+            "open": self.is_open,
+            "history": [transition.to_api() for transition in self.history],
+        }
+
+
+# Called with the alert and the transition just applied to it.
+AlertListener = Callable[[Alert, Transition], None]
+
+
+@dataclass(slots=True)
+class _Window:
+    """Statuses received and rejected per second over a sliding window, with running sums."""
+
+    seconds: float
+    buckets: deque[list[int]] = field(default_factory=deque)  # [second, seen, rejected]
+    seen: int = 0
+    rejected: int = 0
+
+    def add(self, at: datetime, rejected: bool) -> None:
+        second = int(at.timestamp())
+        if self.buckets and self.buckets[-1][0] == second:
+            bucket = self.buckets[-1]
+        else:
+            bucket = [second, 0, 0]
+            self.buckets.append(bucket)
+            # Buckets leave the window only as new seconds begin.
+            self.slide(at)
+        bucket[1] += 1
+        bucket[2] += rejected
+        self.seen += 1
+        self.rejected += rejected
+
+    def slide(self, now: datetime) -> None:
+        oldest = now.timestamp() - self.seconds
+        while self.buckets and self.buckets[0][0] < oldest:
+            _, seen, rejected = self.buckets.popleft()
+            self.seen -= seen
+            self.rejected -= rejected
+
+
+class AlertEngine:
+    """Evaluates the rules and keeps the alerts that are not over: `current` (pending or active, one per rule and
+    robot) and `open` (what the console lists, cleared but unacknowledged ones included)."""
+
+    def __init__(
+        self,
+        rules: Iterable[Rule],
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        registered: Callable[[str], bool] = lambda serial: True,
+    ) -> None:
+        self.rules = tuple(rule for rule in rules if rule.enabled)
+        self.clock = clock
+        self.registered = registered
+        self.current: dict[tuple[str, str], Alert] = {}
+        self.open: dict[str, Alert] = {}
+        self.listeners: list[AlertListener] = []
+        self._threshold = tuple(rule for rule in self.rules if rule.kind == "threshold")
+        self._presence = tuple(rule for rule in self.rules if rule.kind == "presence")
+        self._rejections = tuple(rule for rule in self.rules if rule.kind == "rejections")
+        self._unregistered = tuple(rule for rule in self.rules if rule.kind == "unregistered")
+        self._windows: dict[tuple[str, str], _Window] = {}
+
+    def load(self, alerts: Iterable[Alert]) -> None:
+        """Take up the alerts that were open when spotbox stopped (read back from the database)."""
+        for alert in alerts:
+            if alert.is_open:
+                self.open[alert.id] = alert
+            if alert.state != "cleared":
+                self.current[(alert.rule, alert.serial_number)] = alert
+
+    # ---- inputs ---------------------------------------------------------------------------------------------
+
+    def on_statuses(self, rows: Iterable[StoredStatus]) -> None:
+        """Evaluate the value rules on committed statuses.
+
+        This runs for every committed status, so the common case (nothing wrong, no alert open) is kept to a few
+        comparisons and dictionary probes per rule.
+        """
+        current = self.current
+        for row in rows:
+            record = row.record
+            serial = record.serial_number
+            now = record.received_at
+            for rule in self._threshold:
+                value = float(getattr(record, rule.field or "battery_level"))
+                opens = rule.opens(value)
+                if opens or (rule.name, serial) in current:
+                    self._evaluate(rule, serial, True if opens else False if rule.clears(value) else None, value, now)
+            for rule in self._rejections:
+                window = self._window(rule, serial)
+                window.add(now, False)
+                # Nothing rejected in the window and no alert open: nothing can change.
+                if window.rejected or (rule.name, serial) in current:
+                    self._judge_window(rule, serial, window, now)
+            for rule in self._unregistered:
+                if not self.registered(serial) or (rule.name, serial) in current:
+                    self._evaluate(rule, serial, not self.registered(serial), None, now)
+
+    def on_rejection(self, serial: str, at: datetime) -> None:
+        """Evaluate the rejection rules on a refused status."""
+        for rule in self._rejections:
+            self._count(rule, serial, at, rejected=True)
+
+    def on_presence(self, robot: RobotPresence, before: State) -> None:
+        """Evaluate the presence rules on a change of presence."""
+        serial, state = robot.serial_number, robot.state
+        for rule in self._presence:
+            if state == "unknown":
+                continue
+            self._evaluate(rule, serial, state in rule.states, None, robot.since, f"robot is {state}")
+
+    def on_registered(self, serial: str) -> None:
+        """A robot was registered (or deregistered): the unknown-robot rule follows."""
+        now = self.clock()
+        for rule in self._unregistered:
+            if (rule.name, serial) in self.current:
+                self._evaluate(rule, serial, not self.registered(serial), None, now)
+
+    def tick(self) -> None:
+        """The time rules: pending alerts whose duration has passed become active; rejection windows slide."""
+        now = self.clock()
+        for alert in list(self.current.values()):
+            if alert.state == "pending":
+                rule = self._rule(alert.rule)
+                if rule is not None:
+                    self._evaluate(rule, alert.serial_number, None, alert.value, now)
+        for (name, serial), window in list(self._windows.items()):
+            window.slide(now)
+            rule = self._rule(name)
+            if rule is not None and (name, serial) in self.current:
+                self._judge_window(rule, serial, window, now)
+
+    def acknowledge(self, alert: Alert, by: str | None) -> Transition | None:
+        """Record that `by` (None without --users) acknowledged the alert; None when it already was."""
+        if alert.acknowledged:
+            return None
+        now = self.clock()
+        alert.acknowledged = True
+        alert.ack_by = by
+        alert.ack_at = now
+        transition = Transition(now, UNACKNOWLEDGED, ACKNOWLEDGED, by)
+        if not alert.is_open:
+            self.open.pop(alert.id, None)
+        self._emit(alert, transition)
+        return transition
+
+    def open_alerts(self, serial: str | None = None) -> list[Alert]:
+        """The open alerts (of one robot), newest first."""
+        alerts = [a for a in self.open.values() if serial is None or a.serial_number == serial]
+        return sorted(alerts, key=lambda a: (a.created_at, a.id), reverse=True)
+
+    # ---- the lifecycle --------------------------------------------------------------------------------------
+
+    def _rule(self, name: str) -> Rule | None:
+        return next((rule for rule in self.rules if rule.name == name), None)
+
+    def _window(self, rule: Rule, serial: str) -> _Window:
+        window = self._windows.get((rule.name, serial))
+        if window is None:
+            window = self._windows[(rule.name, serial)] = _Window(rule.window_s)
+        return window
+
+    def _count(self, rule: Rule, serial: str, at: datetime, *, rejected: bool) -> None:
+        window = self._window(rule, serial)
+        window.add(at, rejected)
+        self._judge_window(rule, serial, window, at)
+
+    def _judge_window(self, rule: Rule, serial: str, window: _Window, now: datetime) -> None:
+        if window.seen < rule.min_seen:
+            # Too few statuses to judge an open alert by; a silent robot is for the presence rules.
+            condition = None if window.seen else False
+            self._evaluate(rule, serial, condition, None, now)
+            return
+        ratio = window.rejected / window.seen
+        condition = True if rule.opens(ratio) else False if rule.clears(ratio) else None
+        self._evaluate(rule, serial, condition, round(ratio, 4), now)
+
+    def _evaluate(
+        self, rule: Rule, serial: str, condition: bool | None, value: float | None, now: datetime, message: str = ""
+    ) -> None:
+        """Move the alert of (rule, robot): True opens or matures it, False clears it, None keeps it as it is."""
+        key = (rule.name, serial)
+        alert = self.current.get(key)
+        if alert is None:
+            if not condition:
+                return
+            alert = Alert(
+                str(uuid.uuid4()), rule.name, serial, rule.severity, "pending", now, now,
+                message or _message(rule, value), value,
+            )  # fmt: skip
+            self.current[key] = alert
+            self.open[alert.id] = alert
+            self._change(alert, "pending", now)
+        elif value is not None:
+            alert.value = value
+        if condition is False:
+            self._change(alert, "cleared", now)
+            del self.current[key]
+            if not alert.is_open:
+                self.open.pop(alert.id, None)
+            return
+        if alert.state == "pending" and (now - alert.created_at).total_seconds() >= rule.for_s:
+            alert.activated_at = now
+            self._change(alert, "active", now)
+
+    def _change(self, alert: Alert, state: AlertState, now: datetime) -> None:
+        transition = Transition(now, None if alert.state == state else alert.state, state)
+        alert.state = state
+        alert.updated_at = now
+        if state == "cleared":
+            alert.cleared_at = now
+        logger.info(
+            "alert %s %s on %s: %s", alert.rule, state, alert.serial_number, alert.message,
+            extra={"event": "alert", "alert_id": alert.id, "state": state},
+        )  # fmt: skip
+        self._emit(alert, transition)
+
+    def _emit(self, alert: Alert, transition: Transition) -> None:
+        alert.history.append(transition)
+        for listener in self.listeners:
+            try:
+                listener(alert, transition)
+            except Exception:
+                logger.exception("alert listener failed for alert %s", alert.id)
+
+
+def _message(rule: Rule, value: float | None) -> str:
+    if rule.kind == "threshold":
+        side = f"below {rule.below:g}" if rule.below is not None else f"above {rule.above:g}"
+        return f"{rule.field} {value:g} is {side}"
+    if rule.kind == "rejections":
+        return f"{(value or 0) * 100:.0f}% of statuses rejected over {rule.window_s:g} s"
+    if rule.kind == "unregistered":
+        return "robot publishes but is not registered"
+    return rule.name

@@ -1,0 +1,192 @@
+"""Presence: online while the publishing connection is up, stale without statuses, offline once it ends."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from spotbox.ops.presence import Presence, RobotPresence, State
+from spotbox.settings import Settings
+from tests.conftest import Box, BoxFactory
+from tests.helpers import mqtt_client, open_feed, payload
+
+T0 = datetime(2026, 11, 30, 6, 0, tzinfo=UTC)
+
+
+class Clock:
+    """A receive clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> datetime:
+        self.now += timedelta(seconds=seconds)
+        return self.now
+
+
+def changes(presence: Presence) -> list[tuple[str, State, State]]:
+    """A list that collects (serial, before, after) for every change of `presence`."""
+    seen: list[tuple[str, State, State]] = []
+
+    def record(robot: RobotPresence, before: State) -> None:
+        seen.append((robot.serial_number, before, robot.state))
+
+    presence.listeners.append(record)
+    return seen
+
+
+def test_stale_after_three_median_gaps_with_a_floor() -> None:
+    """Test that a robot is stale after 3x its median gap (at least 10 s), then offline after offline-after."""
+    clock = Clock()
+    presence = Presence(offline_after_s=120, clock=clock)
+    seen = changes(presence)
+    for _ in range(5):
+        presence.status_committed("R1", clock.advance(5))
+    robot = presence.robots["R1"]
+    assert str(robot.state) == "online"
+    assert presence.stale_after(robot) == 15.0
+    clock.advance(14)
+    presence.tick()
+    assert str(robot.state) == "online"
+    clock.advance(2)
+    presence.tick()
+    assert str(robot.state) == "stale"
+    clock.advance(120)
+    presence.tick()
+    assert str(robot.state) == "offline"
+    assert seen == [("R1", "unknown", "online"), ("R1", "online", "stale"), ("R1", "stale", "offline")]
+    # A robot publishing every second still gets the 10 s floor.
+    for _ in range(5):
+        presence.status_committed("FAST", clock.advance(1))
+    assert presence.stale_after(presence.robots["FAST"]) == 10.0
+
+
+def test_connection_end_is_offline_and_a_status_brings_it_back() -> None:
+    """Test that the end of the connection that published a robot's last status makes it offline at once."""
+    clock = Clock()
+    presence = Presence(clock=clock)
+    first, second = object(), object()
+    presence.status_committed("R1", clock.advance(1))
+    presence.status_committed("R1", clock.now, first)  # the broker names the connection after the commit
+    presence.status_committed("R2", clock.now, first)
+    presence.status_committed("R2", clock.advance(1), second)  # R2 moved to another connection
+    presence.connection_closed(first)
+    assert str(presence.robots["R1"].state) == "offline"
+    assert presence.robots["R1"].since == clock.now
+    assert presence.robots["R2"].state == "online"
+    presence.status_committed("R1", clock.advance(1))
+    assert str(presence.robots["R1"].state) == "online"
+    # A repeated call for one status adds no gap.
+    assert list(presence.robots["R1"].gaps) == [2.0]
+
+
+def test_restart_is_unknown_until_stale_after_then_judged_by_last_seen() -> None:
+    """Test that after a start known robots are unknown (not offline) until stale-after has passed."""
+    clock = Clock()
+    presence = Presence(stale_after_s=30, offline_after_s=300, clock=clock)
+    presence.seed([("RECENT", T0 - timedelta(seconds=60)), ("OLD", T0 - timedelta(hours=2)), ("NEVER", None)])
+    presence.seed([("BACK", T0 - timedelta(seconds=5))])
+    presence.status_committed("BACK", clock.advance(1))
+    clock.advance(20)
+    presence.tick()
+    assert {s: r.state for s, r in presence.robots.items()} == {
+        "RECENT": "unknown",
+        "OLD": "unknown",
+        "NEVER": "unknown",
+        "BACK": "online",
+    }
+    clock.advance(10)
+    presence.tick()
+    assert {s: r.state for s, r in presence.robots.items()} == {
+        "RECENT": "stale",
+        "OLD": "offline",
+        "NEVER": "offline",
+        "BACK": "stale",
+    }
+
+
+async def gauges(box: Box) -> dict[str, float]:
+    """The spotbox_robots{presence} samples of /metrics."""
+    async with box.http.get(f"{box.base_url}/metrics") as resp:
+        text = await resp.text()
+    return {
+        sample.labels["presence"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "spotbox_robots"
+    }
+
+
+async def presence_of(box: Box, serial: str) -> str:
+    async with box.http.get(f"{box.base_url}/robots/{serial}") as resp:
+        body = await resp.json()
+    state: str = body["presence"]
+    return state
+
+
+async def test_mqtt_robot_goes_online_stale_and_offline(make_box: BoxFactory, tmp_path: Path) -> None:
+    """Test over real MQTT: online on a status, stale with a short --stale-after, offline when the client leaves;
+    each change is a `presence` event on /feed and moves the gauges."""
+    box = await make_box(
+        Settings(
+            http_port=0, mqtt_port=0, database_url=f"sqlite:///{tmp_path / 'p.db'}", batch_wait_ms=1.0,
+            stale_after_s=0.3, ops_tick_s=0.05,
+        )
+    )  # fmt: skip
+    async with open_feed(box.http, f"{box.base_url}/feed", skip=("status", "alert")) as feed:
+        async with mqtt_client(box.mqtt_port) as robot:
+            await robot.publish("robot/P1/status", payload(), qos=1)
+            async with asyncio.timeout(10):
+                online = (await feed.next()).json()
+                stale = (await feed.next()).json()
+            assert (online["serial_number"], online["previous"], online["presence"]) == ("P1", "unknown", "online")
+            assert (stale["previous"], stale["presence"]) == ("online", "stale")
+            assert await presence_of(box, "P1") == "stale"
+            await robot.publish("robot/P1/status", payload(battery_level=70), qos=1)
+            async with asyncio.timeout(10):
+                assert (await feed.next()).json()["presence"] == "online"
+            assert (await gauges(box))["online"] == 1
+        async with asyncio.timeout(10):
+            offline = (await feed.next()).json()
+    assert (offline["previous"], offline["presence"]) == ("online", "offline")
+    async with box.http.get(f"{box.base_url}/robots") as resp:
+        [item] = (await resp.json())["items"]
+    assert item["presence"] == "offline"
+    assert item["presence_since"] == offline["presence_since"]
+    metrics = await gauges(box)
+    assert (metrics["online"], metrics["offline"]) == (0, 1)
+
+
+async def test_http_robot_is_online_while_statuses_arrive(make_box: BoxFactory, tmp_path: Path) -> None:
+    """Test that a robot posting over HTTP is online, then stale when its statuses stop (no connection to end)."""
+    box = await make_box(
+        Settings(
+            http_port=0, mqtt_port=0, database_url=f"sqlite:///{tmp_path / 'h.db'}", batch_wait_ms=1.0,
+            stale_after_s=0.3, ops_tick_s=0.05,
+        )
+    )  # fmt: skip
+    async with box.http.post(f"{box.base_url}/robots/H1/status", data=payload()) as resp:
+        assert resp.status == 202
+    assert await presence_of(box, "H1") == "online"
+    async with asyncio.timeout(10):
+        while await presence_of(box, "H1") != "stale":  # noqa: ASYNC110 - polled over HTTP, as a client would
+            await asyncio.sleep(0.05)
+
+
+async def test_restart_does_not_mark_the_fleet_offline(make_box: BoxFactory, tmp_path: Path) -> None:
+    """Test that robots stored before a restart are `unknown` right after it, not offline."""
+    settings = Settings(http_port=0, mqtt_port=0, database_url=f"sqlite:///{tmp_path / 'r.db'}", batch_wait_ms=1.0)
+    first = await make_box(settings)
+    async with first.http.post(f"{first.base_url}/robots/R1/status", data=payload()) as resp:
+        assert resp.status == 202
+    await first.http.close()
+    await first.server.close()
+    second = await make_box(settings)
+    assert await presence_of(second, "R1") == "unknown"
+    assert (await gauges(second))["unknown"] == 1
