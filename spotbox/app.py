@@ -130,11 +130,18 @@ async def ops_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(ops.run(), name="spotbox-ops")
     yield
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    try:
         await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        logger.exception("operations loops failed while stopping")
     # The last alert changes and rejections reach the database before storage closes (once, no retrying).
-    await ops.writer.write_pending(retry=False)
-    await ops.rejections.flush()
+    try:
+        await ops.writer.write_pending(retry=False)
+        await ops.rejections.flush()
+    except Exception:
+        logger.exception("last alert changes or rejections not written")
 
 
 async def broker_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -159,8 +159,9 @@ class Settings:
     )
     max_topic_length: int = option(1024, "Longest MQTT topic, in bytes.", group=VALIDATION, check=between(1, 65535))
     max_connections: int = option(
-        1000,
-        "Most MQTT clients logged in at once (TCP and WebSocket together); more are refused.",
+        10_000,
+        "Most MQTT clients logged in at once (TCP and WebSocket together); more are refused. Each holds a file "
+        "descriptor: spotbox raises its soft limit of open files to the hard one and warns when that is too low.",
         group=VALIDATION,
         check=at_least(1),
     )

@@ -329,6 +329,7 @@ class RejectionLog:
         self._buffer_size = buffer
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
+        self._inflight: asyncio.Future[list[int]] | None = None
 
     def add(self, record: RejectionRecord) -> None:
         """Queue a rejection; under a flood the oldest unwritten ones give way (counted in `dropped`)."""
@@ -342,13 +343,22 @@ class RejectionLog:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:
+                # A bug or a driver error, not an outage: log it and go on (the batch is lost, ingest is not).
+                logger.exception("rejections not recorded")
             await asyncio.sleep(self.interval_s)
 
     async def flush(self) -> None:
         """Write the queued rejections and trim the table to its bounds; returns once what was queued before the
         call is written (a write already under way included), so a read that follows sees it."""
         async with self._flushing:
+            if self._inflight is not None:
+                # A write a cancelled flush left running (shielded) ends before storage may close.
+                with contextlib.suppress(Exception):
+                    await self._inflight
+                self._inflight = None
             await self._flush()
 
     async def _flush(self) -> None:
@@ -370,8 +380,9 @@ class RejectionLog:
         statements.extend((trim, [serial, self.per_robot]) for serial in {r.serial_number for r in batch})
         statements.append(("DELETE FROM rejection WHERE id <= (SELECT max(id) FROM rejection) - $1", [self.total]))
         try:
-            # Shielded as the alert writer's writes are: shutdown lets a started write finish.
-            await asyncio.shield(db.execute(statements))
+            # Shielded as the alert writer's writes are: shutdown lets a started write finish (see flush).
+            self._inflight = asyncio.ensure_future(db.execute(statements))
+            await asyncio.shield(self._inflight)
         except StorageError as exc:
             logger.warning("%d rejections not recorded yet (retrying): %s", len(batch), exc)
             # Put them back before what came meanwhile, within the bound (the newest are kept).
