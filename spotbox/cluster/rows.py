@@ -142,10 +142,12 @@ class RowSource:
 
     async def _catch_up(self) -> None:
         if self.hub.stream_count == 0:
-            self.last_id = max(self.last_id, await self.storage.max_id())
-            while self._rejections:  # nobody to tell
-                self._rejections.popleft()
-            return
+            end = await self.storage.max_id()
+            # A feed opened while asking must get the rows committed since it subscribed: skip nothing then.
+            if self.hub.stream_count == 0:
+                self.last_id = max(self.last_id, end)
+                self._rejections.clear()  # nobody to tell
+                return
         while True:
             rows = await self.storage.statuses_after(self.last_id, _PAGE)
             # Own commits may have moved last_id on while reading (with no feed open): publish each row once.
