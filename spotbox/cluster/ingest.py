@@ -29,19 +29,14 @@ from spotbox.cluster.client import BrokerURL, ConnectionLostError, MqttClient, P
 from spotbox.cluster.client import Delivery as ClusterDelivery
 from spotbox.errors import StorageError
 from spotbox.pipeline import IngestPipeline
-from spotbox.status import Delivery, dumps, payload_digest, status_topic_serial
+from spotbox.status import Delivery, payload_digest, status_topic_serial
 from spotbox.storage.postgres import PostgresStorage
-from spotbox.validation import Rejection
+from spotbox.validation import Rejection, rejection_report
 
 logger = logging.getLogger(__name__)
 
 SHARED_STATUS_FILTER = "$share/spotbox/robot/+/status"
 REJECTED_TOPIC = "spotbox/rejected/{serial}"
-
-
-def rejection_report(topic: str, rejection: Rejection, payload: bytes) -> bytes:
-    """The JSON an operator sees on `spotbox/rejected/{serial}` (the embedded broker's report, same shape)."""
-    return dumps({"topic": topic, "errors": rejection.errors, "payload": payload.decode("utf-8", errors="replace")})
 
 
 class ClusterIngest:
