@@ -25,6 +25,9 @@ async def row_source_ctx(app: web.Application) -> AsyncIterator[None]:
     assert isinstance(storage, PostgresStorage)
     source = RowSource(app[HUB], storage)
     app[ROWS] = source
+    # Where live feeds start, known before the app serves: a feed opened and a row committed at once after the start
+    # must not be skipped by a start point read later.
+    await source.start_at_the_end()
     task = asyncio.create_task(source.run(), name="spotbox-rows")
     yield
     await _cancel(task)

@@ -52,6 +52,7 @@ class RowSource:
         self._wake = asyncio.Event()
         # The greatest id this instance committed, and rejections waiting for the rows committed before them.
         self._own_max = 0
+        self._started = False
         self._rejections: deque[tuple[int, Rejection, datetime]] = deque()
 
     def committed(self, rows: Sequence[StoredStatus]) -> None:
@@ -78,9 +79,17 @@ class RowSource:
             self.foreign_wakeups += 1
             self._wake.set()
 
+    async def start_at_the_end(self) -> None:
+        """Start after the rows stored so far (once, before anything is committed or any feed opens)."""
+        with contextlib.suppress(StorageError):
+            self.last_id = max(self.last_id, await self.storage.max_id())
+            self._started = True
+
     async def run(self) -> None:
         """Listen and publish until cancelled."""
-        self.last_id = max(self.last_id, await self._start_id())
+        if not self._started and self._own_max == 0:
+            # The table's end could not be read at start: read it now, before this instance commits anything.
+            self.last_id = max(self.last_id, await self._start_id())
         async with asyncio.TaskGroup() as group:
             group.create_task(self._listen(), name="spotbox-rows-listen")
             group.create_task(self._publish(), name="spotbox-rows-publish")
