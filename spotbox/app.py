@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from functools import partial
 
@@ -16,9 +16,10 @@ from spotbox import metrics
 from spotbox.api import alerts, auth, dashboard, docs, feeds, fleet, forward, health, ingest, rejections, robots, stats
 from spotbox.api.errors import error_middleware
 from spotbox.cluster.client import BrokerURL
+from spotbox.cluster.contexts import cluster_ctx, row_source_ctx, shared_stats_ctx
 from spotbox.cluster.forward import ForwardConfig, Forwarder, keep_after_id
 from spotbox.errors import ConfigError, StorageError
-from spotbox.keys import BROKER, FORWARDERS, HUB, OPS, PIPELINE, RETENTION, RUNTIME, SETTINGS, STORAGE
+from spotbox.keys import BROKER, FORWARDERS, HUB, OPS, PIPELINE, RETENTION, ROWS, RUNTIME, SETTINGS, STORAGE
 from spotbox.mqtt.broker import Broker
 from spotbox.mqtt.listeners import MqttLimits
 from spotbox.ops.alerts import Alert, Transition
@@ -54,7 +55,8 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
 def _rejected(app: web.Application, rejection: Rejection, received_at: datetime, raw: bytes) -> None:
     """A refused status: to the fleet feed, the rejection record and the alert rules, and upstream where
     rejections are forwarded."""
-    app[HUB].publish_rejected(rejection, received_at)
+    # On PostgreSQL the RowSource sends it after the rows committed before it, as the hub alone would.
+    (app[ROWS].rejected if ROWS in app else app[HUB].publish_rejected)(rejection, received_at)
     app[OPS].on_rejected(rejection, received_at, raw)
     if app[FORWARDERS]:
         report = dumps(
@@ -76,8 +78,11 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     hub = app[HUB]
     ops = app[OPS]
 
+    # On PostgreSQL committed rows reach the hub through the RowSource, with those of other instances.
+    publish = app[ROWS].committed if ROWS in app else hub.publish
+
     def on_stored(rows: Sequence[StoredStatus]) -> None:
-        hub.publish(rows)
+        publish(rows)
         ops.on_stored(rows)
 
     pipeline = IngestPipeline(
@@ -125,11 +130,18 @@ async def ops_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(ops.run(), name="spotbox-ops")
     yield
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    try:
         await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        logger.exception("operations loops failed while stopping")
     # The last alert changes and rejections reach the database before storage closes (once, no retrying).
-    await ops.writer.write_pending(retry=False)
-    await ops.rejections.flush()
+    try:
+        await ops.writer.write_pending(retry=False)
+        await ops.rejections.flush()
+    except Exception:
+        logger.exception("last alert changes or rejections not written")
 
 
 async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -226,6 +238,20 @@ async def mqtt_websocket(request: web.Request) -> web.StreamResponse:
     return await request.app[BROKER].serve_websocket(request)
 
 
+def _ingest_contexts(settings: Settings) -> list[Callable[[web.Application], AsyncIterator[None]]]:
+    """Storage, operations, the pipeline, then the embedded broker or the cluster link; on PostgreSQL, what
+    instances share (the feeds' row source, /stats)."""
+    postgres = settings.database.scheme == "postgresql"
+    return [
+        storage_ctx,
+        *([row_source_ctx] if postgres else []),
+        ops_ctx,
+        pipeline_ctx,
+        *([shared_stats_ctx] if postgres else []),
+        cluster_ctx if settings.broker is not None else broker_ctx,
+    ]
+
+
 def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Application:
     """Build the spotbox application (reading the files the settings name unless given); nothing starts yet."""
     # --max-payload bounds an HTTP status body as it bounds an MQTT payload.
@@ -236,13 +262,14 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
     app[RUNTIME] = runtime if runtime is not None else load_runtime(settings)
     app[HUB] = FeedHub(max_streams=settings.max_streams)
     app[FORWARDERS] = []
-    app.cleanup_ctx.extend([storage_ctx, ops_ctx, pipeline_ctx, broker_ctx])
+    app.cleanup_ctx.extend(_ingest_contexts(settings))
     if settings.forward:
         app.cleanup_ctx.append(forward_ctx)
     if settings.retention_days is not None:
         app.cleanup_ctx.append(retention_ctx)
     app.on_shutdown.extend([disconnect_mqtt, close_streams])
-    app.router.add_get("/mqtt", mqtt_websocket)
+    if settings.broker is None:  # cluster mode has no broker here: /mqtt is then a 404 in the JSON error shape
+        app.router.add_get("/mqtt", mqtt_websocket)
     auth.add_routes(app)
     robots.add_routes(app)
     health.add_routes(app)

@@ -51,7 +51,9 @@ def run(**values: Any) -> None:
     try:
         settings = Settings(**values)
         runtime = load_runtime(settings)
-        bound = bind_both(settings.http_host, settings.http_port, settings.mqtt_host, settings.mqtt_port)
+        bound = bind_both(
+            settings.http_host, settings.http_port, settings.mqtt_host, settings.mqtt_port, mqtt=settings.broker is None
+        )
     except SpotboxError as exc:
         raise click.ClickException(str(exc)) from None
     configure_logging(settings.log_level, settings.log_format)
@@ -79,12 +81,12 @@ async def serve(settings: Settings, runtime: Runtime, http_socket: socket.socket
         scheme = "https" if runtime.ssl_context else "http"
         for host, port, *_ in runner.addresses:
             logger.info("http listening on %s://%s:%d", scheme, host, port)
-        assert runtime.mqtt_socket is not None
-        watch, publish = try_lines(
-            http_socket, runtime.mqtt_socket, tls_cert=settings.tls_cert, users=runtime.users is not None
-        )
-        logger.info("watch a robot live: %s", watch)
-        logger.info("publish a status: %s", publish)
+        if runtime.mqtt_socket is not None:  # None in cluster mode: robots publish to the cluster
+            watch, publish = try_lines(
+                http_socket, runtime.mqtt_socket, tls_cert=settings.tls_cert, users=runtime.users is not None
+            )
+            logger.info("watch a robot live: %s", watch)
+            logger.info("publish a status: %s", publish)
         await stop.wait()
         logger.info("stopping")
     finally:

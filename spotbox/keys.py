@@ -6,6 +6,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from spotbox.cluster.forward import Forwarder
+from spotbox.cluster.ingest import ClusterIngest
+from spotbox.cluster.rows import RowSource
+from spotbox.cluster.stats import SharedStats
 from spotbox.mqtt.broker import Broker
 from spotbox.ops.service import Operations
 from spotbox.pipeline import IngestPipeline
@@ -25,4 +28,10 @@ BROKER = web.AppKey("broker", Broker)
 METRICS = web.AppKey("metrics", CollectorRegistry)
 RETENTION = web.AppKey("retention", Retention)
 FORWARDERS = web.AppKey("forwarders", list[Forwarder])
+# Cluster mode (--broker): this instance's share of the cluster's statuses.
+CLUSTER = web.AppKey("cluster", ClusterIngest)
+# On PostgreSQL: the one path from the status table to the hub (rows of every instance sharing the database).
+ROWS = web.AppKey("rows", RowSource)
+# On PostgreSQL: /stats for every instance sharing the database.
+SHARED_STATS = web.AppKey("shared_stats", SharedStats)
 OPS = web.AppKey("ops", Operations)

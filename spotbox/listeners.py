@@ -42,23 +42,27 @@ class Bound:
     """The two listening sockets of `spotbox run`, bound before storage is opened."""
 
     http: socket.socket
-    mqtt: socket.socket
+    # None in cluster mode (--broker): the MQTT cluster is the broker, spotbox listens for no MQTT client.
+    mqtt: socket.socket | None
 
     def close(self) -> None:
         """Close both sockets (a socket already handed to a server is closed by it; closing twice is harmless)."""
         self.http.close()
-        self.mqtt.close()
+        if self.mqtt is not None:
+            self.mqtt.close()
 
 
-def bind_both(http_host: str, http_port: int, mqtt_host: str, mqtt_port: int) -> Bound:
-    """Bind HTTP, then MQTT; if MQTT fails, the HTTP socket is released."""
+def bind_both(http_host: str, http_port: int, mqtt_host: str, mqtt_port: int, *, mqtt: bool = True) -> Bound:
+    """Bind HTTP, then MQTT (unless `mqtt` is false: cluster mode); if MQTT fails, the HTTP socket is released."""
     http = bind("HTTP", http_host, http_port, "--http-port", "--http-host")
+    if not mqtt:
+        return Bound(http, None)
     try:
-        mqtt = bind("MQTT", mqtt_host, mqtt_port, "--mqtt-port", "--mqtt-host")
+        mqtt_socket = bind("MQTT", mqtt_host, mqtt_port, "--mqtt-port", "--mqtt-host")
     except BaseException:
         http.close()
         raise
-    return Bound(http, mqtt)
+    return Bound(http, mqtt_socket)
 
 
 def _reachable(sock: socket.socket) -> tuple[str, int]:

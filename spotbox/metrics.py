@@ -10,7 +10,8 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from spotbox.cluster.forward import Forwarder
-from spotbox.keys import BROKER, FORWARDERS, HUB, METRICS, OPS, PIPELINE
+from spotbox.cluster.ingest import ClusterIngest
+from spotbox.keys import BROKER, CLUSTER, FORWARDERS, HUB, METRICS, OPS, PIPELINE
 from spotbox.mqtt.broker import Broker
 from spotbox.ops.presence import STATES
 from spotbox.ops.rules import SEVERITIES
@@ -75,6 +76,20 @@ class SpotboxCollector:
             "spotbox_sse_streams_open", "Open SSE feeds, per robot and fleet.", value=self._app[HUB].stream_count
         )
         yield from _forward_metrics(self._app.get(FORWARDERS) or [])
+        if (cluster := self._app.get(CLUSTER)) is not None:
+            yield from _cluster_metrics(cluster)
+
+
+def _cluster_metrics(cluster: ClusterIngest) -> Iterator[Metric]:
+    """Cluster mode: whether the MQTT cluster is reached, and the statuses handled (committed or refused) and acked."""
+    yield GaugeMetricFamily(
+        "spotbox_cluster_up", "1 while the MQTT cluster is connected.", value=cluster.check() == "ok"
+    )
+    yield CounterMetricFamily(
+        "spotbox_cluster_handled",
+        "Statuses from the cluster handled and acknowledged since start.",
+        value=cluster.handled,
+    )
 
 
 def _forward_metrics(forwarders: list[Forwarder]) -> Iterator[Metric]:

@@ -43,6 +43,7 @@ SECURITY = "Security"
 PIPELINE = "Ingest and streams"
 LOGGING = "Logging"
 FORWARD = "Store and forward"
+CLUSTER = "Cluster mode"
 OPERATIONS = "Fleet operations"
 
 

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from spotbox.cluster.client import BrokerURL
 from spotbox.errors import ConfigError
 from spotbox.options import (
+    CLUSTER,
     FORWARD,
     LOGGING,
     NETWORK,
@@ -87,6 +88,20 @@ def _check_forward_urls(urls: tuple[str, ...]) -> str | None:
     return "the same target is given twice" if len(set(urls)) != len(urls) else None
 
 
+def _check_broker_url(url: str) -> str | None:
+    """What is wrong with --broker, or None."""
+    try:
+        BrokerURL.parse(url, "--broker")
+    except ConfigError as exc:
+        return str(exc).removeprefix("--broker: ")
+    return None
+
+
+def _check_name(name: str) -> str | None:
+    """A gateway or instance name: what a serial number may be (it is part of topics and client ids)."""
+    return None if SERIAL_RE.fullmatch(name) else f"{name!r} is not 1 to 64 of A-Z a-z 0-9 _ . -"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything `spotbox run` needs, checked once when built; each field with `option(...)` is a `spotbox run` option.
@@ -144,8 +159,9 @@ class Settings:
     )
     max_topic_length: int = option(1024, "Longest MQTT topic, in bytes.", group=VALIDATION, check=between(1, 65535))
     max_connections: int = option(
-        1000,
-        "Most MQTT clients logged in at once (TCP and WebSocket together); more are refused.",
+        10_000,
+        "Most MQTT clients logged in at once (TCP and WebSocket together); more are refused. Each holds a file "
+        "descriptor: spotbox raises its soft limit of open files to the hard one and warns when that is too low.",
         group=VALIDATION,
         check=at_least(1),
     )
@@ -284,7 +300,7 @@ class Settings:
         socket.gethostname(),
         "This gateway's name upstream: in the topic prefix and the `gateway` user property of each message.",
         group=FORWARD,
-        check=lambda name: None if SERIAL_RE.fullmatch(name) else f"{name!r} is not 1 to 64 of A-Z a-z 0-9 _ . -",
+        check=_check_name,
         default_text="the host name",
     )
     forward_rate: float = option(
@@ -315,6 +331,35 @@ class Settings:
         30,
         "MQTT keep alive towards --forward targets, in seconds: a silent link is noticed after 1.5 times this.",
         group=FORWARD,
+        check=between(1, 65535),
+    )
+    broker: str | None = option(
+        None,
+        "Cluster mode: no embedded broker; join this MQTT cluster, mqtt[s]://user:pass@host:port, as one of several "
+        "instances sharing $share/spotbox/robot/+/status and one PostgreSQL database.",
+        group=CLUSTER,
+        check=_check_broker_url,
+        default_text="none: the embedded broker",
+    )
+    instance_id: str = option(
+        socket.gethostname(),
+        "This instance's name among those sharing a database: in cluster mode its MQTT client id is "
+        "spotbox-{instance id}, whose session (and what the cluster holds for it) a restart finds again; on "
+        "PostgreSQL also the name its /stats counts are saved under. Unique per instance.",
+        group=CLUSTER,
+        check=_check_name,
+        default_text="the host name",
+    )
+    session_expiry_s: int = option(
+        3600,
+        "Seconds the cluster keeps this instance's session, and the statuses queued for it, while it is away.",
+        group=CLUSTER,
+        check=between(0, 2**32 - 1),
+    )
+    cluster_inflight: int = option(
+        256,
+        "Most statuses the cluster sends this instance before it acknowledges them (MQTT 5 Receive Maximum).",
+        group=CLUSTER,
         check=between(1, 65535),
     )
     stale_after_s: float | None = option(
@@ -374,6 +419,9 @@ class Settings:
                 "rejections_kept", "the operations tick and the rejections kept per robot must be positive"
             )
         object.__setattr__(self, "database", DatabaseURL.parse(self.database_url))
+        if self.broker is not None and self.database.scheme != "postgresql":
+            # Instances share their statuses through the database: a file on one box cannot be that.
+            raise ConfigError("--broker", "cluster mode needs PostgreSQL: give --database-url postgresql://...")
 
     @property
     def forward_topic_prefix(self) -> str:

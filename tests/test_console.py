@@ -19,6 +19,7 @@ from spotbox.loadgen import connect_packet, mqtt_string, publish_packet
 from spotbox.settings import Settings
 from tests.conftest import Box, BoxFactory
 from tests.helpers import mqtt_client, payload
+from tests.mosquitto import free_port
 from tests.test_alerts import FAST_RULES
 from tests.test_dashboard import UI_TIMEOUT_MS, browser, page
 
@@ -259,3 +260,28 @@ async def test_console_keeps_up_with_a_thousand_robots(make_box: BoxFactory, tmp
     await expect(page.locator('#fleet-table tr[data-serial="LOAD-0999"]')).to_be_visible(timeout=UI_TIMEOUT_MS)
     assert sent >= FLEET * int(LOAD_S)
     assert long_ms < 0.2 * elapsed * 1000, f"long tasks took {long_ms:.0f} ms of {elapsed:.1f} s"
+
+
+async def test_header_shows_the_forward_lag(make_box: BoxFactory, tmp_path: Path, page: Page) -> None:
+    """Test that with --forward the console's header shows the uplink's state and how many statuses wait for it,
+    and shows nothing about it without --forward."""
+    nowhere = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens there: the uplink stays down
+    box = await make_box(console_settings(tmp_path, forward=(nowhere,), forward_keepalive=1))
+    for minute in (1, 2):
+        await post(box, "UPLINKED", timestamp=f"2026-11-22T10:0{minute}:00Z")
+    async with asyncio.timeout(10):
+        while True:
+            async with box.http.get(f"{box.base_url}/forward") as resp:
+                if (await resp.json())["targets"][0]["lag_rows"] == 2:
+                    break
+            await asyncio.sleep(0.1)
+    await page.goto(f"{box.base_url}/")
+    uplink = page.locator("#uplink")
+    await expect(uplink).to_be_visible(timeout=UI_TIMEOUT_MS)
+    await expect(uplink).to_contain_text("2 behind")
+    await expect(uplink.locator(".chip")).not_to_have_attribute("data-state", "up")
+    (tmp_path / "plain").mkdir()
+    plain = await make_box(console_settings(tmp_path / "plain"))
+    await page.goto(f"{plain.base_url}/")
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "live", timeout=UI_TIMEOUT_MS)
+    await expect(page.locator("#uplink")).to_be_hidden()

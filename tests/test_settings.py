@@ -62,6 +62,11 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"forward_rate": 0}, "--forward-rate"),
     ({"forward_keepalive": 0}, "--forward-keepalive"),
     ({"forward_ca": Path("/no/such/ca.pem")}, "--forward-ca"),
+    ({"broker": "http://cluster.example"}, "--broker"),
+    ({"broker": "mqtt://cluster.example"}, "--broker"),  # on SQLite: cluster mode needs PostgreSQL
+    ({"instance_id": "a b"}, "--instance-id"),
+    ({"session_expiry_s": -1}, "--session-expiry-s"),
+    ({"cluster_inflight": 0}, "--cluster-inflight"),
     ({"stale_after_s": 0.0}, "--stale-after"),
     ({"offline_after_s": 0.0}, "--offline-after"),
     ({"alerts_path": Path("/no/such/rules.toml")}, "--alerts"),

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from spotbox.api.errors import error_response
 from spotbox.errors import StorageError
-from spotbox.keys import BROKER, PIPELINE, STORAGE
+from spotbox.keys import BROKER, CLUSTER, PIPELINE, STORAGE
 from spotbox.status import dumps
 
 # A database slower than this to answer `SELECT 1` is not ready to take statuses.
@@ -21,8 +21,12 @@ async def health(_: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """GET /ready: 200 when storage answers and takes writes and MQTT is listening; 503 naming what is not."""
-    checks = {"storage": await _storage_check(request.app), "broker": _broker_check(request.app)}
+    """GET /ready: 200 when storage answers and takes writes and MQTT listens (or the cluster is reached); else 503."""
+    checks = {"storage": await _storage_check(request.app)}
+    if CLUSTER in request.app:  # cluster mode: the MQTT cluster instead of an embedded broker
+        checks["cluster"] = request.app[CLUSTER].check()
+    else:
+        checks["broker"] = _broker_check(request.app)
     if any(state != "ok" for state in checks.values()):
         return error_response(503, "not ready", checks)
     return web.Response(body=dumps({"status": "ready", "checks": checks}), content_type="application/json")

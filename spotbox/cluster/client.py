@@ -130,6 +130,7 @@ class _Connection:
         self.last_sent = time.monotonic()
         self.last_received = time.monotonic()
         self.closed = False
+        self._release_scheduled = False
 
     def send(self, data: bytes) -> None:
         if self.closed:
@@ -137,13 +138,27 @@ class _Connection:
         self.writer.write(data)
         self.last_sent = time.monotonic()
 
+    def schedule_release(self) -> None:
+        """Send the PUBACKs that became due, once this turn of the event loop is over.
+
+        Many messages are acknowledged in one turn (a committed batch wakes all its waiters): their PUBACKs then
+        leave in one write, not one system call each.
+        """
+        if not self._release_scheduled:
+            self._release_scheduled = True
+            asyncio.get_running_loop().call_soon(self.release_acks)
+
     def release_acks(self) -> None:
         """Send the PUBACKs of the acknowledged messages at the head of the arrival order [MQTT-4.6.0-2]."""
+        self._release_scheduled = False
+        acks = []
         while self.unacked and self.unacked[0].acked:
             packet_id = self.unacked.popleft().packet.packet_id
             assert packet_id is not None
+            acks.append(mqtt5.PubAckPacket(packet_id).write())
+        if acks:
             with contextlib.suppress(ConnectionLostError):
-                self.send(mqtt5.PubAckPacket(packet_id).write())
+                self.send(b"".join(acks))
 
     def close(self, reason: str) -> None:
         if self.closed:
@@ -172,6 +187,7 @@ class MqttClient:
         connect_timeout_s: float = 10.0,
         backoff_first_s: float = 0.5,
         backoff_max_s: float = 30.0,
+        receive_max: int | None = None,
         name: str = "uplink",
     ) -> None:
         self.url = url
@@ -184,6 +200,8 @@ class MqttClient:
         self.connect_timeout_s = connect_timeout_s
         self.backoff_first_s = backoff_first_s
         self.backoff_max_s = backoff_max_s
+        # Our Receive Maximum: how many QoS 1 messages the broker may send before we acknowledge them.
+        self.receive_max = receive_max
         self.name = name
         self.state = LinkState.CONNECTING
         self.last_error: str | None = None
@@ -192,6 +210,7 @@ class MqttClient:
         self.deliveries: asyncio.Queue[Delivery] = asyncio.Queue()
         self._connection: _Connection | None = None
         self._connected = asyncio.Event()
+        self._subscribed = asyncio.Event()
         self._changed = asyncio.Event()
         self._next_id = 0
 
@@ -208,6 +227,10 @@ class MqttClient:
     async def wait_connected(self) -> None:
         """Return once a connection is up."""
         await self._connected.wait()
+
+    async def wait_subscribed(self) -> None:
+        """Return once the broker answered the subscriptions of the current connection (SUBACK)."""
+        await self._subscribed.wait()
 
     async def run(self) -> None:
         """Connect, serve the connection, and reconnect with capped backoff when it ends; until cancelled."""
@@ -344,6 +367,7 @@ class MqttClient:
                     raise error
         finally:
             self._connected.clear()
+            self._subscribed.clear()
             self._connection = None
             connection.close("connection lost")
 
@@ -357,6 +381,7 @@ class MqttClient:
             clean_start=self.clean_start,
             keep_alive=self.keep_alive,
             session_expiry_interval=self.session_expiry,
+            receive_max=self.receive_max or 65535,
         )
         writer.write(connect.write())
         async with asyncio.timeout(self.connect_timeout_s):
@@ -385,6 +410,7 @@ class MqttClient:
                     refused = [code.name for code in packet.reason_codes if int(code) >= 0x80]
                     if refused:
                         logger.error("%s %s: subscription refused: %s", self.name, self.url, refused)
+                    self._subscribed.set()
                 case mqtt5.DisconnectPacket():
                     reason = f"0x{int(packet.reason_code):02X} {packet.reason_code.name}"
                     raise ConnectionLostError(f"broker disconnected: {reason}")
@@ -400,7 +426,7 @@ class MqttClient:
         if packet.qos == mqtt5.QoS.EXACTLY_ONCE:
             # spotbox subscribes at QoS 1 only; a broker must not send more than the granted QoS [MQTT-3.8.4-8].
             raise ConnectionLostError("broker sent a QoS 2 message on a QoS 1 subscription")
-        delivery = Delivery(packet, lambda _: connection.release_acks())
+        delivery = Delivery(packet, lambda _: connection.schedule_release())
         connection.unacked.append(delivery)
         self.deliveries.put_nowait(delivery)
 

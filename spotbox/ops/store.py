@@ -343,7 +343,11 @@ class RejectionLog:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:
+                # A bug or a driver error, not an outage: log it and go on (the batch is lost, ingest is not).
+                logger.exception("rejections not recorded")
             await asyncio.sleep(self.interval_s)
 
     async def flush(self) -> None:

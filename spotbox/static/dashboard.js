@@ -387,7 +387,15 @@
 
   // ---- alerts ------------------------------------------------------------------------------------------------
 
+  // The newest version of each alert the feed brought while a snapshot was being fetched: it may be older.
+  const alertEvents = new Map();
+
+  function newestAlert(a, b) {
+    return !b || time(a.updated_at) >= time(b.updated_at) ? a : b;
+  }
+
   function onAlert(alert) {
+    alertEvents.set(alert.id, newestAlert(alert, alertEvents.get(alert.id)));
     if (alert.open) alerts.set(alert.id, alert);
     else alerts.delete(alert.id);
     alertsDirty = true;
@@ -463,6 +471,7 @@
   }
 
   async function loadAlerts() {
+    alertEvents.clear(); // from now on, what the feed brings is newer than or as new as the snapshot
     const open = new Map();
     let query = "alerts?state=open&limit=1000";
     try {
@@ -476,8 +485,16 @@
       $("#alerts-empty").textContent = `Alerts unavailable (${error.message}).`;
       return;
     }
+    // Newer wins: an alert event that came while the snapshot was on its way is not overwritten by it.
     alerts.clear();
-    for (const [id, alert] of open) alerts.set(id, alert);
+    for (const [id, alert] of open) {
+      const newest = newestAlert(alertEvents.get(id) || alert, alert);
+      if (newest.open) alerts.set(id, newest);
+    }
+    for (const [id, alert] of alertEvents) {
+      if (alert.open && !open.has(id)) alerts.set(id, alert);
+    }
+    alertEvents.clear();
     alertsDirty = true;
     schedule();
   }
@@ -618,7 +635,30 @@
 
   let opened = false;
 
+  // Store and forward (--forward): each upstream target's link and lag, shown only when spotbox forwards.
+  async function loadForward() {
+    const element = document.getElementById("uplink");
+    try {
+      const { targets } = await getJSON("forward");
+      element.hidden = targets.length === 0;
+      element.replaceChildren(
+        ...targets.map((target) => {
+          const item = document.createElement("span");
+          item.className = "chip";
+          item.dataset.state = target.state;
+          const lag = target.lag_rows === 0 ? "up to date" : `${target.lag_rows} behind (${Math.round(target.lag_seconds)} s)`;
+          item.textContent = `uplink ${target.state}: ${lag}`;
+          item.title = `${target.target}${target.last_error ? ` \u2014 ${target.last_error}` : ""}`;
+          return item;
+        }),
+      );
+    } catch (error) {
+      element.hidden = true;
+    }
+  }
+
   function reloadAll(withView) {
+    loadForward();
     loadRobots();
     loadStats();
     loadAlerts();
@@ -837,7 +877,9 @@
     loadStats();
     loadAlerts();
     loadRejections();
+    loadForward();
     setInterval(loadStats, STATS_REFRESH_MS);
+    setInterval(loadForward, STATS_REFRESH_MS);
     setInterval(() => {
       for (const entry of robots.values()) dirty.add(entry);
       schedule();

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -119,10 +120,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX rejection_robot ON rejection (serial_number, id)",
         "CREATE INDEX rejection_time ON rejection (received_at)",
     ),
+    # Each instance's last hour of ingest counts (GET /stats), so that any instance sharing the database answers
+    # for all of them.
+    (
+        "CREATE TABLE instance_stats (instance text PRIMARY KEY, updated_at timestamptz NOT NULL, "
+        "snapshot jsonb NOT NULL)",
+    ),
 )
 
 # Any number that fits one transaction: serializes concurrent spotbox starts on one database.
 _MIGRATION_LOCK = 0x5B07B0C5
+# Every transaction that inserts statuses holds this lock from before its first id is drawn until it commits, so
+# row ids are in commit order across every instance sharing the database: a reader that has seen row N has seen
+# every row below N, and a feed resuming after N skips nothing (an identity column alone hands out ids at insert
+# time, and a transaction with lower ids may commit later).
+_COMMIT_ORDER_LOCK = 0x5B07B0C6
+# The wake-up of every instance's live feeds (LISTEN/NOTIFY): a small payload naming the writer, sent on commit.
+STATUS_CHANNEL = "spotbox_status"
+_LOCK_AND_NOTIFY = f"SELECT pg_advisory_xact_lock($1), pg_notify('{STATUS_CHANNEL}', $2)"
 
 _INSERT = f"""
 INSERT INTO status ({", ".join(WRITE_COLUMNS)})
@@ -210,6 +225,8 @@ class PostgresStorage:
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
+        # The payload of this process's notifications, so that its own can be told from other instances'.
+        self.writer_tag = uuid.uuid4().hex[:16]
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> None:
@@ -258,6 +275,8 @@ class PostgresStorage:
         resent = base.resent_keys(records)
         try:
             async with self._acquire() as conn, conn.transaction():
+                # First: ids are drawn after every earlier insert of any instance committed (commit order).
+                await conn.execute(_LOCK_AND_NOTIFY, _COMMIT_ORDER_LOCK, self.writer_tag)
                 if resent:
                     stored = await conn.fetch(_RESENT, resent, base.resend_cutoff(records))
                     records_to_write = base.without_resent(records, [(bytes(row[0]), row[1]) for row in stored])
@@ -391,6 +410,24 @@ class PostgresStorage:
         """Rows past `after_id`, counted on the primary key."""
         ((count,),) = await self._fetch("SELECT count(*) FROM status WHERE id > $1", [after_id])
         return int(count)
+
+    async def save_instance_stats(self, instance: str, snapshot: bytes) -> None:
+        """Store this instance's /stats snapshot (JSON) under its name."""
+        sql = (
+            "INSERT INTO instance_stats (instance, updated_at, snapshot) VALUES ($1, now(), $2::jsonb) "
+            "ON CONFLICT (instance) DO UPDATE SET updated_at = now(), snapshot = excluded.snapshot"
+        )
+        await self._fetch(sql, [instance, snapshot.decode()])
+
+    async def instance_stats(self, since_s: float) -> dict[str, bytes]:
+        """The /stats snapshots (JSON) of the instances that saved one within the last `since_s` seconds."""
+        sql = "SELECT instance, snapshot::text FROM instance_stats WHERE updated_at > now() - make_interval(secs => $1)"
+        return {row[0]: row[1].encode() for row in await self._fetch(sql, [since_s])}
+
+    async def max_id(self) -> int:
+        """The greatest row id (0 for an empty table)."""
+        ((value,),) = await self._fetch("SELECT coalesce(max(id), 0) FROM status", [])
+        return int(value)
 
     def db_time(self, moment: datetime) -> datetime:
         """A datetime as this backend stores it: timestamptz takes it as it is."""
