@@ -86,6 +86,9 @@ class Figures:
     ack_ms: dict[str, float] | None = None
     connect_spread_s: float | None = None
     fanout: dict[str, Any] | None = None
+    # CPU seconds (user + system, all threads) the server spent during the load, per stored status: unlike a rate,
+    # it hardly moves when other work shares the machine.
+    server_cpu_us: float | None = None
 
 
 class BenchError(SpotboxError):
@@ -103,6 +106,12 @@ def _proc_status_mb(pid: int, field: str) -> float:
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process `pid` so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -327,6 +336,7 @@ async def bench_spotbox(
             await asyncio.sleep(0.5 + (config.sse_consoles + config.sse_robot_pages) / 500)  # feeds subscribe first
             rss: list[float] = []
             sampler = asyncio.create_task(_sample_rss(server.proc.pid, rss), name="bench-rss")
+            cpu_before = cpu_seconds(server.proc.pid)
             try:
                 result = await loadgen.drive("127.0.0.1", server.mqtt_port, config.load(per_robot * config.robots))
             finally:
@@ -334,6 +344,7 @@ async def bench_spotbox(
             if result.errors:
                 raise BenchError(f"{len(result.errors)} publishes refused; the first: {result.errors[0]}")
             end = result.last_ack if config.qos else await _stored_at(database_url, result.sent)
+            server_cpu = cpu_seconds(server.proc.pid) - cpu_before
             async with asyncio.timeout(120):
                 await asyncio.gather(*followers, *ending)
             for task in held:
@@ -362,6 +373,7 @@ async def bench_spotbox(
         _latency_figures(acks) if acks else None,
         spread,
         fanout,
+        server_cpu / stored * 1e6 if stored else None,
     )
 
 
@@ -514,6 +526,7 @@ async def run_bench(config: BenchConfig) -> dict[str, Any]:
         "ack_latency_ms": {k: round(v, 2) for k, v in (spotbox.ack_ms or {}).items()},
         "connect_spread_s": None if spotbox.connect_spread_s is None else round(spotbox.connect_spread_s, 2),
         "peak_rss_mb": round(spotbox.peak_rss_mb, 1),
+        "server_cpu_us_per_status": None if spotbox.server_cpu_us is None else round(spotbox.server_cpu_us, 1),
         "rss_mb": spotbox.rss_mb,
         "fanout": spotbox.fanout,
         "baseline": None
@@ -542,6 +555,8 @@ def format_table(figures: dict[str, Any]) -> str:
         rows.append(("publish->ack p50 / p99 ms", f"{acks['p50']} / {acks['p99']}", "-"))
         rows.append(("  steady state p50 / p99", f"{acks['steady_p50']} / {acks['steady_p99']}", "-"))
     rows.append(("peak RSS MB", str(figures["peak_rss_mb"]), str(base.get("peak_rss_mb", "-"))))
+    if figures.get("server_cpu_us_per_status") is not None:
+        rows.append(("server CPU per status (us)", str(figures["server_cpu_us_per_status"]), "-"))
     if figures["rss_mb"] is not None:
         growth = figures["rss_mb"]
         rows.append(("RSS warm -> end MB", f"{growth['warm']} -> {growth['end']} ({growth['growth_pct']:+}%)", "-"))

@@ -225,3 +225,23 @@ async def test_websocket_client_silent_past_its_keep_alive_is_closed(box: Box) -
             closed = await ws.receive()
     assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
     assert asyncio.get_running_loop().time() - started >= 1.5
+
+
+async def test_client_still_writing_reads_why_it_was_disconnected(
+    make_box: BoxFactory, sqlite_settings: Settings
+) -> None:
+    """Test that a client past the Receive Maximum that keeps answering PUBRECs with PUBRELs (as the interoperability
+    suite's client does) is not reset mid-write: it reads every PUBREC, then DISCONNECT 0x93."""
+    box = await make_box(dataclasses.replace(sqlite_settings, receive_maximum=5))
+    async with wire_client(box.mqtt_port) as (wire, _):
+        for packet_id in range(1, 7):
+            await wire.send(mqtt5.PublishPacket("flow/x", b"m", qos=mqtt5.QoS.EXACTLY_ONCE, packet_id=packet_id))
+        received: list[object] = []
+        async with asyncio.timeout(10):
+            while not isinstance(packet := await wire.receive(), mqtt5.DisconnectPacket | None):
+                received.append(packet)
+                if isinstance(packet, mqtt5.PubRecPacket):
+                    await wire.send(mqtt5.PubRelPacket(packet.packet_id))  # must not fail: spotbox still reads
+    assert isinstance(packet, mqtt5.DisconnectPacket)
+    assert packet.reason_code == mqtt5.DisconnectReasonCode.RECEIVE_MAX_EXCEEDED
+    assert [p.packet_id for p in received if isinstance(p, mqtt5.PubRecPacket)] == [1, 2, 3, 4, 5]

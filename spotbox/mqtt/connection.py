@@ -57,6 +57,8 @@ T = TypeVar("T")
 
 # Statuses an MQTT 3.1.1 connection may have read but not yet committed; past it, it is not read until one is.
 READ_WINDOW = 64
+# After DISCONNECT 0x93 (Receive Maximum exceeded), how long what the client still sends is read and dropped.
+LINGER_S = 1.0
 _CONNECT = 1
 _PUBLISH = 3
 _Reason = mqtt5.DisconnectReasonCode
@@ -81,6 +83,9 @@ class Stream(Protocol):
 
     def pause_reading(self) -> None:
         """Stop taking bytes from the network (shutdown)."""
+
+    async def finish(self, timeout_s: float) -> None:
+        """Send what is written and end our side, then drop what the client still sends, for up to `timeout_s`."""
 
     def close(self) -> None:
         """Send what is buffered, then close."""
@@ -149,6 +154,12 @@ class Connection:
             self._log_end(closed)
             if closed.code is not None and self.logged_in and isinstance(self.wire, Wire5):
                 self.write(self.wire.disconnect(closed.code, closed.reason))
+                if closed.code == _Reason.RECEIVE_MAX_EXCEEDED:
+                    # A client past its quota is still writing (PUBRELs for the PUBRECs it reads): a reset would
+                    # reach it before the reason; let it finish, unread, for a moment. Not after other errors: some
+                    # clients wait forever on a half-closed connection where a reset ends them.
+                    self._flush()
+                    await self.stream.finish(LINGER_S)
         except (ConnectionError, OSError) as exc:
             logger.info("mqtt connection %s (%r) lost: %s", self.stream.peer, self.client_id, exc)
         except asyncio.CancelledError:

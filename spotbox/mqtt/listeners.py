@@ -7,6 +7,7 @@ also takes a socket the CLI bound earlier (so a port error is reported before st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -73,6 +74,17 @@ class TcpStream:
         if isinstance(self._transport, asyncio.ReadTransport) and not self._transport.is_closing():
             self._transport.pause_reading()
 
+    async def finish(self, timeout_s: float) -> None:
+        """Half-close (TCP: FIN after what is buffered), then read and drop until the client closes or `timeout_s`."""
+        transport = self._transport
+        if transport.is_closing() or not transport.can_write_eof():
+            return  # TLS has no half-close: the connection is simply closed after
+        transport.write_eof()
+        with contextlib.suppress(TimeoutError, ConnectionError, OSError):
+            async with asyncio.timeout(timeout_s):
+                while await self._reader.read(65536):
+                    pass
+
     def close(self) -> None:
         """Close after sending what is buffered."""
         self._transport.close()
@@ -138,6 +150,9 @@ class WebSocketStream:
 
     def pause_reading(self) -> None:
         """Nothing to pause: the connection stops taking packets itself."""
+
+    async def finish(self, timeout_s: float) -> None:
+        """Nothing to wait for: a WebSocket has no half-close; it is closed after what is written."""
 
     def close(self) -> None:
         """Close once what is queued is sent."""
