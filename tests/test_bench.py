@@ -25,6 +25,7 @@ async def bench_json(*args: str) -> Any:
     return orjson.loads(out)
 
 
+@pytest.mark.slow  # a spotbox run, a Mosquitto and a subscriber process, publishers: about 5 s of two cores
 async def test_bench_json_reports_both_stacks() -> None:
     """Test that a small bench run stores every message it sent and reports spotbox and the classic stack."""
     require_tool("mosquitto")  # the classic stack's broker
@@ -46,6 +47,7 @@ async def test_bench_json_reports_both_stacks() -> None:
     assert figures["ratio_vs_baseline"] > 0
 
 
+@pytest.mark.slow  # a spotbox run and its publishers per QoS
 @pytest.mark.parametrize("qos", ["0", "2"])
 async def test_bench_at_other_qos(qos: str) -> None:
     """Test that a bench run at QoS 0 (timed by the database) and QoS 2 (PUBREC/PUBREL/PUBCOMP) stores every status."""
@@ -95,6 +97,7 @@ async def test_bench_measures_forwarding_and_its_catch_up() -> None:
     assert catch_up["drained_per_s"] > 0
 
 
+@pytest.mark.slow  # fills a database, then a spotbox run under a second of load per client
 @pytest.mark.parametrize("client", ["aiohttp", "wrk"])
 async def test_bench_reads_scenario_reports_requests(client: str) -> None:
     """Test that `--scenario reads` fills a database, drives the history route and reports rate and latency."""
@@ -112,6 +115,7 @@ async def test_bench_reads_scenario_reports_requests(client: str) -> None:
     assert 0 < figures["latency_ms"]["p50"] <= figures["latency_ms"]["p99"] <= figures["latency_ms"]["max"]
 
 
+@pytest.mark.slow  # a spotbox run with six feeds and publishers
 async def test_bench_fanout_reports_feeds() -> None:
     """Test that --sse-consoles and --sse-robot-pages add the feeds' delivery figures to an ingest run."""
     figures = await bench_json(

@@ -302,6 +302,7 @@ async def kill_one_mid_load(tmp_path: Path, database_url: str, broker: Mosquitto
             process.wait(10)
 
 
+@pytest.mark.slow  # two spotbox processes and a Mosquitto; the full-scale run below kills one too
 async def test_kill_9_of_one_instance_loses_and_repeats_nothing(tmp_path: Path, shared_database: str) -> None:
     """Test that kill -9 of one instance mid-load and a restart under the same id store every status exactly once."""
     with mosquitto_process(tmp_path) as broker:

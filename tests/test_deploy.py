@@ -136,7 +136,8 @@ def test_dockerfile_keeps_data_and_users_on_its_volume() -> None:
     assert "/health" in health[-1]
 
 
-@pytest.mark.timeout(180)  # a real isolated build: pip fetches the build backend into a fresh environment
+@pytest.mark.slow  # a real isolated build: pip fetches the build backend into a fresh environment
+@pytest.mark.timeout(180)
 def test_dockerfile_copies_what_builds_a_wheel_with_the_dashboard(tmp_path: Path) -> None:
     """Test that the files the Dockerfile COPYs build a wheel holding the dashboard, the schema and py.typed."""
     docker = Dockerfile.read(ROOT / "Dockerfile")

@@ -256,6 +256,7 @@ async def test_retention_keeps_what_is_not_forwarded_unless_told(make_box: BoxFa
         assert len(await box.history("OLD")) == left
 
 
+@pytest.mark.slow  # two spotbox processes in turn and a Mosquitto; the full-scale run kills one too
 async def test_a_killed_gateway_resumes_from_its_saved_cursor(tmp_path: Path) -> None:
     """Test that after kill -9 of `spotbox run` mid-forwarding, a restart sends what the cloud has not acknowledged."""
     with cloud(tmp_path) as broker:

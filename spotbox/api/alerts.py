@@ -53,7 +53,14 @@ async def list_alerts(request: web.Request) -> web.Response:
     if len(alerts) > limit:
         last = page[-1]
         next_cursor = base64.urlsafe_b64encode(f"{to_micros(last.created_at)}:{last.id}".encode()).decode().rstrip("=")
-    return json_response({"items": [alert.to_api() for alert in page], "next_cursor": next_cursor})
+    # The alert engine's open alerts are the live state; the table may lag behind its writer under load.
+    live = ops.alerts.open
+    items = [_newest(alert, live.get(alert.id)).to_api() for alert in page]
+    return json_response({"items": items, "next_cursor": next_cursor})
+
+
+def _newest(stored: Alert, live: Alert | None) -> Alert:
+    return live if live is not None and live.updated_at >= stored.updated_at else stored
 
 
 async def _find(request: web.Request) -> Alert:
