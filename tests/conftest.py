@@ -165,12 +165,29 @@ async def fresh_postgres_schema() -> AsyncIterator[str]:
         yield postgres_url(database, search_path=schema, application_name=schema)
     finally:
         try:
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", schema
-            )
-            await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            await _drop_schema(admin, schema)
         finally:
             await admin.close()
+
+
+async def _drop_schema(admin: asyncpg.Connection, schema: str) -> None:
+    """End the test's leftover connections, then drop its schema.
+
+    A terminated backend ends asynchronously: one still finishing a statement can deadlock with the DROP, which
+    PostgreSQL then aborts. End them again and retry.
+    """
+    for attempt in range(5):
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", schema
+        )
+        try:
+            await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        except asyncpg.exceptions.DeadlockDetectedError:
+            if attempt == 4:
+                raise
+            await asyncio.sleep(0.2)
+        else:
+            return
 
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]

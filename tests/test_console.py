@@ -236,6 +236,7 @@ async def publish_fleet(port: int, seconds: float) -> int:
     return sent
 
 
+@pytest.mark.slow  # Chromium rendering a 1,000-robot fleet fed by 1,000 robots: the heaviest CPU of the suite
 async def test_console_keeps_up_with_a_thousand_robots(make_box: BoxFactory, tmp_path: Path, page: Page) -> None:
     """Test that with 1,000 robots publishing once a second, long tasks take under 20% of the page's main thread."""
     box = await make_box(console_settings(tmp_path))
