@@ -121,22 +121,22 @@ class StoredStatus:
     record: StatusRecord
 
     def to_api(self, *, include_payload: bool = False) -> dict[str, Any]:
-        """The one JSON shape of a status, wherever the API shows it."""
+        """The one JSON shape of a status, wherever the API shows it (built by `api_item`)."""
         rec = self.record
-        body: dict[str, Any] = {
-            "id": self.id,
-            "serial_number": rec.serial_number,
-            "ts": rec.ts,
-            "received_at": rec.received_at,
-            "battery_level": rec.battery_level,
-            "battery_status": rec.battery_status,
-            "driving_status": rec.driving_status,
-            "current_drive_id": rec.current_drive_id,
-            "location": {"latitude": rec.latitude, "longitude": rec.longitude, "height": rec.height},
-        }
-        if include_payload:
-            body["payload"] = orjson.Fragment(rec.payload)
-        return body
+        row: tuple[Any, ...] = (
+            self.id,
+            rec.serial_number,
+            rec.ts,
+            rec.received_at,
+            rec.battery_level,
+            rec.battery_status,
+            rec.driving_status,
+            rec.current_drive_id,
+            rec.latitude,
+            rec.longitude,
+            rec.height,
+        )
+        return api_item((*row, rec.payload) if include_payload else row)
 
 
 class StatusRow(NamedTuple):
