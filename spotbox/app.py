@@ -59,15 +59,7 @@ def _rejected(app: web.Application, rejection: Rejection, received_at: datetime,
     (app[ROWS].rejected if ROWS in app else app[HUB].publish_rejected)(rejection, received_at)
     app[OPS].on_rejected(rejection, received_at, raw)
     if app[FORWARDERS]:
-        report = dumps(
-            {
-                "serial_number": rejection.serial_number,
-                "field": rejection.field,
-                "reason": rejection.reason,
-                "received_at": received_at,
-                "gateway": app[SETTINGS].gateway_id,
-            }
-        )
+        report = dumps({**rejection.event(received_at), "gateway": app[SETTINGS].gateway_id})
         for forwarder in app[FORWARDERS]:
             forwarder.forward_event("rejection", f"spotbox/rejected/{rejection.serial_number}", report)
 

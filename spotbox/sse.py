@@ -252,13 +252,7 @@ class FeedHub:
         fleet = self._logs.get(None)
         if fleet is None:
             return
-        data = {
-            "serial_number": rejection.serial_number,
-            "field": rejection.field,
-            "reason": rejection.reason,
-            "received_at": received_at,
-        }
-        fleet.events.append(FeedEvent.of("rejected", None, dumps(data)))
+        fleet.events.append(FeedEvent.of("rejected", None, dumps(rejection.event(received_at))))
         fleet.flush()
 
     def _streams(self) -> list[FeedStream]:

@@ -54,6 +54,15 @@ class Rejection:
         """The failing field of the first error (`payload` when the message is not JSON at all)."""
         return self.reason.split(":", 1)[0]
 
+    def event(self, received_at: datetime) -> dict[str, Any]:
+        """The refusal as the fleet feed and the uplink show it: serial, field, reason, receive time."""
+        return {
+            "serial_number": self.serial_number,
+            "field": self.field,
+            "reason": self.reason,
+            "received_at": received_at,
+        }
+
 
 def reason(field: str, rule: str) -> str:
     """`field: rule`, cut to REASON_MAX characters."""
