@@ -31,6 +31,7 @@ import gc
 import os
 import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -330,3 +331,20 @@ async def secured(make_box: BoxFactory, tmp_path: Path) -> Box:
     box = await make_box(secured_settings(tmp_path))
     box.read_headers = operator_login()
     return box
+
+
+@pytest.fixture
+async def private_postgres() -> AsyncIterator[Any]:
+    """A running PostgreSQL server of the test's own, which it may stop (the machine's shared one never is)."""
+    from tests.test_pg_outage import PrivatePostgres, free_port, server_binaries  # noqa: PLC0415 - its own module
+
+    datadir = Path(tempfile.mkdtemp(prefix="spotbox-pg-"))
+    server = PrivatePostgres(server_binaries(), datadir, free_port())
+    try:
+        await server.init()
+        await server.start()
+        yield server
+    finally:
+        if (datadir / "pgdata" / "postmaster.pid").exists():
+            await server.stop("immediate")
+        shutil.rmtree(datadir, ignore_errors=True)

@@ -12,10 +12,8 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +35,7 @@ from spotbox.validation import StatusValidator
 from tests.conftest import SPOTBOX, Box, BoxFactory, fresh_postgres_schema
 from tests.helpers import FeedReader, mqtt_client, nth_status, open_feed, payload, raw_publisher
 from tests.mosquitto import Mosquitto, free_port, mosquitto, mosquitto_process
-from tests.test_pg_outage import PrivatePostgres, server_binaries
+from tests.test_pg_outage import PrivatePostgres
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
 __all__ = ["mosquitto"]  # the fixture, used by name
@@ -319,21 +317,6 @@ async def test_full_scale_20000_statuses_with_a_kill(tmp_path: Path, shared_data
         await kill_one_mid_load(tmp_path, shared_database, broker, robots=20, each=1000)
 
 
-@pytest.fixture
-async def own_postgres() -> AsyncIterator[PrivatePostgres]:
-    """A PostgreSQL server of the test's own, which it may stop (the machine's shared one never is)."""
-    datadir = Path(tempfile.mkdtemp(prefix="spotbox-pg-"))
-    server = PrivatePostgres(server_binaries(), datadir, free_port())
-    try:
-        await server.init()
-        await server.start()
-        yield server
-    finally:
-        if (datadir / "pgdata" / "postmaster.pid").exists():
-            await server.stop("immediate")
-        shutil.rmtree(datadir, ignore_errors=True)
-
-
 async def until(condition: Callable[[], bool | Awaitable[bool]], timeout_s: float = 30) -> None:
     """Return once `condition` holds (state set by background loops: polled)."""
     async with asyncio.timeout(timeout_s):
@@ -346,14 +329,14 @@ async def until(condition: Callable[[], bool | Awaitable[bool]], timeout_s: floa
 
 @pytest.mark.timeout(180)
 async def test_postgres_restart_mid_load_both_instances_hold_acks_and_catch_up(
-    make_box: BoxFactory, mosquitto: Mosquitto, own_postgres: PrivatePostgres
+    make_box: BoxFactory, mosquitto: Mosquitto, private_postgres: PrivatePostgres
 ) -> None:
     """Test that with PostgreSQL down both instances hold their acks and are not ready, then store every status once."""
-    a = await joined(make_box, member(own_postgres.url, mosquitto, "a"))
-    b = await joined(make_box, member(own_postgres.url, mosquitto, "b"))
+    a = await joined(make_box, member(private_postgres.url, mosquitto, "a"))
+    b = await joined(make_box, member(private_postgres.url, mosquitto, "b"))
     await publish_fleet(mosquitto.port, robots=5, each=200)
     await stored_count_reaches(a.storage, 1000)
-    await own_postgres.stop("immediate")
+    await private_postgres.stop("immediate")
     await publish_fleet(mosquitto.port, robots=5, each=200, start=200)  # the cluster acknowledges these
     boxes = (a, b)
     await until(lambda: not any(ingest(box).pipeline.storage_available for box in boxes))
@@ -363,7 +346,7 @@ async def test_postgres_restart_mid_load_both_instances_hold_acks_and_catch_up(
             assert (await resp.json())["detail"]["storage"].startswith("unavailable")
     held = sum(ingest(box).handled for box in boxes)
     assert held < 2000, "statuses were acknowledged to the cluster while the database was down"
-    await own_postgres.start()
+    await private_postgres.start()
     await until(lambda: sum(ingest(box).handled for box in boxes) >= 2000, timeout_s=90)
     assert_each_once(await every_row(a.storage), 2000)
 

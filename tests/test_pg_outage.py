@@ -12,8 +12,6 @@ import os
 import pwd
 import shutil
 import socket
-import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiomqtt
@@ -88,22 +86,6 @@ class PrivatePostgres:
     async def stop(self, mode: str = "fast") -> None:
         """Stop the server (`immediate` is a crash: no shutdown checkpoint, recovery on the next start)."""
         await self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir / "pgdata"), "-m", mode, "-w", "stop")
-
-
-@pytest.fixture
-async def private_postgres() -> AsyncIterator[PrivatePostgres]:
-    """A running PostgreSQL server of the test's own, removed afterwards."""
-    bindir = server_binaries()
-    datadir = Path(tempfile.mkdtemp(prefix="spotbox-pg-"))
-    server = PrivatePostgres(bindir, datadir, free_port())
-    try:
-        await server.init()
-        await server.start()
-        yield server
-    finally:
-        if (datadir / "pgdata" / "postmaster.pid").exists():
-            await server.stop("immediate")
-        shutil.rmtree(datadir, ignore_errors=True)
 
 
 async def test_postgres_restart_under_load_loses_nothing(
