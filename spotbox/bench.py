@@ -95,7 +95,8 @@ class BenchError(SpotboxError):
     """The bench could not run (a process did not start, a count did not add up)."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now (for a process the bench or a test starts)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -398,7 +399,7 @@ async def _mosquitto(workdir: Path, name: str, port: int | None = None) -> Async
     if mosquitto is None:
         yield None
         return
-    port = port or _free_port()
+    port = port or free_port()
     conf = workdir / f"{name}.conf"
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 0\n"
@@ -611,7 +612,7 @@ async def run_forward_catch_up(config: BenchConfig, backlog: int) -> dict[str, A
         raise BenchError("--forward-backlog needs --rate: the live load it measures beside the catch-up is paced")
     with tempfile.TemporaryDirectory(prefix="spotbox-bench-") as tmp:
         workdir = Path(tmp)
-        upstream_port = _free_port()
+        upstream_port = free_port()
         args = ("--forward", f"mqtt://127.0.0.1:{upstream_port}", "--forward-keepalive", "5")
         async with (
             scratch_database(config.database_url, workdir, "catchup") as database_url,

@@ -46,6 +46,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from spotbox.app import create_app
+from spotbox.bench import free_port
 from spotbox.keys import BROKER, PIPELINE, STORAGE
 from spotbox.mqtt.broker import Broker
 from spotbox.pipeline import IngestPipeline
@@ -336,7 +337,7 @@ async def secured(make_box: BoxFactory, tmp_path: Path) -> Box:
 @pytest.fixture
 async def private_postgres() -> AsyncIterator[Any]:
     """A running PostgreSQL server of the test's own, which it may stop (the machine's shared one never is)."""
-    from tests.test_pg_outage import PrivatePostgres, free_port, server_binaries  # noqa: PLC0415 - its own module
+    from tests.test_pg_outage import PrivatePostgres, server_binaries  # noqa: PLC0415 - its own module
 
     datadir = Path(tempfile.mkdtemp(prefix="spotbox-pg-"))
     server = PrivatePostgres(server_binaries(), datadir, free_port())

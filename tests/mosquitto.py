@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -13,15 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from spotbox.bench import free_port
 from tests.conftest import require_tool
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (for a broker the test starts itself)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

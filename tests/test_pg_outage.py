@@ -11,7 +11,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 from pathlib import Path
 
 import aiomqtt
@@ -37,14 +36,6 @@ def server_binaries() -> Path:
             return directory
     unavailable("PostgreSQL server binaries (initdb, pg_ctl) are not installed (apt-get install postgresql)")
     raise AssertionError("unreachable")
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class PrivatePostgres:

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import orjson
 
+from spotbox.bench import free_port
 from spotbox.loadgen import connect_packet, mqtt_string, publish_packet
 
 # The broker settings docs/scale-out.md recommends for Mosquitto in front of spotbox instances.
@@ -37,13 +38,6 @@ persistence false
 max_queued_messages 1000000
 max_inflight_messages 256
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _status(n: int) -> bytes:
@@ -60,7 +54,7 @@ def _status(n: int) -> bytes:
 
 @contextlib.contextmanager
 def _mosquitto(workdir: Path) -> Iterator[int]:
-    port = _free_port()
+    port = free_port()
     config = workdir / "mosquitto.conf"
     config.write_text(MOSQUITTO_CONFIG.format(port=port))
     binary = shutil.which("mosquitto", path=f"{os.environ.get('PATH', '')}:/usr/sbin") or "mosquitto"
@@ -94,7 +88,7 @@ async def _database(admin_url: str) -> AsyncIterator[str]:
 
 
 async def _start(database_url: str, broker_port: int, instance: str, log: Path) -> tuple[subprocess.Popen[bytes], int]:
-    http_port = _free_port()
+    http_port = free_port()
     spotbox = str(Path(sys.executable).parent / "spotbox")
     with log.open("ab") as sink:
         process = subprocess.Popen(  # noqa: ASYNC220, S603 - this environment's spotbox, owned and ended here
