@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestServer
 
 from spotbox.app import create_app
 from spotbox.errors import StorageUnavailableError
-from spotbox.keys import HUB
+from spotbox.keys import HUB, ROWS
 from spotbox.settings import Settings
 from spotbox.sse import REPLAY_PAGE, FeedHub
 from spotbox.status import StatusRow, parse_utc
@@ -34,7 +34,8 @@ async def robot(box: Box) -> AsyncIterator[aiomqtt.Client]:
 
 
 def publisher(client: aiomqtt.Client) -> Publish:
-    """Publish the n-th status of a robot at QoS 1: once it returns, the row is committed and on the hub."""
+    """Publish the n-th status of a robot at QoS 1: once it returns, the row is committed (on PostgreSQL it reaches
+    the hub a moment later, through the RowSource: see `on_the_hub`)."""
 
     async def publish(serial: str, n: int) -> None:
         await client.publish(f"robot/{serial}/status", payload(timestamp=stamp(n)), qos=1)
@@ -214,6 +215,18 @@ async def small_buffer_box(settings: Settings) -> AsyncIterator[Box]:
     await server.close()
 
 
+async def on_the_hub(box: Box) -> None:
+    """Wait until every committed row is on the hub. On PostgreSQL the RowSource reads committed rows back and may
+    hand a burst over one row at a time; a stream that takes each as it comes would never overflow."""
+    rows = box.server.app.get(ROWS)
+    if rows is None:
+        return  # SQLite: the writer hands rows to the hub as it commits them
+    last = await box.storage.max_id()
+    async with asyncio.timeout(10):
+        while rows.last_id < last:
+            await asyncio.sleep(0.005)
+
+
 def stall_replay(box: Box, monkeypatch: pytest.MonkeyPatch, publish: Publish, burst: int) -> None:
     """While the first replay query runs, commit `burst` statuses: more than the live buffer holds."""
     read_rows = box.storage.rows_after
@@ -225,6 +238,7 @@ def stall_replay(box: Box, monkeypatch: pytest.MonkeyPatch, publish: Publish, bu
             stalled = True
             for n in range(burst):
                 await publish("R1", 1000 + n)
+            await on_the_hub(box)
         return await read_rows(serial, after, limit)
 
     monkeypatch.setattr(box.storage, "rows_after", slow_rows_after)
