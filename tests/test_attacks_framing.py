@@ -193,6 +193,30 @@ MQTT5_CONNECTED = {
     "properties-overrun": (publish5(0x32, b"sm/x", b"", b"\x26\x00\x05ab"), {MALFORMED}),
     "second-connect": (mqtt5.ConnectPacket("again").write(), {PROTOCOL_ERROR}),
     "remaining-length-5-bytes": (b"\x30\xff\xff\xff\xff\x01", {MALFORMED}),
+    # What the mqtt5 codec lets through (spotbox.mqtt.check5): a panic on bad UTF-8, the rest accepted.
+    "topic-surrogate": (publish5(0x32, b"sm/\xed\xa0\x80", b"a"), {MALFORMED}),
+    "topic-overlong-utf8": (publish5(0x32, b"sm\xc0\xafx", b"a"), {MALFORMED}),
+    "user-property-surrogate": (
+        publish5(0x32, b"sm/x", b"a", b"\x26" + mqtt_string(b"\xed\xa0\x80") + b"\0\0"),
+        {MALFORMED},
+    ),
+    "user-property-nul": (publish5(0x32, b"sm/x", b"a", b"\x26" + mqtt_string("k\0") + b"\0\0"), {MALFORMED}),
+    "content-type-nul": (publish5(0x32, b"sm/x", b"a", b"\x03" + mqtt_string("a\0")), {MALFORMED}),
+    "response-topic-wildcard": (publish5(0x32, b"sm/x", b"a", b"\x08" + mqtt_string("r/#")), {MALFORMED}),
+    "response-topic-empty": (publish5(0x32, b"sm/x", b"a", b"\x08\0\0"), {MALFORMED}),
+    "payload-format-indicator-2": (publish5(0x32, b"sm/x", b"a", b"\x01\x02"), {MALFORMED}),
+    "publish-packet-id-0": (packet(0x32, mqtt_string("sm/x") + b"\0\0\0a"), {MALFORMED}),
+    "dup-at-qos-0": (publish5(0x38, b"sm/x", b"a"), {MALFORMED}),
+    "puback-packet-id-0": (b"\x40\x02\x00\x00", {MALFORMED}),
+    "subscribe-without-filters": (subscribe_packet(b"\x00\x01\x00"), {MALFORMED, PROTOCOL_ERROR}),
+    "subscribe-packet-id-0": (subscribe_packet(b"\x00\x00\x00" + mqtt_string("#") + b"\x01"), {MALFORMED}),
+    "subscribe-reserved-option-bits": (subscribe_packet(b"\x00\x01\x00" + mqtt_string("#") + b"\xc1"), {MALFORMED}),
+    "subscribe-filter-surrogate": (
+        subscribe_packet(b"\x00\x01\x00" + mqtt_string(b"\xed\xa0\x80") + b"\x01"),
+        {MALFORMED},
+    ),
+    "unsubscribe-without-filters": (packet(0xA2, b"\x00\x01\x00"), {MALFORMED, PROTOCOL_ERROR}),
+    "unsubscribe-packet-id-0": (packet(0xA2, b"\x00\x00\x00" + mqtt_string("#")), {MALFORMED}),
 }
 
 
@@ -207,6 +231,37 @@ async def test_mqtt5_protocol_errors_get_their_disconnect_reason(sbox: Box, name
         assert answer[:1] == [0xE0], answer
         assert answer[1] in codes, answer
         await nothing_routed(sbox, watcher)
+
+
+def connect5(client_id: bytes = b"c", flags: int = 0x02, properties: bytes = b"", tail: bytes = b"") -> bytes:
+    """An MQTT 5 CONNECT with raw flags, CONNECT properties, client id and what follows it (will, user name)."""
+    body = mqtt_string("MQTT") + bytes([5, flags]) + b"\x00\x3c" + bytes([len(properties)]) + properties
+    return packet(0x10, body + mqtt_string(client_id) + tail)
+
+
+MQTT5_BAD_CONNECTS = {
+    "reserved-flag": connect5(flags=0x03),
+    "client-id-nul": connect5(b"c\0"),
+    "client-id-surrogate": connect5(b"c\xed\xa0\x80"),
+    "user-name-nul": connect5(flags=0x82, tail=mqtt_string("u\0")),
+    "user-property-nul": connect5(properties=b"\x26" + mqtt_string("a\0") + mqtt_string("b")),
+    "authentication-data-without-method": connect5(properties=b"\x16" + mqtt_string("x")),
+    "will-response-topic-wildcard": connect5(
+        flags=0x06, tail=b"\x05\x08" + mqtt_string("r/#") + mqtt_string("sm/will") + mqtt_string("w")
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MQTT5_BAD_CONNECTS))
+async def test_mqtt5_connect_the_codec_would_accept_is_refused(sbox: Box, name: str) -> None:
+    """Test that an MQTT 5 CONNECT breaking a rule the mqtt5 codec does not check (U+0000 or bad UTF-8 in a
+    string, the reserved flag, Authentication Data alone, a will's Response Topic with a wildcard) gets CONNACK 0x81
+    and is closed, and the client gets no session."""
+    async with raw_client(sbox.mqtt_port) as client:
+        await client.send(MQTT5_BAD_CONNECTS[name] + b"\xc0\x00")
+        answer = await client.answers_until_closed(2)
+    assert [(first, body[1]) for first, body in answer] == [(0x20, MALFORMED)], answer
+    assert len(sbox.broker.sessions) == 0
 
 
 async def test_a_malformed_packet_is_one_log_line(sbox: Box, caplog: pytest.LogCaptureFixture) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import mqtt5
 
-from spotbox.mqtt import codec311
+from spotbox.mqtt import check5, codec311
 from spotbox.mqtt.errors import IdentifierRejected, MalformedPacket, UnsupportedProtocol
 from spotbox.mqtt.message import Message, Properties
 from spotbox.mqtt.topics import valid_topic_name
@@ -177,8 +177,9 @@ def decode_connect(version: int, frame: memoryview, header_len: int) -> Connect:
             will,
             session_expiry_s=0 if packet.clean_session else 0xFFFFFFFF,
         )
+    check5.connect(frame[header_len:])
     try:
-        connect, used = mqtt5.read(frame)
+        connect, used = _read5(frame)
     except _CODEC_ERRORS as exc:
         raise MalformedPacket(f"malformed MQTT 5 CONNECT: {exc}") from None
     if used != len(frame) or not isinstance(connect, mqtt5.ConnectPacket):
@@ -207,6 +208,19 @@ def decode_connect(version: int, frame: memoryview, header_len: int) -> Connect:
         request_problem_info=connect.request_problem_info,
         authentication_method=connect.authentication_method,
     )
+
+
+def _read5(frame: memoryview) -> tuple[mqtt5.Packet, int]:
+    """`mqtt5.read`, with a panic of the extension (a BaseException, not an Exception) as a ValueError: whatever
+    `check5` does not catch ends one connection with one log line, never a task with a traceback."""
+    try:
+        return mqtt5.read(frame)
+    except Exception:
+        raise
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise ValueError(f"the mqtt5 codec panicked: {exc}") from None
 
 
 def short_reason(reason: str | None) -> str | None:
@@ -303,8 +317,9 @@ class Wire5:
 
     def decode(self, frame: memoryview, header_len: int) -> Packet:  # noqa: PLR0911 - one return per packet type
         """One client packet after CONNECT; MalformedPacket for anything the codec or the standard refuses."""
+        check5.check(frame, header_len)
         try:
-            packet, used = mqtt5.read(frame)
+            packet, used = _read5(frame)
         except _CODEC_ERRORS as exc:
             if "Topic alias must be set" in str(exc):
                 # Well-formed, but neither a topic nor an alias: a Protocol Error (MQTT 5.0 3.3.2.3.4).
