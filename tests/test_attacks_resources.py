@@ -14,10 +14,12 @@ import orjson
 import pytest
 
 from spotbox.loadgen import remaining_length
+from spotbox.mqtt.broker import SUBSCRIPTIONS_PER_SESSION_MAX, TOPIC_FILTER_MAX_LEVELS
 from tests.conformance import DROPPED, VERSIONS, metric, peer, start
 from tests.conftest import Box, BoxFactory
 from tests.helpers import payload, stamp, status
 from tests.raw_mqtt import connect_packet, publish, subscribe
+from tests.test_backpressure import until
 
 EXACTLY_ONCE = mqtt5.QoS.EXACTLY_ONCE
 
@@ -173,3 +175,31 @@ async def test_reason_string_too_long_is_shortened(sbox: Box) -> None:
         assert "battery_status" in puback.reason_str
         assert await robot.publish("robot/R16/status", payload(timestamp=stamp(2)), 1) == 0
     assert [item["ts"] for item in await sbox.history("R16")] == [stamp(2)]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_subscriptions_are_bounded_per_session_and_in_depth(sbox: Box, version: str) -> None:
+    """Test that a session gets at most SUBSCRIPTIONS_PER_SESSION_MAX subscriptions (0x97 past it; replacing one it
+    holds still works) and no filter deeper than TOPIC_FILTER_MAX_LEVELS or longer than --max-topic-length (0x8F):
+    150 filters of 20,000 levels once took the broker from 60 MB to 1.2 GB, 100,000 small ones to 170 MB."""
+    refused_quota, refused_invalid = (0x80, 0x80) if version == "3.1.1" else (0x97, 0x8F)
+    deep = "/".join(["d"] * (TOPIC_FILTER_MAX_LEVELS + 1))
+    long = "l/" + "x" * sbox.broker.limits.max_topic_length
+    async with peer(sbox.mqtt_port, version) as (client, _):
+        assert await client.subscribe((deep, 1), (long, 1), ("/".join(["d"] * TOPIC_FILTER_MAX_LEVELS), 1)) == [
+            refused_invalid,
+            refused_invalid,
+            1,
+        ]
+        nodes = sbox.broker.tree.nodes
+        assert nodes == TOPIC_FILTER_MAX_LEVELS
+        fill = [(f"many/{n}", 0) for n in range(SUBSCRIPTIONS_PER_SESSION_MAX - 1)]
+        assert await client.subscribe(*fill) == [0] * len(fill)
+        assert await client.subscribe(("many/extra", 1), ("many/7", 1)) == [refused_quota, 1]
+        assert sbox.broker.tree.count == SUBSCRIPTIONS_PER_SESSION_MAX
+        async with peer(sbox.mqtt_port, "3.1.1") as (publisher, _):
+            await publisher.publish("many/extra", b"not subscribed", 1)
+            await publisher.publish("many/7", b"replaced at QoS 1", 1)
+            await publisher.publish("many/8", b"marker", 1)
+        assert [(d.topic, d.qos) for d in await client.received()] == [("many/7", 1)]
+    await until(lambda: sbox.broker.tree.nodes == 0)  # the clean session's subscriptions went with it

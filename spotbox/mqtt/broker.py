@@ -49,6 +49,11 @@ TOPIC_ALIAS_MAX = 32
 TICK_S = 0.25
 # How long a connection spotbox closed may take to send its last bytes before it is cut.
 KICK_GRACE_S = 2.0
+# Subscriptions: what one session may hold, how deep a filter may be, and the tree's levels in all (each level
+# costs about 400 bytes; these bound the tree to about 400 MB whatever clients subscribe to). See docs/security.md.
+SUBSCRIPTIONS_PER_SESSION_MAX = 1000
+TOPIC_FILTER_MAX_LEVELS = 32
+SUBSCRIPTION_TREE_MAX_NODES = 1_000_000
 # Retained messages spotbox keeps, and their bytes in all.
 RETAINED_MAX_MESSAGES = 100_000
 RETAINED_MAX_BYTES = 256 * 1024 * 1024
@@ -285,6 +290,7 @@ class Broker:
         assert session is not None
         codes: list[int] = []
         retained_for: list[Subscription] = []
+        refused: list[str] = []
         for request in packet.requests:
             shared = parse_shared(request.filter)
             if isinstance(shared, str) or valid_topic_filter(request.filter) is not None:
@@ -296,6 +302,10 @@ class Broker:
             if not self.auth.may_subscribe(session.user, request.filter):
                 logger.warning("mqtt subscribe denied: user %r may not subscribe to %r", session.user, request.filter)
                 codes.append(0x87)
+                continue
+            if refusal := self._subscription_refused(session.client_id, request.filter, inner, group):
+                refused.append(refusal[1])
+                codes.append(refusal[0])
                 continue
             subscription = Subscription(
                 inner,
@@ -312,11 +322,36 @@ class Broker:
             # shared one (MQTT 5.0 4.8.2).
             if group is None and (request.retain_handling == 0 or (request.retain_handling == 1 and not existed)):
                 retained_for.append(subscription)
+        if refused:  # one line per SUBSCRIBE, however many filters it carried
+            logger.warning("mqtt subscribe of %r: %d filters refused: %s", session.client_id, len(refused), refused[0])
         conn.write(conn.wire.suback(packet.packet_id, codes))
         for subscription in retained_for:
             ids = [subscription.identifier] if subscription.identifier is not None else []
             for message in self.retained.match(subscription.filter):
                 conn.send_publish(Queued(message, min(message.qos, subscription.qos), True, ids))
+
+    def _subscription_refused(
+        self, client_id: str, topic_filter: str, inner: str, group: str | None
+    ) -> tuple[int, str] | None:
+        """(reason code, why) when a new subscription would pass the bounds of the subscription tree, else None.
+
+        A filter is at most --max-topic-length bytes and TOPIC_FILTER_MAX_LEVELS levels (0x8F, topic filter
+        invalid); a session holds at most SUBSCRIPTIONS_PER_SESSION_MAX and the tree SUBSCRIPTION_TREE_MAX_NODES
+        levels (0x97, quota exceeded). Replacing a subscription the session holds is always allowed.
+        """
+        limit = self.limits.max_topic_length
+        if len(topic_filter) > limit // 4 and len(topic_filter.encode()) > limit:
+            return 0x8F, f"a filter over --max-topic-length {limit}"
+        if inner.count("/") >= TOPIC_FILTER_MAX_LEVELS:
+            return 0x8F, f"a filter of more than {TOPIC_FILTER_MAX_LEVELS} levels"
+        tree = self.tree
+        if tree.holds(client_id, inner, group):
+            return None
+        if tree.count_of(client_id) >= SUBSCRIPTIONS_PER_SESSION_MAX:
+            return 0x97, f"the session holds {SUBSCRIPTIONS_PER_SESSION_MAX} subscriptions already"
+        if tree.nodes + TOPIC_FILTER_MAX_LEVELS > SUBSCRIPTION_TREE_MAX_NODES:
+            return 0x97, f"the subscription tree holds {tree.nodes} levels"
+        return None
 
     def unsubscribe(self, conn: Connection, packet: Unsubscribe) -> None:
         """UNSUBACK: 0x00 for each filter removed, 0x11 where no subscription existed."""
