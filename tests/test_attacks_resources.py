@@ -203,3 +203,27 @@ async def test_subscriptions_are_bounded_per_session_and_in_depth(sbox: Box, ver
             await publisher.publish("many/8", b"marker", 1)
         assert [(d.topic, d.qos) for d in await client.received()] == [("many/7", 1)]
     await until(lambda: sbox.broker.tree.nodes == 0)  # the clean session's subscriptions went with it
+
+
+@pytest.mark.parametrize("attack", ["user-properties", "deep-topic"])
+async def test_retained_budget_counts_properties_and_topic_levels(sbox: Box, attack: str) -> None:
+    """Test that a retained message's user properties and topic levels count against the retained byte budget: with
+    a budget of 1 MB, retained messages with 1-byte payloads carrying 300 KB of user properties, or on topics of 500
+    levels, stop being retained once the budget is spent (they counted 1 byte each, and 300 of the first kind held
+    330 MB), and the messages retained before stay."""
+    sbox.broker.retained.max_bytes = 1_000_000
+    async with peer(sbox.mqtt_port, "5") as (client, _):
+        for n in range(8):
+            if attack == "user-properties":
+                props = {"user_properties": [("k", "v" * 1000)] * 300}
+                await client.publish(f"ret/{n}", b"x", 1, retain=True, **props)
+            else:
+                await client.publish(f"ret/{n}/" + "/".join(["a"] * 500), b"x", 1, retain=True)
+    assert 0 < sbox.broker.retained.count < 8
+    assert sbox.broker.retained.bytes <= 1_000_000
+    async with peer(sbox.mqtt_port, "5") as (late, _):
+        assert await late.subscribe(("ret/#", 1)) == [1]
+        async with peer(sbox.mqtt_port, "3.1.1") as (publisher, _):
+            await publisher.publish("ret/marker", b"marker", 1)
+        topics = [d.topic.split("/")[1] for d in await late.received()]
+    assert sorted(topics) == [str(n) for n in range(sbox.broker.retained.count)]
