@@ -14,7 +14,8 @@ import orjson
 import pytest
 
 from spotbox.loadgen import remaining_length
-from spotbox.mqtt.broker import SUBSCRIPTIONS_PER_SESSION_MAX, TOPIC_FILTER_MAX_LEVELS
+from spotbox.mqtt import sessions
+from spotbox.mqtt.broker import INFLIGHT_MAX, SUBSCRIPTIONS_PER_SESSION_MAX, TOPIC_FILTER_MAX_LEVELS
 from tests.conformance import DROPPED, VERSIONS, metric, peer, start
 from tests.conftest import Box, BoxFactory
 from tests.helpers import payload, stamp, status
@@ -227,3 +228,41 @@ async def test_retained_budget_counts_properties_and_topic_levels(sbox: Box, att
             await publisher.publish("ret/marker", b"marker", 1)
         topics = [d.topic.split("/")[1] for d in await late.received()]
     assert sorted(topics) == [str(n) for n in range(sbox.broker.retained.count)]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_messages_in_flight_to_a_client_that_never_acknowledges_are_bounded(sbox: Box, version: str) -> None:
+    """Test that a subscriber announcing Receive Maximum 65,535 (or, on 3.1.1, none) that reads but never
+    acknowledges gets at most INFLIGHT_MAX QoS 1 messages in flight; the rest wait in its session's queue, and one
+    acknowledgement lets one more through (3,000 messages of 300 KB were held in flight: +365 MB)."""
+    async with peer(sbox.mqtt_port, version, "never-acks", receive_max=65535) as (subscriber, _):
+        assert await subscriber.subscribe(("nf/#", 1)) == [1]
+        async with peer(sbox.mqtt_port, "3.1.1") as (publisher, _):
+            for n in range(INFLIGHT_MAX + 20):
+                await publisher.publish(f"nf/{n}", b"x" * 100, 1)
+        first = [await subscriber.next() for _ in range(INFLIGHT_MAX)]
+        assert [d.topic for d in first] == [f"nf/{n}" for n in range(INFLIGHT_MAX)]
+        assert await subscriber.silent_for(0.3)
+        session = sbox.broker.sessions.get("never-acks")
+        assert session is not None
+        assert (len(session.inflight), len(session.queue)) == (INFLIGHT_MAX, 20)
+        await subscriber.ack(first[0])
+        assert (await subscriber.next()).topic == f"nf/{INFLIGHT_MAX}"
+
+
+async def test_bytes_held_for_offline_sessions_are_bounded(sbox: Box, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that the messages queued for a session count against SESSION_HELD_MAX_BYTES (here 1 MB): 20 messages
+    of 100 KB for an offline session keep the first ones only, the rest are dropped and counted as queue_full;
+    the session gets exactly the kept ones back, and once it ends nothing is counted as held."""
+    monkeypatch.setattr(sessions, "SESSION_HELD_MAX_BYTES", 1_000_000)
+    async with peer(sbox.mqtt_port, "3.1.1", "offline", clean=False) as (subscriber, _):
+        assert await subscriber.subscribe(("off/#", 1)) == [1]
+    async with peer(sbox.mqtt_port, "3.1.1") as (publisher, _):
+        for n in range(20):
+            await publisher.publish(f"off/{n}", bytes([n]) * 100_000, 1)
+    kept = 1_000_000 // (100_000 + len("off/0") + sessions.ENTRY_BYTES)
+    assert (await metric(sbox, DROPPED))[(("reason", "queue_full"),)] == 20 - kept
+    assert 0 < sbox.broker.sessions.held_bytes <= 1_000_000
+    async with peer(sbox.mqtt_port, "3.1.1", "offline", clean=True) as (subscriber, present):
+        assert not present
+    assert sbox.broker.sessions.held_bytes == 0

@@ -49,6 +49,10 @@ TOPIC_ALIAS_MAX = 32
 TICK_S = 0.25
 # How long a connection spotbox closed may take to send its last bytes before it is cut.
 KICK_GRACE_S = 2.0
+# QoS 1/2 messages sent to one client and not yet acknowledged, whatever Receive Maximum it announced (a 3.1.1
+# client announces none): the rest wait in its session's queue. Each holds its message until acknowledged; see
+# also sessions.SESSION_HELD_MAX_BYTES.
+INFLIGHT_MAX = 100
 # Subscriptions: what one session may hold, how deep a filter may be, and the tree's levels in all (each level
 # costs about 400 bytes; these bound the tree to about 400 MB whatever clients subscribe to). See docs/security.md.
 SUBSCRIPTIONS_PER_SESSION_MAX = 1000
@@ -255,7 +259,7 @@ class Broker:
         if v5 and not 0 < keep_alive <= self.limits.max_keepalive:
             keep_alive = self.limits.max_keepalive  # told in CONNACK [MQTT-3.2.2-21]
         conn.keep_alive_s = keep_alive
-        conn.send_quota = connect.receive_max
+        conn.send_quota = min(connect.receive_max, INFLIGHT_MAX)
         if wire is not None:
             conn.write(
                 wire.connack(

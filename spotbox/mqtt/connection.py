@@ -462,9 +462,13 @@ class Connection:
             self.broker.sessions.enqueue(session, item)
             self.congested = True
             return
+        if not self.broker.sessions.hold(session, item.message):
+            self.broker.sessions.counters.queue_full += 1  # the session holds its byte budget in flight
+            return
         self._send_tracked(item)
 
     def _send_tracked(self, item: Queued) -> None:
+        """Send a QoS 1/2 message already held for the session (Sessions.hold) and keep it until acknowledged."""
         session = self.session
         assert session is not None
         packet_id = session.take_packet_id()
@@ -472,6 +476,8 @@ class Connection:
             session.inflight[packet_id] = Outgoing(
                 packet_id, item.message, item.qos, item.retain, item.subscription_ids
             )
+        else:
+            self.broker.sessions.release(session, item.message)
 
     def _send(self, message: Message, qos: int, retain: bool, packet_id: int | None, dup: bool, ids: list[int]) -> bool:
         """Encode and write one PUBLISH; False when it expired or is over the client's Maximum Packet Size."""
@@ -504,6 +510,7 @@ class Connection:
         outgoing = session.inflight.get(packet_id)
         if outgoing is not None and outgoing.qos == qos:
             del session.inflight[packet_id]
+            self.broker.sessions.release(session, outgoing.message)
             self.pump()
 
     def _on_pubrec(self, packet: Ack) -> None:
@@ -515,6 +522,7 @@ class Connection:
             return
         if packet.reason_code >= 0x80:  # the subscriber refused it: the flow ends here (MQTT 5.0 4.3.3)
             del session.inflight[packet.packet_id]
+            self.broker.sessions.release(session, outgoing.message)
             self.pump()
             return
         outgoing.released = True
@@ -529,6 +537,7 @@ class Connection:
         while queue and len(session.inflight) < self.send_quota and not self.over_budget():
             item = queue.popleft()
             if item.qos == 0:
+                self.broker.sessions.release(session, item.message)
                 self._send(item.message, 0, item.retain, None, False, item.subscription_ids)
             else:
                 self._send_tracked(item)
@@ -544,6 +553,7 @@ class Connection:
                 outgoing.message, outgoing.qos, outgoing.retain, outgoing.packet_id, True, outgoing.subscription_ids
             ):
                 del session.inflight[outgoing.packet_id]
+                self.broker.sessions.release(session, outgoing.message)
         self.unacked_in = len(session.awaiting_pubrel)
         self.pump()
 

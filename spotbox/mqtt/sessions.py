@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from spotbox.mqtt.message import Message
+from spotbox.mqtt.message import Message, footprint
 
 if TYPE_CHECKING:
     from spotbox.mqtt.connection import Connection
@@ -28,6 +28,14 @@ logger = logging.getLogger(__name__)
 NEVER_EXPIRES = 0xFFFFFFFF
 # Packet ids of statuses without a timestamp whose receive time a DUP resend must reuse: only the last few matter.
 UNSTAMPED_MAX = 256
+# What the QoS 1/2 messages a session holds for its client (queued, or sent and not yet acknowledged) may add up
+# to, for one session and for all together; one entry costs ENTRY_BYTES beyond the message's `footprint`. Past
+# them, further messages to the session are dropped and counted (queue_full). A session holding nothing always
+# takes one message. Without them, 3,000 offline sessions queued 1,000 messages of 100 KB each (+490 MB), and
+# one 3.1.1 subscriber that never acknowledged held 3,000 messages of 300 KB (+365 MB). See docs/security.md.
+SESSION_HELD_MAX_BYTES = 16 * 1024 * 1024
+HELD_MAX_BYTES = 512 * 1024 * 1024
+ENTRY_BYTES = 150
 
 
 @dataclass(slots=True)
@@ -79,6 +87,8 @@ class Session:
     # packet id -> (payload digest, first receive time) of recent unstamped QoS 1/2 statuses, for DUP resends.
     unstamped: OrderedDict[int, tuple[bytes, datetime]] = field(default_factory=OrderedDict)
     next_packet_id: int = 1
+    # Bytes of the queued and in-flight messages, against SESSION_HELD_MAX_BYTES (Sessions.hold).
+    held_bytes: int = 0
     # The timer ending a disconnected session (its will after the delay, then its expiry).
     ending: asyncio.TimerHandle | None = None
     ending_will: asyncio.TimerHandle | None = None
@@ -130,6 +140,7 @@ class Sessions:
     ) -> None:
         self.max_queued = max_queued
         self.counters = SessionCounters()
+        self.held_bytes = 0  # of every session's queued and in-flight messages, against HELD_MAX_BYTES
         self._sessions: dict[str, Session] = {}
         self._publish_will = publish_will
         self._discard = discard
@@ -167,11 +178,28 @@ class Sessions:
 
     def enqueue(self, session: Session, item: Queued) -> bool:
         """Queue a message for a client that cannot take it now; False (and counted) when the queue is full."""
-        if len(session.queue) >= self.max_queued:
+        if len(session.queue) >= self.max_queued or not self.hold(session, item.message):
             self.counters.queue_full += 1
             return False
         session.queue.append(item)
         return True
+
+    def hold(self, session: Session, message: Message) -> bool:
+        """Count `message` as held for `session` (queued or in flight); False when the budgets have no room."""
+        size = footprint(message) + ENTRY_BYTES
+        if (session.held_bytes and session.held_bytes + size > SESSION_HELD_MAX_BYTES) or (
+            self.held_bytes + size > HELD_MAX_BYTES
+        ):
+            return False
+        session.held_bytes += size
+        self.held_bytes += size
+        return True
+
+    def release(self, session: Session, message: Message) -> None:
+        """`message` is no longer held for `session` (acknowledged, dropped, or sent at QoS 0 from the queue)."""
+        size = min(footprint(message) + ENTRY_BYTES, session.held_bytes)  # 0 once the session was removed
+        session.held_bytes -= size
+        self.held_bytes -= size
 
     def connection_ended(self, session: Session, *, publish_will: bool) -> None:
         """A connection serving `session` ended: publish or schedule its will, then end or keep the session."""
@@ -226,6 +254,8 @@ class Sessions:
                 timer.cancel()
         if self._sessions.get(session.client_id) is session:
             del self._sessions[session.client_id]
+            self.held_bytes -= session.held_bytes
+            session.held_bytes = 0
         self._discard(session)
 
     def close(self) -> None:
