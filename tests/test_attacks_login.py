@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from pathlib import Path
 
@@ -177,3 +178,30 @@ async def test_wrong_password_flood_does_not_slow_other_addresses(make_box: BoxF
     assert (code, owner) == (CONNACK_ACCEPTED, CONNACK_ACCEPTED)
     assert during < 4 * alone + 0.25, (during, alone)
     assert owner_time < 4 * alone + 0.25, (owner_time, alone)
+
+
+async def test_tls_handshakes_never_finished_count_as_logins_and_end_at_the_deadline(
+    make_box: BoxFactory, tmp_path: Path, certificate: tuple[Path, Path]
+) -> None:
+    """Test that sockets to the MQTT TLS port that never send a ClientHello take the places of connections still
+    logging in (--max-pending-logins 10) and are closed at the CONNECT deadline: each held about 256 KB for 60 s,
+    uncounted (1,500 of them took 300 MB), before the listener handed them to spotbox; a robot then logs in over
+    TLS and stores its status."""
+    cert, key = certificate
+    settings = settings_with(tmp_path, max_pending_logins=10, connect_timeout_s=0.5, tls_cert=cert, tls_key=key)
+    box = await make_box(settings)
+    idle = [await asyncio.open_connection("127.0.0.1", box.mqtt_port) for _ in range(30)]
+    try:
+        await asyncio.sleep(0.1)
+        assert len(box.broker.connections) == 10  # the handshakes in progress; the other 20 wait their turn
+        async with asyncio.timeout(5):
+            for reader, _ in idle:
+                with contextlib.suppress(ConnectionResetError):
+                    assert await reader.read(1024) == b""
+    finally:
+        for _, writer in idle:
+            writer.close()
+    trusted = ssl.create_default_context(cafile=str(cert))
+    async with mqtt_client(box.mqtt_port, tls_context=trusted) as robot:
+        await robot.publish("robot/ROBOT-TLS/status", payload(timestamp=stamp(1)), qos=1, timeout=5)
+    assert [item["ts"] for item in await box.history("ROBOT-TLS")] == [stamp(1)]

@@ -106,6 +106,7 @@ class Broker:
         # Presence (spotbox.ops.presence): which connection stored each status, and when a connection ends.
         self.presence: Presence | None = None
         self._server: asyncio.Server | None = None
+        self._ssl_context: ssl.SSLContext | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._clock: asyncio.Task[None] | None = None
 
@@ -119,8 +120,11 @@ class Broker:
         self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, *, sock: socket.socket | None = None
     ) -> tuple[str, int]:
         """Accept MQTT over TCP (TLS with a context) on host:port or on a bound socket; the real address."""
+        # TLS is started by the connection once admitted (`serve`), not by the listener: a handshake costs about
+        # 256 KB (asyncio's TLS buffer), and the listener would hold any number of them for 60 s.
+        self._ssl_context = ssl_context
         try:
-            self._server = await start_tcp(self._tcp_client, host, port, ssl_context, sock)
+            self._server = await start_tcp(self._tcp_client, host, port, tls=ssl_context is not None, sock=sock)
         except OSError as exc:
             raise ListenError("MQTT", host, port, "--mqtt-port", exc, host_option="--mqtt-host") from exc
         address = self._server.sockets[0].getsockname()
@@ -135,7 +139,7 @@ class Broker:
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # The connection runs in a task of the broker's own (named, awaited at shutdown), not in the one asyncio's
         # server made for this callback, which would log an error if it were ever cancelled.
-        stream = TcpStream(reader, writer)
+        stream = TcpStream(reader, writer, self._ssl_context)
         task = asyncio.create_task(self.serve(stream), name=f"spotbox-mqtt-{stream.peer}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -160,8 +164,11 @@ class Broker:
             stream.abort()
             return
         conn = Connection(self, stream)
-        self.connections.add(conn)
+        self.connections.add(conn)  # from here it counts among the connections logging in, TLS handshake included
         try:
+            if not await stream.handshake(self.limits.connect_timeout_s):
+                stream.abort()
+                return
             await conn.run()
         except Exception:
             logger.exception("mqtt connection %s (%r) ended by an error", stream.peer, conn.client_id)

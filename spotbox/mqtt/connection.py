@@ -74,6 +74,10 @@ class Stream(Protocol):
         """The next bytes from the client; b"" once the stream has ended."""
         ...
 
+    async def handshake(self, timeout_s: float) -> bool:
+        """Start TLS if the listener speaks it, within `timeout_s`; False when that failed."""
+        ...
+
     def write(self, data: bytes) -> None:
         """Queue bytes for the client (never blocks)."""
 
