@@ -265,6 +265,13 @@ class Settings:
         group=PIPELINE,
         check=at_least(1),
     )
+    http_idle_timeout_s: float = option(
+        15.0,
+        "Seconds an HTTP connection may stay without a whole request (idle between requests, or sending its headers "
+        "slowly) before it is closed.",
+        group=PIPELINE,
+        check=positive,
+    )
     sse_ping_s: float = option(
         15.0,
         "Seconds between keep-alive comments on an idle SSE feed (keep below a proxy's idle timeout).",
