@@ -150,3 +150,22 @@ async def test_http_requests_whose_headers_never_end_are_closed(spotbox_run: Spo
     writer.write(b"GET /health HTTP/1.1\r\nHost: spotbox\r\nConnection: close\r\n\r\n")
     assert (await reader.read(4096)).startswith(b"HTTP/1.1 200")
     writer.close()
+
+
+async def test_unparsable_http_requests_are_one_log_line_each(spotbox_run: Spotbox) -> None:
+    """Test that a request line over 8 KB and a request with 500 headers get 400 and one WARNING line each in the
+    log, not an ERROR with aiohttp's parser traceback (ten lines an attacker could have printed at will)."""
+    start = len(spotbox_run.stderr)
+    for request in (
+        b"GET /robots/" + b"A" * 10_000 + b" HTTP/1.1\r\nHost: spotbox\r\n\r\n",
+        b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % n for n in range(500)) + b"\r\n",
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", spotbox_run.http_port)
+        writer.write(request)
+        assert (await reader.read(4096)).split(b" ")[1] == b"400"
+        writer.close()
+    await spotbox_run.logged(b"bad HTTP request: 400 Too many headers")
+    new = bytes(spotbox_run.stderr[start:])
+    assert new.count(b"WARNING aiohttp.server: bad HTTP request: 400") == 2, new.decode()
+    assert b"Traceback" not in new
+    assert b" ERROR " not in new
