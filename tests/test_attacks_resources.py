@@ -14,12 +14,12 @@ import orjson
 import pytest
 
 from spotbox.loadgen import remaining_length
-from spotbox.mqtt import sessions
+from spotbox.mqtt import broker, sessions
 from spotbox.mqtt.broker import INFLIGHT_MAX, SUBSCRIPTIONS_PER_SESSION_MAX, TOPIC_FILTER_MAX_LEVELS
 from tests.conformance import DROPPED, VERSIONS, metric, peer, start
 from tests.conftest import Box, BoxFactory
 from tests.helpers import payload, stamp, status
-from tests.raw_mqtt import connect_packet, publish, subscribe
+from tests.raw_mqtt import Will, connect_packet, publish, raw_client, subscribe
 from tests.test_backpressure import until
 
 EXACTLY_ONCE = mqtt5.QoS.EXACTLY_ONCE
@@ -266,3 +266,31 @@ async def test_bytes_held_for_offline_sessions_are_bounded(sbox: Box, monkeypatc
     async with peer(sbox.mqtt_port, "3.1.1", "offline", clean=True) as (subscriber, present):
         assert not present
     assert sbox.broker.sessions.held_bytes == 0
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_bytes_of_wills_kept_are_bounded(sbox: Box, version: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that the wills spotbox keeps count against WILLS_MAX_BYTES (here 150 KB): while two clients keep
+    60 KB wills, a third CONNECT with one is refused (3.1.1: CONNACK 3, MQTT 5: 0x97) and gets no session, a client
+    without a will still connects, and a will discarded by DISCONNECT frees its place. Each will may be as big as a
+    PUBLISH and, on a persistent session, wait for its delay as long as the session lasts."""
+    monkeypatch.setattr(broker, "WILLS_MAX_BYTES", 150_000)
+    will = ("wills/w", b"w" * 60_000)
+
+    async def refused(client_id: str) -> bool:
+        async with raw_client(sbox.mqtt_port) as client:
+            if version == "3.1.1":
+                await client.send(connect_packet(client_id, clean=False, will=Will(*will)))
+                return await client.connack() == 3
+            await client.send(mqtt5.ConnectPacket(client_id, will=mqtt5.Will(will[0], payload=will[1])).write())
+            first, body = await client.read_packet()
+            return (first, body[1]) == (0x20, 0x97)
+
+    async with peer(sbox.mqtt_port, version, "will-0", will=will), peer(sbox.mqtt_port, version, "will-1", will=will):
+        assert await refused("will-2")
+        assert sbox.broker.sessions.get("will-2") is None
+        async with peer(sbox.mqtt_port, version, "no-will"):
+            pass
+    await until(lambda: sbox.broker.sessions.will_bytes == 0)
+    async with peer(sbox.mqtt_port, version, "will-2", will=will):
+        pass

@@ -27,11 +27,11 @@ from spotbox.errors import ListenError
 from spotbox.mqtt.auth import Authenticator
 from spotbox.mqtt.connection import Closed, Connection, Stream
 from spotbox.mqtt.listeners import MqttLimits, TcpStream, WebSocketStream, start_tcp
-from spotbox.mqtt.message import Message
+from spotbox.mqtt.message import Message, footprint
 from spotbox.mqtt.publish import PublishPath
 from spotbox.mqtt.retained import RetainedStore
 from spotbox.mqtt.router import Router, deliver
-from spotbox.mqtt.sessions import NEVER_EXPIRES, Queued, Session, Sessions, Will
+from spotbox.mqtt.sessions import NEVER_EXPIRES, WILLS_MAX_BYTES, Queued, Session, Sessions, Will
 from spotbox.mqtt.subscriptions import Subscription, SubscriptionTree
 from spotbox.mqtt.topics import parse_shared, valid_topic_filter
 from spotbox.mqtt.wire import MQTT_5, Connect, Subscribe, Unsubscribe, Wire5
@@ -238,12 +238,8 @@ class Broker:
         user = result.user
         client_id = connect.client_id or f"spotbox-{uuid.uuid4().hex}"  # [MQTT-3.1.3-6]
         will = connect.will
-        if will is not None and (
-            status_topic_serial(will.topic) is not None or not self.auth.may_publish(user, will.topic)
-        ):
-            # A will is never validated or stored: none on status topics, and only where the user may publish.
-            logger.warning("mqtt connection refused: user %r may not leave a will on %r", user, will.topic)
-            return self._refuse(conn, 0x05, 0x87)
+        if will is not None and (codes := self._will_refused(user, client_id, will)) is not None:
+            return self._refuse(conn, *codes)
         session = self.sessions.get(client_id)
         if session is not None and session.user != user:
             # Taking over another user's session would hand over its subscriptions and queued messages.
@@ -257,7 +253,7 @@ class Broker:
         session.expiry_s = connect.session_expiry_s
         if will is not None:
             will.created = time.monotonic()
-            session.will = Will(will, connect.will_delay_s)
+            self.sessions.set_will(session, Will(will, connect.will_delay_s))
         session.connection = conn
         conn.session, conn.client_id, conn.logged_in = session, client_id, True
         self.logged_in += 1
@@ -288,6 +284,19 @@ class Broker:
         logger.info("mqtt client %r (user %r) connected from %s", client_id, user, peer)
         conn.resume()
         return True
+
+    def _will_refused(self, user: str | None, client_id: str, will: Message) -> tuple[int, int] | None:
+        """(3.1.1 code, MQTT 5 code) refusing a CONNECT for its will, with one warning line; None when it may stay."""
+        if status_topic_serial(will.topic) is not None or not self.auth.may_publish(user, will.topic):
+            # A will is never validated or stored: none on status topics, and only where the user may publish.
+            logger.warning("mqtt connection refused: user %r may not leave a will on %r", user, will.topic)
+            return 0x05, 0x87
+        if self.sessions.will_bytes + footprint(will) > WILLS_MAX_BYTES:
+            logger.warning(
+                "mqtt connection of %r refused: the wills kept reach %d bytes", client_id, self.sessions.will_bytes
+            )
+            return 0x03, 0x97  # server unavailable / quota exceeded
+        return None
 
     def _refuse(self, conn: Connection, code311: int, code5: int) -> bool:
         conn.write(conn.wire.connack(False, code5 if isinstance(conn.wire, Wire5) else code311))

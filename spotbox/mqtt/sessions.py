@@ -36,6 +36,10 @@ UNSTAMPED_MAX = 256
 SESSION_HELD_MAX_BYTES = 16 * 1024 * 1024
 HELD_MAX_BYTES = 512 * 1024 * 1024
 ENTRY_BYTES = 150
+# What the wills kept (connected clients', and disconnected sessions' waiting for their delay) may add up to: a
+# CONNECT with a will past it is refused (0x97 / 3.1.1: 3, server unavailable). Each will may be as big as a PUBLISH
+# and wait up to its session's expiry, which may be never.
+WILLS_MAX_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -141,6 +145,7 @@ class Sessions:
         self.max_queued = max_queued
         self.counters = SessionCounters()
         self.held_bytes = 0  # of every session's queued and in-flight messages, against HELD_MAX_BYTES
+        self.will_bytes = 0  # of every will kept, against WILLS_MAX_BYTES (checked at CONNECT)
         self._sessions: dict[str, Session] = {}
         self._publish_will = publish_will
         self._discard = discard
@@ -204,13 +209,15 @@ class Sessions:
     def connection_ended(self, session: Session, *, publish_will: bool) -> None:
         """A connection serving `session` ended: publish or schedule its will, then end or keep the session."""
         session.connection = None
-        will, session.will = (session.will if publish_will else None), None
+        will = self.take_will(session)
+        if not publish_will:
+            will = None
         loop = asyncio.get_running_loop()
         if will is not None and (will.delay_s == 0 or session.expiry_s == 0):
             self._publish_will(session, will.message)
         elif will is not None:
             delay = min(will.delay_s, session.expiry_s)
-            session.will = will
+            self.set_will(session, will)
             session.ending_will = loop.call_later(delay, self._will_due, session)
         if session.expiry_s == 0:
             if session.will is None:
@@ -222,7 +229,8 @@ class Sessions:
     def _will_due(self, session: Session) -> None:
         session.ending_will = None
         if session.will is not None and not session.connected:
-            will, session.will = session.will, None
+            will = self.take_will(session)
+            assert will is not None
             self._publish_will(session, will.message)
         if session.expiry_s == 0 and self._sessions.get(session.client_id) is session:
             self.remove(session)
@@ -231,8 +239,8 @@ class Sessions:
         session.ending = None
         if session.connected or self._sessions.get(session.client_id) is not session:
             return
-        if session.will is not None:  # the session ends before its will's delay: the will goes now [MQTT-3.1.3-9]
-            will, session.will = session.will, None
+        if (will := self.take_will(session)) is not None:
+            # The session ends before its will's delay: the will goes now [MQTT-3.1.3-9].
             self._publish_will(session, will.message)
         logger.info("mqtt session of %r expired after %d s", session.client_id, session.expiry_s)
         self.counters.expired_sessions += 1
@@ -244,11 +252,24 @@ class Sessions:
             if timer is not None:
                 timer.cancel()
         session.ending = session.ending_will = None
-        waiting, session.will = session.will, None
-        return waiting
+        return self.take_will(session)
+
+    def set_will(self, session: Session, will: Will) -> None:
+        """Keep `will` for `session` (in place of any other), counted in `will_bytes`."""
+        self.take_will(session)
+        session.will = will
+        self.will_bytes += footprint(will.message)
+
+    def take_will(self, session: Session) -> Will | None:
+        """The will kept for `session`, no longer kept (nor counted), or None."""
+        will, session.will = session.will, None
+        if will is not None:
+            self.will_bytes -= footprint(will.message)
+        return will
 
     def remove(self, session: Session) -> None:
-        """Forget a session: its subscriptions and queued messages go with it."""
+        """Forget a session: its subscriptions, queued messages and will go with it."""
+        self.take_will(session)
         for timer in (session.ending, session.ending_will):
             if timer is not None:
                 timer.cancel()
