@@ -49,6 +49,9 @@ TOPIC_ALIAS_MAX = 32
 TICK_S = 0.25
 # How long a connection spotbox closed may take to send its last bytes before it is cut.
 KICK_GRACE_S = 2.0
+# Sessions kept, connected or not: a CONNECT that would start one more is refused (a session already kept can always
+# be resumed). An empty persistent session costs about 1.7 KB, without bound on how many client ids one user makes.
+SESSIONS_MAX = 100_000
 # QoS 1/2 messages sent to one client and not yet acknowledged, whatever Receive Maximum it announced (a 3.1.1
 # client announces none): the rest wait in its session's queue. Each holds its message until acknowledged; see
 # also sessions.SESSION_HELD_MAX_BYTES.
@@ -241,12 +244,8 @@ class Broker:
         if will is not None and (codes := self._will_refused(user, client_id, will)) is not None:
             return self._refuse(conn, *codes)
         session = self.sessions.get(client_id)
-        if session is not None and session.user != user:
-            # Taking over another user's session would hand over its subscriptions and queued messages.
-            logger.warning(
-                "mqtt connection refused: client id %r is in use by user %r, not %r", client_id, session.user, user
-            )
-            return self._refuse(conn, 0x05, 0x87)
+        if (codes := self._session_refused(session, client_id, user)) is not None:
+            return self._refuse(conn, *codes)
         if session is not None and session.connection is not None:
             session.connection.kick(0x8E, "session taken over")  # [MQTT-3.1.4-3]
         session, present = self.sessions.open(client_id, user, connect.version, connect.clean_start)
@@ -284,6 +283,19 @@ class Broker:
         logger.info("mqtt client %r (user %r) connected from %s", client_id, user, peer)
         conn.resume()
         return True
+
+    def _session_refused(self, session: Session | None, client_id: str, user: str | None) -> tuple[int, int] | None:
+        """(3.1.1 code, MQTT 5 code) refusing a CONNECT for the session it would take, with one warning line."""
+        if session is not None and session.user != user:
+            # Taking over another user's session would hand over its subscriptions and queued messages.
+            logger.warning(
+                "mqtt connection refused: client id %r is in use by user %r, not %r", client_id, session.user, user
+            )
+            return 0x05, 0x87
+        if session is None and len(self.sessions) >= SESSIONS_MAX:
+            logger.warning("mqtt connection of %r refused: %d sessions are kept already", client_id, SESSIONS_MAX)
+            return 0x03, 0x97  # server unavailable / quota exceeded
+        return None
 
     def _will_refused(self, user: str | None, client_id: str, will: Message) -> tuple[int, int] | None:
         """(3.1.1 code, MQTT 5 code) refusing a CONNECT for its will, with one warning line; None when it may stay."""
