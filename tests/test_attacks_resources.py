@@ -6,6 +6,7 @@ string too long for the protocol is shortened, never left unsent."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from pathlib import Path
 
@@ -302,6 +303,7 @@ async def test_sessions_kept_are_bounded(sbox: Box, version: str, monkeypatch: p
     CONNACK 3, MQTT 5: 0x97) and gets none, while a kept persistent session is still resumed: client ids cost
     nothing to make, and each persistent session stays until it expires, which may be never."""
     monkeypatch.setattr(broker, "SESSIONS_MAX", 3)
+    monkeypatch.setattr(sbox.broker, "limits", dataclasses.replace(sbox.broker.limits, max_connections=3))
     for n in range(3):
         async with peer(sbox.mqtt_port, version, f"kept-{n}", clean=False):
             pass

@@ -49,7 +49,7 @@ TOPIC_ALIAS_MAX = 32
 TICK_S = 0.25
 # How long a connection spotbox closed may take to send its last bytes before it is cut.
 KICK_GRACE_S = 2.0
-# Sessions kept, connected or not: a CONNECT that would start one more is refused (a session already kept can always
+# Sessions kept, connected or not (at least --max-connections): a CONNECT that would start one more is refused (a session already kept can always
 # be resumed). An empty persistent session costs about 1.7 KB, without bound on how many client ids one user makes.
 SESSIONS_MAX = 100_000
 # QoS 1/2 messages sent to one client and not yet acknowledged, whatever Receive Maximum it announced (a 3.1.1
@@ -292,8 +292,8 @@ class Broker:
                 "mqtt connection refused: client id %r is in use by user %r, not %r", client_id, session.user, user
             )
             return 0x05, 0x87
-        if session is None and len(self.sessions) >= SESSIONS_MAX:
-            logger.warning("mqtt connection of %r refused: %d sessions are kept already", client_id, SESSIONS_MAX)
+        if session is None and len(self.sessions) >= (bound := max(SESSIONS_MAX, self.limits.max_connections)):
+            logger.warning("mqtt connection of %r refused: %d sessions are kept already", client_id, bound)
             return 0x03, 0x97  # server unavailable / quota exceeded
         return None
 
