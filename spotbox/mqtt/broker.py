@@ -49,8 +49,9 @@ TOPIC_ALIAS_MAX = 32
 TICK_S = 0.25
 # How long a connection spotbox closed may take to send its last bytes before it is cut.
 KICK_GRACE_S = 2.0
-# Sessions kept, connected or not (at least --max-connections): a CONNECT that would start one more is refused (a session already kept can always
-# be resumed). An empty persistent session costs about 1.7 KB, without bound on how many client ids one user makes.
+# Sessions kept, connected or not (at least --max-connections): a CONNECT that would start one more is refused (a
+# session already kept can always be resumed). An empty persistent session costs about 1.7 KB, and nothing bounds
+# how many client ids one user makes.
 SESSIONS_MAX = 100_000
 # QoS 1/2 messages sent to one client and not yet acknowledged, whatever Receive Maximum it announced (a 3.1.1
 # client announces none): the rest wait in its session's queue. Each holds its message until acknowledged; see
