@@ -13,12 +13,14 @@ import mqtt5
 import pytest
 
 from spotbox.loadgen import mqtt_string
+from spotbox.mqtt.framing import encode_length
+from spotbox.mqtt.wire import USER_PROPERTIES_MAX
 from tests.conformance import Peer, peer, start
 from tests.conftest import Box, BoxFactory
 from tests.helpers import payload, stamp
 from tests.raw_mqtt import Will, connect_packet, packet, raw_client, subscribe_packet
 
-MALFORMED, PROTOCOL_ERROR, TOPIC_NAME_INVALID, TOPIC_ALIAS_INVALID = 0x81, 0x82, 0x90, 0x94
+MALFORMED, PROTOCOL_ERROR, TOPIC_NAME_INVALID, TOPIC_ALIAS_INVALID, QUOTA_EXCEEDED = 0x81, 0x82, 0x90, 0x94, 0x97
 HIDDEN = packet(0x30, mqtt_string("sm/hidden") + b"smuggled") + packet(
     0x30, mqtt_string("robot/SMUG/status") + payload(timestamp=stamp(1))
 )
@@ -32,7 +34,7 @@ def publish311(first: int, topic: bytes, body: bytes, packet_id: int | None = 1)
 def publish5(first: int, topic: bytes, body: bytes, properties: bytes = b"") -> bytes:
     """An MQTT 5 PUBLISH (QoS 1, packet id 1 when the first byte says so) with raw topic and properties."""
     packet_id = struct.pack("!H", 1) if first & 0x06 else b""
-    return packet(first, mqtt_string(topic) + packet_id + bytes([len(properties)]) + properties + body)
+    return packet(first, mqtt_string(topic) + packet_id + encode_length(len(properties)) + properties + body)
 
 
 @pytest.fixture
@@ -216,6 +218,11 @@ MQTT5_CONNECTED = {
         {MALFORMED},
     ),
     "unsubscribe-without-filters": (packet(0xA2, b"\x00\x01\x00"), {MALFORMED, PROTOCOL_ERROR}),
+    # Each user property is encoded again for every subscriber: more than USER_PROPERTIES_MAX is refused.
+    "too-many-user-properties": (
+        publish5(0x32, b"sm/x", b"a", (b"\x26\0\0\0\0") * (USER_PROPERTIES_MAX + 1)),
+        {QUOTA_EXCEEDED},
+    ),
     "unsubscribe-packet-id-0": (packet(0xA2, b"\x00\x00\x00" + mqtt_string("#")), {MALFORMED}),
 }
 
@@ -246,6 +253,13 @@ MQTT5_BAD_CONNECTS = {
     "user-name-nul": connect5(flags=0x82, tail=mqtt_string("u\0")),
     "user-property-nul": connect5(properties=b"\x26" + mqtt_string("a\0") + mqtt_string("b")),
     "authentication-data-without-method": connect5(properties=b"\x16" + mqtt_string("x")),
+    "will-with-too-many-user-properties": connect5(
+        flags=0x06,
+        tail=encode_length(5 * (USER_PROPERTIES_MAX + 1))
+        + b"\x26\0\0\0\0" * (USER_PROPERTIES_MAX + 1)
+        + mqtt_string("sm/will")
+        + mqtt_string("w"),
+    ),
     "will-response-topic-wildcard": connect5(
         flags=0x06, tail=b"\x05\x08" + mqtt_string("r/#") + mqtt_string("sm/will") + mqtt_string("w")
     ),
