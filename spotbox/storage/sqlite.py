@@ -127,6 +127,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX rejection_robot ON rejection (serial_number, id)",
         "CREATE INDEX rejection_time ON rejection (received_at)",
     ),
+    # As on PostgreSQL (where instances share the tables): who wrote each alert transition, one alert in progress
+    # per rule and robot.
+    (
+        "ALTER TABLE alert_transition ADD COLUMN writer TEXT",
+        "CREATE UNIQUE INDEX alert_one_current ON alert (rule, serial_number) WHERE state <> 'cleared'",
+    ),
 )
 
 # 32766 bound variables per statement since SQLite 3.32; stay well below.
