@@ -117,13 +117,14 @@ async def until(condition: Callable[[], Awaitable[bool] | bool], timeout_s: floa
     async with asyncio.timeout(timeout_s):
         while True:
             outcome = condition()
-            if outcome if isinstance(outcome, bool) else await outcome:
+            if outcome is True or (not isinstance(outcome, bool) and await outcome):
                 return
             await asyncio.sleep(0.02)
 
 
 async def presence_is(box: Box, serial: str, state: str) -> bool:
-    return (await robot(box, serial))["presence"] == state
+    presence: str = (await robot(box, serial))["presence"]
+    return presence == state
 
 
 async def next_event(feed: FeedReader, kind: str) -> dict[str, Any]:
@@ -192,7 +193,8 @@ async def test_an_alert_changes_state_once_across_instances(
     settings = gateway(shared_database, tmp_path, alert_webhook=hook.url)
     a = await make_box(settings)
     b = await make_box(settings)
-    assert shared(a).evaluator and not shared(b).evaluator, "the first instance evaluates"
+    assert shared(a).evaluator, "the first instance evaluates"
+    assert not shared(b).evaluator
     feeds = [f"{box.base_url}/robots/LOW/feed" for box in (a, b)]
     async with (
         open_feed(a.http, feeds[0], skip=("status", "presence")) as feed_a,
@@ -204,9 +206,7 @@ async def test_an_alert_changes_state_once_across_instances(
             assert [(await next_event(feed, "alert"))["state"] for _ in range(2)] == ["pending", "active"]
         async with a.http.get(f"{a.base_url}/alerts", params={"state": "open"}) as resp:
             [alert] = (await resp.json())["items"]
-        acks = await asyncio.gather(
-            *(box.http.post(f"{box.base_url}/alerts/{alert['id']}/ack") for box in (a, b))
-        )
+        acks = await asyncio.gather(*(box.http.post(f"{box.base_url}/alerts/{alert['id']}/ack") for box in (a, b)))
         for resp in acks:
             assert resp.status == 200
             assert (await resp.json())["acknowledged"] is True
@@ -241,9 +241,7 @@ async def test_offline_is_detected_once_and_the_other_instance_takes_over(
 ) -> None:
     """Test that a silent robot, offline on both instances' timers, opens one alert (one webhook call per change);
     when the evaluating instance stops, the other takes over and clears it on the robot's next status."""
-    settings = gateway(
-        shared_database, tmp_path, alert_webhook=hook.url, stale_after_s=0.1, offline_after_s=0.2
-    )
+    settings = gateway(shared_database, tmp_path, alert_webhook=hook.url, stale_after_s=0.1, offline_after_s=0.2)
     a = await make_box(settings)
     b = await make_box(settings)
     await post(b, "QUIET", 0)
