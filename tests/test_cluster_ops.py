@@ -259,3 +259,20 @@ async def test_offline_is_detected_once_and_the_other_instance_takes_over(
     await post(b, "QUIET", 1)
     await until(lambda: len(hook.received) >= 3)
     assert (hook.received[2]["transition"]["to"], hook.received[2]["alert"]["id"]) == ("cleared", alert_id)
+
+
+async def test_a_robot_registered_on_a_is_registered_on_b(
+    shared_database: str, make_box: BoxFactory, tmp_path: Path
+) -> None:
+    """Test that the registry is one: a robot registered on A is listed as registered by B, and removed on B is
+    gone from A."""
+    settings = gateway(shared_database, tmp_path)
+    a = await make_box(settings)
+    b = await make_box(settings)
+    async with a.http.post(f"{a.base_url}/robots", json={"serial_number": "REG1", "site": "north"}) as resp:
+        assert resp.status == 201, await resp.text()
+    await until(lambda: "REG1" in b.server.app[OPS].registry)
+    assert (await robot(b, "REG1"))["site"] == "north"
+    async with b.http.delete(f"{b.base_url}/robots/REG1") as resp:
+        assert resp.status == 204
+    await until(lambda: "REG1" not in a.server.app[OPS].registry)

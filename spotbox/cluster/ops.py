@@ -172,7 +172,7 @@ class SharedOps:
                 async with asyncio.timeout(5):
                     # The lock lives as long as this connection: make sure it still does.
                     await self._lock_conn.execute("SELECT 1")
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, StorageError) as exc:
+            except Exception as exc:  # a lost connection, or the driver in a bad state: start again either way
                 if self.evaluator:
                     logger.warning("alerts: lost the evaluator's connection, others may take over: %r", exc)
                 self._stop_evaluating()
@@ -282,10 +282,10 @@ class SharedOps:
         stored = await load_registry(self.storage)
         ops = self.ops
         for serial in ops.registry.keys() - stored.keys():
-            ops.deregistered(serial)
+            ops.deregistered(serial, here=False)
         for serial, robot in stored.items():
             if ops.registry.get(serial) != robot:
-                ops.registered(robot)
+                ops.registered(robot, here=False)
 
     async def _write_loop(self) -> None:
         """Record this instance's connection ends, and announce registry changes, for the others."""
@@ -306,6 +306,6 @@ class SharedOps:
                                    [_CONNECTION_ENDS_KEPT]))  # fmt: skip
             try:
                 await self.storage.execute(ops_first(self.storage, kind) + statements)
-            except StorageError as exc:
+            except Exception as exc:
                 # Lost: the other instances see the robot stale, then offline, after its silence.
-                logger.warning("%d connection ends not shared with other instances: %s", len(ended), exc)
+                logger.warning("%d connection ends not shared with other instances: %r", len(ended), exc)

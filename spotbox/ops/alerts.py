@@ -261,6 +261,9 @@ class AlertEngine:
         that made the change told the world)."""
         alert = self.open.get(stored.id) or self.current.get((stored.rule, stored.serial_number))
         if alert is None or alert.id != stored.id:
+            if alert is not None:
+                # This instance's alert of that rule and robot lost to the stored one (see `discard`).
+                self.discard(alert)
             alert = _as_before(stored, transition)
         if transition.to_state in ALERT_STATES:
             state: AlertState = transition.to_state
@@ -284,6 +287,13 @@ class AlertEngine:
         else:
             self.open.pop(alert.id, None)
         return alert
+
+    def discard(self, alert: Alert) -> None:
+        """Forget an alert the database did not keep (another instance had one of its rule and robot first)."""
+        key = (alert.rule, alert.serial_number)
+        if self.current.get(key) is alert:
+            del self.current[key]
+        self.open.pop(alert.id, None)
 
     def open_alerts(self, serial: str | None = None) -> list[Alert]:
         """The open alerts (of one robot), newest first."""

@@ -144,6 +144,7 @@ class Operations:
 
     def _alert_written(self, alert: Alert, transition: Transition, document: Any, kept: bool) -> None:
         if not kept:
+            self.alerts.discard(alert)
             return
         if self.webhook is not None:
             self.webhook.send({"transition": transition.to_api(), "alert": document})
