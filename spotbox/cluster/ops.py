@@ -28,7 +28,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -48,6 +48,26 @@ _POLL_S = 1.0
 _RETRY_S = 1.0
 # Connection ends kept for the other instances to read.
 _CONNECTION_ENDS_KEPT = 10_000
+
+
+class Reading(NamedTuple):
+    """What the evaluator reads of each committed status: what Presence and the value rules use."""
+
+    id: int
+    serial_number: str
+    received_at: datetime
+    battery_level: int
+    latitude: float
+    longitude: float
+    height: float
+
+
+_READINGS = (
+    "SELECT id, serial_number, received_at, battery_level, latitude, longitude, height FROM status "
+    "WHERE id > $1 ORDER BY id LIMIT $2"
+)
+# A snapshot sees a prefix of the ids (they are in commit order), so max(id) is where the next read starts.
+_LAST_SEEN = "SELECT serial_number, max(received_at), max(id) FROM status WHERE id > $1 GROUP BY serial_number"
 
 
 def ops_first(storage: PostgresStorage, kind: str) -> list[tuple[str, Sequence[Any]]]:
@@ -201,9 +221,11 @@ class SharedOps:
 
     async def _read_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout(self.poll_s):
                     await self._wake.wait()
+            except TimeoutError:
+                self._behind = True  # a notification lost with a connection that went unnoticed: look anyway
             self._wake.clear()
             try:
                 await self.catch_up()
@@ -231,9 +253,12 @@ class SharedOps:
             await self._reload_registry()
 
     async def _read_rows(self) -> None:
+        if not self.evaluator:
+            await self._read_last_seen()
+            return
         presence, alerts = self.ops.presence, self.ops.alerts
         while True:
-            rows = await self.storage.rows_after(None, self.row_id, _PAGE)
+            rows = [Reading(*row) for row in await self.storage.query(_READINGS, [self.row_id, _PAGE])]
             # Own rows committed meanwhile may have moved the cursor on: each row once.
             rows = [row for row in rows if row.id > self.row_id]
             if rows:
@@ -243,6 +268,16 @@ class SharedOps:
                 self.row_id = rows[-1].id
             if len(rows) < _PAGE:
                 return
+
+    async def _read_last_seen(self) -> None:
+        """Presence alone needs each robot's last receive time since the last read: one row per robot."""
+        rows = await self.storage.query(_LAST_SEEN, [self.row_id])
+        end = self.row_id
+        for serial, received_at, last_id in rows:
+            self.ops.presence.seen_elsewhere(serial, received_at)
+            end = max(end, last_id)
+        # Rows of this instance committed meanwhile may have moved the cursor on.
+        self.row_id = max(self.row_id, end)
 
     async def _read_transitions(self) -> None:
         while True:

@@ -15,11 +15,11 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 from spotbox.ops.presence import RobotPresence, State, utc_now
 from spotbox.ops.rules import Rule
-from spotbox.status import StatusRecord, StatusRow, StoredStatus
+from spotbox.status import StoredStatus
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,23 @@ class Alert:
             "open": self.is_open,
             "history": [transition.to_api() for transition in self.history],
         }
+
+
+class Measured(Protocol):
+    """What the value rules read of a committed status: a StatusRecord, a StatusRow, or a narrower row."""
+
+    @property
+    def serial_number(self) -> str: ...
+    @property
+    def received_at(self) -> datetime: ...
+    @property
+    def battery_level(self) -> int: ...
+    @property
+    def latitude(self) -> float: ...
+    @property
+    def longitude(self) -> float: ...
+    @property
+    def height(self) -> float: ...
 
 
 # Called with the alert and the transition just applied to it.
@@ -171,7 +188,7 @@ class AlertEngine:
         """Evaluate the value rules on committed statuses."""
         self.on_records(row.record for row in rows)
 
-    def on_records(self, records: Iterable[StatusRecord | StatusRow]) -> None:
+    def on_records(self, records: Iterable[Measured]) -> None:
         """Evaluate the value rules on committed statuses (their records, or their rows as read back).
 
         This runs for every committed status, so the common case (nothing wrong, no alert open) is kept to a few
