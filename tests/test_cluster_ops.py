@@ -35,6 +35,13 @@ clear = 25
 for_s = 0.2
 
 [[rule]]
+name = "rejections_high"
+kind = "rejections"
+ratio = 0.3
+window_s = 60
+min_seen = 4
+
+[[rule]]
 name = "not_reporting"
 kind = "presence"
 states = ["offline"]
@@ -276,3 +283,21 @@ async def test_a_robot_registered_on_a_is_registered_on_b(
     async with b.http.delete(f"{b.base_url}/robots/REG1") as resp:
         assert resp.status == 204
     await until(lambda: "REG1" not in a.server.app[OPS].registry)
+
+
+async def test_rejections_on_b_and_statuses_on_a_open_one_rejection_alert(
+    shared_database: str, make_box: BoxFactory, tmp_path: Path
+) -> None:
+    """Test that the rejection rule counts every instance's statuses and rejections: valid statuses on A and
+    refused ones on B (40% of the robot's statuses) open one alert, where neither instance's share would."""
+    settings = gateway(shared_database, tmp_path)
+    a = await make_box(settings)
+    b = await make_box(settings)
+    for n in range(3):
+        await post(a, "MIXED", n)
+    for _ in range(2):
+        async with b.http.post(f"{b.base_url}/robots/MIXED/status", data=payload(battery_level=150)) as resp:
+            assert resp.status == 422
+    await until(lambda: any(alert.rule == "rejections_high" for alert in b.server.app[OPS].alerts.current.values()))
+    rows = await a.storage.query("SELECT rule, serial_number, value FROM alert", [])
+    assert [tuple(row) for row in rows] == [("rejections_high", "MIXED", 0.4)]

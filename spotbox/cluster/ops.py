@@ -12,7 +12,8 @@ Every instance commits statuses to one table, so every instance can know every r
 - **Alerts.** One instance evaluates the rules for all: the one holding the session advisory lock
   `ALERT_EVALUATOR_LOCK` on a connection of its own. It evaluates the value rules on every instance's rows in
   commit order (so "the robot's last status" is the same one whichever instance received it), the rejection rule
-  on every instance's rejections (read from the rejection table), and the time rules (stale, offline, pending
+  on every instance's rejections (read from the rejection table, written like alert changes under
+  `OPS_ORDER_LOCK`), and the time rules (stale, offline, pending
   durations) on one timer. Its changes go to the database, and once committed to the webhook and upstream; the
   other instances read each transition written by another (`alert_transition.writer`), move their copy of the
   alert the same way and send it on their feeds. If it stops, its lock goes with its connection and another
@@ -109,6 +110,8 @@ class SharedOps:
         ops.evaluate_rejection = lambda serial, at: None  # read back from the rejection table by the evaluator
         ops.registry_saved = self._registry_saved
         ops.writer.first = ops_first(storage, "alert")
+        # Rejections too are read by the evaluator after a cursor: their ids in commit order, and a wake-up.
+        ops.rejections.first = ops_first(storage, "rejection")
         ops.writer.writer = storage.writer_tag
         ops.presence.ended_listeners.append(self._connection_ended)
 

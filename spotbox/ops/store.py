@@ -423,6 +423,8 @@ class RejectionLog:
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
         self._inflight: asyncio.Future[list[int]] | None = None
+        # Run first in each write (as the alert writer's `first`).
+        self.first: Statements = []
 
     def add(self, record: RejectionRecord) -> None:
         """Queue a rejection; under a flood the oldest unwritten ones give way (counted in `dropped`)."""
@@ -463,7 +465,8 @@ class RejectionLog:
             "INSERT INTO rejection (serial_number, received_at, field, reason, payload) VALUES ($1, $2, $3, $4, $5)"
         )
         statements: list[tuple[str, Sequence[Any]]] = [
-            (insert, [r.serial_number, db.db_time(r.received_at), r.field, r.reason, r.payload]) for r in batch
+            *self.first,
+            *((insert, [r.serial_number, db.db_time(r.received_at), r.field, r.reason, r.payload]) for r in batch),
         ]
         # Each robot keeps its newest `per_robot` rows, found through the (serial_number, id) index.
         trim = (
