@@ -131,6 +131,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # MQTT connections, which only the instance that held the connection sees.
     (
         "ALTER TABLE alert_transition ADD COLUMN writer text",
+        # An older alert left in progress beside a newer one of the same rule and robot (a lost write) ends.
+        "UPDATE alert SET state = 'cleared', cleared_at = updated_at WHERE state <> 'cleared' AND EXISTS (SELECT 1 "
+        "FROM alert AS newer WHERE newer.rule = alert.rule AND newer.serial_number = alert.serial_number AND "
+        "newer.state <> 'cleared' AND (newer.created_at, newer.id) > (alert.created_at, alert.id))",
         "CREATE UNIQUE INDEX alert_one_current ON alert (rule, serial_number) WHERE state <> 'cleared'",
         "CREATE TABLE presence_event (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, serial_number text "
         "NOT NULL, at timestamptz NOT NULL, last_seen timestamptz, writer text NOT NULL)",

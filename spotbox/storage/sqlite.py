@@ -131,6 +131,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # per rule and robot.
     (
         "ALTER TABLE alert_transition ADD COLUMN writer TEXT",
+        # An older alert left in progress beside a newer one of the same rule and robot (a lost write) ends.
+        "UPDATE alert SET state = 'cleared', cleared_at = updated_at WHERE state <> 'cleared' AND EXISTS (SELECT 1 "
+        "FROM alert AS newer WHERE newer.rule = alert.rule AND newer.serial_number = alert.serial_number AND "
+        "newer.state <> 'cleared' AND (newer.created_at, newer.id) > (alert.created_at, alert.id))",
         "CREATE UNIQUE INDEX alert_one_current ON alert (rule, serial_number) WHERE state <> 'cleared'",
     ),
 )
