@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp import web
 
@@ -55,6 +56,16 @@ async def shared_database() -> AsyncIterator[str]:
     instances stop)."""
     async with fresh_postgres_schema() as url:
         yield url
+
+
+@contextlib.asynccontextmanager
+async def fresh_admin(url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the test's own to the shared database."""
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 @dataclasses.dataclass
@@ -301,3 +312,28 @@ async def test_rejections_on_b_and_statuses_on_a_open_one_rejection_alert(
     await until(lambda: any(alert.rule == "rejections_high" for alert in b.server.app[OPS].alerts.current.values()))
     rows = await a.storage.query("SELECT rule, serial_number, value FROM alert", [])
     assert [tuple(row) for row in rows] == [("rejections_high", "MIXED", 0.4)]
+
+
+async def test_an_evaluator_whose_connection_dies_hands_over_to_the_other(
+    shared_database: str, hook: Hook, make_box: BoxFactory, tmp_path: Path
+) -> None:
+    """Test that when the server ends the evaluating instance's lock connection (as it does for a crashed one),
+    the other instance evaluates, the first stops, and an alert still opens once."""
+    settings = gateway(shared_database, tmp_path, alert_webhook=hook.url)
+    a = await make_box(settings)
+    b = await make_box(settings)
+    # The connection whose end is, seen from the server, the crash of its instance.
+    lock_conn = shared(a)._lock_conn
+    assert lock_conn is not None
+    async with fresh_admin(shared_database) as admin:
+        await admin.execute("SELECT pg_terminate_backend($1)", lock_conn.get_server_pid())
+    await until(lambda: shared(b).evaluator and not shared(a).evaluator)
+    for n in range(4):
+        await post((a, b)[n % 2], "HANDED", n, battery_level=5)
+    await until(lambda: len(hook.received) >= 2)
+    await asyncio.sleep(0.2)  # a second evaluator's calls would come now
+    assert [(d["transition"]["from"], d["transition"]["to"]) for d in hook.received] == [
+        (None, "pending"),
+        ("pending", "active"),
+    ]
+    assert not shared(a).evaluator
