@@ -217,7 +217,7 @@ async def test_retained_budget_counts_properties_and_topic_levels(sbox: Box, att
     async with peer(sbox.mqtt_port, "5") as (client, _):
         for n in range(8):
             if attack == "user-properties":
-                props = {"user_properties": [("k", "v" * 1000)] * 300}
+                props = {"user_properties": [("k", "v" * 3000)] * 100}
                 await client.publish(f"ret/{n}", b"x", 1, retain=True, **props)
             else:
                 await client.publish(f"ret/{n}/" + "/".join(["a"] * 500), b"x", 1, retain=True)
