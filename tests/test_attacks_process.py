@@ -54,7 +54,7 @@ def spotbox_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spotbox]:
     """`spotbox run --users` with the text log (the default), on SQLite, for the whole module."""
     tmp = tmp_path_factory.mktemp("process")
     args = [SPOTBOX, "run", "--mqtt-port", "0", "--http-port", "0", "--users", str(write_users(tmp / "users.json"))]
-    args += ["--database-url", f"sqlite:///{tmp / 'x.db'}", "--http-idle-timeout-s", "1"]
+    args += ["--database-url", f"sqlite:///{tmp / 'x.db'}", "--http-idle-timeout-s", "0.5"]
     # Big buffers are mmap'ed and handed back to the system when freed, so RSS shows what is still held.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
@@ -122,7 +122,7 @@ async def test_unreleased_qos2_memory_is_freed_when_the_session_ends(spotbox_run
 
 async def test_http_requests_whose_headers_never_end_are_closed(spotbox_run: Spotbox) -> None:
     """Test that HTTP connections trickling header lines and never ending them are closed after
-    --http-idle-timeout-s (1 s here; aiohttp has no header timeout, and its idle default of an hour let 500 of them
+    --http-idle-timeout-s (0.5 s here; aiohttp has no header timeout, and its idle default of an hour let 500 of them
     hold their descriptors and 40 MB), while a whole request is still answered."""
     trickling = [await asyncio.open_connection("127.0.0.1", spotbox_run.http_port) for _ in range(20)]
     for _, writer in trickling:
