@@ -17,6 +17,7 @@ import pytest
 from spotbox.loadgen import remaining_length
 from spotbox.mqtt import broker, sessions
 from spotbox.mqtt.broker import INFLIGHT_MAX, SUBSCRIPTIONS_PER_SESSION_MAX, TOPIC_FILTER_MAX_LEVELS
+from spotbox.mqtt.connection import OUTGOING_ALIASES_MAX
 from tests.conformance import DROPPED, VERSIONS, metric, peer, start
 from tests.conftest import Box, BoxFactory
 from tests.helpers import payload, stamp, status
@@ -319,3 +320,19 @@ async def test_sessions_kept_are_bounded(sbox: Box, version: str, monkeypatch: p
     assert sbox.broker.sessions.get("one-more") is None
     async with peer(sbox.mqtt_port, version, "kept-1", clean=False) as (_, present):
         assert present
+
+
+async def test_topic_aliases_to_a_client_are_bounded(sbox: Box) -> None:
+    """Test that a subscriber announcing Topic Alias Maximum 65,535 gets at most OUTGOING_ALIASES_MAX aliases: each
+    keeps a topic for the connection's life (65,535 topics of 1 KB: 70 MB per subscriber); topics past them come
+    with their name and no alias, and the aliased ones still resolve."""
+    topics = [f"al/{n}/" + "x" * 200 for n in range(OUTGOING_ALIASES_MAX + 8)]
+    async with peer(sbox.mqtt_port, "5", topic_alias_max=65535) as (subscriber, _):
+        assert await subscriber.subscribe(("al/#", 0)) == [0]
+        async with peer(sbox.mqtt_port, "3.1.1") as (publisher, _):
+            for topic in topics + topics[:2]:
+                await publisher.publish(topic, b"x", 0)
+        deliveries = [await subscriber.next() for _ in range(len(topics) + 2)]
+    aliases = [d.v5.topic_alias for d in deliveries if d.v5 is not None]
+    assert aliases[: len(topics)] == [*range(1, OUTGOING_ALIASES_MAX + 1), *[None] * 8]
+    assert [(d.topic, d.v5.topic_alias if d.v5 else None) for d in deliveries[-2:]] == [("", 1), ("", 2)]

@@ -57,6 +57,9 @@ T = TypeVar("T")
 
 # Statuses an MQTT 3.1.1 connection may have read but not yet committed; past it, it is not read until one is.
 READ_WINDOW = 64
+# Topic aliases spotbox sets towards one MQTT 5 client, whatever Topic Alias Maximum it announces: each keeps a
+# topic (up to --max-topic-length) for the connection's life, and 65,535 of them would be 70 MB per subscriber.
+OUTGOING_ALIASES_MAX = 32
 # After DISCONNECT 0x93 (Receive Maximum exceeded), how long what the client still sends is read and dropped.
 LINGER_S = 1.0
 _CONNECT = 1
@@ -495,7 +498,7 @@ class Connection:
             alias = self._outgoing_aliases.get(message.topic)
             if alias is not None:
                 send_topic = False
-            elif len(self._outgoing_aliases) < self.wire.topic_alias_max:
+            elif len(self._outgoing_aliases) < min(self.wire.topic_alias_max, OUTGOING_ALIASES_MAX):
                 alias, new_alias = len(self._outgoing_aliases) + 1, True
         data = self.wire.publish(message, qos, retain, packet_id, dup, ids, alias, send_topic, now)
         limit = self.wire.max_packet_size if isinstance(self.wire, Wire5) else None
