@@ -13,6 +13,7 @@ import mqtt5
 import pytest
 
 from spotbox.loadgen import mqtt_string
+from spotbox.mqtt.broker import CLIENT_ID_MAX_BYTES
 from spotbox.mqtt.framing import encode_length
 from spotbox.mqtt.wire import USER_PROPERTIES_MAX
 from tests.conformance import Peer, peer, start
@@ -264,6 +265,19 @@ MQTT5_BAD_CONNECTS = {
         flags=0x06, tail=b"\x05\x08" + mqtt_string("r/#") + mqtt_string("sm/will") + mqtt_string("w")
     ),
 }
+
+
+@pytest.mark.parametrize("version", ["3.1.1", "5"])
+async def test_client_id_over_the_limit_is_refused(sbox: Box, version: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Test that a client id longer than CLIENT_ID_MAX_BYTES is refused (3.1.1: CONNACK 2; MQTT 5: 0x85) before any
+    session or login, with a log line that quotes only its start: one of 65,535 bytes made every line 64 KB."""
+    client_id = "c" * (CLIENT_ID_MAX_BYTES + 1)
+    async with raw_client(sbox.mqtt_port) as client:
+        await client.send(connect_packet(client_id) if version == "3.1.1" else connect5(client_id.encode()))
+        first, body = await client.read_packet()
+    assert (first, body[-1] if version == "3.1.1" else body[1]) == (0x20, 0x02 if version == "3.1.1" else 0x85)
+    assert len(sbox.broker.sessions) == 0
+    assert max(len(record.getMessage()) for record in caplog.records) < 1000
 
 
 @pytest.mark.parametrize("name", list(MQTT5_BAD_CONNECTS))

@@ -49,6 +49,9 @@ TOPIC_ALIAS_MAX = 32
 TICK_S = 0.25
 # How long a connection spotbox closed may take to send its last bytes before it is cut.
 KICK_GRACE_S = 2.0
+# The longest client id accepted, in bytes: 3.1.1 servers must take 23 and may take more [MQTT-3.1.3-5]; a session
+# is keyed by it and every log line of the connection repeats it (one of 65,535 bytes made each line 64 KB).
+CLIENT_ID_MAX_BYTES = 256
 # Sessions kept, connected or not (at least --max-connections): a CONNECT that would start one more is refused (a
 # session already kept can always be resumed). An empty persistent session costs about 1.7 KB, and nothing bounds
 # how many client ids one user makes.
@@ -227,12 +230,21 @@ class Broker:
                 "mqtt connection from %s refused: --max-connections %d reached", peer, self.limits.max_connections
             )
             return self._refuse(conn, 0x03, 0x97)  # server unavailable / quota exceeded
-        if connect.authentication_method is not None:
-            return self._refuse(conn, 0x05, 0x8C)  # bad authentication method: no enhanced auth
+        if connect.authentication_method is not None or (
+            len(connect.client_id) > CLIENT_ID_MAX_BYTES // 4 and len(connect.client_id.encode()) > CLIENT_ID_MAX_BYTES
+        ):
+            # No enhanced authentication (0x8C); a client id over CLIENT_ID_MAX_BYTES is not accepted (3.1.1: 2).
+            logger.warning(
+                "mqtt connection from %s refused: an authentication method, or the client id %.60r... is too long",
+                peer,
+                connect.client_id,
+            )
+            early = (0x05, 0x8C) if connect.authentication_method is not None else (0x02, 0x85)
+            return self._refuse(conn, *early)
         result = await self.auth.login(connect.username, connect.password, conn.stream.address)
         if not result.ok:
             logger.warning(
-                "mqtt login of %r (user %r) from %s refused: %s",
+                "mqtt login of %r (user %.100r) from %s refused: %s",
                 connect.client_id,
                 connect.username,
                 peer,
