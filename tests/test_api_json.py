@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from datetime import datetime
+import random
+import sqlite3
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import orjson
 
-from spotbox.status import StatusRecord, parse_utc
+from spotbox.status import StatusRecord, parse_utc, payload_digest
+from spotbox.storage import HistoryQuery, sqlite_read
 from spotbox.storage.sqlite import SQLiteStorage
 from tests.conftest import Box
 from tests.helpers import mqtt_client, open_feed, status
@@ -211,3 +216,70 @@ async def test_feed_data_keeps_its_json(box: Box) -> None:
     assert live == expected
     assert received.endswith("Z")
     assert datetime.fromisoformat(received) > datetime.fromisoformat(ITEMS[0]["received_at"])
+
+
+def _float_mix(rng: random.Random) -> float:
+    """A float as robots send them (6 to 7 decimals, sums that need 17 digits, whole numbers) or far from them."""
+    kind = rng.randrange(6)
+    if kind == 0:
+        return round(rng.uniform(-180, 180), rng.randrange(0, 8))
+    if kind == 1:
+        return rng.uniform(-90, 90) + 1e-6 * rng.randrange(100)
+    if kind == 2:
+        return float(rng.randrange(-1000, 1000))
+    if kind == 3:
+        return rng.choice((-1, 1)) * 10 ** rng.uniform(-30, 30)
+    if kind == 4:
+        return float(rng.choice((5e-324, 1e-31, 1.5e300, -1.7976931348623157e308, 1e200)))
+    return rng.uniform(0, 1) * 10 ** rng.randrange(-5, 17)
+
+
+def test_sqlite_page_text_is_the_rows_json(tmp_path: Path) -> None:
+    """Test that SQLite's one-statement history page is byte for byte the JSON built from rows, cursor included.
+
+    Pages whose floats are all within 1e-30..1e30 come from the statement's text, the others from rows: both kinds
+    are among the pages here.
+    """
+    rng = random.Random(12)
+    start = datetime(1969, 12, 31, 23, 59, tzinfo=UTC)
+    records = []
+    for second in range(400):
+        ts = start + timedelta(seconds=second, microseconds=rng.choice((0, 1, 250_000, 999_999)))
+        lat, lon, height = (_float_mix(rng) if rng.random() < 0.3 else 52.5 + second * 1e-6 for _ in range(3))
+        raw = orjson.dumps({"n": second})
+        moving = second % 3 != 0
+        records.append(
+            StatusRecord(
+                SERIAL, ts, ts + timedelta(milliseconds=second), 1 + second % 100,
+                "DISCHARGING" if moving else "CHARGING", "MOVING" if moving else "IDLE", DRIVE if moving else None,
+                lat, lon, height, raw, payload_digest(raw),
+            )
+        )  # fmt: skip
+    store = SQLiteStorage(tmp_path / "pages.db")
+    asyncio.run(_write(store, records))
+    conn = sqlite3.connect(tmp_path / "pages.db")
+    kinds = set()
+    try:
+        for limit in (1, 7, 100, 500):
+            after = None
+            while True:
+                query = HistoryQuery(SERIAL, start + timedelta(seconds=3), None, after, limit)
+                sql, params = sqlite_read.history_sql(query, False)
+                text_sql, text_params = sqlite_read.history_text_sql(query)
+                from_rows = sqlite_read.history_page(conn, sql, params, limit, None)
+                assert sqlite_read.history_page_text(conn, text_sql, text_params, sql, params, limit) == from_rows
+                kinds.add(conn.execute(text_sql, text_params).fetchone()[1])
+                if from_rows.next_after is None:
+                    break
+                after = from_rows.next_after
+    finally:
+        conn.close()
+    assert kinds == {0, 1}
+
+
+async def _write(store: SQLiteStorage, records: list[StatusRecord]) -> None:
+    await store.open()
+    try:
+        await store.write_batch(records)
+    finally:
+        await store.close()
