@@ -228,10 +228,10 @@ def _float_mix(rng: random.Random) -> float:
     if kind == 2:
         return float(rng.randrange(-1000, 1000))
     if kind == 3:
-        return rng.choice((-1, 1)) * 10 ** rng.uniform(-30, 30)
+        return rng.choice((-1, 1)) * 10.0 ** rng.uniform(-30, 30)
     if kind == 4:
         return float(rng.choice((5e-324, 1e-31, 1.5e300, -1.7976931348623157e308, 1e200)))
-    return rng.uniform(0, 1) * 10 ** rng.randrange(-5, 17)
+    return rng.uniform(0, 1) * 10.0 ** rng.randrange(-5, 17)
 
 
 def test_sqlite_page_text_is_the_rows_json(tmp_path: Path) -> None:
