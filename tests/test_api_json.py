@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import sqlite3
 from datetime import UTC, datetime, timedelta
@@ -222,13 +223,13 @@ def _float_mix(rng: random.Random) -> float:
     """A float as robots send them (6 to 7 decimals, sums that need 17 digits, whole numbers) or far from them."""
     kind = rng.randrange(6)
     if kind == 0:
-        return round(rng.uniform(-180, 180), rng.randrange(0, 8))
+        return round(rng.uniform(-180, 180), rng.randrange(1, 8))
     if kind == 1:
         return rng.uniform(-90, 90) + 1e-6 * rng.randrange(100)
     if kind == 2:
         return float(rng.randrange(-1000, 1000))
     if kind == 3:
-        return rng.choice((-1, 1)) * 10.0 ** rng.uniform(-30, 30)
+        return rng.choice((-1.0, 1.0)) * math.pow(10, rng.uniform(-30, 30))
     if kind == 4:
         return float(rng.choice((5e-324, 1e-31, 1.5e300, -1.7976931348623157e308, 1e200)))
     return rng.uniform(0, 1) * 10.0 ** rng.randrange(-5, 17)
