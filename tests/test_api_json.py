@@ -246,7 +246,7 @@ async def test_history_page_text_is_the_rows_json(database_url: str) -> None:
     """
     rng = random.Random(12)
     start = datetime(1969, 12, 31, 23, 59, tzinfo=UTC)
-    records = []
+    records: list[StatusRecord] = []
     for second in range(400):
         ts = start + timedelta(seconds=second, microseconds=rng.choice((0, 1, 250_000, 999_999)))
         if second % 7 == 1:  # rows of one time, in id order: a page may end between them
