@@ -11,12 +11,13 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
+import pytest
 
 from spotbox.settings import DatabaseURL
 from spotbox.status import StatusRecord, dumps, parse_utc, payload_digest
 from spotbox.storage import HistoryQuery, open_storage
 from spotbox.storage.sqlite import SQLiteStorage
-from tests.conftest import Box
+from tests.conftest import Box, fresh_postgres_schema
 from tests.helpers import mqtt_client, open_feed, status
 from tests.test_storage import VALIDATOR
 
@@ -263,14 +264,34 @@ async def test_history_page_text_is_the_rows_json(database_url: str) -> None:
                 lat, lon, height, raw, payload_digest(raw),
             )
         )  # fmt: skip
+    await _assert_pages_are_rows_json(database_url, records, start + timedelta(seconds=3), (1, 7, 100, 500))
+
+
+@pytest.mark.postgres
+async def test_postgres_page_text_needs_shortest_floats() -> None:
+    """Test that with extra_float_digits below 1 (PostgreSQL's floats then lose digits) pages come from rows."""
+    ts = datetime(2026, 11, 22, 10, tzinfo=UTC)
+    raw = orjson.dumps({"n": 1})
+    record = StatusRecord(
+        SERIAL, ts, ts, 50, "CHARGING", "IDLE", None, 0.30000000000000004, 13.405000000000001, 1.5, raw,
+        payload_digest(raw),
+    )  # fmt: skip
+    async with fresh_postgres_schema() as url:
+        await _assert_pages_are_rows_json(f"{url}&extra_float_digits=0", [record], ts, (1, 2))
+
+
+async def _assert_pages_are_rows_json(
+    database_url: str, records: list[StatusRecord], start: datetime, limits: tuple[int, ...]
+) -> None:
+    """Write `records`, then read every page of each size from `start`: each as `history` rows show them."""
     store = open_storage(DatabaseURL.parse(database_url))
     await store.open()
     try:
         await store.write_batch(records)
-        for limit in (1, 7, 100, 500):
+        for limit in limits:
             after = None
             while True:
-                query = HistoryQuery(SERIAL, start + timedelta(seconds=3), None, after, limit)
+                query = HistoryQuery(SERIAL, start, None, after, limit)
                 page = await store.history_page(query, include_payload=False)
                 rows = await store.history(dataclasses.replace(query, limit=limit + 1))
                 shown = rows[:limit]

@@ -10,9 +10,10 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from spotbox.errors import StorageError, StorageUnavailableError
-from spotbox.status import StatusRecord, StatusRow, StoredStatus, api_items_json, to_micros
+from spotbox.status import StatusRecord, StatusRow, StoredStatus, api_items_json, parse_utc, to_micros
 from spotbox.storage import base
 from spotbox.storage.base import (
     PAGE_PAYLOAD_BUDGET,
@@ -367,28 +368,26 @@ class PostgresStorage:
         return HistoryPage(api_items_json(rows), len(rows), after)
 
     async def _page_text(self, where: str, limit: str, params: list[Any], page_limit: int) -> HistoryPage | None:
-        """The page as JSON text written by PostgreSQL, the Python process only forwarding it; None when a value
-        is one PostgreSQL would write otherwise than orjson (then the page is built from rows).
+        """The page as JSON text written by PostgreSQL, the Python process only joining it; None when a value is
+        one PostgreSQL would write otherwise than orjson (then the page is built from rows).
 
         The text is byte for byte the JSON built from rows (test): it moves the rows' decoding and encoding out of
-        the event loop's thread, which serves every request.
+        the event loop's thread, which serves every request. One text per row, joined here, costs PostgreSQL
+        less than string_agg over a numbered page and this process about the same.
         """
-        n = len(params) + 1
         sql = (
-            f"SELECT string_agg(item, ',' ORDER BY n) FILTER (WHERE n <= ${n}), count(*), "
-            f"max(ts) FILTER (WHERE n = ${n}), max(id) FILTER (WHERE n = ${n}), "
-            "bool_and(exact) AND current_setting('extra_float_digits')::int >= 1 "
-            f"FROM (SELECT {_ITEM_TEXT} AS item, {_FLOATS_AS_ORJSON} AS exact, id, ts, "
-            f"row_number() OVER (ORDER BY ts, id) AS n FROM status WHERE {where} ORDER BY ts, id {limit}) AS page"
+            f"SELECT CASE WHEN {_FLOATS_AS_ORJSON} AND (SELECT current_setting('extra_float_digits')::int >= 1) "
+            f"THEN {_ITEM_TEXT} END FROM status WHERE {where} ORDER BY ts, id {limit}"
         )
-        rows = await self._fetch(sql, [*params, page_limit])
-        text, count, last_ts, last_id, exact = rows[0]
-        if count == 0:
-            return HistoryPage(b"[]", 0, None)
-        if not exact:
+        rows = await self._fetch(sql, params)
+        items = [row[0] for row in rows[:page_limit]]
+        if None in items:
             return None
-        after = (last_ts, last_id) if count > page_limit else None
-        return HistoryPage(b"[" + text.encode() + b"]", min(count, page_limit), after)
+        after = None
+        if len(rows) > page_limit:
+            last = orjson.loads(items[-1])
+            after = (parse_utc(last["ts"].removesuffix("Z")), last["id"])
+        return HistoryPage(f"[{','.join(items)}]".encode(), len(items), after)
 
     async def _within_budget(self, sql: str, params: Sequence[Any], limit: int) -> tuple[list[Any], bool]:
         rows: list[Any] = []
