@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import threading
 import time
 from pathlib import Path
 
+import aiohttp
 import aiomqtt
 import pytest
 
 from spotbox.settings import Settings
+from spotbox.users import User, Users
 from tests.conformance import settings_with
 from tests.conftest import Box, BoxFactory
 from tests.helpers import mqtt_client, payload, stamp
@@ -24,7 +27,7 @@ from tests.raw_mqtt import (
     raw_client,
     ws_raw_client,
 )
-from tests.test_auth import PASSWORDS, login, operator_login, write_users
+from tests.test_auth import PASSWORDS, login, operator_login, secured_settings, write_users
 
 
 def secured(tmp_path: Path, **options: object) -> Settings:
@@ -209,3 +212,45 @@ async def test_tls_handshakes_never_finished_count_as_logins_and_end_at_the_dead
     async with mqtt_client(box.mqtt_port, tls_context=trusted) as robot:
         await robot.publish("robot/ROBOT-TLS/status", payload(timestamp=stamp(1)), qos=1, timeout=5)
     assert [item["ts"] for item in await box.history("ROBOT-TLS")] == [stamp(1)]
+
+
+async def test_wrong_http_passwords_are_checked_as_mqtt_logins_are(
+    make_box: BoxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test that 40 concurrent HTTP Basic requests with wrong passwords from one address are answered 401 with at
+    most one argon2 hash running at a time (each took a thread of its own for its hash, up to six at once: 24 ms of
+    CPU per request, both cores busy), as MQTT logins are; the operator then still reads from another address."""
+    running, peak, lock = 0, 0, threading.Lock()
+    verify = Users.authenticate
+
+    def counted(users: Users, name: str, password: str) -> User | None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        try:
+            return verify(users, name, password)  # the real argon2 check, only counted
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(Users, "authenticate", counted)
+    box = await make_box(secured_settings(tmp_path))
+    url = f"{box.base_url}/robots"
+
+    async def attempt(n: int) -> int:
+        headers = {"Authorization": aiohttp.encode_basic_auth("operator", f"wrong-{n}")}
+        async with box.http.get(url, headers=headers) as resp:
+            return resp.status
+
+    flood = [asyncio.create_task(attempt(n)) for n in range(40)]
+    done, _ = await asyncio.wait(flood, timeout=0.5)
+    for task in flood:
+        task.cancel()
+    await asyncio.gather(*flood, return_exceptions=True)
+    assert done
+    assert {task.result() for task in done} == {401}
+    assert peak == 1
+    connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=connector) as other, other.get(url, headers=operator_login()) as resp:
+        assert resp.status == 200
