@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -308,16 +309,23 @@ async def robot(
         transport.close()
 
 
-async def drive(host: str, port: int, load: Load) -> LoadResult:
-    """Spread `load.messages` over `load.robots` connections; `load.rate` (total per second) paces them."""
+async def drive(host: str, port: int, load: Load, on_connected: Callable[[], None] | None = None) -> LoadResult:
+    """Spread `load.messages` over `load.robots` connections; `load.rate` (total per second) paces them.
+
+    `on_connected` is called once every robot has its CONNACK, before any publishes.
+    """
     result = LoadResult()
     per_robot = [
         load.messages // load.robots + (1 if i < load.messages % load.robots else 0) for i in range(load.robots)
     ]
     counts = [count for count in per_robot if count]
-    connected = asyncio.Barrier(len(counts))
+    # The robots and this coroutine: it passes the barrier with the last robot to connect.
+    connected = asyncio.Barrier(len(counts) + 1)
     connecting = asyncio.Semaphore(CONNECTS_IN_FLIGHT)
     async with asyncio.TaskGroup() as group:
         for i, count in enumerate(counts):
             group.create_task(robot(host, port, i, count, load, connected, result, connecting))
+        await connected.wait()
+        if on_connected is not None:
+            on_connected()
     return result
