@@ -126,6 +126,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE instance_stats (instance text PRIMARY KEY, updated_at timestamptz NOT NULL, "
         "snapshot jsonb NOT NULL)",
     ),
+    # Operations shared by instances (issue 15): which instance wrote each alert transition (the others follow
+    # it), at most one alert in progress per rule and robot whichever instance opens it, and the ends of robots'
+    # MQTT connections, which only the instance that held the connection sees.
+    (
+        "ALTER TABLE alert_transition ADD COLUMN writer text",
+        # An older alert left in progress beside a newer one of the same rule and robot (a lost write) ends.
+        "UPDATE alert SET state = 'cleared', cleared_at = updated_at WHERE state <> 'cleared' AND EXISTS (SELECT 1 "
+        "FROM alert AS newer WHERE newer.rule = alert.rule AND newer.serial_number = alert.serial_number AND "
+        "newer.state <> 'cleared' AND (newer.created_at, newer.id) > (alert.created_at, alert.id))",
+        "CREATE UNIQUE INDEX alert_one_current ON alert (rule, serial_number) WHERE state <> 'cleared'",
+        "CREATE TABLE presence_event (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, serial_number text "
+        "NOT NULL, at timestamptz NOT NULL, last_seen timestamptz, writer text NOT NULL)",
+    ),
 )
 
 # Any number that fits one transaction: serializes concurrent spotbox starts on one database.
@@ -138,6 +151,12 @@ _COMMIT_ORDER_LOCK = 0x5B07B0C6
 # The wake-up of every instance's live feeds (LISTEN/NOTIFY): a small payload naming the writer, sent on commit.
 STATUS_CHANNEL = "spotbox_status"
 _LOCK_AND_NOTIFY = f"SELECT pg_advisory_xact_lock($1), pg_notify('{STATUS_CHANNEL}', $2)"
+# Operations changes (alert transitions, registry changes, connection ends) are committed in one order across
+# instances under this lock, and wake the other instances on OPS_CHANNEL (payload: "{kind} {writer_tag}").
+OPS_ORDER_LOCK = 0x5B07B0C7
+OPS_CHANNEL = "spotbox_ops"
+# The one session lock held by the instance that evaluates alert rules for every instance (spotbox/cluster/ops.py).
+ALERT_EVALUATOR_LOCK = 0x5B07B0C8
 
 _INSERT = f"""
 INSERT INTO status ({", ".join(WRITE_COLUMNS)})

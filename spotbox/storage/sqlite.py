@@ -127,6 +127,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX rejection_robot ON rejection (serial_number, id)",
         "CREATE INDEX rejection_time ON rejection (received_at)",
     ),
+    # As on PostgreSQL (where instances share the tables): who wrote each alert transition, one alert in progress
+    # per rule and robot.
+    (
+        "ALTER TABLE alert_transition ADD COLUMN writer TEXT",
+        # An older alert left in progress beside a newer one of the same rule and robot (a lost write) ends.
+        "UPDATE alert SET state = 'cleared', cleared_at = updated_at WHERE state <> 'cleared' AND EXISTS (SELECT 1 "
+        "FROM alert AS newer WHERE newer.rule = alert.rule AND newer.serial_number = alert.serial_number AND "
+        "newer.state <> 'cleared' AND (newer.created_at, newer.id) > (alert.created_at, alert.id))",
+        "CREATE UNIQUE INDEX alert_one_current ON alert (rule, serial_number) WHERE state <> 'cleared'",
+    ),
 )
 
 # 32766 bound variables per statement since SQLite 3.32; stay well below.
