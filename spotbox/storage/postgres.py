@@ -10,9 +10,10 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from spotbox.errors import StorageError, StorageUnavailableError
-from spotbox.status import StatusRecord, StatusRow, StoredStatus, api_items_json, to_micros
+from spotbox.status import StatusRecord, StatusRow, StoredStatus, api_items_json, parse_utc, to_micros
 from spotbox.storage import base
 from spotbox.storage.base import (
     PAGE_PAYLOAD_BUDGET,
@@ -172,6 +173,35 @@ _API_SELECT = (
     "SELECT id, serial_number, ts, received_at, battery_level, battery_status, driving_status, "
     "current_drive_id::text, latitude, longitude, height"
 )
+
+
+def _iso(column: str) -> str:
+    """SQL for a timestamptz as the text orjson writes for a UTC datetime: seconds, `.ffffff` unless 0, then Z."""
+    return f"""replace(to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'), '.000000', '') || 'Z'"""
+
+
+def _float(column: str) -> str:
+    """SQL for a float8 as orjson writes it, within _FLOATS_AS_ORJSON: the shortest exact text, `.0` when whole."""
+    return f"CASE WHEN {column} = trunc({column}) THEN {column}::text || '.0' ELSE {column}::text END"
+
+
+# Where PostgreSQL's shortest float text (extra_float_digits >= 1, the default) is orjson's: exponents start at
+# 1e15 and below 1e-4 there, and orjson writes them differently.
+_FLOATS_AS_ORJSON = " AND ".join(
+    f"(abs({column}) >= 1e-4 AND abs({column}) < 1e15 OR {column} = 0)"
+    for column in ("latitude", "longitude", "height")
+)
+# A status as one JSON object, written by PostgreSQL (format() costs it less than || or json_build_object).
+# to_json escapes text exactly as orjson does (test); serial numbers (a pattern of their own) and uuids need none.
+_ITEM_FORMAT = (
+    '{"id":%s,"serial_number":"%s","ts":"%s","received_at":"%s","battery_level":%s,"battery_status":%s,'
+    '"driving_status":%s,"current_drive_id":%s,"location":{"latitude":%s,"longitude":%s,"height":%s}}'
+)
+_ITEM_TEXT = (
+    f"format('{_ITEM_FORMAT}', id, serial_number, {_iso('ts')}, {_iso('received_at')}, battery_level, "
+    "to_json(battery_status), to_json(driving_status), coalesce('\"' || current_drive_id::text || '\"', 'null'), "
+    f"{_float('latitude')}, {_float('longitude')}, {_float('height')})"
+)
 # Rows a history page with payloads reads from its cursor at a time (each payload up to --max-payload).
 _PAYLOAD_PREFETCH = 8
 _RESENT = "SELECT delivery_key, received_at FROM status WHERE delivery_key = ANY($1::bytea[]) AND received_at >= $2"
@@ -325,6 +355,9 @@ class PostgresStorage:
         limit = f"LIMIT ${len(params) + 1}"
         params.append(query.limit + 1)
         if not include_payload:
+            page = await self._page_text(where, limit, params, query.limit)
+            if page is not None:
+                return page
             rows = await self._fetch(f"{_API_SELECT} FROM status WHERE {where} ORDER BY ts, id {limit}", params)
             more = len(rows) > query.limit
             rows = rows[: query.limit]
@@ -333,6 +366,28 @@ class PostgresStorage:
             rows, more = await self._within_budget(sql, params, query.limit)
         after = (rows[-1][2], rows[-1][0]) if more else None
         return HistoryPage(api_items_json(rows), len(rows), after)
+
+    async def _page_text(self, where: str, limit: str, params: list[Any], page_limit: int) -> HistoryPage | None:
+        """The page as JSON text written by PostgreSQL, the Python process only joining it; None when a value is
+        one PostgreSQL would write otherwise than orjson (then the page is built from rows).
+
+        The text is byte for byte the JSON built from rows (test): it moves the rows' decoding and encoding out of
+        the event loop's thread, which serves every request. One text per row, joined here, costs PostgreSQL
+        less than string_agg over a numbered page and this process about the same.
+        """
+        sql = (
+            f"SELECT CASE WHEN {_FLOATS_AS_ORJSON} AND (SELECT current_setting('extra_float_digits')::int >= 1) "
+            f"THEN {_ITEM_TEXT} END FROM status WHERE {where} ORDER BY ts, id {limit}"
+        )
+        rows = await self._fetch(sql, params)
+        items = [row[0] for row in rows[:page_limit]]
+        if None in items:
+            return None
+        after = None
+        if len(rows) > page_limit:
+            last = orjson.loads(items[-1])
+            after = (parse_utc(last["ts"].removesuffix("Z")), last["id"])
+        return HistoryPage(f"[{','.join(items)}]".encode(), len(items), after)
 
     async def _within_budget(self, sql: str, params: Sequence[Any], limit: int) -> tuple[list[Any], bool]:
         rows: list[Any] = []

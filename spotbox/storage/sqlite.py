@@ -345,8 +345,10 @@ class SQLiteStorage:
     async def history_page(self, query: HistoryQuery, include_payload: bool) -> HistoryPage:
         """One page as JSON, built in a reader thread; payloads read only when asked for, within the budget."""
         sql, params = sqlite_read.history_sql(query, include_payload)
-        budget = PAGE_PAYLOAD_BUDGET if include_payload else None
-        return await self._pool().run(sqlite_read.history_page, sql, params, query.limit, budget)
+        if include_payload:
+            return await self._pool().run(sqlite_read.history_page, sql, params, query.limit, PAGE_PAYLOAD_BUDGET)
+        text_sql, text_params = sqlite_read.history_text_sql(query)
+        return await self._pool().run(sqlite_read.history_page_text, text_sql, text_params, sql, params, query.limit)
 
     async def robot_exists(self, serial_number: str) -> bool:
         """True once a row of this robot is stored."""
