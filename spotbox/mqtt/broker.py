@@ -107,9 +107,11 @@ class Broker:
         self.paused_connections = 0
         self.mqtt_address: tuple[str, int] | None = None
         self.on_connection_closed: Callable[[str, frozenset[str]], None] | None = None
-        # Connections waiting, unread, for a login slot (see `_admit`), and the wake-up when a slot frees.
+        # The --max-pending-logins slots, each held by a connection from its admission until it logs in or ends,
+        # and how many connections wait, unread, for one (see `_admit`). A semaphore wakes one waiter per slot
+        # freed, in arrival order: a storm of 10,000 waiting robots costs one wake-up per login, not 10,000.
+        self._login_slots = asyncio.Semaphore(self.limits.max_pending_logins)
         self._admission_waiting = 0
-        self._login_slot = asyncio.Event()
         # Presence (spotbox.ops.presence): which connection stored each status, and when a connection ends.
         self.presence: Presence | None = None
         self._server: asyncio.Server | None = None
@@ -170,8 +172,13 @@ class Broker:
             self.counters.refused_connections += 1
             stream.abort()
             return
-        conn = Connection(self, stream)
-        self.connections.add(conn)  # from here it counts among the connections logging in, TLS handshake included
+        try:
+            conn = Connection(self, stream)
+        except BaseException:
+            self._login_slots.release()
+            raise
+        # Holds its login slot, TLS handshake included, until it logs in or ends (`connection_closed`).
+        self.connections.add(conn)
         try:
             if not await stream.handshake(self.limits.connect_timeout_s):
                 stream.abort()
@@ -192,7 +199,8 @@ class Broker:
         waiting, is refused.
         """
         limits = self.limits
-        if len(self.connections) - self.logged_in < limits.max_pending_logins:
+        if not self._login_slots.locked():
+            await self._login_slots.acquire()  # a free slot: taken without waiting
             return True
         if self._admission_waiting >= limits.max_connections:
             logger.warning("mqtt connection from %s refused: too many connections waiting to log in", stream.peer)
@@ -200,9 +208,7 @@ class Broker:
         self._admission_waiting += 1
         try:
             async with asyncio.timeout(max(ADMISSION_WAIT_S, limits.connect_timeout_s)):
-                while len(self.connections) - self.logged_in >= limits.max_pending_logins:
-                    self._login_slot.clear()
-                    await self._login_slot.wait()
+                await self._login_slots.acquire()
         except TimeoutError:
             logger.warning(
                 "mqtt connection from %s refused: no login slot within %.0f s (%d connections still logging in)",
@@ -269,7 +275,7 @@ class Broker:
         session.connection = conn
         conn.session, conn.client_id, conn.logged_in = session, client_id, True
         self.logged_in += 1
-        self._login_slot.set()
+        self._login_slots.release()
         keep_alive = connect.keep_alive
         if v5 and not 0 < keep_alive <= self.limits.max_keepalive:
             keep_alive = self.limits.max_keepalive  # told in CONNACK [MQTT-3.2.2-21]
@@ -422,10 +428,11 @@ class Broker:
         if conn not in self.connections:
             return
         self.connections.discard(conn)
-        self._login_slot.set()
         if self.presence is not None:
             self.presence.connection_closed(conn)
-        if conn.logged_in:
+        if not conn.logged_in:
+            self._login_slots.release()  # it never logged in: its login slot is free
+        else:
             self.logged_in -= 1
             if self.on_connection_closed is not None and conn.client_id is not None:
                 try:
