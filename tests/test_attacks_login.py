@@ -15,6 +15,7 @@ import aiohttp
 import aiomqtt
 import pytest
 
+from spotbox.mqtt.admission import address_key
 from spotbox.settings import Settings
 from spotbox.users import User, Users
 from tests.conformance import settings_with
@@ -156,6 +157,44 @@ async def test_sockets_that_never_log_in_do_not_lock_out_robots(make_box: BoxFac
     assert [item["ts"] for item in await box.history("ROBOT-OK")] == [stamp(1)]
 
 
+async def test_idle_sockets_from_one_address_do_not_hold_back_another(make_box: BoxFactory, tmp_path: Path) -> None:
+    """Test that 60 sockets from 127.0.0.1 that never send a CONNECT hold only that address's share of the 16 login
+    slots: a robot from 127.0.0.2 logs in at once, long before their CONNECT deadline, with no credentials needed
+    to attempt the lock-out; and that the sockets past the address's share of waiting places are closed at once."""
+    box = await make_box(settings_with(tmp_path, max_pending_logins=16, max_connections=40, connect_timeout_s=10))
+    idle = [await asyncio.open_connection("127.0.0.1", box.mqtt_port, local_addr=("127.0.0.1", 0)) for _ in range(60)]
+    try:
+        started = time.monotonic()
+        async with raw_client(box.mqtt_port, "127.0.0.2") as robot:
+            await robot.send(connect_packet("other-address"))
+            async with asyncio.timeout(5):
+                assert await robot.connack() == CONNACK_ACCEPTED
+        waited = time.monotonic() - started
+        # 4 holding slots and 5 waiting (a share of 40) are kept; the other 51 were closed without a byte.
+        async with asyncio.timeout(5):
+            closed = sum([await reader.read(1) == b"" for reader, _ in idle[9:]])
+        assert closed == 51
+    finally:
+        for _, writer in idle:
+            writer.close()
+    assert waited < 5  # the idle sockets' CONNECT deadline is 10 s: it did not wait for them
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:fffe", "2001:db8:1:2::/64"),  # same host's /64: one share
+        ("::ffff:192.0.2.7", "192.0.2.7"),  # IPv4 through a dual-stack socket: the IPv4 address's share
+        ("", ""),
+    ],
+)
+def test_an_ipv6_host_is_its_64_for_its_share_of_login_slots(address: str, key: str) -> None:
+    """Test that an IPv6 client cannot take a share per address of its /64 (it usually holds all of it)."""
+    assert address_key(address) == key
+
+
 async def test_wrong_password_flood_does_not_slow_other_addresses(make_box: BoxFactory, tmp_path: Path) -> None:
     """Test that while 30 wrong-password CONNECTs for ROBOT-A come from 127.0.0.1, a good login from 127.0.0.2 takes
     no more than a few times as long as it does alone, and ROBOT-A's own password still works from 127.0.0.3."""
@@ -191,7 +230,7 @@ async def test_tls_handshakes_never_finished_count_as_logins_and_end_at_the_dead
     make_box: BoxFactory, tmp_path: Path, certificate: tuple[Path, Path]
 ) -> None:
     """Test that sockets to the MQTT TLS port that never send a ClientHello take the places of connections still
-    logging in (--max-pending-logins 10) and are closed at the CONNECT deadline: each held about 256 KB for 60 s,
+    logging in (--max-pending-logins 10, of which one address takes 4) and are closed at the CONNECT deadline: each held about 256 KB for 60 s,
     uncounted (1,500 of them took 300 MB), before the listener handed them to spotbox; a robot then logs in over
     TLS and stores its status."""
     cert, key = certificate
@@ -200,7 +239,8 @@ async def test_tls_handshakes_never_finished_count_as_logins_and_end_at_the_dead
     idle = [await asyncio.open_connection("127.0.0.1", box.mqtt_port) for _ in range(15)]
     try:
         await asyncio.sleep(0.1)
-        assert len(box.broker.connections) == 10  # the handshakes in progress; the other 5 wait their turn
+        # The handshakes in progress: one address's share of the 10 places (4); the other 11 wait their turn.
+        assert len(box.broker.connections) == 4
         async with asyncio.timeout(5):
             for reader, _ in idle:
                 with contextlib.suppress(ConnectionResetError):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from spotbox.errors import ListenError
+from spotbox.mqtt.admission import LoginSlots, address_key
 from spotbox.mqtt.auth import Authenticator
 from spotbox.mqtt.connection import Closed, Connection, Stream
 from spotbox.mqtt.listeners import MqttLimits, TcpStream, WebSocketStream, start_tcp
@@ -108,10 +109,9 @@ class Broker:
         self.mqtt_address: tuple[str, int] | None = None
         self.on_connection_closed: Callable[[str, frozenset[str]], None] | None = None
         # The --max-pending-logins slots, each held by a connection from its admission until it logs in or ends,
-        # and how many connections wait, unread, for one (see `_admit`). A semaphore wakes one waiter per slot
+        # shared between addresses (spotbox.mqtt.admission; see `_admit`). Semaphores wake one waiter per slot
         # freed, in arrival order: a storm of 10,000 waiting robots costs one wake-up per login, not 10,000.
-        self._login_slots = asyncio.Semaphore(self.limits.max_pending_logins)
-        self._admission_waiting = 0
+        self._login_slots = LoginSlots(self.limits.max_pending_logins, max_waiting=self.limits.max_connections)
         # Presence (spotbox.ops.presence): which connection stored each status, and when a connection ends.
         self.presence: Presence | None = None
         self._server: asyncio.Server | None = None
@@ -175,7 +175,7 @@ class Broker:
         try:
             conn = Connection(self, stream)
         except BaseException:
-            self._login_slots.release()
+            self._login_slots.release(address_key(stream.address))
             raise
         # Holds its login slot, TLS handshake included, until it logs in or ends (`connection_closed`).
         self.connections.add(conn)
@@ -194,31 +194,28 @@ class Broker:
 
         A fleet reconnecting at once after a restart (thousands of robots in a second) queues here and is served
         in turn: no robot is refused for arriving in a storm. Sockets that never log in hold a slot only until their
-        CONNECT deadline, so they delay the queue but cannot lock it. A connection that waits longer than
-        ADMISSION_WAIT_S (or its CONNECT deadline, if longer), or finds --max-connections connections already
-        waiting, is refused.
+        CONNECT deadline, and one address holds at most its share of the slots (spotbox.mqtt.admission), so idle
+        sockets from one host delay only that host's connections. A connection that waits longer than
+        ADMISSION_WAIT_S (or its CONNECT deadline, if longer), or finds --max-connections connections (or its
+        address's share of them) already waiting, is refused.
         """
         limits = self.limits
-        if not self._login_slots.locked():
-            await self._login_slots.acquire()  # a free slot: taken without waiting
-            return True
-        if self._admission_waiting >= limits.max_connections:
+        key = address_key(stream.address)
+        if not self._login_slots.may_wait(key):
             logger.warning("mqtt connection from %s refused: too many connections waiting to log in", stream.peer)
             return False
-        self._admission_waiting += 1
+        wait_s = max(ADMISSION_WAIT_S, limits.connect_timeout_s)
         try:
-            async with asyncio.timeout(max(ADMISSION_WAIT_S, limits.connect_timeout_s)):
-                await self._login_slots.acquire()
+            async with asyncio.timeout(wait_s):
+                await self._login_slots.acquire(key)
         except TimeoutError:
             logger.warning(
                 "mqtt connection from %s refused: no login slot within %.0f s (%d connections still logging in)",
                 stream.peer,
-                max(ADMISSION_WAIT_S, limits.connect_timeout_s),
+                wait_s,
                 len(self.connections) - self.logged_in,
             )
             return False
-        finally:
-            self._admission_waiting -= 1
         return True
 
     # --- logins -------------------------------------------------------------------------------------------------
@@ -275,7 +272,7 @@ class Broker:
         session.connection = conn
         conn.session, conn.client_id, conn.logged_in = session, client_id, True
         self.logged_in += 1
-        self._login_slots.release()
+        self._login_slots.release(address_key(conn.stream.address))
         keep_alive = connect.keep_alive
         if v5 and not 0 < keep_alive <= self.limits.max_keepalive:
             keep_alive = self.limits.max_keepalive  # told in CONNACK [MQTT-3.2.2-21]
@@ -431,7 +428,7 @@ class Broker:
         if self.presence is not None:
             self.presence.connection_closed(conn)
         if not conn.logged_in:
-            self._login_slots.release()  # it never logged in: its login slot is free
+            self._login_slots.release(address_key(conn.stream.address))  # it never logged in: its slot is free
         else:
             self.logged_in -= 1
             if self.on_connection_closed is not None and conn.client_id is not None:
