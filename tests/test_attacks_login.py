@@ -230,9 +230,9 @@ async def test_tls_handshakes_never_finished_count_as_logins_and_end_at_the_dead
     make_box: BoxFactory, tmp_path: Path, certificate: tuple[Path, Path]
 ) -> None:
     """Test that sockets to the MQTT TLS port that never send a ClientHello take the places of connections still
-    logging in (--max-pending-logins 10, of which one address takes 4) and are closed at the CONNECT deadline: each held about 256 KB for 60 s,
-    uncounted (1,500 of them took 300 MB), before the listener handed them to spotbox; a robot then logs in over
-    TLS and stores its status."""
+    logging in (--max-pending-logins 10, of which one address takes 4) and are closed at the CONNECT deadline: each
+    held about 256 KB for 60 s, uncounted (1,500 of them took 300 MB), before the listener handed them to spotbox;
+    a robot then logs in over TLS and stores its status."""
     cert, key = certificate
     settings = settings_with(tmp_path, max_pending_logins=10, connect_timeout_s=0.3, tls_cert=cert, tls_key=key)
     box = await make_box(settings)
