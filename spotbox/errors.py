@@ -44,6 +44,10 @@ class StorageUnavailableError(StorageError):
     """The database cannot be reached right now; the operation may succeed later."""
 
 
+class StorageConflictError(StorageError):
+    """A write breaks a constraint of the database (a unique index): the same write will never succeed."""
+
+
 class BadRequestError(SpotboxError):
     """An HTTP request carries a bad parameter; answered with 400."""
 

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from spotbox.cluster.ops import SharedOps
 from spotbox.keys import OPS, SHARED_OPS
+from spotbox.ops.alerts import Alert, Transition
 from spotbox.settings import Settings
 from tests.conftest import Box, BoxFactory, fresh_postgres_schema
 from tests.helpers import FeedReader, mqtt_client, open_feed, payload, stamp
@@ -337,3 +338,84 @@ async def test_an_evaluator_whose_connection_dies_hands_over_to_the_other(
         ("pending", "active"),
     ]
     assert not shared(a).evaluator
+
+
+@contextlib.asynccontextmanager
+async def reader_held(box: Box) -> AsyncIterator[None]:
+    """Keep `box` from reading the other instances' changes (as a slow poll would) until the block ends."""
+    ops = shared(box)
+    read, gate, entered = ops.catch_up, asyncio.Event(), asyncio.Event()
+
+    async def held() -> None:
+        entered.set()
+        await gate.wait()
+        await read()
+
+    ops.catch_up = held  # type: ignore[method-assign]
+    try:
+        await until(entered.is_set)  # the read started before now (if any) is over
+        yield
+    finally:
+        gate.set()
+        ops.catch_up = read  # type: ignore[method-assign]
+
+
+async def stored_alerts(box: Box, serial: str) -> list[tuple[str, str, bool]]:
+    """(id, state, acknowledged) of the robot's stored alerts, oldest first."""
+    sql = "SELECT id, state, acknowledged FROM alert WHERE serial_number = $1 ORDER BY created_at"
+    return [(row[0], row[1], bool(row[2])) for row in await box.storage.query(sql, [serial])]
+
+
+async def test_acknowledging_on_an_instance_behind_the_evaluator_keeps_the_stored_state(
+    shared_database: str, make_box: BoxFactory, tmp_path: Path
+) -> None:
+    """Test that acknowledging, on an instance that has not yet read the evaluator's clearing, an alert the
+    evaluator cleared stores the acknowledgement and leaves the alert cleared, also when the evaluator has opened
+    a new alert of that rule and robot since; the instance's later alert writes are stored."""
+    settings = gateway(shared_database, tmp_path)
+    a = await make_box(settings)
+    b = await make_box(settings)
+    for serial in ("REOPENS", "STAYS"):
+        await post(a, serial, 0, battery_level=5)
+    await until(lambda: sum(alert.state == "active" for alert in b.server.app[OPS].alerts.open.values()) == 2)
+    [(reopens, _, _)] = await stored_alerts(a, "REOPENS")
+    [(stays, _, _)] = await stored_alerts(a, "STAYS")
+    async with reader_held(b):
+        await post(a, "REOPENS", 1, battery_level=90)
+        await post(a, "STAYS", 1, battery_level=90)
+        await post(a, "REOPENS", 2, battery_level=5)
+        await a.server.app[OPS].writer.flushed()
+        assert [state for _, state, _ in await stored_alerts(a, "REOPENS")] == ["cleared", "pending"]
+        for alert_id in (stays, reopens):
+            async with b.http.post(f"{b.base_url}/alerts/{alert_id}/ack") as resp:
+                assert resp.status == 200, await resp.text()
+        sql = "SELECT count(*) FROM alert_transition WHERE alert_id = $1 AND to_state = 'acknowledged'"
+        await until(lambda: _one(b, sql, reopens), timeout_s=5)
+    assert await stored_alerts(a, "STAYS") == [(stays, "cleared", True)]
+    [first, second] = await stored_alerts(a, "REOPENS")
+    assert first == (reopens, "cleared", True)
+    assert second[1:] in {("pending", False), ("active", False)}
+
+
+async def _one(box: Box, sql: str, *params: Any) -> bool:
+    ((count,),) = await box.storage.query(sql, list(params))
+    return bool(count == 1)
+
+
+async def test_a_change_the_database_refuses_is_dropped_and_later_changes_are_written(
+    shared_database: str, make_box: BoxFactory, tmp_path: Path
+) -> None:
+    """Test that an alert change breaking the one-in-progress index (two instances at odds for a moment) is
+    dropped, not retried forever, and the writer goes on with the next changes."""
+    box = await make_box(gateway(shared_database, tmp_path))
+    ops = box.server.app[OPS]
+    now = ops.clock()
+    stale = Alert("stale", "battery_low", "ODDS", "warning", "cleared", now, now, "old", cleared_at=now)
+    for alert in (stale, dataclasses.replace(stale, id="current", state="active", cleared_at=None)):
+        ops.writer.add(alert, Transition(now, None, alert.state))
+    await ops.writer.flushed()
+    ops.writer.add(dataclasses.replace(stale, state="active", cleared_at=None), Transition(now, "cleared", "active"))
+    await ops.writer.flushed()
+    assert ops.alerts.acknowledge(dataclasses.replace(stale, id="current", state="active"), None, now) is not None
+    await until(lambda: _one(box, "SELECT count(*) FROM alert_transition WHERE to_state = 'acknowledged'"), 5)
+    assert await stored_alerts(box, "ODDS") == [("stale", "cleared", False), ("current", "active", True)]

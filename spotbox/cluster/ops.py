@@ -17,7 +17,8 @@ Every instance commits statuses to one table, so every instance can know every r
   durations) on one timer. Its changes go to the database, and once committed to the webhook and upstream; the
   other instances read each transition written by another (`alert_transition.writer`), move their copy of the
   alert the same way and send it on their feeds. If it stops, its lock goes with its connection and another
-  instance takes over, starting from the alerts stored. Acknowledging is one conditional UPDATE, on any instance.
+  instance takes over, starting from the alerts stored. Acknowledging is one conditional UPDATE, on any instance,
+  of the acknowledgement alone: only the evaluator writes an alert's state.
   The unique index `alert_one_current` keeps one alert in progress per rule and robot even if two instances
   believe for a moment that they evaluate (a database restart): the second's is not stored and not told.
 """

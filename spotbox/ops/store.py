@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from spotbox.errors import StorageError
-from spotbox.ops.alerts import Alert, Transition
+from spotbox.errors import StorageConflictError, StorageError
+from spotbox.ops.alerts import ALERT_STATES, Alert, Transition
 from spotbox.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -102,10 +102,17 @@ _INSERT_ALERT = (
     f"INSERT INTO alert ({_ALERT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) "
     "ON CONFLICT DO NOTHING"
 )
-# Later changes update it. An acknowledgement made by another instance is never taken back.
+# Later changes of its state update it (only the evaluating instance makes them). An acknowledgement made by another
+# instance is never taken back.
 _UPDATE_ALERT = (
     "UPDATE alert SET state = $2, acknowledged = (acknowledged OR $3), ack_by = coalesce(ack_by, $4), "
     "ack_at = coalesce(ack_at, $5), activated_at = $6, cleared_at = $7, updated_at = $8, value = $9 WHERE id = $1"
+)
+# An acknowledgement (stored first by `acknowledge_once`) sets the acknowledgement alone: the instance making it may
+# hold an out-of-date copy of the alert (the evaluator's last changes not yet read), and its state is the
+# evaluator's to write.
+_ACKNOWLEDGE_ALERT = (
+    "UPDATE alert SET acknowledged = $2, ack_by = coalesce(ack_by, $3), ack_at = coalesce(ack_at, $4) WHERE id = $1"
 )
 # A transition is kept only with its alert's row.
 _INSERT_TRANSITION = (
@@ -317,6 +324,10 @@ class AlertWriter:
                 # connection mid-transaction.
                 self._inflight = asyncio.ensure_future(self.storage.execute(self.first + self._statements(batch)))
                 counts = await asyncio.shield(self._inflight)
+            except StorageConflictError as exc:
+                # Retrying cannot help (two instances at odds for a moment over an alert in progress): the batch
+                # goes, the changes after it are written.
+                logger.error("%d alert changes dropped, the database refused them: %s", len(batch), exc)
             except StorageError as exc:
                 self._pending.extendleft(reversed(batch))
                 if not retry:
@@ -360,6 +371,8 @@ class AlertWriter:
                     alert.value, alert.message,
                 ]  # fmt: skip
                 statements.append((_INSERT_ALERT, row))
+            elif transition.to_state not in ALERT_STATES:
+                statements.append((_ACKNOWLEDGE_ALERT, [alert.id, True, alert.ack_by, ack_at]))
             else:
                 row = [
                     alert.id, alert.state, alert.acknowledged, alert.ack_by, ack_at, activated_at, cleared_at,

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from spotbox.errors import StorageError, StorageUnavailableError
+from spotbox.errors import StorageConflictError, StorageError, StorageUnavailableError
 from spotbox.status import StatusRecord, StatusRow, StoredStatus, api_items_json, parse_utc, to_micros
 from spotbox.storage import base
 from spotbox.storage.base import (
@@ -523,6 +523,8 @@ class PostgresStorage:
                     counts.append(int(tail) if tail.isdigit() else 0)
         except _UNAVAILABLE as exc:
             raise StorageUnavailableError(f"PostgreSQL write failed: {exc!r}") from exc
+        except asyncpg.IntegrityConstraintViolationError as exc:
+            raise StorageConflictError(f"PostgreSQL write failed: {exc}") from exc
         except asyncpg.PostgresError as exc:
             raise StorageError(f"PostgreSQL write failed: {exc}") from exc
         return counts

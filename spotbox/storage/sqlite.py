@@ -14,7 +14,7 @@ from typing import Any
 
 import aiosqlite
 
-from spotbox.errors import StorageError, StorageUnavailableError
+from spotbox.errors import StorageConflictError, StorageError, StorageUnavailableError
 from spotbox.status import StatusRecord, StatusRow, StoredStatus, from_micros, to_micros
 from spotbox.storage import base, sqlite_read
 from spotbox.storage.base import (
@@ -467,6 +467,8 @@ class SQLiteStorage:
                     raise
             except sqlite3.OperationalError as exc:
                 raise StorageUnavailableError(f"SQLite write failed: {exc}") from exc
+            except sqlite3.IntegrityError as exc:
+                raise StorageConflictError(f"SQLite write failed: {exc}") from exc
             except sqlite3.Error as exc:
                 raise StorageError(f"SQLite write failed: {exc}") from exc
         return counts
