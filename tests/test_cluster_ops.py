@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 from aiohttp import web
 
@@ -341,23 +342,24 @@ async def test_an_evaluator_whose_connection_dies_hands_over_to_the_other(
 
 
 @contextlib.asynccontextmanager
-async def reader_held(box: Box) -> AsyncIterator[None]:
-    """Keep `box` from reading the other instances' changes (as a slow poll would) until the block ends."""
+async def transitions_held(box: Box) -> AsyncIterator[None]:
+    """Keep `box` from reading the alert changes other instances made (as a slow poll would) until the block ends;
+    it reads their statuses until its next read of alert changes."""
     ops = shared(box)
-    read, gate, entered = ops.catch_up, asyncio.Event(), asyncio.Event()
+    read, gate, entered = ops._read_transitions, asyncio.Event(), asyncio.Event()
 
     async def held() -> None:
         entered.set()
         await gate.wait()
         await read()
 
-    ops.catch_up = held  # type: ignore[method-assign]
+    ops._read_transitions = held  # type: ignore[method-assign]
     try:
         await until(entered.is_set)  # the read started before now (if any) is over
         yield
     finally:
         gate.set()
-        ops.catch_up = read  # type: ignore[method-assign]
+        ops._read_transitions = read  # type: ignore[method-assign]
 
 
 async def stored_alerts(box: Box, serial: str) -> list[tuple[str, str, bool]]:
@@ -380,7 +382,7 @@ async def test_acknowledging_on_an_instance_behind_the_evaluator_keeps_the_store
     await until(lambda: sum(alert.state == "active" for alert in b.server.app[OPS].alerts.open.values()) == 2)
     [(reopens, _, _)] = await stored_alerts(a, "REOPENS")
     [(stays, _, _)] = await stored_alerts(a, "STAYS")
-    async with reader_held(b):
+    async with transitions_held(b):
         await post(a, "REOPENS", 1, battery_level=90)
         await post(a, "STAYS", 1, battery_level=90)
         await post(a, "REOPENS", 2, battery_level=5)
@@ -419,3 +421,36 @@ async def test_a_change_the_database_refuses_is_dropped_and_later_changes_are_wr
     assert ops.alerts.acknowledge(dataclasses.replace(stale, id="current", state="active"), None, now) is not None
     await until(lambda: _one(box, "SELECT count(*) FROM alert_transition WHERE to_state = 'acknowledged'"), 5)
     assert await stored_alerts(box, "ODDS") == [("stale", "cleared", False), ("current", "active", True)]
+
+
+async def test_an_alert_the_database_did_not_keep_is_gone_from_the_feeds_and_mqtt(
+    shared_database: str, make_box: BoxFactory, tmp_path: Path
+) -> None:
+    """Test that when two instances open an alert of one rule and robot at once (both believing for a moment that
+    they evaluate) and the database keeps the other's, the feed says this instance's is gone (not open) and the
+    robot's retained MQTT message no longer lists it."""
+    settings = gateway(shared_database, tmp_path)
+    a = await make_box(settings)
+    b = await make_box(settings)
+    now = b.server.app[OPS].clock()
+    theirs = Alert("theirs", "battery_low", "TWICE", "warning", "pending", now, now, "battery_level 4 is below 20")
+    async with (
+        open_feed(a.http, f"{a.base_url}/robots/TWICE/feed", skip=("status", "presence")) as feed,
+        transitions_held(a),
+    ):
+        b.server.app[OPS].writer.add(theirs, Transition(now, None, "pending"))
+        await b.server.app[OPS].writer.flushed()
+        await post(a, "TWICE", 0, battery_level=5)
+        ours = await next_event(feed, "alert")
+        assert (ours["state"], ours["open"]) == ("pending", True)
+        gone = await next_event(feed, "alert")
+        while gone["open"]:  # it may have become active meanwhile
+            gone = await next_event(feed, "alert")
+        assert gone["id"] == ours["id"]
+        async with mqtt_client(a.mqtt_port) as watcher:
+            await watcher.subscribe("spotbox/alerts/TWICE", qos=1)
+            async with asyncio.timeout(10):
+                async for message in watcher.messages:
+                    if orjson.loads(bytes(message.payload)) == []:
+                        break
+    assert [alert_id for alert_id, _, _ in await stored_alerts(a, "TWICE")] == ["theirs"]

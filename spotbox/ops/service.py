@@ -144,12 +144,23 @@ class Operations:
 
     def _alert_written(self, alert: Alert, transition: Transition, document: Any, kept: bool) -> None:
         if not kept:
-            self.alerts.discard(alert)
+            self._alert_gone(alert)
             return
         if self.webhook is not None:
             self.webhook.send({"transition": transition.to_api(), "alert": document})
         for listener in self.written_listeners:
             listener(alert, transition, document)
+
+    def _alert_gone(self, alert: Alert) -> None:
+        """The database did not keep the alert (another instance had one of its rule and robot first): it was on the
+        feeds and in the robot's retained message already, so say it is gone, as a clearing that closes it is told
+        (not open), and republish the robot's open alerts."""
+        self.alerts.discard(alert)
+        at = max(self.clock(), alert.updated_at)
+        gone = alert.to_api() | {"state": "cleared", "cleared_at": at, "updated_at": at, "open": False}
+        self.hub.publish_event(alert.serial_number, "alert", gone)
+        self._dirty.add(alert.serial_number)
+        self._dirty_wake.set()
 
     async def _publish_alerts(self) -> None:
         """Keep `spotbox/alerts/{serial}` (retained) equal to each changed robot's open alerts."""
