@@ -20,9 +20,12 @@ import pytest
 from aiohttp import web
 
 from spotbox.cluster.ops import SharedOps
+from spotbox.errors import StorageError
 from spotbox.keys import OPS, SHARED_OPS
 from spotbox.ops.alerts import Alert, Transition
+from spotbox.ops.store import load_unfinished
 from spotbox.settings import Settings
+from spotbox.storage import Storage
 from tests.conftest import Box, BoxFactory, fresh_postgres_schema
 from tests.helpers import FeedReader, mqtt_client, open_feed, payload, stamp
 
@@ -454,3 +457,57 @@ async def test_an_alert_the_database_did_not_keep_is_gone_from_the_feeds_and_mqt
                     if orjson.loads(bytes(message.payload)) == []:
                         break
     assert [alert_id for alert_id, _, _ in await stored_alerts(a, "TWICE")] == ["theirs"]
+
+
+async def test_an_instance_starts_when_the_alerts_cannot_be_read_and_evaluates_once_they_can(
+    shared_database: str, make_box: BoxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test that a database error while taking up the stored alerts at start does not stop the instance starting:
+    it evaluates once a retry reads them."""
+    failures = [StorageError("PostgreSQL read failed: the connection was closed")]
+
+    async def flaky(storage: Storage) -> list[Alert]:
+        if failures:
+            raise failures.pop()
+        return await load_unfinished(storage)
+
+    monkeypatch.setattr("spotbox.cluster.ops.load_unfinished", flaky)
+    box = await make_box(gateway(shared_database, tmp_path))
+    await until(lambda: shared(box).evaluator)
+    assert not failures
+
+
+async def test_statuses_and_rejections_committed_while_an_instance_takes_over_are_evaluated(
+    shared_database: str, make_box: BoxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test that statuses and rejections committed while an instance takes over the evaluation (reading the stored
+    alerts) are evaluated once it has: they open their alerts without a further status."""
+    settings = gateway(shared_database, tmp_path)
+    a = await make_box(settings)
+    b = await make_box(settings)
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def slow(storage: Storage) -> list[Alert]:
+        entered.set()
+        await gate.wait()
+        return await load_unfinished(storage)
+
+    monkeypatch.setattr("spotbox.cluster.ops.load_unfinished", slow)
+    await a.http.close()
+    await a.server.close()
+    await asyncio.wait_for(entered.wait(), 10)
+    for n in range(3):
+        await post(b, "TAKEN", n, battery_level=5)
+    for _ in range(2):
+        async with b.http.post(f"{b.base_url}/robots/TAKEN/status", data=payload(battery_level=150)) as resp:
+            assert resp.status == 422
+    await until(lambda: _count_is(b, "SELECT count(*) FROM rejection", 2))
+    gate.set()
+    await until(lambda: shared(b).evaluator)
+    engine = b.server.app[OPS].alerts
+    await until(lambda: {rule for rule, _ in engine.current} == {"battery_low", "rejections_high"})
+
+
+async def _count_is(box: Box, sql: str, expected: int) -> bool:
+    ((count,),) = await box.storage.query(sql, [])
+    return bool(count == expected)

@@ -125,8 +125,9 @@ class SharedOps:
         self.presence_id = await self._max("presence_event")
 
     async def start(self) -> None:
-        """Try once to become the evaluator (a lone instance is, at once)."""
-        with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        """Try once to become the evaluator (a lone instance is, at once); on a database error, `_hold_lock` tries
+        again (it must not stop the app starting)."""
+        with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, StorageError):
             self._lock_conn = await asyncpg.connect(self.storage.dsn, timeout=10)
             await self._try_to_evaluate()
 
@@ -207,15 +208,24 @@ class SharedOps:
 
     async def _try_to_evaluate(self) -> None:
         assert self._lock_conn is not None
-        if not await self._lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", ALERT_EVALUATOR_LOCK):
+        # The cursors from which this instance evaluates are where it stands when it takes the lock (the
+        # rejections' read with it): statuses and rejections committed while it takes up the stored alerts below
+        # are not evaluated as they come (that waits for the alerts), so they are read again from there.
+        locked, rejection_id = await self._lock_conn.fetchrow(
+            "SELECT pg_try_advisory_lock($1), (SELECT coalesce(max(id), 0) FROM rejection)", ALERT_EVALUATOR_LOCK
+        )
+        if not locked:
             return
+        row_id = self.row_id
         # Take up the alerts as stored (the last evaluator's changes are written before its lock is released,
-        # or lost with it), and the rejections from now on.
+        # or lost with it).
         await self.ops.writer.flushed()
         self.ops.alerts.load(await load_unfinished(self.storage), replace=True)
-        self.rejection_id = await self._max("rejection")
+        self.row_id, self.rejection_id = row_id, rejection_id
+        self._behind = True
         self.evaluator = True
         self.ops.alerts.evaluating = True
+        self._wake.set()
         logger.info("alerts: this instance evaluates the rules for every instance sharing the database")
 
     def _stop_evaluating(self) -> None:
@@ -280,6 +290,11 @@ class SharedOps:
         for serial, received_at, last_id in rows:
             self.ops.presence.seen_elsewhere(serial, received_at)
             end = max(end, last_id)
+        if self.evaluator:
+            # This instance became the evaluator meanwhile: the rows after its cursor are to be evaluated.
+            self._behind = True
+            self._wake.set()
+            return
         # Rows of this instance committed meanwhile may have moved the cursor on.
         self.row_id = max(self.row_id, end)
 
