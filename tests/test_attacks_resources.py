@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import socket
 from pathlib import Path
+from typing import Any
 
 import mqtt5
 import orjson
@@ -18,6 +19,8 @@ from spotbox.loadgen import remaining_length
 from spotbox.mqtt import broker, sessions
 from spotbox.mqtt.broker import INFLIGHT_MAX, SUBSCRIPTIONS_PER_SESSION_MAX, TOPIC_FILTER_MAX_LEVELS
 from spotbox.mqtt.connection import OUTGOING_ALIASES_MAX
+from spotbox.mqtt.message import Message
+from spotbox.mqtt.wire import Wire5
 from tests.conformance import DROPPED, VERSIONS, metric, peer, start
 from tests.conftest import Box, BoxFactory
 from tests.helpers import payload, stamp, status
@@ -336,3 +339,35 @@ async def test_topic_aliases_to_a_client_are_bounded(sbox: Box) -> None:
     aliases = [d.v5.topic_alias for d in deliveries if d.v5 is not None]
     assert aliases[: len(topics)] == [*range(1, OUTGOING_ALIASES_MAX + 1), *[None] * 8]
     assert [(d.topic, d.v5.topic_alias if d.v5 else None) for d in deliveries[-2:]] == [("", 1), ("", 2)]
+
+
+async def test_a_publish_that_fails_to_encode_holds_no_bytes(sbox: Box, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that a delivery whose PUBLISH fails to encode (a fault injected at the wire's encoder) holds none of the
+    session's or the broker's byte budget and no packet id, whether it was routed straight to the subscriber or sent
+    from its queue after an acknowledgement, and the messages after it still arrive: held bytes never released would
+    exhaust SESSION_HELD_MAX_BYTES and drop every later QoS 1/2 delivery as queue_full."""
+    encode = Wire5.publish
+
+    def failing(self: Wire5, message: Message, *args: Any) -> bytes:
+        if message.payload.startswith(b"poison"):
+            raise ValueError("injected encoding failure")
+        return encode(self, message, *args)
+
+    monkeypatch.setattr(Wire5, "publish", failing)
+    async with peer(sbox.mqtt_port, "5", "fragile", receive_max=1) as (subscriber, _):
+        assert await subscriber.subscribe(("enc/#", 1)) == [1]
+        async with peer(sbox.mqtt_port, "3.1.1") as (publisher, _):
+            # poison-1 goes straight to the subscriber; good-1 fills its Receive Maximum of 1, so poison-2 and good-2
+            # wait in its queue for good-1's PUBACK.
+            for body in (b"poison-1", b"good-1", b"poison-2", b"good-2"):
+                await publisher.publish("enc/t", body, 1)
+        first = await subscriber.next()
+        assert first.payload == b"good-1"
+        await subscriber.ack(first)
+        second = await subscriber.next()
+        assert second.payload == b"good-2"
+        await subscriber.ack(second)
+        await subscriber.sync()
+        session = sbox.broker.sessions.get("fragile")
+        assert session is not None
+        assert (session.held_bytes, sbox.broker.sessions.held_bytes, session.inflight) == (0, 0, {})

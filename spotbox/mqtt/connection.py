@@ -475,11 +475,22 @@ class Connection:
         self._send_tracked(item)
 
     def _send_tracked(self, item: Queued) -> None:
-        """Send a QoS 1/2 message already held for the session (Sessions.hold) and keep it until acknowledged."""
+        """Send a QoS 1/2 message already held for the session (Sessions.hold) and keep it until acknowledged.
+
+        A message that fails to encode is dropped here, its bytes released (its packet id was never kept): left
+        held, repeated failures would exhaust the byte budgets and drop every later delivery as queue_full, and
+        raised from `pump` it would end the subscriber's connection on the acknowledgement that sent it.
+        """
         session = self.session
         assert session is not None
         packet_id = session.take_packet_id()
-        if self._send(item.message, item.qos, item.retain, packet_id, False, item.subscription_ids):
+        try:
+            sent = self._send(item.message, item.qos, item.retain, packet_id, False, item.subscription_ids)
+        except Exception:
+            self.broker.sessions.release(session, item.message)
+            logger.exception("message on %r not delivered to %r", item.message.topic, self.client_id)
+            return
+        if sent:
             session.inflight[packet_id] = Outgoing(
                 packet_id, item.message, item.qos, item.retain, item.subscription_ids
             )
