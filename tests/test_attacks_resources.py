@@ -303,26 +303,32 @@ async def test_bytes_of_wills_kept_are_bounded(sbox: Box, version: str, monkeypa
 
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_sessions_kept_are_bounded(sbox: Box, version: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Test that past SESSIONS_MAX sessions kept (here 3), a CONNECT that would start another is refused (3.1.1:
-    CONNACK 3, MQTT 5: 0x97) and gets none, while a kept persistent session is still resumed: client ids cost
-    nothing to make, and each persistent session stays until it expires, which may be never."""
+    """Test that past SESSIONS_MAX persistent sessions kept (here 3), a CONNECT that would start another is refused
+    (3.1.1: CONNACK 3, MQTT 5: 0x97) and gets none, while a kept persistent session is still resumed and a clean
+    session (3.1.1 clean session, MQTT 5 expiry 0) still connects: client ids cost nothing to make, and each
+    persistent session stays until it expires, which may be never; a clean one ends with its connection, bounded by
+    --max-connections, so one user's persistent sessions cannot lock the clean-session robots out."""
     monkeypatch.setattr(broker, "SESSIONS_MAX", 3)
     monkeypatch.setattr(sbox.broker, "limits", dataclasses.replace(sbox.broker.limits, max_connections=3))
-    for n in range(3):
-        async with peer(sbox.mqtt_port, version, f"kept-{n}", clean=False):
-            pass
-    await until(lambda: len(sbox.broker.sessions) == 3)
+    async with peer(sbox.mqtt_port, version, "clean-before"):
+        for n in range(3):
+            async with peer(sbox.mqtt_port, version, f"kept-{n}", clean=False):
+                pass
+        await until(lambda: len(sbox.broker.sessions) == 4)
     async with raw_client(sbox.mqtt_port) as client:
         if version == "3.1.1":
-            await client.send(connect_packet("one-more"))
+            await client.send(connect_packet("one-more", clean=False))
             assert await client.connack() == 3
         else:
-            await client.send(mqtt5.ConnectPacket("one-more").write())
+            await client.send(mqtt5.ConnectPacket("one-more", session_expiry_interval=300).write())
             first, body = await client.read_packet()
             assert (first, body[1]) == (0x20, 0x97)
     assert sbox.broker.sessions.get("one-more") is None
+    async with peer(sbox.mqtt_port, version, "clean-robot") as (_, present):
+        assert not present
     async with peer(sbox.mqtt_port, version, "kept-1", clean=False) as (_, present):
         assert present
+    assert sbox.broker.sessions.persistent == 3
 
 
 async def test_topic_aliases_to_a_client_are_bounded(sbox: Box) -> None:

@@ -400,7 +400,7 @@ class Connection:
         if packet.session_expiry_s is not None:
             if session.expiry_s == 0 and packet.session_expiry_s != 0:
                 raise Closed("session expiry set on DISCONNECT after 0 on CONNECT", _Reason.PROTOCOL_ERROR)
-            session.expiry_s = packet.session_expiry_s  # MQTT 5.0 3.14.2.2.2
+            self.broker.sessions.set_expiry(session, packet.session_expiry_s)  # MQTT 5.0 3.14.2.2.2
         # The will is published only when the client asks with 0x04 [MQTT-3.14.4-3].
         self._will_on_close = packet.reason_code == _Reason.DISCONNECT_WITH_WILL_MESSAGE
         raise Closed("DISCONNECT", level=logging.DEBUG)
