@@ -168,7 +168,8 @@ class Settings:
     max_pending_logins: int = option(
         200,
         "Most MQTT connections logging in at once (no CONNECT handled yet), apart from --max-connections; more wait "
-        "their turn unread, each within its --connect-timeout-s. One address holds at most an eighth of them.",
+        "their turn unread, each within its --connect-timeout-s; an address past an eighth of them leaves a quarter "
+        "free.",
         group=VALIDATION,
         check=at_least(1),
     )
