@@ -246,7 +246,8 @@ async def test_full_disk_is_reported_as_such_and_writes_resume(tmp_path: Path) -
 
 
 async def test_failed_commit_keeps_its_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Test that a COMMIT failing on a full disk (SQLite then rolls back by itself) reports the full disk."""
+    """Test that a COMMIT failing on a full disk (SQLite then rolls back by itself) reports the full disk, for a
+    batch written in an explicit transaction (one with a resend) and for a usual one (one INSERT, its own commit)."""
     store = SQLiteStorage(tmp_path / "full.db")
     await store.open()
     try:
@@ -261,7 +262,13 @@ async def test_failed_commit_keeps_its_cause(tmp_path: Path, monkeypatch: pytest
         def faulty(sql: str, parameters: Any = None) -> Any:
             return full_disk_commit() if sql == "COMMIT" else execute(sql, parameters)
 
+        async def full_disk_insert(sql: str, parameters: Any = None) -> Any:
+            raise sqlite3.OperationalError("database or disk is full")  # the statement's own commit, rolled back
+
         monkeypatch.setattr(writer, "execute", faulty)
+        monkeypatch.setattr(writer, "execute_insert", full_disk_insert)
+        with pytest.raises(StorageUnavailableError, match="database or disk is full"):
+            await store.write_batch([_delivered(0, resend=True)])
         with pytest.raises(StorageUnavailableError, match="database or disk is full"):
             await store.write_batch([record("R1", 1)])
         monkeypatch.undo()

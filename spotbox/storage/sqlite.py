@@ -200,6 +200,21 @@ def _row_values(record: StatusRecord) -> tuple[Any, ...]:
     )
 
 
+_ROW_MARKS = "(" + ", ".join("?" * len(WRITE_COLUMNS)) + ")"
+# The rows one INSERT added, read back by id when the dedup index skipped some of the batch.
+_READ_BACK = "SELECT id, serial_number, ts, payload_hash FROM status WHERE id > ?"
+
+
+def _insert_sql(rows: int) -> str:
+    """INSERT of `rows` rows that skips a status already stored (the dedup index)."""
+    marks = ", ".join([_ROW_MARKS] * rows)
+    return f"INSERT INTO status ({', '.join(WRITE_COLUMNS)}) VALUES {marks} ON CONFLICT DO NOTHING"
+
+
+def _params(records: Sequence[StatusRecord]) -> list[Any]:
+    return [value for record in records for value in _row_values(record)]
+
+
 def _stored(row: sqlite3.Row) -> StoredStatus:
     return StoredStatus(
         id=row[0],
@@ -294,8 +309,35 @@ class SQLiteStorage:
         """Insert the batch in one transaction; duplicates are skipped by the unique dedup index."""
         db = self._db(self._writer)
         async with self._write_lock:
+            if len(records) <= _ROWS_PER_INSERT and not base.resent_keys(records):
+                return await self._insert_one(db, records)
             returned = await self._insert(db, records)
         return assign_ids(records, returned)
+
+    @staticmethod
+    async def _insert_one(db: aiosqlite.Connection, records: Sequence[StatusRecord]) -> list[int | None]:
+        """The usual batch (no resends, one statement's worth): one INSERT, its own transaction, in one call to
+        the writer thread (a BEGIN, a RETURNING cursor read in chunks and a COMMIT are each a call more).
+
+        SQLite gives a new row the greatest id plus one, so the k rows it inserted are the k ids up to the last
+        one, in statement order: when all were inserted, those are the ids; otherwise the new rows are read back
+        by id (the write lock keeps every other writer out meanwhile).
+        """
+        try:
+            before = db.total_changes
+            row = await db.execute_insert(_insert_sql(len(records)), _params(records))
+            inserted = db.total_changes - before
+            if not inserted:
+                return [None] * len(records)
+            last = int(row[0]) if row is not None else 0
+            if inserted == len(records):
+                return list(range(last - inserted + 1, last + 1))
+            fresh = await db.execute_fetchall(_READ_BACK, (last - inserted,))
+        except sqlite3.OperationalError as exc:
+            raise StorageUnavailableError(f"SQLite write failed: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite write failed: {exc}") from exc
+        return assign_ids(records, {(row[1], row[2], row[3]): row[0] for row in fresh})
 
     @staticmethod
     async def _insert(db: aiosqlite.Connection, records: Sequence[StatusRecord]) -> dict[tuple[str, int, bytes], int]:
@@ -306,13 +348,8 @@ class SQLiteStorage:
                 records = await _without_resent(db, records)
                 for start in range(0, len(records), _ROWS_PER_INSERT):
                     chunk = records[start : start + _ROWS_PER_INSERT]
-                    placeholders = ", ".join(["(" + ", ".join("?" * len(WRITE_COLUMNS)) + ")"] * len(chunk))
-                    params = [value for record in chunk for value in _row_values(record)]
-                    sql = (
-                        f"INSERT INTO status ({', '.join(WRITE_COLUMNS)}) VALUES {placeholders} "
-                        "ON CONFLICT DO NOTHING RETURNING id, serial_number, ts, payload_hash"
-                    )
-                    async with db.execute(sql, params) as cursor:
+                    sql = _insert_sql(len(chunk)) + " RETURNING id, serial_number, ts, payload_hash"
+                    async with db.execute(sql, _params(chunk)) as cursor:
                         async for row in cursor:
                             returned[(row[1], row[2], row[3])] = row[0]
                 await db.execute("COMMIT")
