@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections import Counter
@@ -92,9 +91,12 @@ class IngestPipeline:
         self.stats.received += 1
         received_at = received_at or datetime.now(UTC)
         verdict = self.validator.check(serial, raw, received_at)
-        if delivery is not None and isinstance(verdict, StatusRecord) and verdict.ts == verdict.received_at:
-            key = delivery.key(verdict.payload_hash)
-            verdict = dataclasses.replace(verdict, delivery_key=key, resend=delivery.resend)
+        if type(verdict) is StatusRecord:
+            if delivery is not None and verdict.ts == verdict.received_at:
+                verdict.delivery_key = delivery.key(verdict.payload_hash)
+                verdict.resend = delivery.resend
+            self.window.count(serial, None)  # a valid status has a valid serial
+            return verdict
         rejected = verdict.field if isinstance(verdict, Rejection) else None
         self.window.count(serial if is_valid_serial(serial) else None, rejected)
         if isinstance(verdict, Rejection):
