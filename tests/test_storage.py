@@ -287,7 +287,11 @@ async def test_older_schema_is_migrated_keeping_rows(database_url: str, monkeypa
         with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db, db:
             db.execute(f"INSERT INTO status ({columns}) VALUES ({', '.join('?' * len(COLUMNS))})", values)
     else:
-        values = postgres_backend._values(row)[: len(COLUMNS)]  # the old release's row
+        values = (  # the old release's row
+            *(getattr(row, column) for column in COLUMNS[:10]),
+            row.payload.decode(),
+            row.payload_hash,
+        )
         conn = await asyncpg.connect(database_url)
         try:
             marks = ", ".join(f"${n + 1}" for n in range(len(COLUMNS)))
