@@ -76,6 +76,7 @@ class IngestPipeline:
         # everything queued before it, then returns.
         self._queue: deque[_Item | None] = deque()
         self._queue_size = queue_size
+        self._first_queued_at = 0.0  # when the queue last went from empty to not empty (time.monotonic)
         # Set when something is queued; the writer clears it before it waits.
         self._arrived = asyncio.Event()
         # Set whenever the writer has taken from the queue; readers of publishing sockets wait on it when full.
@@ -137,12 +138,16 @@ class IngestPipeline:
         if len(self._queue) >= self._queue_size:
             raise asyncio.QueueFull
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        if not self._queue:
+            self._first_queued_at = time.monotonic()
         self._queue.append((record, future))
         self._arrived.set()
         return future
 
     async def _put(self, item: _Item | None) -> None:
         await self.wait_for_room()
+        if not self._queue:
+            self._first_queued_at = time.monotonic()
         self._queue.append(item)
         self._arrived.set()
 
@@ -180,11 +185,16 @@ class IngestPipeline:
         await self._put(None)
 
     async def _next_batch(self) -> list[_Item]:
-        """Wait for a first status, then take all that is queued, waiting for more until `batch_wait_s` after
-        the call (or until `batch_max`)."""
+        """Wait for a first status, then take all that is queued, and wait for more until `batch_wait_s` after the
+        first of them was queued (or until `batch_max`).
+
+        Statuses that queued up while the last batch was being committed have waited that long already: they are
+        committed at once. Waiting on until some time after the previous commit would hold a publisher's whole
+        window of statuses, which then waits for its acknowledgements to send more, for nothing.
+        """
         batch: list[_Item] = []
         queue = self._queue
-        deadline = time.monotonic() + self._batch_wait_s
+        deadline = 0.0
         while len(batch) < self._batch_max and not self._stopping:
             if not queue:
                 self._arrived.clear()
@@ -200,6 +210,8 @@ class IngestPipeline:
                 except TimeoutError:
                     break
                 continue
+            if not batch:
+                deadline = self._first_queued_at + self._batch_wait_s
             for _ in range(min(len(queue), self._batch_max - len(batch))):
                 item = queue.popleft()
                 if item is None:
