@@ -13,7 +13,7 @@ import asyncpg
 import orjson
 
 from spotbox.errors import StorageError, StorageUnavailableError
-from spotbox.status import StatusRecord, StatusRow, StoredStatus, api_items_json, to_micros
+from spotbox.status import StatusRecord, StatusRow, StoredStatus, api_items_json
 from spotbox.storage import base
 from spotbox.storage.base import (
     PAGE_PAYLOAD_BUDGET,
@@ -22,7 +22,6 @@ from spotbox.storage.base import (
     DownsampleQuery,
     HistoryPage,
     HistoryQuery,
-    assign_ids,
 )
 
 logger = logging.getLogger(__name__)
@@ -290,8 +289,9 @@ class PostgresStorage:
             raise StorageUnavailableError(f"PostgreSQL write failed: {exc!r}") from exc
         except asyncpg.PostgresError as exc:
             raise StorageError(f"PostgreSQL write failed: {exc}") from exc
-        returned = {(row[1], to_micros(row[2]), bytes(row[3])): row[0] for row in rows}
-        return assign_ids(records, returned)
+        # assign_ids, keyed by the datetime (asyncpg gives an aware UTC one) rather than its microseconds.
+        returned = {(row[1], row[2], row[3]): row[0] for row in rows}
+        return [returned.pop((record.serial_number, record.ts, record.payload_hash), None) for record in records]
 
     async def history(self, query: HistoryQuery) -> list[StoredStatus]:
         """Rows of one robot in (ts, id) order, after the cursor, within the time range, payloads included."""
