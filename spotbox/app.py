@@ -9,6 +9,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from functools import partial
+from typing import Any
 
 from aiohttp import web
 
@@ -18,8 +19,9 @@ from spotbox.api.errors import error_middleware
 from spotbox.cluster.client import BrokerURL
 from spotbox.cluster.contexts import cluster_ctx, row_source_ctx, shared_stats_ctx
 from spotbox.cluster.forward import ForwardConfig, Forwarder, keep_after_id
+from spotbox.cluster.ops import SharedOps
 from spotbox.errors import ConfigError, StorageError
-from spotbox.keys import BROKER, FORWARDERS, HUB, OPS, PIPELINE, RETENTION, ROWS, RUNTIME, SETTINGS, STORAGE
+from spotbox.keys import BROKER, FORWARDERS, HUB, OPS, PIPELINE, RETENTION, ROWS, RUNTIME, SETTINGS, SHARED_OPS, STORAGE
 from spotbox.mqtt.broker import Broker
 from spotbox.mqtt.listeners import MqttLimits
 from spotbox.ops.alerts import Alert, Transition
@@ -31,6 +33,7 @@ from spotbox.settings import Settings
 from spotbox.sse import FeedHub
 from spotbox.status import StoredStatus, dumps
 from spotbox.storage import open_storage
+from spotbox.storage.postgres import PostgresStorage
 from spotbox.validation import Rejection
 
 logger = logging.getLogger(__name__)
@@ -107,33 +110,46 @@ async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def ops_ctx(app: web.Application) -> AsyncIterator[None]:
     """Presence, the registry, alerts and the rejection record: read back at start, kept by background loops."""
-    ops = Operations(app[STORAGE], app[SETTINGS], app[HUB])
+    storage = app[STORAGE]
+    ops = Operations(storage, app[SETTINGS], app[HUB])
+    # On PostgreSQL, presence and alerts are kept in step with the other instances sharing the database.
+    tick = app[SETTINGS].ops_tick_s
+    shared = SharedOps(ops, storage, retry_s=tick, poll_s=tick) if isinstance(storage, PostgresStorage) else None
+    if shared is not None:
+        await shared.read_ends()
     await ops.start()
+    if shared is not None:
+        await shared.start()
+        app[ROWS].followers.append(shared.follow)
+        app[SHARED_OPS] = shared
     app[OPS] = ops
 
-    def forward_alert(alert: Alert, transition: Transition) -> None:
+    def forward_alert(alert: Alert, transition: Transition, document: dict[str, Any]) -> None:
         # Upstream, where alert changes are forwarded (--forward, --forward-alerts): each change, as the webhook.
         if app[FORWARDERS]:
-            change = dumps({"transition": transition.to_api(), "alert": alert.to_api()})
+            change = dumps({"transition": transition.to_api(), "alert": document})
             for forwarder in app[FORWARDERS]:
                 forwarder.forward_event("alert", f"spotbox/alerts/{alert.serial_number}", change)
 
-    ops.alerts.listeners.append(forward_alert)
-    task = asyncio.create_task(ops.run(), name="spotbox-ops")
+    ops.written_listeners.append(forward_alert)
+    tasks = [asyncio.create_task(ops.run(), name="spotbox-ops")]
+    if shared is not None:
+        tasks.append(asyncio.create_task(shared.run(), name="spotbox-shared-ops"))
     yield
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
-    except Exception:
-        logger.exception("operations loops failed while stopping")
+    for task in tasks:
+        task.cancel()
+    for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(outcome, Exception):
+            logger.error("operations loops failed while stopping: %r", outcome)
     # The last alert changes and rejections reach the database before storage closes (once, no retrying).
     try:
         await ops.writer.write_pending(retry=False)
         await ops.rejections.flush()
     except Exception:
         logger.exception("last alert changes or rejections not written")
+    if shared is not None:
+        # Only now may another instance take over the rules: this one's last changes are written.
+        await shared.close()
 
 
 async def broker_ctx(app: web.Application) -> AsyncIterator[None]:

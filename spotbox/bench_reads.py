@@ -23,7 +23,7 @@ import aiohttp
 import asyncpg
 import orjson
 
-from spotbox.bench import BenchError, peak_rss_mb, scratch_database, spotbox_server
+from spotbox.bench import BenchError, cpu_seconds, peak_rss_mb, scratch_database, spotbox_server
 from spotbox.settings import DatabaseURL
 from spotbox.status import StatusRecord, payload_digest
 from spotbox.storage import open_storage
@@ -243,7 +243,9 @@ async def run_reads(config: ReadsConfig) -> dict[str, Any]:
                 base = f"http://127.0.0.1:{server.http_port}"
                 if config.warmup_s > 0:
                     await drive(base, config, config.warmup_s, workdir)
+                cpu_before = cpu_seconds(server.proc.pid)
                 figures = await drive(base, config, config.duration_s, workdir)
+                server_cpu = cpu_seconds(server.proc.pid) - cpu_before
                 peak = peak_rss_mb(server.proc.pid)
     backend = DatabaseURL.parse(config.database_url).scheme if config.database_url else "sqlite"
     return {
@@ -251,6 +253,8 @@ async def run_reads(config: ReadsConfig) -> dict[str, Any]:
         "config": {**asdict(config), "database": backend, "database_url": None},
         "fill_s": round(fill_s, 1),
         **figures,
+        # CPU time (user + system, all threads) per request: comparable across runs on a busy machine.
+        "server_cpu_us_per_request": round(server_cpu / figures["requests"] * 1e6, 1) if figures["requests"] else None,
         "peak_rss_mb": round(peak, 1),
     }
 
@@ -265,6 +269,7 @@ def format_reads(figures: dict[str, Any]) -> str:
             f"requests per second  {figures['requests_per_s']:,}",
             f"latency p50 / p99 ms {latency['p50']} / {latency['p99']} (max {latency['max']})",
             f"errors               {figures['errors']}",
+            f"server CPU per request (us) {figures['server_cpu_us_per_request']}",
             f"peak RSS MB          {figures['peak_rss_mb']}",
         ]
     )

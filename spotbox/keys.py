@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from spotbox.cluster.forward import Forwarder
 from spotbox.cluster.ingest import ClusterIngest
+from spotbox.cluster.ops import SharedOps
 from spotbox.cluster.rows import RowSource
 from spotbox.cluster.stats import SharedStats
 from spotbox.mqtt.broker import Broker
@@ -34,4 +35,5 @@ CLUSTER = web.AppKey("cluster", ClusterIngest)
 ROWS = web.AppKey("rows", RowSource)
 # On PostgreSQL: /stats for every instance sharing the database.
 SHARED_STATS = web.AppKey("shared_stats", SharedStats)
+SHARED_OPS = web.AppKey("shared_ops", SharedOps)
 OPS = web.AppKey("ops", Operations)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from datetime import datetime
+import math
+import random
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import orjson
+import pytest
 
-from spotbox.status import StatusRecord, parse_utc
+from spotbox.settings import DatabaseURL
+from spotbox.status import StatusRecord, dumps, parse_utc, payload_digest
+from spotbox.storage import HistoryQuery, open_storage
 from spotbox.storage.sqlite import SQLiteStorage
-from tests.conftest import Box
+from tests.conftest import Box, fresh_postgres_schema
 from tests.helpers import mqtt_client, open_feed, status
 from tests.test_storage import VALIDATOR
 
@@ -211,3 +217,90 @@ async def test_feed_data_keeps_its_json(box: Box) -> None:
     assert live == expected
     assert received.endswith("Z")
     assert datetime.fromisoformat(received) > datetime.fromisoformat(ITEMS[0]["received_at"])
+
+
+ODD_TEXT = ['say "hi"', "back\\slash", "".join(map(chr, range(1, 32))), "\x7f \u2028 \u00e9 \U0001f600", "</script>"]
+
+
+def _float_mix(rng: random.Random) -> float:
+    """A float as robots send them (6 to 7 decimals, sums that need 17 digits, whole numbers) or far from them."""
+    kind = rng.randrange(6)
+    if kind == 0:
+        return round(rng.uniform(-180, 180), rng.randrange(1, 8))
+    if kind == 1:
+        return rng.uniform(-90, 90) + 1e-6 * rng.randrange(100)
+    if kind == 2:
+        return float(rng.randrange(-1000, 1000))
+    if kind == 3:
+        return rng.choice((-1.0, 1.0)) * math.pow(10, rng.uniform(-30, 30))
+    if kind == 4:
+        return float(rng.choice((5e-324, 1e-31, 1.5e300, -1.7976931348623157e308, 1e200)))
+    return rng.uniform(0, 1) * 10.0 ** rng.randrange(-5, 17)
+
+
+async def test_history_page_text_is_the_rows_json(database_url: str) -> None:
+    """Test that the history page the database writes as text is byte for byte the JSON built from its rows.
+
+    Floats of every kind (6 decimals, 17 digits, whole, tiny, huge), text that needs escapes, times with and
+    without microseconds around 1970 (some rows sharing one), a page size of 1 to 500 and the cursors between
+    pages. Pages with a float the database cannot write as orjson does come from rows: both kinds are here.
+    """
+    rng = random.Random(12)
+    start = datetime(1969, 12, 31, 23, 59, tzinfo=UTC)
+    records: list[StatusRecord] = []
+    for second in range(400):
+        ts = start + timedelta(seconds=second, microseconds=rng.choice((0, 1, 250_000, 999_999)))
+        if second % 7 == 1:  # rows of one time, in id order: a page may end between them
+            ts = records[-1].ts
+        lat, lon, height = (_float_mix(rng) if rng.random() < 0.3 else 52.5 + second * 1e-6 for _ in range(3))
+        raw = orjson.dumps({"n": second})
+        moving = second % 3 != 0
+        # A schema of the user's own may allow any text: escapes (written straight to storage here) too.
+        battery = rng.choice(ODD_TEXT) if second % 5 == 0 else "DISCHARGING" if moving else "CHARGING"
+        records.append(
+            StatusRecord(
+                SERIAL, ts, ts + timedelta(milliseconds=second), 1 + second % 100,
+                battery, "MOVING" if moving else "IDLE", DRIVE if moving else None,
+                lat, lon, height, raw, payload_digest(raw),
+            )
+        )  # fmt: skip
+    await _assert_pages_are_rows_json(database_url, records, start + timedelta(seconds=3), (1, 7, 100, 500))
+
+
+@pytest.mark.postgres
+async def test_postgres_page_text_needs_shortest_floats() -> None:
+    """Test that with extra_float_digits below 1 (PostgreSQL's floats then lose digits) pages come from rows."""
+    ts = datetime(2026, 11, 22, 10, tzinfo=UTC)
+    raw = orjson.dumps({"n": 1})
+    record = StatusRecord(
+        SERIAL, ts, ts, 50, "CHARGING", "IDLE", None, 0.30000000000000004, 13.405000000000001, 1.5, raw,
+        payload_digest(raw),
+    )  # fmt: skip
+    async with fresh_postgres_schema() as url:
+        await _assert_pages_are_rows_json(f"{url}&extra_float_digits=0", [record], ts, (1, 2))
+
+
+async def _assert_pages_are_rows_json(
+    database_url: str, records: list[StatusRecord], start: datetime, limits: tuple[int, ...]
+) -> None:
+    """Write `records`, then read every page of each size from `start`: each as `history` rows show them."""
+    store = open_storage(DatabaseURL.parse(database_url))
+    await store.open()
+    try:
+        await store.write_batch(records)
+        for limit in limits:
+            after = None
+            while True:
+                query = HistoryQuery(SERIAL, start, None, after, limit)
+                page = await store.history_page(query, include_payload=False)
+                rows = await store.history(dataclasses.replace(query, limit=limit + 1))
+                shown = rows[:limit]
+                assert page.items_json == dumps([row.to_api() for row in shown])
+                assert page.count == len(shown)
+                expected_after = (shown[-1].record.ts, shown[-1].id) if len(rows) > limit else None
+                assert page.next_after == expected_after
+                if page.next_after is None:
+                    break
+                after = page.next_after
+    finally:
+        await store.close()

@@ -170,10 +170,14 @@ async def test_wrong_password_flood_does_not_slow_other_addresses(make_box: BoxF
         await asyncio.sleep(0.05)  # the flood has reached the broker
         code, during = await connack("b-during", "ROBOT-B", "pw-b", "127.0.0.2")
         owner, owner_time = await connack("a-owner", "ROBOT-A", "pw-a", "127.0.0.3")
+        # Not queued behind the flood: both were answered while wrong passwords were still being refused.
+        flood_left = sum(not task.done() for task in flood)
     finally:
         for task in flood:
             task.cancel()
         await asyncio.gather(*flood, return_exceptions=True)
     assert (code, owner) == (CONNACK_ACCEPTED, CONNACK_ACCEPTED)
-    assert during < 4 * alone + 0.25, (during, alone)
-    assert owner_time < 4 * alone + 0.25, (owner_time, alone)
+    assert flood_left > 0
+    # The slack is for a machine shared with other work; the flood itself takes seconds.
+    assert during < 4 * alone + 1.0, (during, alone)
+    assert owner_time < 4 * alone + 1.0, (owner_time, alone)

@@ -113,6 +113,7 @@ async def test_bench_reads_scenario_reports_requests(client: str) -> None:
     assert figures["errors"] == 0
     assert figures["requests_per_s"] > 0
     assert 0 < figures["latency_ms"]["p50"] <= figures["latency_ms"]["p99"] <= figures["latency_ms"]["max"]
+    assert figures["server_cpu_us_per_request"] > 0
 
 
 @pytest.mark.slow  # a spotbox run with six feeds and publishers

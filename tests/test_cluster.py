@@ -27,7 +27,7 @@ import yaml
 from spotbox.cluster import client as cluster_client
 from spotbox.cluster.ingest import ClusterIngest
 from spotbox.errors import ConfigError
-from spotbox.keys import CLUSTER
+from spotbox.keys import CLUSTER, OPS
 from spotbox.settings import Settings
 from spotbox.status import StatusRecord, StoredStatus
 from spotbox.storage import Storage, open_storage
@@ -107,7 +107,8 @@ def assert_each_once(rows: list[StoredStatus], expected: int) -> None:
 async def test_two_instances_share_the_statuses_and_store_each_once(
     make_box: BoxFactory, mosquitto: Mosquitto, shared_database: str
 ) -> None:
-    """Test that 3,000 QoS 1 statuses from 10 publishers are stored once each, and both instances took a share."""
+    """Test that 3,000 QoS 1 statuses from 10 publishers are stored once each, both instances took a share, and a
+    robot whose one status went to one instance is online on both."""
     a = await joined(make_box, member(shared_database, mosquitto, "a"))
     b = await joined(make_box, member(shared_database, mosquitto, "b"))
     await publish_fleet(mosquitto.port, robots=10, each=300)
@@ -131,6 +132,15 @@ async def test_two_instances_share_the_statuses_and_store_each_once(
     stats = await fleet_stats()
     assert stats["valid"] == 3000
     assert sum(robot["received"] for robot in stats["robots"].values()) == 3000
+    # One status goes to one instance; the robot is online on both (presence reads what every instance commits).
+    async with mqtt_client(mosquitto.port) as solo:
+        await solo.publish("robot/SOLO/status", payload(), qos=1)
+    for box in (a, b):
+        async with asyncio.timeout(10):
+            while box.server.app[OPS].presence.robots.get("SOLO") is None:  # noqa: ASYNC110 - read on a wake-up
+                await asyncio.sleep(0.02)
+        async with box.http.get(f"{box.base_url}/robots/SOLO") as resp:
+            assert (await resp.json())["presence"] == "online"
 
 
 async def _received(stats: Awaitable[dict[str, Any]], count: int) -> bool:

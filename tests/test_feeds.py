@@ -221,9 +221,9 @@ async def on_the_hub(box: Box) -> None:
     rows = box.server.app.get(ROWS)
     if rows is None:
         return  # SQLite: the writer hands rows to the hub as it commits them
-    last = await box.storage.max_id()
+    last = await rows.storage.max_id()
     async with asyncio.timeout(10):
-        while rows.last_id < last:
+        while rows.last_id < last:  # noqa: ASYNC110 - the RowSource's progress raises no event
             await asyncio.sleep(0.005)
 
 

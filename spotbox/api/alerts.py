@@ -14,7 +14,7 @@ from spotbox.api.params import int_param, time_param
 from spotbox.errors import BadRequestError, NotFoundError
 from spotbox.keys import OPS, STORAGE
 from spotbox.ops.alerts import ALERT_STATES, Alert
-from spotbox.ops.store import AlertQuery, get_alert, query_alerts
+from spotbox.ops.store import AlertQuery, acknowledge_once, get_alert, query_alerts
 from spotbox.status import from_micros, is_valid_serial, to_micros
 
 ALERTS_LIMIT_DEFAULT = 100
@@ -85,7 +85,16 @@ async def acknowledge_alert(request: web.Request) -> web.Response:
     """POST /alerts/{id}/ack: acknowledge the alert (a login with --users); acknowledging twice changes nothing."""
     user = await operator(request)
     alert = await _find(request)
-    request.app[OPS].alerts.acknowledge(alert, user)
+    ops = request.app[OPS]
+    storage = request.app[STORAGE]
+    if not alert.acknowledged:
+        # The database decides: of two acknowledgements at once (on two instances sharing it), one is made.
+        await ops.writer.flushed()
+        now = ops.clock()
+        if await acknowledge_once(storage, alert.id, user, now):
+            ops.alerts.acknowledge(alert, user, now)
+        else:
+            alert = await get_alert(storage, alert.id) or alert
     return json_response(alert.to_api())
 
 

@@ -131,6 +131,7 @@ async def run_once(admin_url: str, broker_port: int, instances: int, total: int,
         try:
             conn = await asyncpg.connect(database_url)
             each = total // publishers
+            cpu_before = sum(_cpu_s(process.pid) for process, _ in started)
             began = time.perf_counter()
             await asyncio.gather(*(_publish(broker_port, p, p * each, each) for p in range(publishers)))
             published = time.perf_counter() - began
@@ -138,6 +139,7 @@ async def run_once(admin_url: str, broker_port: int, instances: int, total: int,
             while (await conn.fetchval("SELECT count(*) FROM status")) < each * publishers:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             elapsed = time.perf_counter() - began
+            cpu = sum(_cpu_s(process.pid) for process, _ in started) - cpu_before
             await conn.close()
         finally:
             for process, _ in started:
@@ -151,7 +153,15 @@ async def run_once(admin_url: str, broker_port: int, instances: int, total: int,
         "seconds": round(elapsed, 2),
         "published_s": round(published, 2),
         "stored_per_s": round(stored / elapsed),
+        # CPU time of every instance per stored status: comparable between runs on a busy machine.
+        "server_cpu_us_per_status": round(cpu / stored * 1e6, 1),
     }
+
+
+def _cpu_s(pid: int) -> float:
+    """User and system CPU seconds the process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def main(argv: list[str]) -> None:

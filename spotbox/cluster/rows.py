@@ -11,6 +11,8 @@ advisory lock held until commit (`_COMMIT_ORDER_LOCK` in storage/postgres.py), s
 - Wake-ups: this instance's own commits (the pipeline's `on_stored`), and `LISTEN spotbox_status`, on which every
   instance's insert transaction notifies with a small payload naming its writer. Notifications are lost while the
   listening connection is down, so each (re)connect is followed by a re-read from `last_id`.
+- Operations changes (alerts, the registry, connection ends) wake other instances on `LISTEN spotbox_ops`; the
+  RowSource passes those wake-ups on to `followers` (spotbox/cluster/ops.py), with those of foreign statuses.
 - With no feed open there is nothing to send: `last_id` just follows the table's end (own commits, or a `max(id)`
   on a foreign notification), so the first feed opened later does not get a backlog.
 """
@@ -21,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import asyncpg
@@ -29,7 +31,7 @@ import asyncpg
 from spotbox.errors import StorageError
 from spotbox.sse import FeedHub
 from spotbox.status import StoredStatus
-from spotbox.storage.postgres import STATUS_CHANNEL, PostgresStorage
+from spotbox.storage.postgres import OPS_CHANNEL, STATUS_CHANNEL, PostgresStorage
 from spotbox.validation import Rejection
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,9 @@ class RowSource:
         self._own_max = 0
         self._started = False
         self._rejections: deque[tuple[int, Rejection, datetime]] = deque()
+        # Told of each notification another instance sent: its kind ("status", or an operations change kind
+        # of OPS_CHANNEL), and "reconnect" after each (re)connect, as notifications sent meanwhile are lost.
+        self.followers: list[Callable[[str], None]] = []
 
     def committed(self, rows: Sequence[StoredStatus]) -> None:
         """The pipeline's `on_stored`: this instance committed `rows`; never blocks."""
@@ -78,6 +83,16 @@ class RowSource:
         if payload != self.storage.writer_tag:
             self.foreign_wakeups += 1
             self._wake.set()
+            self._tell("status")
+
+    def _ops_notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        kind, _, writer = payload.partition(" ")
+        if writer != self.storage.writer_tag:
+            self._tell(kind)
+
+    def _tell(self, kind: str) -> None:
+        for follower in self.followers:
+            follower(kind)
 
     async def start_at_the_end(self) -> None:
         """Start after the rows stored so far (once, before anything is committed or any feed opens)."""
@@ -109,8 +124,10 @@ class RowSource:
             try:
                 conn = await asyncpg.connect(self.storage.dsn, timeout=10)
                 await conn.add_listener(STATUS_CHANNEL, self._notified)
+                await conn.add_listener(OPS_CHANNEL, self._ops_notified)
                 self.listening = True
                 self._wake.set()  # notifications sent while away are lost: read what was committed meanwhile
+                self._tell("reconnect")
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _, ended=lost: ended.set())
                 while not lost.is_set() and not conn.is_closed():

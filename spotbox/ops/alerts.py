@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
 
 from spotbox.ops.presence import RobotPresence, State, utc_now
 from spotbox.ops.rules import Rule
@@ -92,6 +92,23 @@ class Alert:
         }
 
 
+class Measured(Protocol):
+    """What the value rules read of a committed status: a StatusRecord, a StatusRow, or a narrower row."""
+
+    @property
+    def serial_number(self) -> str: ...
+    @property
+    def received_at(self) -> datetime: ...
+    @property
+    def battery_level(self) -> int: ...
+    @property
+    def latitude(self) -> float: ...
+    @property
+    def longitude(self) -> float: ...
+    @property
+    def height(self) -> float: ...
+
+
 # Called with the alert and the transition just applied to it.
 AlertListener = Callable[[Alert, Transition], None]
 
@@ -149,9 +166,16 @@ class AlertEngine:
         self._rejections = tuple(rule for rule in self.rules if rule.kind == "rejections")
         self._unregistered = tuple(rule for rule in self.rules if rule.kind == "unregistered")
         self._windows: dict[tuple[str, str], _Window] = {}
+        # False on an instance that leaves the rules to another one sharing the database (spotbox/cluster/ops.py):
+        # inputs are then ignored, and the alerts are those `follow` is given.
+        self.evaluating = True
 
-    def load(self, alerts: Iterable[Alert]) -> None:
-        """Take up the alerts that were open when spotbox stopped (read back from the database)."""
+    def load(self, alerts: Iterable[Alert], *, replace: bool = False) -> None:
+        """Take up the alerts that were open when spotbox stopped (read back from the database); with `replace`,
+        in place of those held (an instance taking over the evaluation)."""
+        if replace:
+            self.current.clear()
+            self.open.clear()
         for alert in alerts:
             if alert.is_open:
                 self.open[alert.id] = alert
@@ -161,14 +185,19 @@ class AlertEngine:
     # ---- inputs ---------------------------------------------------------------------------------------------
 
     def on_statuses(self, rows: Iterable[StoredStatus]) -> None:
-        """Evaluate the value rules on committed statuses.
+        """Evaluate the value rules on committed statuses."""
+        self.on_records(row.record for row in rows)
+
+    def on_records(self, records: Iterable[Measured]) -> None:
+        """Evaluate the value rules on committed statuses (their records, or their rows as read back).
 
         This runs for every committed status, so the common case (nothing wrong, no alert open) is kept to a few
         comparisons and dictionary probes per rule.
         """
+        if not self.evaluating:
+            return
         current = self.current
-        for row in rows:
-            record = row.record
+        for record in records:
             serial = record.serial_number
             now = record.received_at
             for rule in self._threshold:
@@ -188,12 +217,16 @@ class AlertEngine:
 
     def on_rejection(self, serial: str, at: datetime) -> None:
         """Evaluate the rejection rules on a refused status."""
+        if not self.evaluating:
+            return
         for rule in self._rejections:
             self._count(rule, serial, at, rejected=True)
 
     def on_presence(self, robot: RobotPresence, before: State) -> None:
         """Evaluate the presence rules on a change of presence."""
         serial, state = robot.serial_number, robot.state
+        if not self.evaluating:
+            return
         for rule in self._presence:
             if state == "unknown":
                 continue
@@ -201,6 +234,8 @@ class AlertEngine:
 
     def on_registered(self, serial: str) -> None:
         """A robot was registered (or deregistered): the unknown-robot rule follows."""
+        if not self.evaluating:
+            return
         now = self.clock()
         for rule in self._unregistered:
             if (rule.name, serial) in self.current:
@@ -208,6 +243,8 @@ class AlertEngine:
 
     def tick(self) -> None:
         """The time rules: pending alerts whose duration has passed become active; rejection windows slide."""
+        if not self.evaluating:
+            return
         now = self.clock()
         for alert in list(self.current.values()):
             if alert.state == "pending":
@@ -220,11 +257,12 @@ class AlertEngine:
             if rule is not None and (name, serial) in self.current:
                 self._judge_window(rule, serial, window, now)
 
-    def acknowledge(self, alert: Alert, by: str | None) -> Transition | None:
-        """Record that `by` (None without --users) acknowledged the alert; None when it already was."""
+    def acknowledge(self, alert: Alert, by: str | None, at: datetime | None = None) -> Transition | None:
+        """Record that `by` (None without --users) acknowledged the alert (at `at`, or now); None when it already
+        was."""
         if alert.acknowledged:
             return None
-        now = self.clock()
+        now = at or self.clock()
         alert.acknowledged = True
         alert.ack_by = by
         alert.ack_at = now
@@ -233,6 +271,46 @@ class AlertEngine:
             self.open.pop(alert.id, None)
         self._emit(alert, transition)
         return transition
+
+    def follow(self, stored: Alert, transition: Transition) -> Alert:
+        """Apply a change another instance made (`stored`: its alert as the database holds it now): the alert
+        held here moves as that instance's did, and is returned; nothing is told to the listeners (the instance
+        that made the change told the world)."""
+        alert = self.open.get(stored.id) or self.current.get((stored.rule, stored.serial_number))
+        if alert is None or alert.id != stored.id:
+            if alert is not None:
+                # This instance's alert of that rule and robot lost to the stored one (see `discard`).
+                self.discard(alert)
+            alert = _as_before(stored, transition)
+        if transition.to_state in ALERT_STATES:
+            state: AlertState = transition.to_state
+            alert.state = state
+            alert.updated_at = transition.at
+            if state == "active":
+                alert.activated_at = transition.at
+            elif state == "cleared":
+                alert.cleared_at = transition.at
+        else:
+            alert.acknowledged, alert.ack_by, alert.ack_at = True, transition.by, transition.at
+        alert.value = stored.value
+        alert.history.append(transition)
+        key = (alert.rule, alert.serial_number)
+        if alert.state != "cleared":
+            self.current[key] = alert
+        elif self.current.get(key) is alert:
+            del self.current[key]
+        if alert.is_open:
+            self.open[alert.id] = alert
+        else:
+            self.open.pop(alert.id, None)
+        return alert
+
+    def discard(self, alert: Alert) -> None:
+        """Forget an alert the database did not keep (another instance had one of its rule and robot first)."""
+        key = (alert.rule, alert.serial_number)
+        if self.current.get(key) is alert:
+            del self.current[key]
+        self.open.pop(alert.id, None)
 
     def open_alerts(self, serial: str | None = None) -> list[Alert]:
         """The open alerts (of one robot), newest first."""
@@ -312,6 +390,20 @@ class AlertEngine:
                 listener(alert, transition)
             except Exception:
                 logger.exception("alert listener failed for alert %s", alert.id)
+
+
+def _as_before(stored: Alert, transition: Transition) -> Alert:
+    """An alert first heard of through `transition`: its stored row as it was before that transition."""
+    alert = stored
+    alert.history = [h for h in alert.history if h.at < transition.at]
+    if transition.to_state in ALERT_STATES:
+        alert.state = cast(AlertState, transition.from_state or transition.to_state)
+        alert.cleared_at = None
+        if alert.state == "pending":
+            alert.activated_at = None
+    else:
+        alert.acknowledged, alert.ack_by, alert.ack_at = False, None, None
+    return alert
 
 
 def _message(rule: Rule, value: float | None) -> str:

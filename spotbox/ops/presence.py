@@ -10,6 +10,9 @@ run on spotbox's receive clock. Three calls feed it:
 - `bind(serial, connection)`: the broker, once that status is committed: it came over `connection` (any hashable
   object standing for the MQTT connection; spotbox/mqtt passes its Connection);
 - `connection_closed(connection)`: that connection ended, cleanly or not.
+
+Instances sharing a PostgreSQL database also hear of each other's statuses (`seen_elsewhere`) and connection ends
+(`ended_elsewhere`), read from the database by spotbox/cluster/ops.py.
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ class Presence:
         self.started_at = clock()
         self.robots: dict[str, RobotPresence] = {}
         self.listeners: list[Listener] = []
+        # Told of each robot a connection end made offline (instances sharing a database record it for the others).
+        self.ended_listeners: list[Callable[[RobotPresence], None]] = []
         self._by_connection: dict[object, set[str]] = {}
 
     def stale_after(self, robot: RobotPresence) -> float:
@@ -107,6 +112,31 @@ class Presence:
             self.bind(serial, connection)
         self._move(robot, "online", received_at)
 
+    def seen_elsewhere(self, serial: str, received_at: datetime) -> None:
+        """A status of `serial` committed by another instance sharing the database (or by this one, read back).
+
+        Only a status newer than the last one known counts: then the robot's latest status did not come over the
+        connection it may have here, so that connection's end no longer makes it offline (a robot that moved to
+        another instance does not flap when its old connection times out here).
+        """
+        robot = self.robots.get(serial)
+        if robot is not None and robot.last_seen is not None and received_at <= robot.last_seen:
+            return
+        if robot is not None and robot.connection is not None:
+            self._by_connection.get(robot.connection, set()).discard(serial)
+            robot.connection = None
+        self.status_committed(serial, received_at)
+
+    def ended_elsewhere(self, serial: str, at: datetime, last_seen: datetime | None) -> None:
+        """Another instance saw the robot's connection end at `at`, its last status there received at
+        `last_seen`: offline, unless a newer status came since (the robot went on elsewhere)."""
+        robot = self.robots.get(serial)
+        if robot is None or robot.connection is not None:
+            return
+        if last_seen is not None and robot.last_seen is not None and robot.last_seen > last_seen:
+            return
+        self._move(robot, "offline", at)
+
     def bind(self, serial: str, connection: object) -> None:
         """The robot's latest committed status came over `connection`: it is online while that is up."""
         robot = self.robots.get(serial)
@@ -125,7 +155,10 @@ class Presence:
             robot = self.robots.get(serial)
             if robot is not None and robot.connection is connection:
                 robot.connection = None
-                self._move(robot, "offline", now)
+                if robot.state != "offline":
+                    self._move(robot, "offline", now)
+                    for listener in self.ended_listeners:
+                        listener(robot)
 
     def tick(self) -> None:
         """Apply the time rules: online -> stale -> offline without statuses; unknown resolves after a start."""

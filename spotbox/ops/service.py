@@ -54,7 +54,10 @@ class Operations:
             stale_after_s=settings.stale_after_s, offline_after_s=settings.offline_after_s, clock=clock
         )
         self.alerts = AlertEngine(load_rules(settings.alerts_path), clock=clock, registered=self.is_registered)
-        self.writer = AlertWriter(storage)
+        self.writer = AlertWriter(storage, on_written=self._alert_written)
+        # Told of each alert change once it is stored (the webhook, upstream forwarders): the outside world hears of
+        # a change only from the instance whose change the database kept.
+        self.written_listeners: list[Callable[[Alert, Transition, dict[str, Any]], None]] = []
         self.rejections = RejectionLog(storage, per_robot=settings.rejections_kept)
         self.webhook = Webhook(settings.alert_webhook) if settings.alert_webhook else None
         self.publish_retained: RetainedPublisher | None = None
@@ -62,6 +65,11 @@ class Operations:
         self._dirty_wake = asyncio.Event()
         self.presence.listeners.extend([self._presence_changed, self.alerts.on_presence])
         self.alerts.listeners.append(self._alert_changed)
+        # Where committed statuses and rejections go to be judged, and who hears of a registry change: the engine
+        # and nobody on one instance; instances sharing PostgreSQL replace them (spotbox/cluster/ops.py).
+        self.evaluate_statuses: Callable[[Sequence[StoredStatus]], None] = self.alerts.on_statuses
+        self.evaluate_rejection: Callable[[str, datetime], None] = self.alerts.on_rejection
+        self.registry_saved: Callable[[], None] = lambda: None
 
     def is_registered(self, serial: str) -> bool:
         """True when an operator registered the robot."""
@@ -86,7 +94,7 @@ class Operations:
         """Committed statuses: presence first (a status makes its robot online), then the value rules."""
         for row in rows:
             self.presence.status_committed(row.record.serial_number, row.record.received_at)
-        self.alerts.on_statuses(rows)
+        self.evaluate_statuses(rows)
 
     def on_rejected(self, rejection: Rejection, received_at: datetime, raw: bytes) -> None:
         """A refused status: kept in the rejection record and counted by the rejection rules."""
@@ -97,21 +105,25 @@ class Operations:
         # A topic can name anything: only robots' serials get a rejection window (a flood of made-up names
         # must not grow the engine's memory).
         if is_valid_serial(serial):
-            self.alerts.on_rejection(serial, received_at)
+            self.evaluate_rejection(serial, received_at)
 
-    def registered(self, robot: RegisteredRobot) -> None:
-        """An operator registered or changed a robot."""
+    def registered(self, robot: RegisteredRobot, *, here: bool = True) -> None:
+        """An operator registered or changed a robot (`here`: on this instance, else on another one)."""
         self.registry[robot.serial_number] = robot
         self.presence.seed([(robot.serial_number, None)])
         self.alerts.on_registered(robot.serial_number)
+        if here:
+            self.registry_saved()
 
-    def deregistered(self, serial: str) -> None:
-        """An operator removed a robot from the registry."""
+    def deregistered(self, serial: str, *, here: bool = True) -> None:
+        """An operator removed a robot from the registry (`here`: on this instance, else on another one)."""
         self.registry.pop(serial, None)
         robot = self.presence.robots.get(serial)
         if robot is not None and robot.last_seen is None:
             self.presence.forget(serial)
         self.alerts.on_registered(serial)
+        if here:
+            self.registry_saved()
 
     # ---- outputs --------------------------------------------------------------------------------------------
 
@@ -120,13 +132,24 @@ class Operations:
         self.hub.publish_event(None, "presence", data)
 
     def _alert_changed(self, alert: Alert, transition: Transition) -> None:
-        self.writer.add(alert, transition)
         document = alert.to_api()
-        self.hub.publish_event(alert.serial_number, "alert", document)
-        if self.webhook is not None:
-            self.webhook.send({"transition": transition.to_api(), "alert": document})
+        self.writer.add(alert, transition, document)
+        self.alert_followed(alert, document)
+
+    def alert_followed(self, alert: Alert, document: dict[str, Any] | None = None) -> None:
+        """An alert changed, here or on another instance: to this instance's feeds and MQTT broker."""
+        self.hub.publish_event(alert.serial_number, "alert", document or alert.to_api())
         self._dirty.add(alert.serial_number)
         self._dirty_wake.set()
+
+    def _alert_written(self, alert: Alert, transition: Transition, document: Any, kept: bool) -> None:
+        if not kept:
+            self.alerts.discard(alert)
+            return
+        if self.webhook is not None:
+            self.webhook.send({"transition": transition.to_api(), "alert": document})
+        for listener in self.written_listeners:
+            listener(alert, transition, document)
 
     async def _publish_alerts(self) -> None:
         """Keep `spotbox/alerts/{serial}` (retained) equal to each changed robot's open alerts."""

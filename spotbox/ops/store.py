@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -96,14 +96,27 @@ _ALERT_COLUMNS = (
     "id, rule, serial_number, severity, state, acknowledged, ack_by, ack_at, created_at, activated_at, cleared_at, "
     "updated_at, value, message"
 )
-_UPSERT_ALERT = (
+# An alert's first change (None -> pending) inserts its row; when another instance opened an alert of the same rule
+# and robot first, the one-in-progress index (alert_one_current) leaves this one out and the writer says so.
+_INSERT_ALERT = (
     f"INSERT INTO alert ({_ALERT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) "
-    "ON CONFLICT (id) DO UPDATE SET state = $5, acknowledged = $6, ack_by = $7, ack_at = $8, activated_at = $10, "
-    "cleared_at = $11, updated_at = $12, value = $13"
+    "ON CONFLICT DO NOTHING"
 )
+# Later changes update it. An acknowledgement made by another instance is never taken back.
+_UPDATE_ALERT = (
+    "UPDATE alert SET state = $2, acknowledged = (acknowledged OR $3), ack_by = coalesce(ack_by, $4), "
+    "ack_at = coalesce(ack_at, $5), activated_at = $6, cleared_at = $7, updated_at = $8, value = $9 WHERE id = $1"
+)
+# A transition is kept only with its alert's row.
 _INSERT_TRANSITION = (
-    "INSERT INTO alert_transition (alert_id, at, from_state, to_state, by_user) VALUES ($1, $2, $3, $4, $5)"
+    "INSERT INTO alert_transition (alert_id, at, from_state, to_state, by_user, writer) "
+    "SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM alert WHERE id = $1)"
 )
+# Acknowledging is decided by the database: of two users (on two instances) acknowledging at once, one does.
+_ACKNOWLEDGE = (
+    "UPDATE alert SET acknowledged = $2, ack_by = $3, ack_at = $4, updated_at = $4 WHERE id = $1 AND acknowledged = $5"
+)
+_TRANSITION_COLUMNS = "t.id, t.alert_id, t.at, t.from_state, t.to_state, t.by_user"
 
 
 def _time_or_none(storage: Storage, value: datetime | None) -> Any:
@@ -175,6 +188,44 @@ async def load_unfinished(storage: Storage) -> list[Alert]:
     return await query_alerts(storage, AlertQuery(state="open", limit=100_000))
 
 
+async def acknowledge_once(storage: Storage, alert_id: str, by: str | None, at: datetime) -> bool:
+    """Mark the stored alert acknowledged unless it already is; True when this call did it."""
+    (count,) = await storage.execute([(_ACKNOWLEDGE, [alert_id, True, by, storage.db_time(at), False])])
+    return count > 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTransition:
+    """A transition as stored, with its row id and its alert (as the alert's row is now)."""
+
+    id: int
+    alert: Alert
+    transition: Transition
+
+
+async def transitions_after(
+    storage: Storage, after_id: int, not_by: str | None, limit: int = 1000
+) -> list[StoredTransition]:
+    """Transitions with an id above `after_id` written by another writer than `not_by`, in id order, each with its
+    alert's stored row."""
+    sql = (
+        f"SELECT {_TRANSITION_COLUMNS}, {', '.join('a.' + c for c in _ALERT_COLUMNS.split(', '))} "
+        "FROM alert_transition t JOIN alert a ON a.id = t.alert_id "
+        "WHERE t.id > $1 AND t.writer IS DISTINCT FROM $2 ORDER BY t.id LIMIT $3"
+    )
+    rows = await storage.query(sql, [after_id, not_by, limit])
+    return [
+        StoredTransition(row[0], _alert(storage, row[6:]), Transition(storage.from_db_time(row[2]), *row[3:6]))
+        for row in rows
+    ]
+
+
+async def last_transition_id(storage: Storage) -> int:
+    """The greatest transition id (0 when there is none)."""
+    ((value,),) = await storage.query("SELECT coalesce(max(id), 0) FROM alert_transition", [])
+    return int(value)
+
+
 async def _attach_history(storage: Storage, alerts: list[Alert]) -> None:
     if not alerts:
         return
@@ -192,27 +243,46 @@ async def _attach_history(storage: Storage, alerts: list[Alert]) -> None:
             by_id[row[0]].history.append(Transition(storage.from_db_time(row[1]), row[2], row[3], row[4]))
 
 
+# Called for each change once it is stored, with the alert's document as it was at the change, and False when its
+# alert's row was left out (another instance opened an alert of the same rule and robot first).
+Written = Callable[[Alert, Transition, Any, bool], None]
+# Statements a backend runs first in each transaction of operations changes (PostgreSQL: commit order, a wake-up).
+Statements = list[tuple[str, Sequence[Any]]]
+
+
 class AlertWriter:
     """Writes each alert change (the alert's row and its transition) in the background, in order, retrying while
-    storage is away: the engine never waits on the database."""
+    storage is away: the engine never waits on the database. `on_written` hears of each change once committed,
+    which is when it may be told to the world outside (the webhook)."""
 
-    def __init__(self, storage: Storage, max_pending: int = 100_000) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        max_pending: int = 100_000,
+        *,
+        writer: str | None = None,
+        first: Statements | None = None,
+        on_written: Written | None = None,
+    ) -> None:
         self.storage = storage
-        self._pending: deque[tuple[Alert, Transition]] = deque()
+        self.writer = writer
+        self.first: Statements = first or []
+        self.on_written = on_written
+        self._pending: deque[tuple[Alert, Transition, Any]] = deque()
         self._max_pending = max_pending
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._inflight: asyncio.Future[list[int]] | None = None
 
-    def add(self, alert: Alert, transition: Transition) -> None:
-        """Queue a change for writing; never waits."""
+    def add(self, alert: Alert, transition: Transition, document: Any = None) -> None:
+        """Queue a change for writing (with what `on_written` is to be given of it); never waits."""
         if len(self._pending) >= self._max_pending:
-            dropped, _ = self._pending.popleft()
+            dropped, _, _ = self._pending.popleft()
             logger.error(
                 "alert writer is %d changes behind; a change of alert %s is lost", self._max_pending, dropped.id
             )
-        self._pending.append((alert, transition))
+        self._pending.append((alert, transition, document))
         self._idle.clear()
         self._wake.set()
 
@@ -245,8 +315,8 @@ class AlertWriter:
             try:
                 # Shielded: a shutdown cancelling this loop lets a started write finish instead of tearing a
                 # connection mid-transaction.
-                self._inflight = asyncio.ensure_future(self.storage.execute(self._statements(batch)))
-                await asyncio.shield(self._inflight)
+                self._inflight = asyncio.ensure_future(self.storage.execute(self.first + self._statements(batch)))
+                counts = await asyncio.shield(self._inflight)
             except StorageError as exc:
                 self._pending.extendleft(reversed(batch))
                 if not retry:
@@ -258,26 +328,49 @@ class AlertWriter:
                 continue
             except Exception:
                 logger.exception("alert changes could not be written; %d dropped", len(batch))
+            else:
+                self._written(batch, counts[len(self.first) :])
             delay = _RETRY_FIRST_S
         self._idle.set()
 
-    def _statements(self, batch: list[tuple[Alert, Transition]]) -> list[tuple[str, list[Any]]]:
+    def _written(self, batch: list[tuple[Alert, Transition, Any]], counts: list[int]) -> None:
+        # Two statements per change: the alert's row, then the transition (kept only with that row).
+        for (alert, transition, document), kept in zip(batch, counts[1::2], strict=True):
+            if not kept:
+                logger.warning(
+                    "alert %s (%s on %s) not stored: another instance has one of this rule and robot in progress",
+                    alert.id, alert.rule, alert.serial_number,
+                )  # fmt: skip
+            if self.on_written is not None:
+                try:
+                    self.on_written(alert, transition, document, kept > 0)
+                except Exception:
+                    logger.exception("alert change listener failed for alert %s", alert.id)
+
+    def _statements(self, batch: list[tuple[Alert, Transition, Any]]) -> list[tuple[str, Sequence[Any]]]:
         db = self.storage
-        statements: list[tuple[str, list[Any]]] = []
-        for alert, transition in batch:
-            row = [
-                alert.id, alert.rule, alert.serial_number, alert.severity, alert.state, alert.acknowledged,
-                alert.ack_by, _time_or_none(db, alert.ack_at), db.db_time(alert.created_at),
-                _time_or_none(db, alert.activated_at), _time_or_none(db, alert.cleared_at),
-                db.db_time(alert.updated_at), alert.value, alert.message,
+        statements: list[tuple[str, Sequence[Any]]] = []
+        for alert, transition, _ in batch:
+            ack_at, activated_at = _time_or_none(db, alert.ack_at), _time_or_none(db, alert.activated_at)
+            cleared_at, updated_at = _time_or_none(db, alert.cleared_at), db.db_time(alert.updated_at)
+            if transition.from_state is None:
+                row = [
+                    alert.id, alert.rule, alert.serial_number, alert.severity, alert.state, alert.acknowledged,
+                    alert.ack_by, ack_at, db.db_time(alert.created_at), activated_at, cleared_at, updated_at,
+                    alert.value, alert.message,
+                ]  # fmt: skip
+                statements.append((_INSERT_ALERT, row))
+            else:
+                row = [
+                    alert.id, alert.state, alert.acknowledged, alert.ack_by, ack_at, activated_at, cleared_at,
+                    updated_at, alert.value,
+                ]  # fmt: skip
+                statements.append((_UPDATE_ALERT, row))
+            change = [
+                alert.id, db.db_time(transition.at), transition.from_state, transition.to_state, transition.by,
+                self.writer,
             ]  # fmt: skip
-            statements.append((_UPSERT_ALERT, row))
-            statements.append(
-                (
-                    _INSERT_TRANSITION,
-                    [alert.id, db.db_time(transition.at), transition.from_state, transition.to_state, transition.by],
-                )
-            )
+            statements.append((_INSERT_TRANSITION, change))
         return statements
 
 
@@ -330,6 +423,8 @@ class RejectionLog:
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
         self._inflight: asyncio.Future[list[int]] | None = None
+        # Run first in each write (as the alert writer's `first`).
+        self.first: Statements = []
 
     def add(self, record: RejectionRecord) -> None:
         """Queue a rejection; under a flood the oldest unwritten ones give way (counted in `dropped`)."""
@@ -370,7 +465,8 @@ class RejectionLog:
             "INSERT INTO rejection (serial_number, received_at, field, reason, payload) VALUES ($1, $2, $3, $4, $5)"
         )
         statements: list[tuple[str, Sequence[Any]]] = [
-            (insert, [r.serial_number, db.db_time(r.received_at), r.field, r.reason, r.payload]) for r in batch
+            *self.first,
+            *((insert, [r.serial_number, db.db_time(r.received_at), r.field, r.reason, r.payload]) for r in batch),
         ]
         # Each robot keeps its newest `per_robot` rows, found through the (serial_number, id) index.
         trim = (

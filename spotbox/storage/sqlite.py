@@ -124,6 +124,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX rejection_robot ON rejection (serial_number, id)",
         "CREATE INDEX rejection_time ON rejection (received_at)",
     ),
+    # As on PostgreSQL (where instances share the tables): who wrote each alert transition, one alert in progress
+    # per rule and robot.
+    (
+        "ALTER TABLE alert_transition ADD COLUMN writer TEXT",
+        # An older alert left in progress beside a newer one of the same rule and robot (a lost write) ends.
+        "UPDATE alert SET state = 'cleared', cleared_at = updated_at WHERE state <> 'cleared' AND EXISTS (SELECT 1 "
+        "FROM alert AS newer WHERE newer.rule = alert.rule AND newer.serial_number = alert.serial_number AND "
+        "newer.state <> 'cleared' AND (newer.created_at, newer.id) > (alert.created_at, alert.id))",
+        "CREATE UNIQUE INDEX alert_one_current ON alert (rule, serial_number) WHERE state <> 'cleared'",
+    ),
 )
 
 _SELECT = "SELECT id, " + ", ".join(COLUMNS) + " FROM status"
@@ -261,8 +271,10 @@ class SQLiteStorage:
     async def history_page(self, query: HistoryQuery, include_payload: bool) -> HistoryPage:
         """One page as JSON, built in a reader thread; payloads read only when asked for, within the budget."""
         sql, params = sqlite_read.history_sql(query, include_payload)
-        budget = PAGE_PAYLOAD_BUDGET if include_payload else None
-        return await self._pool().run(sqlite_read.history_page, sql, params, query.limit, budget)
+        if include_payload:
+            return await self._pool().run(sqlite_read.history_page, sql, params, query.limit, PAGE_PAYLOAD_BUDGET)
+        text_sql, text_params = sqlite_read.history_text_sql(query)
+        return await self._pool().run(sqlite_read.history_page_text, text_sql, text_params, sql, params, query.limit)
 
     async def robot_exists(self, serial_number: str) -> bool:
         """True once a row of this robot is stored."""
