@@ -89,6 +89,8 @@ class Figures:
     # CPU seconds (user + system, all threads) the server spent during the load, per stored status: unlike a rate,
     # it hardly moves when other work shares the machine.
     server_cpu_us: float | None = None
+    # The same from the moment every robot had connected: a status in a connected fleet, without the logins.
+    server_cpu_us_connected: float | None = None
 
 
 class BenchError(SpotboxError):
@@ -338,14 +340,22 @@ async def bench_spotbox(
             rss: list[float] = []
             sampler = asyncio.create_task(_sample_rss(server.proc.pid, rss), name="bench-rss")
             cpu_before = cpu_seconds(server.proc.pid)
+            cpu_connected: list[float] = []
             try:
-                result = await loadgen.drive("127.0.0.1", server.mqtt_port, config.load(per_robot * config.robots))
+                result = await loadgen.drive(
+                    "127.0.0.1",
+                    server.mqtt_port,
+                    config.load(per_robot * config.robots),
+                    lambda: cpu_connected.append(cpu_seconds(server.proc.pid)),
+                )
             finally:
                 sampler.cancel()
             if result.errors:
                 raise BenchError(f"{len(result.errors)} publishes refused; the first: {result.errors[0]}")
             end = result.last_ack if config.qos else await _stored_at(database_url, result.sent)
-            server_cpu = cpu_seconds(server.proc.pid) - cpu_before
+            cpu_after = cpu_seconds(server.proc.pid)
+            server_cpu = cpu_after - cpu_before
+            after_connect = cpu_after - cpu_connected[0] if cpu_connected else None
             async with asyncio.timeout(120):
                 await asyncio.gather(*followers, *ending)
             for task in held:
@@ -375,6 +385,7 @@ async def bench_spotbox(
         spread,
         fanout,
         server_cpu / stored * 1e6 if stored else None,
+        after_connect / stored * 1e6 if stored and after_connect is not None else None,
     )
 
 
@@ -528,6 +539,7 @@ async def run_bench(config: BenchConfig) -> dict[str, Any]:
         "connect_spread_s": None if spotbox.connect_spread_s is None else round(spotbox.connect_spread_s, 2),
         "peak_rss_mb": round(spotbox.peak_rss_mb, 1),
         "server_cpu_us_per_status": None if spotbox.server_cpu_us is None else round(spotbox.server_cpu_us, 1),
+        "server_cpu_us_per_status_connected": _round(spotbox.server_cpu_us_connected, 1),
         "rss_mb": spotbox.rss_mb,
         "fanout": spotbox.fanout,
         "baseline": None
@@ -540,6 +552,10 @@ async def run_bench(config: BenchConfig) -> dict[str, Any]:
         },
         "ratio_vs_baseline": None if baseline is None else round(spotbox.stored_per_s / baseline.stored_per_s, 2),
     }
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def format_table(figures: dict[str, Any]) -> str:
@@ -558,6 +574,8 @@ def format_table(figures: dict[str, Any]) -> str:
     rows.append(("peak RSS MB", str(figures["peak_rss_mb"]), str(base.get("peak_rss_mb", "-"))))
     if figures.get("server_cpu_us_per_status") is not None:
         rows.append(("server CPU per status (us)", str(figures["server_cpu_us_per_status"]), "-"))
+    if figures.get("server_cpu_us_per_status_connected") is not None:
+        rows.append(("  once all connected (us)", str(figures["server_cpu_us_per_status_connected"]), "-"))
     if figures["rss_mb"] is not None:
         growth = figures["rss_mb"]
         rows.append(("RSS warm -> end MB", f"{growth['warm']} -> {growth['end']} ({growth['growth_pct']:+}%)", "-"))

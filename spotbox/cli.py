@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import signal
 import socket
@@ -58,12 +59,30 @@ def run(**values: Any) -> None:
         raise click.ClickException(str(exc)) from None
     configure_logging(settings.log_level, settings.log_format)
     raise_open_files_limit(settings.max_connections + settings.max_pending_logins + settings.max_streams)
+    collect_less()
     try:
         asyncio.run(serve(settings, dataclasses.replace(runtime, mqtt_socket=bound.mqtt), bound.http))
     except SpotboxError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         bound.close()
+
+
+# Collect young objects once 50,000 more are alive than were (CPython's default: 700), see `collect_less`.
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
+def collect_less() -> None:
+    """Run the cyclic garbage collector after 50,000 net new objects instead of 700.
+
+    Reference counting frees nearly all that spotbox allocates; the collector is only there for cycles. With the
+    default thresholds, objects that live a few tens of milliseconds (a status waiting for its commit, its future,
+    its connection's buffers) were promoted to the oldest generation, so full collections came every few seconds
+    and each walked every object of every connection (about 64 per connection, 640,000 at 10,000 robots): 19 full
+    collections took 15.5 s of CPU in a 100 s run, up to 1.7 s each, and a status cost about twice the CPU.
+    A young collection now walks at most 50,000 objects (about 20 ms); a full one is left for real growth.
+    """
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def serve(settings: Settings, runtime: Runtime, http_socket: socket.socket) -> None:
@@ -74,7 +93,9 @@ async def serve(settings: Settings, runtime: Runtime, http_socket: socket.socket
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     app = create_app(settings, runtime)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    # aiohttp's idle timeout also bounds a request whose headers never end (it has no header timeout of its own):
+    # its default of an hour let 500 sockets trickling header lines hold their descriptors and 40 MB for good.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=settings.http_idle_timeout_s)
     try:
         await runner.setup()
         await web.SockSite(runner, http_socket, ssl_context=runtime.ssl_context).start()
@@ -87,6 +108,8 @@ async def serve(settings: Settings, runtime: Runtime, http_socket: socket.socket
             )
             logger.info("watch a robot live: %s", watch)
             logger.info("publish a status: %s", publish)
+        # What start-up made (modules, schemas, the app) lives as long as the process: no collection walks it again.
+        gc.freeze()
         await stop.wait()
         logger.info("stopping")
     finally:

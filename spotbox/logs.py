@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and belongs in the JSON line.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
@@ -79,6 +80,19 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, option=orjson.OPT_UTC_Z, default=str).decode()
 
 
+class BadRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (a line over 8 KB, too many headers) as an ERROR with a traceback of
+    its parser, about ten lines each: an attacker's way to flood the log. This makes it one WARNING line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = "bad HTTP request: %d %s", (exc.code, exc.message)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def configure_logging(level: str, fmt: str) -> None:
     """Configure the root logger once, for the CLI."""
     handler = logging.StreamHandler()
@@ -87,3 +101,4 @@ def configure_logging(level: str, fmt: str) -> None:
     else:
         handler.setFormatter(TextFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.getLogger("aiohttp.server").addFilter(BadRequestFilter())

@@ -198,3 +198,12 @@ def api_items_json(rows: Sequence[Sequence[Any]]) -> bytes:
 def dumps(value: Any) -> bytes:
     """JSON with UTC times written as `...Z`, the way every spotbox answer is encoded."""
     return orjson.dumps(value, option=orjson.OPT_UTC_Z)
+
+
+def dumps_kept(value: Any) -> bytes:
+    """`dumps` for JSON held for long (a retained message, a queued webhook call): a copy of its own length.
+
+    orjson's bytes keep the memory of its write buffer, about 4 KB however short the JSON (50,000 documents of
+    150 bytes held 197 MB of RSS): one retained alert list per robot would cost 40 MB at 10,000 robots.
+    """
+    return bytes(memoryview(dumps(value)))

@@ -68,6 +68,23 @@ def test_battery_alert_lifecycle() -> None:
     assert again.id != alert.id
 
 
+def test_open_alerts_of_one_robot_follow_the_lifecycle() -> None:
+    """Test that a robot's open alerts (its retained MQTT message) are its own, through open, clear and ack."""
+    clock = Clock()
+    engine = AlertEngine(DEFAULT_RULES, clock=clock)
+    engine.on_statuses([row(serial, 10, clock) for serial in ("R1", "R2", "R3")])
+    assert [alert.serial_number for alert in engine.open_alerts("R2")] == ["R2"]
+    clock.advance(61)
+    engine.tick()
+    engine.on_statuses([row("R2", 30, clock)])  # active, then cleared: open until acknowledged
+    [cleared] = engine.open_alerts("R2")
+    assert str(cleared.state) == "cleared"
+    engine.acknowledge(cleared, "night-shift")
+    assert engine.open_alerts("R2") == []
+    assert sorted(alert.serial_number for alert in engine.open_alerts()) == ["R1", "R3"]
+    assert engine.open_alerts("R9") == []
+
+
 def test_wavering_battery_opens_one_alert() -> None:
     """Test that a battery wavering between 19 and 21 for minutes opens a single alert, not one a minute."""
     clock = Clock()
@@ -107,6 +124,23 @@ def test_rejection_ratio_rule_needs_enough_statuses_and_slides() -> None:
     clock.advance(301)
     engine.tick()
     assert str(alert.state) == "cleared"
+
+
+def test_rejection_ratio_counts_the_whole_window() -> None:
+    """Test that statuses anywhere in the last 5 minutes dilute the rejections, and none older than that."""
+    clock = Clock()
+    engine = AlertEngine(DEFAULT_RULES, clock=clock)
+    for n in range(200):
+        clock.advance(1)
+        engine.on_statuses([row("R1", 80, clock, n)])
+    for _ in range(10):
+        engine.on_rejection("R1", clock.advance(1))
+    assert engine.open_alerts() == []  # 10 of 210 over the window
+    clock.advance(301)
+    for _ in range(10):
+        engine.on_rejection("R1", clock.advance(1))
+    [alert] = engine.open_alerts()
+    assert (alert.rule, alert.value) == ("rejections_high", 1.0)
 
 
 def test_unknown_robot_rule_follows_the_registry() -> None:

@@ -13,12 +13,15 @@ import mqtt5
 import pytest
 
 from spotbox.loadgen import mqtt_string
+from spotbox.mqtt.broker import CLIENT_ID_MAX_BYTES
+from spotbox.mqtt.framing import encode_length
+from spotbox.mqtt.wire import USER_PROPERTIES_MAX
 from tests.conformance import Peer, peer, start
 from tests.conftest import Box, BoxFactory
 from tests.helpers import payload, stamp
 from tests.raw_mqtt import Will, connect_packet, packet, raw_client, subscribe_packet
 
-MALFORMED, PROTOCOL_ERROR, TOPIC_NAME_INVALID, TOPIC_ALIAS_INVALID = 0x81, 0x82, 0x90, 0x94
+MALFORMED, PROTOCOL_ERROR, TOPIC_NAME_INVALID, TOPIC_ALIAS_INVALID, QUOTA_EXCEEDED = 0x81, 0x82, 0x90, 0x94, 0x97
 HIDDEN = packet(0x30, mqtt_string("sm/hidden") + b"smuggled") + packet(
     0x30, mqtt_string("robot/SMUG/status") + payload(timestamp=stamp(1))
 )
@@ -32,7 +35,7 @@ def publish311(first: int, topic: bytes, body: bytes, packet_id: int | None = 1)
 def publish5(first: int, topic: bytes, body: bytes, properties: bytes = b"") -> bytes:
     """An MQTT 5 PUBLISH (QoS 1, packet id 1 when the first byte says so) with raw topic and properties."""
     packet_id = struct.pack("!H", 1) if first & 0x06 else b""
-    return packet(first, mqtt_string(topic) + packet_id + bytes([len(properties)]) + properties + body)
+    return packet(first, mqtt_string(topic) + packet_id + encode_length(len(properties)) + properties + body)
 
 
 @pytest.fixture
@@ -193,6 +196,35 @@ MQTT5_CONNECTED = {
     "properties-overrun": (publish5(0x32, b"sm/x", b"", b"\x26\x00\x05ab"), {MALFORMED}),
     "second-connect": (mqtt5.ConnectPacket("again").write(), {PROTOCOL_ERROR}),
     "remaining-length-5-bytes": (b"\x30\xff\xff\xff\xff\x01", {MALFORMED}),
+    # What the mqtt5 codec lets through (spotbox.mqtt.check5): a panic on bad UTF-8, the rest accepted.
+    "topic-surrogate": (publish5(0x32, b"sm/\xed\xa0\x80", b"a"), {MALFORMED}),
+    "topic-overlong-utf8": (publish5(0x32, b"sm\xc0\xafx", b"a"), {MALFORMED}),
+    "user-property-surrogate": (
+        publish5(0x32, b"sm/x", b"a", b"\x26" + mqtt_string(b"\xed\xa0\x80") + b"\0\0"),
+        {MALFORMED},
+    ),
+    "user-property-nul": (publish5(0x32, b"sm/x", b"a", b"\x26" + mqtt_string("k\0") + b"\0\0"), {MALFORMED}),
+    "content-type-nul": (publish5(0x32, b"sm/x", b"a", b"\x03" + mqtt_string("a\0")), {MALFORMED}),
+    "response-topic-wildcard": (publish5(0x32, b"sm/x", b"a", b"\x08" + mqtt_string("r/#")), {MALFORMED}),
+    "response-topic-empty": (publish5(0x32, b"sm/x", b"a", b"\x08\0\0"), {MALFORMED}),
+    "payload-format-indicator-2": (publish5(0x32, b"sm/x", b"a", b"\x01\x02"), {MALFORMED}),
+    "publish-packet-id-0": (packet(0x32, mqtt_string("sm/x") + b"\0\0\0a"), {MALFORMED}),
+    "dup-at-qos-0": (publish5(0x38, b"sm/x", b"a"), {MALFORMED}),
+    "puback-packet-id-0": (b"\x40\x02\x00\x00", {MALFORMED}),
+    "subscribe-without-filters": (subscribe_packet(b"\x00\x01\x00"), {MALFORMED, PROTOCOL_ERROR}),
+    "subscribe-packet-id-0": (subscribe_packet(b"\x00\x00\x00" + mqtt_string("#") + b"\x01"), {MALFORMED}),
+    "subscribe-reserved-option-bits": (subscribe_packet(b"\x00\x01\x00" + mqtt_string("#") + b"\xc1"), {MALFORMED}),
+    "subscribe-filter-surrogate": (
+        subscribe_packet(b"\x00\x01\x00" + mqtt_string(b"\xed\xa0\x80") + b"\x01"),
+        {MALFORMED},
+    ),
+    "unsubscribe-without-filters": (packet(0xA2, b"\x00\x01\x00"), {MALFORMED, PROTOCOL_ERROR}),
+    # Each user property is encoded again for every subscriber: more than USER_PROPERTIES_MAX is refused.
+    "too-many-user-properties": (
+        publish5(0x32, b"sm/x", b"a", (b"\x26\0\0\0\0") * (USER_PROPERTIES_MAX + 1)),
+        {QUOTA_EXCEEDED},
+    ),
+    "unsubscribe-packet-id-0": (packet(0xA2, b"\x00\x00\x00" + mqtt_string("#")), {MALFORMED}),
 }
 
 
@@ -207,6 +239,57 @@ async def test_mqtt5_protocol_errors_get_their_disconnect_reason(sbox: Box, name
         assert answer[:1] == [0xE0], answer
         assert answer[1] in codes, answer
         await nothing_routed(sbox, watcher)
+
+
+def connect5(client_id: bytes = b"c", flags: int = 0x02, properties: bytes = b"", tail: bytes = b"") -> bytes:
+    """An MQTT 5 CONNECT with raw flags, CONNECT properties, client id and what follows it (will, user name)."""
+    body = mqtt_string("MQTT") + bytes([5, flags]) + b"\x00\x3c" + bytes([len(properties)]) + properties
+    return packet(0x10, body + mqtt_string(client_id) + tail)
+
+
+MQTT5_BAD_CONNECTS = {
+    "reserved-flag": connect5(flags=0x03),
+    "client-id-nul": connect5(b"c\0"),
+    "client-id-surrogate": connect5(b"c\xed\xa0\x80"),
+    "user-name-nul": connect5(flags=0x82, tail=mqtt_string("u\0")),
+    "user-property-nul": connect5(properties=b"\x26" + mqtt_string("a\0") + mqtt_string("b")),
+    "authentication-data-without-method": connect5(properties=b"\x16" + mqtt_string("x")),
+    "will-with-too-many-user-properties": connect5(
+        flags=0x06,
+        tail=encode_length(5 * (USER_PROPERTIES_MAX + 1))
+        + b"\x26\0\0\0\0" * (USER_PROPERTIES_MAX + 1)
+        + mqtt_string("sm/will")
+        + mqtt_string("w"),
+    ),
+    "will-response-topic-wildcard": connect5(
+        flags=0x06, tail=b"\x05\x08" + mqtt_string("r/#") + mqtt_string("sm/will") + mqtt_string("w")
+    ),
+}
+
+
+@pytest.mark.parametrize("version", ["3.1.1", "5"])
+async def test_client_id_over_the_limit_is_refused(sbox: Box, version: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Test that a client id longer than CLIENT_ID_MAX_BYTES is refused (3.1.1: CONNACK 2; MQTT 5: 0x85) before any
+    session or login, with a log line that quotes only its start: one of 65,535 bytes made every line 64 KB."""
+    client_id = "c" * (CLIENT_ID_MAX_BYTES + 1)
+    async with raw_client(sbox.mqtt_port) as client:
+        await client.send(connect_packet(client_id) if version == "3.1.1" else connect5(client_id.encode()))
+        first, body = await client.read_packet()
+    assert (first, body[-1] if version == "3.1.1" else body[1]) == (0x20, 0x02 if version == "3.1.1" else 0x85)
+    assert len(sbox.broker.sessions) == 0
+    assert max(len(record.getMessage()) for record in caplog.records) < 1000
+
+
+@pytest.mark.parametrize("name", list(MQTT5_BAD_CONNECTS))
+async def test_mqtt5_connect_the_codec_would_accept_is_refused(sbox: Box, name: str) -> None:
+    """Test that an MQTT 5 CONNECT breaking a rule the mqtt5 codec does not check (U+0000 or bad UTF-8 in a
+    string, the reserved flag, Authentication Data alone, a will's Response Topic with a wildcard) gets CONNACK 0x81
+    and is closed, and the client gets no session."""
+    async with raw_client(sbox.mqtt_port) as client:
+        await client.send(MQTT5_BAD_CONNECTS[name] + b"\xc0\x00")
+        answer = await client.answers_until_closed(2)
+    assert [(first, body[1]) for first, body in answer] == [(0x20, MALFORMED)], answer
+    assert len(sbox.broker.sessions) == 0
 
 
 async def test_a_malformed_packet_is_one_log_line(sbox: Box, caplog: pytest.LogCaptureFixture) -> None:

@@ -6,6 +6,7 @@ string too long for the protocol is shortened, never left unsent."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from pathlib import Path
 
@@ -14,10 +15,14 @@ import orjson
 import pytest
 
 from spotbox.loadgen import remaining_length
+from spotbox.mqtt import broker, sessions
+from spotbox.mqtt.broker import INFLIGHT_MAX, SUBSCRIPTIONS_PER_SESSION_MAX, TOPIC_FILTER_MAX_LEVELS
+from spotbox.mqtt.connection import OUTGOING_ALIASES_MAX
 from tests.conformance import DROPPED, VERSIONS, metric, peer, start
 from tests.conftest import Box, BoxFactory
 from tests.helpers import payload, stamp, status
-from tests.raw_mqtt import connect_packet, publish, subscribe
+from tests.raw_mqtt import Will, connect_packet, publish, raw_client, subscribe
+from tests.test_backpressure import until
 
 EXACTLY_ONCE = mqtt5.QoS.EXACTLY_ONCE
 
@@ -173,3 +178,161 @@ async def test_reason_string_too_long_is_shortened(sbox: Box) -> None:
         assert "battery_status" in puback.reason_str
         assert await robot.publish("robot/R16/status", payload(timestamp=stamp(2)), 1) == 0
     assert [item["ts"] for item in await sbox.history("R16")] == [stamp(2)]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_subscriptions_are_bounded_per_session_and_in_depth(sbox: Box, version: str) -> None:
+    """Test that a session gets at most SUBSCRIPTIONS_PER_SESSION_MAX subscriptions (0x97 past it; replacing one it
+    holds still works) and no filter deeper than TOPIC_FILTER_MAX_LEVELS or longer than --max-topic-length (0x8F):
+    150 filters of 20,000 levels once took the broker from 60 MB to 1.2 GB, 100,000 small ones to 170 MB."""
+    refused_quota, refused_invalid = (0x80, 0x80) if version == "3.1.1" else (0x97, 0x8F)
+    deep = "/".join(["d"] * (TOPIC_FILTER_MAX_LEVELS + 1))
+    long = "l/" + "x" * sbox.broker.limits.max_topic_length
+    async with peer(sbox.mqtt_port, version) as (client, _):
+        assert await client.subscribe((deep, 1), (long, 1), ("/".join(["d"] * TOPIC_FILTER_MAX_LEVELS), 1)) == [
+            refused_invalid,
+            refused_invalid,
+            1,
+        ]
+        nodes = sbox.broker.tree.nodes
+        assert nodes == TOPIC_FILTER_MAX_LEVELS
+        fill = [(f"many/{n}", 0) for n in range(SUBSCRIPTIONS_PER_SESSION_MAX - 1)]
+        assert await client.subscribe(*fill) == [0] * len(fill)
+        assert await client.subscribe(("many/extra", 1), ("many/7", 1)) == [refused_quota, 1]
+        assert sbox.broker.tree.count == SUBSCRIPTIONS_PER_SESSION_MAX
+        async with peer(sbox.mqtt_port, "3.1.1") as (publisher, _):
+            await publisher.publish("many/extra", b"not subscribed", 1)
+            await publisher.publish("many/7", b"replaced at QoS 1", 1)
+            await publisher.publish("many/8", b"marker", 1)
+        assert [(d.topic, d.qos) for d in await client.received()] == [("many/7", 1)]
+    await until(lambda: sbox.broker.tree.nodes == 0)  # the clean session's subscriptions went with it
+
+
+@pytest.mark.parametrize("attack", ["user-properties", "deep-topic"])
+async def test_retained_budget_counts_properties_and_topic_levels(sbox: Box, attack: str) -> None:
+    """Test that a retained message's user properties and topic levels count against the retained byte budget: with
+    a budget of 1 MB, retained messages with 1-byte payloads carrying 300 KB of user properties, or on topics of 500
+    levels, stop being retained once the budget is spent (they counted 1 byte each, and 300 of the first kind held
+    330 MB), and the messages retained before stay."""
+    sbox.broker.retained.max_bytes = 1_000_000
+    async with peer(sbox.mqtt_port, "5") as (client, _):
+        for n in range(8):
+            if attack == "user-properties":
+                props = {"user_properties": [("k", "v" * 3000)] * 100}
+                await client.publish(f"ret/{n}", b"x", 1, retain=True, **props)
+            else:
+                await client.publish(f"ret/{n}/" + "/".join(["a"] * 500), b"x", 1, retain=True)
+    assert 0 < sbox.broker.retained.count < 8
+    assert sbox.broker.retained.bytes <= 1_000_000
+    async with peer(sbox.mqtt_port, "5") as (late, _):
+        assert await late.subscribe(("ret/#", 1)) == [1]
+        async with peer(sbox.mqtt_port, "3.1.1") as (publisher, _):
+            await publisher.publish("ret/marker", b"marker", 1)
+        topics = [d.topic.split("/")[1] for d in await late.received()]
+    assert sorted(topics) == [str(n) for n in range(sbox.broker.retained.count)]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_messages_in_flight_to_a_client_that_never_acknowledges_are_bounded(sbox: Box, version: str) -> None:
+    """Test that a subscriber announcing Receive Maximum 65,535 (or, on 3.1.1, none) that reads but never
+    acknowledges gets at most INFLIGHT_MAX QoS 1 messages in flight; the rest wait in its session's queue, and one
+    acknowledgement lets one more through (3,000 messages of 300 KB were held in flight: +365 MB)."""
+    async with peer(sbox.mqtt_port, version, "never-acks", receive_max=65535) as (subscriber, _):
+        assert await subscriber.subscribe(("nf/#", 1)) == [1]
+        async with peer(sbox.mqtt_port, "3.1.1") as (publisher, _):
+            for n in range(INFLIGHT_MAX + 20):
+                await publisher.publish(f"nf/{n}", b"x" * 100, 1)
+        first = [await subscriber.next() for _ in range(INFLIGHT_MAX)]
+        assert [d.topic for d in first] == [f"nf/{n}" for n in range(INFLIGHT_MAX)]
+        assert await subscriber.silent_for(0.3)
+        session = sbox.broker.sessions.get("never-acks")
+        assert session is not None
+        assert (len(session.inflight), len(session.queue)) == (INFLIGHT_MAX, 20)
+        await subscriber.ack(first[0])
+        assert (await subscriber.next()).topic == f"nf/{INFLIGHT_MAX}"
+
+
+async def test_bytes_held_for_offline_sessions_are_bounded(sbox: Box, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that the messages queued for a session count against SESSION_HELD_MAX_BYTES (here 1 MB): 20 messages
+    of 100 KB for an offline session keep the first ones only, the rest are dropped and counted as queue_full;
+    the session gets exactly the kept ones back, and once it ends nothing is counted as held."""
+    monkeypatch.setattr(sessions, "SESSION_HELD_MAX_BYTES", 1_000_000)
+    async with peer(sbox.mqtt_port, "3.1.1", "offline", clean=False) as (subscriber, _):
+        assert await subscriber.subscribe(("off/#", 1)) == [1]
+    async with peer(sbox.mqtt_port, "3.1.1") as (publisher, _):
+        for n in range(20):
+            await publisher.publish(f"off/{n}", bytes([n]) * 100_000, 1)
+    kept = 1_000_000 // (100_000 + len("off/0") + sessions.ENTRY_BYTES)
+    assert (await metric(sbox, DROPPED))[(("reason", "queue_full"),)] == 20 - kept
+    assert 0 < sbox.broker.sessions.held_bytes <= 1_000_000
+    async with peer(sbox.mqtt_port, "3.1.1", "offline", clean=True) as (subscriber, present):
+        assert not present
+    assert sbox.broker.sessions.held_bytes == 0
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_bytes_of_wills_kept_are_bounded(sbox: Box, version: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that the wills spotbox keeps count against WILLS_MAX_BYTES (here 150 KB): while two clients keep
+    60 KB wills, a third CONNECT with one is refused (3.1.1: CONNACK 3, MQTT 5: 0x97) and gets no session, a client
+    without a will still connects, and a will discarded by DISCONNECT frees its place. Each will may be as big as a
+    PUBLISH and, on a persistent session, wait for its delay as long as the session lasts."""
+    monkeypatch.setattr(broker, "WILLS_MAX_BYTES", 150_000)
+    will = ("wills/w", b"w" * 60_000)
+
+    async def refused(client_id: str) -> bool:
+        async with raw_client(sbox.mqtt_port) as client:
+            if version == "3.1.1":
+                await client.send(connect_packet(client_id, clean=False, will=Will(*will)))
+                return await client.connack() == 3
+            await client.send(mqtt5.ConnectPacket(client_id, will=mqtt5.Will(will[0], payload=will[1])).write())
+            first, body = await client.read_packet()
+            return (first, body[1]) == (0x20, 0x97)
+
+    async with peer(sbox.mqtt_port, version, "will-0", will=will), peer(sbox.mqtt_port, version, "will-1", will=will):
+        assert await refused("will-2")
+        assert sbox.broker.sessions.get("will-2") is None
+        async with peer(sbox.mqtt_port, version, "no-will"):
+            pass
+    await until(lambda: sbox.broker.sessions.will_bytes == 0)
+    async with peer(sbox.mqtt_port, version, "will-2", will=will):
+        pass
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_sessions_kept_are_bounded(sbox: Box, version: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that past SESSIONS_MAX sessions kept (here 3), a CONNECT that would start another is refused (3.1.1:
+    CONNACK 3, MQTT 5: 0x97) and gets none, while a kept persistent session is still resumed: client ids cost
+    nothing to make, and each persistent session stays until it expires, which may be never."""
+    monkeypatch.setattr(broker, "SESSIONS_MAX", 3)
+    monkeypatch.setattr(sbox.broker, "limits", dataclasses.replace(sbox.broker.limits, max_connections=3))
+    for n in range(3):
+        async with peer(sbox.mqtt_port, version, f"kept-{n}", clean=False):
+            pass
+    await until(lambda: len(sbox.broker.sessions) == 3)
+    async with raw_client(sbox.mqtt_port) as client:
+        if version == "3.1.1":
+            await client.send(connect_packet("one-more"))
+            assert await client.connack() == 3
+        else:
+            await client.send(mqtt5.ConnectPacket("one-more").write())
+            first, body = await client.read_packet()
+            assert (first, body[1]) == (0x20, 0x97)
+    assert sbox.broker.sessions.get("one-more") is None
+    async with peer(sbox.mqtt_port, version, "kept-1", clean=False) as (_, present):
+        assert present
+
+
+async def test_topic_aliases_to_a_client_are_bounded(sbox: Box) -> None:
+    """Test that a subscriber announcing Topic Alias Maximum 65,535 gets at most OUTGOING_ALIASES_MAX aliases: each
+    keeps a topic for the connection's life (65,535 topics of 1 KB: 70 MB per subscriber); topics past them come
+    with their name and no alias, and the aliased ones still resolve."""
+    topics = [f"al/{n}/" + "x" * 200 for n in range(OUTGOING_ALIASES_MAX + 8)]
+    async with peer(sbox.mqtt_port, "5", topic_alias_max=65535) as (subscriber, _):
+        assert await subscriber.subscribe(("al/#", 0)) == [0]
+        async with peer(sbox.mqtt_port, "3.1.1") as (publisher, _):
+            for topic in topics + topics[:2]:
+                await publisher.publish(topic, b"x", 0)
+        deliveries = [await subscriber.next() for _ in range(len(topics) + 2)]
+    aliases = [d.v5.topic_alias for d in deliveries if d.v5 is not None]
+    assert aliases[: len(topics)] == [*range(1, OUTGOING_ALIASES_MAX + 1), *[None] * 8]
+    assert [(d.topic, d.v5.topic_alias if d.v5 else None) for d in deliveries[-2:]] == [("", 1), ("", 2)]

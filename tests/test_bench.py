@@ -41,6 +41,7 @@ async def test_bench_json_reports_both_stacks() -> None:
     assert figures["connect_spread_s"] >= 0
     assert figures["peak_rss_mb"] > 0
     assert figures["server_cpu_us_per_status"] > 0
+    assert 0 < figures["server_cpu_us_per_status_connected"] <= figures["server_cpu_us_per_status"]
     assert 0 < figures["rss_mb"]["warm"] <= figures["peak_rss_mb"]
     assert 0 < figures["rss_mb"]["end"] <= figures["peak_rss_mb"]
     assert figures["baseline"]["stored"] == 50

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spotbox.mqtt.message import Message, Properties
-from spotbox.mqtt.retained import RetainedStore
+from spotbox.mqtt.retained import RetainedStore, size_of
 from spotbox.mqtt.topics import matches
 
 
@@ -24,17 +24,17 @@ def topics_of(messages: list[Message]) -> set[str]:
 
 def test_the_last_retained_message_replaces_the_previous() -> None:
     """Test that a topic keeps only its newest retained message [MQTT-3.3.1-5]."""
-    store = RetainedStore(10, 1000)
+    store = RetainedStore(10, 100_000)
     assert store.put(msg("a/b", b"one"))
     assert store.put(msg("a/b", b"two!"))
     assert store.count == 1
-    assert store.bytes == len("a/b") + 4
+    assert store.bytes == size_of(msg("a/b", b"two!"))
     assert [m.payload for m in store.match("a/b")] == [b"two!"]
 
 
 def test_an_empty_payload_deletes_and_is_not_retained() -> None:
     """Test that an empty retained payload removes the topic's message and is not kept [MQTT-3.3.1-10/11]."""
-    store = RetainedStore(10, 1000)
+    store = RetainedStore(10, 100_000)
     store.put(msg("a/b"))
     store.put(msg("a/c"))
     assert store.put(msg("a/b", b""))
@@ -75,13 +75,14 @@ def test_over_the_message_budget_the_newest_is_refused_and_counted() -> None:
 
 def test_over_the_byte_budget_the_newest_is_refused_and_the_old_one_stays() -> None:
     """Test that a message that would exceed max_bytes is refused and the topic keeps its previous message."""
-    store = RetainedStore(100, 20)
-    assert store.put(msg("t", b"0123456789"))  # 11 bytes
-    assert not store.put(msg("u", b"0123456789"))  # would be 22
-    assert not store.put(msg("t", b"0" * 20))  # a replacement that grows past the budget
+    one = size_of(msg("t", b"0123456789"))
+    store = RetainedStore(100, one + 10)
+    assert store.put(msg("t", b"0123456789"))
+    assert not store.put(msg("u", b"0123456789"))  # would be twice as much
+    assert not store.put(msg("t", b"0" * 21))  # a replacement that grows past the budget
     assert store.refused == 2
     assert store.get("t") == msg("t", b"0123456789")
-    assert store.bytes == 11
+    assert store.bytes == one
 
 
 def test_negative_limits_are_refused() -> None:
@@ -92,7 +93,7 @@ def test_negative_limits_are_refused() -> None:
 
 def test_expired_messages_are_skipped_and_dropped() -> None:
     """Test that expired retained messages are not delivered and drop_expired frees them [MQTT-3.3.2-5]."""
-    store = RetainedStore(10, 1000)
+    store = RetainedStore(10, 100_000)
     store.put(msg("keep"))
     store.put(msg("short", expiry=5, created=100.0))
     store.put(msg("long", expiry=50, created=100.0))
@@ -126,4 +127,4 @@ def test_match_agrees_with_checking_every_topic(
     topic_filter = "/".join([*wanted, "#"] if hash_last else wanted)
     assert topics_of(store.match(topic_filter)) == {t for t in held if matches(topic_filter, t)}
     assert store.count == len(held)
-    assert store.bytes == sum(len(t) + 1 for t in held)
+    assert store.bytes == sum(size_of(msg(t, b"x")) for t in held)

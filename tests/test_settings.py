@@ -31,6 +31,7 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"queue_size": 0}, "--queue-size"),
     ({"ingest_timeout_s": 0}, "--ingest-timeout-s"),
     ({"sse_ping_s": 0}, "--sse-ping-s"),
+    ({"http_idle_timeout_s": 0}, "--http-idle-timeout-s"),
     ({"shutdown_timeout_s": -1}, "--shutdown-timeout-s"),
     ({"retention_days": 0}, "--retention-days"),
     ({"retention_days": -7}, "--retention-days"),

@@ -10,7 +10,6 @@ HTTP alike. New routes are covered by default: forgetting to protect one is not 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import html
 import logging
@@ -23,7 +22,7 @@ from urllib.parse import quote
 from aiohttp import hdrs, web
 
 from spotbox.api.errors import BASIC_CHALLENGE, Handler, error_response
-from spotbox.api.ingest import basic_credentials
+from spotbox.api.ingest import basic_credentials, check_password
 from spotbox.keys import RUNTIME, SETTINGS
 from spotbox.users import User, Users
 
@@ -92,11 +91,6 @@ def read_auth_required(app: web.Application) -> bool:
     return app[RUNTIME].users is not None and not app[SETTINGS].open_reads
 
 
-async def _verified(users: Users, name: str, password: str) -> User | None:
-    # argon2 takes tens of milliseconds by design: off the event loop.
-    return await asyncio.to_thread(users.authenticate, name, password)
-
-
 async def _reader(request: web.Request, users: Users) -> User | None:
     """The user of the request's session cookie or Basic credentials, or None."""
     logins = request.app[LOGINS]
@@ -111,7 +105,7 @@ async def _reader(request: web.Request, users: Users) -> User | None:
     credentials = basic_credentials(header)
     if credentials is None:
         return None
-    user = await _verified(users, *credentials)
+    user = await check_password(request, users, *credentials)
     if user is None:
         logger.warning("http read refused: bad username or password for %r from %s", credentials[0], request.remote)
         return None
@@ -207,7 +201,7 @@ async def login(request: web.Request) -> web.Response:
     form = await request.post()
     next_path = str(form.get("next", "/"))
     name, password = str(form.get("username", "")), str(form.get("password", ""))
-    user = await _verified(users, name, password) if users is not None and name and password else None
+    user = await check_password(request, users, name, password) if users is not None and name and password else None
     if user is None:
         logger.warning("http login refused: bad username or password for %r from %s", name, request.remote)
         # Post/redirect/get: a reload does not resend the password.

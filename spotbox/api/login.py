@@ -7,13 +7,12 @@ as an MQTT login is.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from aiohttp import hdrs, web
 
 from spotbox.api.auth import USER_KEY
-from spotbox.api.ingest import basic_credentials
+from spotbox.api.ingest import basic_credentials, check_password
 from spotbox.errors import ForbiddenError, UnauthorizedError
 from spotbox.keys import RUNTIME
 from spotbox.users import User, Users
@@ -27,8 +26,7 @@ async def login(request: web.Request, users: Users) -> User:
     if credentials is None:
         logger.warning("http request refused: no Basic credentials from %s", request.remote)
         raise UnauthorizedError("authentication required")
-    # argon2 takes tens of milliseconds by design: off the event loop, and an unknown name costs the same.
-    user = await asyncio.to_thread(users.authenticate, *credentials)
+    user = await check_password(request, users, *credentials)
     if user is None:
         logger.warning("http request refused: bad username or password for %r from %s", credentials[0], request.remote)
         raise UnauthorizedError("bad username or password")

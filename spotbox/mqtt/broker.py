@@ -24,14 +24,15 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from spotbox.errors import ListenError
+from spotbox.mqtt.admission import LoginSlots, address_key
 from spotbox.mqtt.auth import Authenticator
 from spotbox.mqtt.connection import Closed, Connection, Stream
 from spotbox.mqtt.listeners import MqttLimits, TcpStream, WebSocketStream, start_tcp
-from spotbox.mqtt.message import Message
+from spotbox.mqtt.message import Message, footprint
 from spotbox.mqtt.publish import PublishPath
 from spotbox.mqtt.retained import RetainedStore
 from spotbox.mqtt.router import Router, deliver
-from spotbox.mqtt.sessions import NEVER_EXPIRES, Queued, Session, Sessions, Will
+from spotbox.mqtt.sessions import NEVER_EXPIRES, WILLS_MAX_BYTES, Queued, Session, Sessions, Will
 from spotbox.mqtt.subscriptions import Subscription, SubscriptionTree
 from spotbox.mqtt.topics import parse_shared, valid_topic_filter
 from spotbox.mqtt.wire import MQTT_5, Connect, Subscribe, Unsubscribe, Wire5
@@ -49,6 +50,22 @@ TOPIC_ALIAS_MAX = 32
 TICK_S = 0.25
 # How long a connection spotbox closed may take to send its last bytes before it is cut.
 KICK_GRACE_S = 2.0
+# The longest client id accepted, in bytes: 3.1.1 servers must take 23 and may take more [MQTT-3.1.3-5]; a session
+# is keyed by it and every log line of the connection repeats it (one of 65,535 bytes made each line 64 KB).
+CLIENT_ID_MAX_BYTES = 256
+# Sessions kept, connected or not (at least --max-connections): a CONNECT that would start one more is refused (a
+# session already kept can always be resumed). An empty persistent session costs about 1.7 KB, and nothing bounds
+# how many client ids one user makes.
+SESSIONS_MAX = 100_000
+# QoS 1/2 messages sent to one client and not yet acknowledged, whatever Receive Maximum it announced (a 3.1.1
+# client announces none): the rest wait in its session's queue. Each holds its message until acknowledged; see
+# also sessions.SESSION_HELD_MAX_BYTES.
+INFLIGHT_MAX = 100
+# Subscriptions: what one session may hold, how deep a filter may be, and the tree's levels in all (each level
+# costs about 400 bytes; these bound the tree to about 400 MB whatever clients subscribe to). See docs/security.md.
+SUBSCRIPTIONS_PER_SESSION_MAX = 1000
+TOPIC_FILTER_MAX_LEVELS = 32
+SUBSCRIPTION_TREE_MAX_NODES = 1_000_000
 # Retained messages spotbox keeps, and their bytes in all.
 RETAINED_MAX_MESSAGES = 100_000
 RETAINED_MAX_BYTES = 256 * 1024 * 1024
@@ -91,12 +108,14 @@ class Broker:
         self.paused_connections = 0
         self.mqtt_address: tuple[str, int] | None = None
         self.on_connection_closed: Callable[[str, frozenset[str]], None] | None = None
-        # Connections waiting, unread, for a login slot (see `_admit`), and the wake-up when a slot frees.
-        self._admission_waiting = 0
-        self._login_slot = asyncio.Event()
+        # The --max-pending-logins slots, each held by a connection from its admission until it logs in or ends,
+        # shared between addresses (spotbox.mqtt.admission; see `_admit`). Semaphores wake one waiter per slot
+        # freed, in arrival order: a storm of 10,000 waiting robots costs one wake-up per login, not 10,000.
+        self._login_slots = LoginSlots(self.limits.max_pending_logins, max_waiting=self.limits.max_connections)
         # Presence (spotbox.ops.presence): which connection stored each status, and when a connection ends.
         self.presence: Presence | None = None
         self._server: asyncio.Server | None = None
+        self._ssl_context: ssl.SSLContext | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._clock: asyncio.Task[None] | None = None
 
@@ -110,8 +129,11 @@ class Broker:
         self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, *, sock: socket.socket | None = None
     ) -> tuple[str, int]:
         """Accept MQTT over TCP (TLS with a context) on host:port or on a bound socket; the real address."""
+        # TLS is started by the connection once admitted (`serve`), not by the listener: a handshake costs about
+        # 256 KB (asyncio's TLS buffer), and the listener would hold any number of them for 60 s.
+        self._ssl_context = ssl_context
         try:
-            self._server = await start_tcp(self._tcp_client, host, port, ssl_context, sock)
+            self._server = await start_tcp(self._tcp_client, host, port, tls=ssl_context is not None, sock=sock)
         except OSError as exc:
             raise ListenError("MQTT", host, port, "--mqtt-port", exc, host_option="--mqtt-host") from exc
         address = self._server.sockets[0].getsockname()
@@ -126,7 +148,7 @@ class Broker:
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # The connection runs in a task of the broker's own (named, awaited at shutdown), not in the one asyncio's
         # server made for this callback, which would log an error if it were ever cancelled.
-        stream = TcpStream(reader, writer)
+        stream = TcpStream(reader, writer, self._ssl_context)
         task = asyncio.create_task(self.serve(stream), name=f"spotbox-mqtt-{stream.peer}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -150,9 +172,17 @@ class Broker:
             self.counters.refused_connections += 1
             stream.abort()
             return
-        conn = Connection(self, stream)
+        try:
+            conn = Connection(self, stream)
+        except BaseException:
+            self._login_slots.release(address_key(stream.address))
+            raise
+        # Holds its login slot, TLS handshake included, until it logs in or ends (`connection_closed`).
         self.connections.add(conn)
         try:
+            if not await stream.handshake(self.limits.connect_timeout_s):
+                stream.abort()
+                return
             await conn.run()
         except Exception:
             logger.exception("mqtt connection %s (%r) ended by an error", stream.peer, conn.client_id)
@@ -164,32 +194,28 @@ class Broker:
 
         A fleet reconnecting at once after a restart (thousands of robots in a second) queues here and is served
         in turn: no robot is refused for arriving in a storm. Sockets that never log in hold a slot only until their
-        CONNECT deadline, so they delay the queue but cannot lock it. A connection that waits longer than
-        ADMISSION_WAIT_S (or its CONNECT deadline, if longer), or finds --max-connections connections already
-        waiting, is refused.
+        CONNECT deadline, and one address holds at most its share of the slots (spotbox.mqtt.admission), so idle
+        sockets from one host delay only that host's connections. A connection that waits longer than
+        ADMISSION_WAIT_S (or its CONNECT deadline, if longer), or finds --max-connections connections (or its
+        address's share of them) already waiting, is refused.
         """
         limits = self.limits
-        if len(self.connections) - self.logged_in < limits.max_pending_logins:
-            return True
-        if self._admission_waiting >= limits.max_connections:
+        key = address_key(stream.address)
+        if not self._login_slots.may_wait(key):
             logger.warning("mqtt connection from %s refused: too many connections waiting to log in", stream.peer)
             return False
-        self._admission_waiting += 1
+        wait_s = max(ADMISSION_WAIT_S, limits.connect_timeout_s)
         try:
-            async with asyncio.timeout(max(ADMISSION_WAIT_S, limits.connect_timeout_s)):
-                while len(self.connections) - self.logged_in >= limits.max_pending_logins:
-                    self._login_slot.clear()
-                    await self._login_slot.wait()
+            async with asyncio.timeout(wait_s):
+                await self._login_slots.acquire(key)
         except TimeoutError:
             logger.warning(
                 "mqtt connection from %s refused: no login slot within %.0f s (%d connections still logging in)",
                 stream.peer,
-                max(ADMISSION_WAIT_S, limits.connect_timeout_s),
+                wait_s,
                 len(self.connections) - self.logged_in,
             )
             return False
-        finally:
-            self._admission_waiting -= 1
         return True
 
     # --- logins -------------------------------------------------------------------------------------------------
@@ -207,12 +233,21 @@ class Broker:
                 "mqtt connection from %s refused: --max-connections %d reached", peer, self.limits.max_connections
             )
             return self._refuse(conn, 0x03, 0x97)  # server unavailable / quota exceeded
-        if connect.authentication_method is not None:
-            return self._refuse(conn, 0x05, 0x8C)  # bad authentication method: no enhanced auth
+        if connect.authentication_method is not None or (
+            len(connect.client_id) > CLIENT_ID_MAX_BYTES // 4 and len(connect.client_id.encode()) > CLIENT_ID_MAX_BYTES
+        ):
+            # No enhanced authentication (0x8C); a client id over CLIENT_ID_MAX_BYTES is not accepted (3.1.1: 2).
+            logger.warning(
+                "mqtt connection from %s refused: an authentication method, or the client id %.60r... is too long",
+                peer,
+                connect.client_id,
+            )
+            early = (0x05, 0x8C) if connect.authentication_method is not None else (0x02, 0x85)
+            return self._refuse(conn, *early)
         result = await self.auth.login(connect.username, connect.password, conn.stream.address)
         if not result.ok:
             logger.warning(
-                "mqtt login of %r (user %r) from %s refused: %s",
+                "mqtt login of %r (user %.100r) from %s refused: %s",
                 connect.client_id,
                 connect.username,
                 peer,
@@ -222,35 +257,27 @@ class Broker:
         user = result.user
         client_id = connect.client_id or f"spotbox-{uuid.uuid4().hex}"  # [MQTT-3.1.3-6]
         will = connect.will
-        if will is not None and (
-            status_topic_serial(will.topic) is not None or not self.auth.may_publish(user, will.topic)
-        ):
-            # A will is never validated or stored: none on status topics, and only where the user may publish.
-            logger.warning("mqtt connection refused: user %r may not leave a will on %r", user, will.topic)
-            return self._refuse(conn, 0x05, 0x87)
+        if will is not None and (codes := self._will_refused(user, client_id, will)) is not None:
+            return self._refuse(conn, *codes)
         session = self.sessions.get(client_id)
-        if session is not None and session.user != user:
-            # Taking over another user's session would hand over its subscriptions and queued messages.
-            logger.warning(
-                "mqtt connection refused: client id %r is in use by user %r, not %r", client_id, session.user, user
-            )
-            return self._refuse(conn, 0x05, 0x87)
+        if (codes := self._session_refused(session, client_id, user)) is not None:
+            return self._refuse(conn, *codes)
         if session is not None and session.connection is not None:
             session.connection.kick(0x8E, "session taken over")  # [MQTT-3.1.4-3]
         session, present = self.sessions.open(client_id, user, connect.version, connect.clean_start)
         session.expiry_s = connect.session_expiry_s
         if will is not None:
             will.created = time.monotonic()
-            session.will = Will(will, connect.will_delay_s)
+            self.sessions.set_will(session, Will(will, connect.will_delay_s))
         session.connection = conn
         conn.session, conn.client_id, conn.logged_in = session, client_id, True
         self.logged_in += 1
-        self._login_slot.set()
+        self._login_slots.release(address_key(conn.stream.address))
         keep_alive = connect.keep_alive
         if v5 and not 0 < keep_alive <= self.limits.max_keepalive:
             keep_alive = self.limits.max_keepalive  # told in CONNACK [MQTT-3.2.2-21]
         conn.keep_alive_s = keep_alive
-        conn.send_quota = connect.receive_max
+        conn.send_quota = min(connect.receive_max, INFLIGHT_MAX)
         if wire is not None:
             conn.write(
                 wire.connack(
@@ -273,6 +300,32 @@ class Broker:
         conn.resume()
         return True
 
+    def _session_refused(self, session: Session | None, client_id: str, user: str | None) -> tuple[int, int] | None:
+        """(3.1.1 code, MQTT 5 code) refusing a CONNECT for the session it would take, with one warning line."""
+        if session is not None and session.user != user:
+            # Taking over another user's session would hand over its subscriptions and queued messages.
+            logger.warning(
+                "mqtt connection refused: client id %r is in use by user %r, not %r", client_id, session.user, user
+            )
+            return 0x05, 0x87
+        if session is None and len(self.sessions) >= (bound := max(SESSIONS_MAX, self.limits.max_connections)):
+            logger.warning("mqtt connection of %r refused: %d sessions are kept already", client_id, bound)
+            return 0x03, 0x97  # server unavailable / quota exceeded
+        return None
+
+    def _will_refused(self, user: str | None, client_id: str, will: Message) -> tuple[int, int] | None:
+        """(3.1.1 code, MQTT 5 code) refusing a CONNECT for its will, with one warning line; None when it may stay."""
+        if status_topic_serial(will.topic) is not None or not self.auth.may_publish(user, will.topic):
+            # A will is never validated or stored: none on status topics, and only where the user may publish.
+            logger.warning("mqtt connection refused: user %r may not leave a will on %r", user, will.topic)
+            return 0x05, 0x87
+        if self.sessions.will_bytes + footprint(will) > WILLS_MAX_BYTES:
+            logger.warning(
+                "mqtt connection of %r refused: the wills kept reach %d bytes", client_id, self.sessions.will_bytes
+            )
+            return 0x03, 0x97  # server unavailable / quota exceeded
+        return None
+
     def _refuse(self, conn: Connection, code311: int, code5: int) -> bool:
         conn.write(conn.wire.connack(False, code5 if isinstance(conn.wire, Wire5) else code311))
         return False
@@ -285,6 +338,7 @@ class Broker:
         assert session is not None
         codes: list[int] = []
         retained_for: list[Subscription] = []
+        refused: list[str] = []
         for request in packet.requests:
             shared = parse_shared(request.filter)
             if isinstance(shared, str) or valid_topic_filter(request.filter) is not None:
@@ -296,6 +350,10 @@ class Broker:
             if not self.auth.may_subscribe(session.user, request.filter):
                 logger.warning("mqtt subscribe denied: user %r may not subscribe to %r", session.user, request.filter)
                 codes.append(0x87)
+                continue
+            if refusal := self._subscription_refused(session.client_id, request.filter, inner, group):
+                refused.append(refusal[1])
+                codes.append(refusal[0])
                 continue
             subscription = Subscription(
                 inner,
@@ -312,11 +370,36 @@ class Broker:
             # shared one (MQTT 5.0 4.8.2).
             if group is None and (request.retain_handling == 0 or (request.retain_handling == 1 and not existed)):
                 retained_for.append(subscription)
+        if refused:  # one line per SUBSCRIBE, however many filters it carried
+            logger.warning("mqtt subscribe of %r: %d filters refused: %s", session.client_id, len(refused), refused[0])
         conn.write(conn.wire.suback(packet.packet_id, codes))
         for subscription in retained_for:
             ids = [subscription.identifier] if subscription.identifier is not None else []
             for message in self.retained.match(subscription.filter):
                 conn.send_publish(Queued(message, min(message.qos, subscription.qos), True, ids))
+
+    def _subscription_refused(
+        self, client_id: str, topic_filter: str, inner: str, group: str | None
+    ) -> tuple[int, str] | None:
+        """(reason code, why) when a new subscription would pass the bounds of the subscription tree, else None.
+
+        A filter is at most --max-topic-length bytes and TOPIC_FILTER_MAX_LEVELS levels (0x8F, topic filter
+        invalid); a session holds at most SUBSCRIPTIONS_PER_SESSION_MAX and the tree SUBSCRIPTION_TREE_MAX_NODES
+        levels (0x97, quota exceeded). Replacing a subscription the session holds is always allowed.
+        """
+        limit = self.limits.max_topic_length
+        if len(topic_filter) > limit // 4 and len(topic_filter.encode()) > limit:
+            return 0x8F, f"a filter over --max-topic-length {limit}"
+        if inner.count("/") >= TOPIC_FILTER_MAX_LEVELS:
+            return 0x8F, f"a filter of more than {TOPIC_FILTER_MAX_LEVELS} levels"
+        tree = self.tree
+        if tree.holds(client_id, inner, group):
+            return None
+        if tree.count_of(client_id) >= SUBSCRIPTIONS_PER_SESSION_MAX:
+            return 0x97, f"the session holds {SUBSCRIPTIONS_PER_SESSION_MAX} subscriptions already"
+        if tree.nodes + TOPIC_FILTER_MAX_LEVELS > SUBSCRIPTION_TREE_MAX_NODES:
+            return 0x97, f"the subscription tree holds {tree.nodes} levels"
+        return None
 
     def unsubscribe(self, conn: Connection, packet: Unsubscribe) -> None:
         """UNSUBACK: 0x00 for each filter removed, 0x11 where no subscription existed."""
@@ -342,10 +425,11 @@ class Broker:
         if conn not in self.connections:
             return
         self.connections.discard(conn)
-        self._login_slot.set()
         if self.presence is not None:
             self.presence.connection_closed(conn)
-        if conn.logged_in:
+        if not conn.logged_in:
+            self._login_slots.release(address_key(conn.stream.address))  # it never logged in: its slot is free
+        else:
             self.logged_in -= 1
             if self.on_connection_closed is not None and conn.client_id is not None:
                 try:

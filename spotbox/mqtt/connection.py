@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Topic aliases spotbox sets towards one MQTT 5 client, whatever Topic Alias Maximum it announces: each keeps a
+# topic (up to --max-topic-length) for the connection's life, and 65,535 of them would be 70 MB per subscriber.
+OUTGOING_ALIASES_MAX = 32
 # After DISCONNECT 0x93 (Receive Maximum exceeded), how long what the client still sends is read and dropped.
 LINGER_S = 1.0
 _CONNECT = 1
@@ -70,6 +73,10 @@ class Stream(Protocol):
 
     async def read(self) -> bytes:
         """The next bytes from the client; b"" once the stream has ended."""
+        ...
+
+    async def handshake(self, timeout_s: float) -> bool:
+        """Start TLS if the listener speaks it, within `timeout_s`; False when that failed."""
         ...
 
     def write(self, data: bytes) -> None:
@@ -471,9 +478,13 @@ class Connection:
             self.broker.sessions.enqueue(session, item)
             self.congested = True
             return
+        if not self.broker.sessions.hold(session, item.message):
+            self.broker.sessions.counters.queue_full += 1  # the session holds its byte budget in flight
+            return
         self._send_tracked(item)
 
     def _send_tracked(self, item: Queued) -> None:
+        """Send a QoS 1/2 message already held for the session (Sessions.hold) and keep it until acknowledged."""
         session = self.session
         assert session is not None
         packet_id = session.take_packet_id()
@@ -481,6 +492,8 @@ class Connection:
             session.inflight[packet_id] = Outgoing(
                 packet_id, item.message, item.qos, item.retain, item.subscription_ids
             )
+        else:
+            self.broker.sessions.release(session, item.message)
 
     def _send(self, message: Message, qos: int, retain: bool, packet_id: int | None, dup: bool, ids: list[int]) -> bool:
         """Encode and write one PUBLISH; False when it expired or is over the client's Maximum Packet Size."""
@@ -494,7 +507,7 @@ class Connection:
             alias = self._outgoing_aliases.get(message.topic)
             if alias is not None:
                 send_topic = False
-            elif len(self._outgoing_aliases) < self.wire.topic_alias_max:
+            elif len(self._outgoing_aliases) < min(self.wire.topic_alias_max, OUTGOING_ALIASES_MAX):
                 alias, new_alias = len(self._outgoing_aliases) + 1, True
         data = self.wire.publish(message, qos, retain, packet_id, dup, ids, alias, send_topic, now)
         limit = self.wire.max_packet_size if isinstance(self.wire, Wire5) else None
@@ -513,6 +526,7 @@ class Connection:
         outgoing = session.inflight.get(packet_id)
         if outgoing is not None and outgoing.qos == qos:
             del session.inflight[packet_id]
+            self.broker.sessions.release(session, outgoing.message)
             self.pump()
 
     def _on_pubrec(self, packet: Ack) -> None:
@@ -524,6 +538,7 @@ class Connection:
             return
         if packet.reason_code >= 0x80:  # the subscriber refused it: the flow ends here (MQTT 5.0 4.3.3)
             del session.inflight[packet.packet_id]
+            self.broker.sessions.release(session, outgoing.message)
             self.pump()
             return
         outgoing.released = True
@@ -538,6 +553,7 @@ class Connection:
         while queue and len(session.inflight) < self.send_quota and not self.over_budget():
             item = queue.popleft()
             if item.qos == 0:
+                self.broker.sessions.release(session, item.message)
                 self._send(item.message, 0, item.retain, None, False, item.subscription_ids)
             else:
                 self._send_tracked(item)
@@ -553,6 +569,7 @@ class Connection:
                 outgoing.message, outgoing.qos, outgoing.retain, outgoing.packet_id, True, outgoing.subscription_ids
             ):
                 del session.inflight[outgoing.packet_id]
+                self.broker.sessions.release(session, outgoing.message)
         self.unacked_in = len(session.awaiting_pubrel)
         self.pump()
 

@@ -50,11 +50,37 @@ def _peer(address: object) -> tuple[str, str]:
 class TcpStream:
     """A TCP (or TLS) client through asyncio's streams."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tls: ssl.SSLContext | None = None
+    ) -> None:
         self._reader = reader
         self._writer = writer
         self._transport = writer.transport
+        self._tls = tls
         self.address, self.peer = _peer(writer.get_extra_info("peername"))
+
+    async def handshake(self, timeout_s: float) -> bool:
+        """Start TLS (when the listener speaks it) within `timeout_s`; False, with one line, when it fails.
+
+        Called once the connection is admitted, so handshakes count among the connections still logging in. The
+        stream's own protocol stays the application protocol (it feeds the reader); writes go to the TLS transport.
+        """
+        if self._tls is None:
+            return True
+        transport = self._transport
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                transport, transport.get_protocol(), self._tls, server_side=True, ssl_handshake_timeout=timeout_s
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            logger.warning(
+                "mqtt connection from %s closed: no TLS handshake within %g s (%r)", self.peer, timeout_s, exc
+            )
+            return False
+        if tls is None:  # the client left as the handshake ended: asyncio hands back no transport
+            return False
+        self._transport = tls
+        return True
 
     async def read(self) -> bytes:
         """The next bytes from the client; b"" once the stream has ended."""
@@ -96,6 +122,10 @@ class TcpStream:
 
 class WebSocketStream:
     """An MQTT client over a WebSocket (subprotocol `mqtt`, binary messages) [MQTT-6.0.0-1]."""
+
+    async def handshake(self, timeout_s: float) -> bool:
+        """Nothing to do: aiohttp serves TLS for the whole HTTP site."""
+        return True
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request) -> None:
         self._ws = ws
@@ -170,20 +200,40 @@ class WebSocketStream:
             self._transport.abort()
 
 
+class _TlsLater(asyncio.StreamReaderProtocol):
+    """The protocol of a TLS listener's connection: it reads nothing until the connection starts TLS once admitted
+    (`TcpStream.handshake`), so the client's ClientHello stays in the socket for the handshake."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if isinstance(transport, asyncio.ReadTransport):
+            transport.pause_reading()
+        super().connection_made(transport)
+
+    def eof_received(self) -> bool:
+        super().eof_received()
+        return False  # TLS has no half-close: the end of the stream closes the connection
+
+
 async def start_tcp(
     client_connected: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
     host: str,
     port: int,
-    ssl_context: ssl.SSLContext | None,
+    *,
+    tls: bool = False,
     sock: socket.socket | None = None,
 ) -> asyncio.Server:
-    """The TCP (TLS with a context) listener, on host:port or on an already-bound socket."""
+    """The TCP listener, on host:port or on an already-bound socket; with `tls`, the connections it hands over have
+    read nothing yet, so that each starts TLS itself (`TcpStream.handshake`)."""
     # A fleet reconnects at once after a restart of the gateway: thousands of SYNs within a second. asyncio's default
     # backlog of 100 would drop most of them into the client's SYN retry (1 s, 3 s, 7 s...); the kernel caps this at
     # net.core.somaxconn.
     backlog = 4096
+    loop = asyncio.get_running_loop()
+    protocol = _TlsLater if tls else asyncio.StreamReaderProtocol
+
+    def factory() -> asyncio.StreamReaderProtocol:
+        return protocol(asyncio.StreamReader(limit=2**20), client_connected)
+
     if sock is not None:
-        return await asyncio.start_server(client_connected, sock=sock, ssl=ssl_context, limit=2**20, backlog=backlog)
-    return await asyncio.start_server(
-        client_connected, host, port, reuse_address=True, ssl=ssl_context, limit=2**20, backlog=backlog
-    )
+        return await loop.create_server(factory, sock=sock, backlog=backlog)
+    return await loop.create_server(factory, host, port, reuse_address=True, backlog=backlog)

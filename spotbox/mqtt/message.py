@@ -48,3 +48,18 @@ class Message:
         if interval is None:
             return None
         return min(interval, max(0, interval - math.floor(now - self.created)))
+
+
+def footprint(message: Message) -> int:
+    """The bytes a message holds beyond its objects: payload, topic and MQTT 5 properties (each user property
+    counts USER_PROPERTY_BYTES more, a tuple of two strings), for the budgets of what spotbox keeps."""
+    size = len(message.payload) + len(message.topic)
+    props = message.properties
+    if props is not None:
+        size += len(props.content_type or "") + len(props.response_topic or "") + len(props.correlation_data or b"")
+        size += sum(len(key) + len(value) + USER_PROPERTY_BYTES for key, value in props.user_properties)
+    return size
+
+
+# What one user property costs beyond its text: a tuple of two strings, about 150 bytes.
+USER_PROPERTY_BYTES = 150

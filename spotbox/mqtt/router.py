@@ -49,13 +49,17 @@ class Router:
             if session is None:
                 continue
             plain: list[Subscription] = []
-            for subscription in subscriptions:
-                if subscription.share_group is not None:
-                    copies += self._deliver(session, message, [subscription])
-                elif not (subscription.no_local and client_id == sender):
-                    plain.append(subscription)
-            if plain:
-                copies += self._deliver(session, message, plain)
+            try:
+                for subscription in subscriptions:
+                    if subscription.share_group is not None:
+                        copies += self._deliver(session, message, [subscription])
+                    elif not (subscription.no_local and client_id == sender):
+                        plain.append(subscription)
+                if plain:
+                    copies += self._deliver(session, message, plain)
+            except Exception as exc:
+                # One subscriber's failure is neither the publisher's nor the other subscribers'.
+                logger.error("message on %r not delivered to %r: %r", message.topic, client_id, exc)
         return copies
 
     def _deliver(self, session: Session, message: Message, subscriptions: list[Subscription]) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from spotbox.mqtt.message import Message
+from spotbox.mqtt.message import Message, footprint
 
 if TYPE_CHECKING:
     from spotbox.mqtt.connection import Connection
@@ -28,6 +28,18 @@ logger = logging.getLogger(__name__)
 NEVER_EXPIRES = 0xFFFFFFFF
 # Packet ids of statuses without a timestamp whose receive time a DUP resend must reuse: only the last few matter.
 UNSTAMPED_MAX = 256
+# What the QoS 1/2 messages a session holds for its client (queued, or sent and not yet acknowledged) may add up
+# to, for one session and for all together; one entry costs ENTRY_BYTES beyond the message's `footprint`. Past
+# them, further messages to the session are dropped and counted (queue_full). A session holding nothing always
+# takes one message. Without them, 3,000 offline sessions queued 1,000 messages of 100 KB each (+490 MB), and
+# one 3.1.1 subscriber that never acknowledged held 3,000 messages of 300 KB (+365 MB). See docs/security.md.
+SESSION_HELD_MAX_BYTES = 16 * 1024 * 1024
+HELD_MAX_BYTES = 512 * 1024 * 1024
+ENTRY_BYTES = 150
+# What the wills kept (connected clients', and disconnected sessions' waiting for their delay) may add up to: a
+# CONNECT with a will past it is refused (0x97 / 3.1.1: 3, server unavailable). Each will may be as big as a PUBLISH
+# and wait up to its session's expiry, which may be never.
+WILLS_MAX_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -79,6 +91,8 @@ class Session:
     # packet id -> (payload digest, first receive time) of recent unstamped QoS 1/2 statuses, for DUP resends.
     unstamped: OrderedDict[int, tuple[bytes, datetime]] = field(default_factory=OrderedDict)
     next_packet_id: int = 1
+    # Bytes of the queued and in-flight messages, against SESSION_HELD_MAX_BYTES (Sessions.hold).
+    held_bytes: int = 0
     # The timer ending a disconnected session (its will after the delay, then its expiry).
     ending: asyncio.TimerHandle | None = None
     ending_will: asyncio.TimerHandle | None = None
@@ -130,6 +144,8 @@ class Sessions:
     ) -> None:
         self.max_queued = max_queued
         self.counters = SessionCounters()
+        self.held_bytes = 0  # of every session's queued and in-flight messages, against HELD_MAX_BYTES
+        self.will_bytes = 0  # of every will kept, against WILLS_MAX_BYTES (checked at CONNECT)
         self._sessions: dict[str, Session] = {}
         self._publish_will = publish_will
         self._discard = discard
@@ -167,22 +183,41 @@ class Sessions:
 
     def enqueue(self, session: Session, item: Queued) -> bool:
         """Queue a message for a client that cannot take it now; False (and counted) when the queue is full."""
-        if len(session.queue) >= self.max_queued:
+        if len(session.queue) >= self.max_queued or not self.hold(session, item.message):
             self.counters.queue_full += 1
             return False
         session.queue.append(item)
         return True
 
+    def hold(self, session: Session, message: Message) -> bool:
+        """Count `message` as held for `session` (queued or in flight); False when the budgets have no room."""
+        size = footprint(message) + ENTRY_BYTES
+        if (session.held_bytes and session.held_bytes + size > SESSION_HELD_MAX_BYTES) or (
+            self.held_bytes + size > HELD_MAX_BYTES
+        ):
+            return False
+        session.held_bytes += size
+        self.held_bytes += size
+        return True
+
+    def release(self, session: Session, message: Message) -> None:
+        """`message` is no longer held for `session` (acknowledged, dropped, or sent at QoS 0 from the queue)."""
+        size = min(footprint(message) + ENTRY_BYTES, session.held_bytes)  # 0 once the session was removed
+        session.held_bytes -= size
+        self.held_bytes -= size
+
     def connection_ended(self, session: Session, *, publish_will: bool) -> None:
         """A connection serving `session` ended: publish or schedule its will, then end or keep the session."""
         session.connection = None
-        will, session.will = (session.will if publish_will else None), None
+        will = self.take_will(session)
+        if not publish_will:
+            will = None
         loop = asyncio.get_running_loop()
         if will is not None and (will.delay_s == 0 or session.expiry_s == 0):
             self._publish_will(session, will.message)
         elif will is not None:
             delay = min(will.delay_s, session.expiry_s)
-            session.will = will
+            self.set_will(session, will)
             session.ending_will = loop.call_later(delay, self._will_due, session)
         if session.expiry_s == 0:
             if session.will is None:
@@ -194,7 +229,8 @@ class Sessions:
     def _will_due(self, session: Session) -> None:
         session.ending_will = None
         if session.will is not None and not session.connected:
-            will, session.will = session.will, None
+            will = self.take_will(session)
+            assert will is not None
             self._publish_will(session, will.message)
         if session.expiry_s == 0 and self._sessions.get(session.client_id) is session:
             self.remove(session)
@@ -203,8 +239,8 @@ class Sessions:
         session.ending = None
         if session.connected or self._sessions.get(session.client_id) is not session:
             return
-        if session.will is not None:  # the session ends before its will's delay: the will goes now [MQTT-3.1.3-9]
-            will, session.will = session.will, None
+        if (will := self.take_will(session)) is not None:
+            # The session ends before its will's delay: the will goes now [MQTT-3.1.3-9].
             self._publish_will(session, will.message)
         logger.info("mqtt session of %r expired after %d s", session.client_id, session.expiry_s)
         self.counters.expired_sessions += 1
@@ -216,16 +252,31 @@ class Sessions:
             if timer is not None:
                 timer.cancel()
         session.ending = session.ending_will = None
-        waiting, session.will = session.will, None
-        return waiting
+        return self.take_will(session)
+
+    def set_will(self, session: Session, will: Will) -> None:
+        """Keep `will` for `session` (in place of any other), counted in `will_bytes`."""
+        self.take_will(session)
+        session.will = will
+        self.will_bytes += footprint(will.message)
+
+    def take_will(self, session: Session) -> Will | None:
+        """The will kept for `session`, no longer kept (nor counted), or None."""
+        will, session.will = session.will, None
+        if will is not None:
+            self.will_bytes -= footprint(will.message)
+        return will
 
     def remove(self, session: Session) -> None:
-        """Forget a session: its subscriptions and queued messages go with it."""
+        """Forget a session: its subscriptions, queued messages and will go with it."""
+        self.take_will(session)
         for timer in (session.ending, session.ending_will):
             if timer is not None:
                 timer.cancel()
         if self._sessions.get(session.client_id) is session:
             del self._sessions[session.client_id]
+            self.held_bytes -= session.held_bytes
+            session.held_bytes = 0
         self._discard(session)
 
     def close(self) -> None:

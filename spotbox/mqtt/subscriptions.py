@@ -74,6 +74,22 @@ class SubscriptionTree(Generic[K]):
         self._root: _Node[K] = _Node()
         self._by_key: dict[K, dict[tuple[str, str | None], Subscription]] = {}
         self._count = 0
+        self._nodes = 0
+
+    @property
+    def nodes(self) -> int:
+        """How many levels (nodes) the tree holds: what its memory grows with, more than with subscriptions."""
+        return self._nodes
+
+    def count_of(self, key: K) -> int:
+        """How many subscriptions `key` holds."""
+        own = self._by_key.get(key)
+        return len(own) if own is not None else 0
+
+    def holds(self, key: K, topic_filter: str, share_group: str | None = None) -> bool:
+        """True when `key` already has a subscription to `topic_filter` (in `share_group`)."""
+        own = self._by_key.get(key)
+        return own is not None and (topic_filter, share_group) in own
 
     @property
     def count(self) -> int:
@@ -87,6 +103,7 @@ class SubscriptionTree(Generic[K]):
             child = node.children.get(level)
             if child is None:
                 child = node.children[level] = _Node()
+                self._nodes += 1
             node = child
         if sub.share_group is None:
             holder = node.subscribers
@@ -130,6 +147,7 @@ class SubscriptionTree(Generic[K]):
             if not path[depth].empty():
                 break
             del path[depth - 1].children[levels[depth - 1]]
+            self._nodes -= 1
         return True
 
     def remove_all(self, key: K) -> int:

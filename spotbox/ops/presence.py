@@ -161,12 +161,17 @@ class Presence:
                         listener(robot)
 
     def tick(self) -> None:
-        """Apply the time rules: online -> stale -> offline without statuses; unknown resolves after a start."""
+        """Apply the time rules: online -> stale -> offline without statuses; unknown resolves after a start.
+
+        Every robot is looked at each tick, so an online robot heard from within the shortest stale-after time
+        costs one comparison: its own stale-after time (a median) is computed only once it could be past it.
+        """
         now = self.clock()
+        shortest = self.stale_after_s if self.stale_after_s is not None else STALE_FLOOR_S
         for robot in list(self.robots.values()):
-            stale_after = self.stale_after(robot)
             silent = (now - robot.last_seen).total_seconds() if robot.last_seen is not None else None
             if robot.state == "unknown":
+                stale_after = self.stale_after(robot)
                 if (now - self.started_at).total_seconds() < stale_after:
                     continue
                 if silent is None or silent >= self.offline_after_s:
@@ -175,7 +180,12 @@ class Presence:
                     self._move(robot, "stale", now)
             elif silent is not None and silent >= self.offline_after_s:
                 self._move(robot, "offline", now)
-            elif robot.state == "online" and silent is not None and silent >= stale_after:
+            elif (
+                robot.state == "online"
+                and silent is not None
+                and silent >= shortest
+                and silent >= self.stale_after(robot)
+            ):
                 self._move(robot, "stale", now)
 
     def counts(self) -> Counter[str]:

@@ -28,7 +28,7 @@ from spotbox.ops.store import (
 from spotbox.ops.webhook import Webhook
 from spotbox.settings import Settings
 from spotbox.sse import FeedHub
-from spotbox.status import StoredStatus, dumps, is_valid_serial
+from spotbox.status import StoredStatus, dumps_kept, is_valid_serial
 from spotbox.storage import Storage
 from spotbox.validation import Rejection
 
@@ -162,7 +162,7 @@ class Operations:
             for serial in sorted(dirty):
                 alerts = [alert.to_api() for alert in self.alerts.open_alerts(serial)]
                 try:
-                    await self.publish_retained(ALERTS_TOPIC.format(serial=serial), dumps(alerts))
+                    await self.publish_retained(ALERTS_TOPIC.format(serial=serial), dumps_kept(alerts))
                 except Exception:
                     logger.exception("alerts of %s not published over MQTT", serial)
 

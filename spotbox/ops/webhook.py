@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from spotbox.status import dumps
+from spotbox.status import dumps_kept
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Webhook:
         if len(self._pending) == self._pending.maxlen:
             self.failed += 1
             logger.error("alert webhook is %d changes behind; the oldest is dropped", self._pending.maxlen)
-        self._pending.append(dumps(document))
+        self._pending.append(dumps_kept(document))
         self._wake.set()
 
     async def run(self) -> None:
