@@ -239,8 +239,10 @@ class _Robot(asyncio.Protocol):
 
     def _send_due(self) -> None:
         """Send every status that is due while the window and the socket have room; then wait for a timer (paced),
-        an acknowledgement (window full) or `resume_writing`."""
-        self.timer = None
+        an acknowledgement (window full) or `resume_writing`.
+
+        One timer at most is pending: an acknowledgement that comes back before the next send time leaves the
+        pending timer to it, where scheduling another each time made m*m/2 wake-ups for m messages."""
         load, result, transport = self.load, self.result, self.transport
         assert transport is not None
         window = load.window if load.qos else None
@@ -250,7 +252,8 @@ class _Robot(asyncio.Protocol):
             now = time.perf_counter()
             if self.interval is not None:
                 if now < self.next_at:
-                    self.timer = self.loop.call_at(self.loop.time() + (self.next_at - now), self._send_due)
+                    if self.timer is None:
+                        self.timer = self.loop.call_at(self.loop.time() + (self.next_at - now), self._timer_fired)
                     return
                 self.next_at += self.interval
             n = self.sent
@@ -270,6 +273,10 @@ class _Robot(asyncio.Protocol):
                 transport.set_write_buffer_limits(high=0)
                 if not self.paused:
                     self.done.set_result(None)
+
+    def _timer_fired(self) -> None:
+        self.timer = None
+        self._send_due()
 
 
 def _status_packet(topic: bytes, n: int, load: Load) -> bytes:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -72,8 +71,14 @@ class IngestPipeline:
             buckets=COMMIT_BUCKETS_S,
             registry=None,
         )
-        # None is the stop sentinel: the writer commits everything queued before it, then returns.
-        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue(queue_size)
+        # A deque with two events rather than an asyncio.Queue: the writer takes all that is queued at once, where a
+        # Queue costs a get (and a put) of a few calls per status. None is the stop sentinel: the writer commits
+        # everything queued before it, then returns.
+        self._queue: deque[_Item | None] = deque()
+        self._queue_size = queue_size
+        self._first_queued_at = 0.0  # when the queue last went from empty to not empty (time.monotonic)
+        # Set when something is queued; the writer clears it before it waits.
+        self._arrived = asyncio.Event()
         # Set whenever the writer has taken from the queue; readers of publishing sockets wait on it when full.
         self._room = asyncio.Event()
         self._room.set()
@@ -92,9 +97,12 @@ class IngestPipeline:
         self.stats.received += 1
         received_at = received_at or datetime.now(UTC)
         verdict = self.validator.check(serial, raw, received_at)
-        if delivery is not None and isinstance(verdict, StatusRecord) and verdict.ts == verdict.received_at:
-            key = delivery.key(verdict.payload_hash)
-            verdict = dataclasses.replace(verdict, delivery_key=key, resend=delivery.resend)
+        if type(verdict) is StatusRecord:
+            if delivery is not None and verdict.ts == verdict.received_at:
+                verdict.delivery_key = delivery.key(verdict.payload_hash)
+                verdict.resend = delivery.resend
+            self.window.count(serial, None)  # a valid status has a valid serial
+            return verdict
         rejected = verdict.field if isinstance(verdict, Rejection) else None
         self.window.count(serial if is_valid_serial(serial) else None, rejected)
         if isinstance(verdict, Rejection):
@@ -122,30 +130,42 @@ class IngestPipeline:
         Returns its row id, or None when the same status was already stored.
         """
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        await self._queue.put((record, future))
+        await self._put((record, future))
         return await future
 
     def submit(self, record: StatusRecord) -> asyncio.Future[int | None]:
         """Queue a valid record without waiting (the caller waited for room); its future resolves once committed."""
+        if len(self._queue) >= self._queue_size:
+            raise asyncio.QueueFull
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((record, future))
+        if not self._queue:
+            self._first_queued_at = time.monotonic()
+        self._queue.append((record, future))
+        self._arrived.set()
         return future
+
+    async def _put(self, item: _Item | None) -> None:
+        await self.wait_for_room()
+        if not self._queue:
+            self._first_queued_at = time.monotonic()
+        self._queue.append(item)
+        self._arrived.set()
 
     @property
     def full(self) -> bool:
         """True while the queue holds `queue_size` statuses: readers of publishing sockets should wait."""
-        return self._queue.full()
+        return len(self._queue) >= self._queue_size
 
     async def wait_for_room(self) -> None:
-        """Return once the queue has room (the writer sets `_room` each time it takes a status)."""
-        while self._queue.full():
+        """Return once the queue has room (the writer sets `_room` each time it takes from it)."""
+        while len(self._queue) >= self._queue_size:
             self._room.clear()
             await self._room.wait()
 
     @property
     def depth(self) -> int:
         """Records waiting for the writer."""
-        return self._queue.qsize()
+        return len(self._queue)
 
     async def run(self) -> None:
         """The writer loop: take a batch, commit it (retrying while storage is away), fan it out; until stopped."""
@@ -162,28 +182,43 @@ class IngestPipeline:
 
     async def stop(self) -> None:
         """Ask the writer to commit everything queued so far and return; call once nothing submits any more."""
-        await self._queue.put(None)
+        await self._put(None)
 
     async def _next_batch(self) -> list[_Item]:
+        """Wait for a first status, then take all that is queued, and wait for more until `batch_wait_s` after the
+        first of them was queued (or until `batch_max`).
+
+        Statuses that queued up while the last batch was being committed have waited that long already: they are
+        committed at once. Waiting on until some time after the previous commit would hold a publisher's whole
+        window of statuses, which then waits for its acknowledgements to send more, for nothing.
+        """
         batch: list[_Item] = []
-        deadline = time.monotonic() + self._batch_wait_s
+        queue = self._queue
+        deadline = 0.0
         while len(batch) < self._batch_max and not self._stopping:
-            if not self._queue.empty() or not batch:
-                item = await self._queue.get()
-            else:
+            if not queue:
+                self._arrived.clear()
+                if not batch:
+                    await self._arrived.wait()
+                    continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 try:
                     async with asyncio.timeout(remaining):
-                        item = await self._queue.get()
+                        await self._arrived.wait()
                 except TimeoutError:
                     break
-            self._room.set()
-            if item is None:
-                self._stopping = True
-            else:
+                continue
+            if not batch:
+                deadline = self._first_queued_at + self._batch_wait_s
+            for _ in range(min(len(queue), self._batch_max - len(batch))):
+                item = queue.popleft()
+                if item is None:
+                    self._stopping = True
+                    break
                 batch.append(item)
+            self._room.set()
         return batch
 
     async def _write(self, batch: list[_Item]) -> None:

@@ -93,8 +93,8 @@ def shape(doc: dict[str, Any], max_depth: int, *, numbers: bool = True) -> Shape
 def _containers(doc: dict[str, Any], max_depth: int) -> Shape:
     """`shape` visiting objects and arrays only: nesting and key count."""
     depth = 1
-    keys = 0
-    stack: list[tuple[Any, int]] = [(doc, 1)]
+    keys = len(doc)
+    stack: list[tuple[Any, int]] = [(child, 2) for child in doc.values() if type(child) is dict or type(child) is list]
     while stack:
         value, level = stack.pop()
         if level > depth:
@@ -228,6 +228,23 @@ def _large_problem(raw: bytes, walked: Shape, *, repeats: bool, numbers: bool) -
     if numbers and (token := _bad_token(unquoted)) is not None:
         return f"payload: {preview(token.decode())} rounds to 0 as a double or is beyond the 64-bit integer range"
     return None
+
+
+# What `screen` answers for a status nested deeper than allowed (the caller words the reason).
+TOO_DEEP = "payload: too deep"
+
+
+def screen(raw: bytes, doc: dict[str, Any], max_depth: int) -> str | None:
+    """Everything these checks refuse, in one call: TOO_DEEP past `max_depth` levels, `field: rule` for a repeated
+    key or a number spotbox refuses, None for an ordinary status (one translate of the text, one walk of its
+    objects and arrays)."""
+    shaped = raw.translate(_SHAPE)
+    seen = Hints(_LONG_DIGITS in shaped or _NEGATIVE_EXPONENT in shaped, _SPACED_COLON in shaped)
+    exact = seen.numbers and len(raw) <= NAMED_EXACT_MAX
+    walked = shape(doc, max_depth) if exact else _containers(doc, max_depth)
+    if walked.depth > max_depth:
+        return TOO_DEEP
+    return problem(raw, walked, seen)
 
 
 def problem(raw: bytes, walked: Shape, seen: Hints) -> str | None:

@@ -168,7 +168,8 @@ class Settings:
     max_pending_logins: int = option(
         200,
         "Most MQTT connections logging in at once (no CONNECT handled yet), apart from --max-connections; more wait "
-        "their turn unread, each within its --connect-timeout-s. One address holds at most an eighth of them.",
+        "their turn unread, each within its --connect-timeout-s; an address past an eighth of them leaves a quarter "
+        "free.",
         group=VALIDATION,
         check=at_least(1),
     )
@@ -188,7 +189,8 @@ class Settings:
     receive_maximum: int = option(
         100,
         "Unacknowledged QoS 1/2 PUBLISHes an MQTT 5 client may have in flight to spotbox (announced in CONNACK; one "
-        "more ends the connection with 0x93).",
+        "more ends the connection with 0x93); an MQTT 3.1.1 connection is read no further while this many of its "
+        "statuses wait for their commit.",
         group=VALIDATION,
         check=between(1, 65535),
     )

@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from math import isfinite
 from pathlib import Path
 from typing import Any
 
@@ -168,30 +169,27 @@ class StatusValidator:
         self.schema_path = schema_path
         self.max_depth = max_depth
         self.max_future = max_future
+        self._too_deep = f"payload: nests objects and arrays deeper than {max_depth} levels (--max-json-depth)"
 
     def check(self, serial: str, raw: bytes, received_at: datetime) -> StatusRecord | Rejection:  # noqa: PLR0911
         """Validate one payload published for robot `serial`."""
         if not is_valid_serial(serial):
             return Rejection(serial, [reason("serial_number", f"{show(serial)} {SERIAL_RULE}")])
-        too_deep = f"payload: nests objects and arrays deeper than {self.max_depth} levels (--max-json-depth)"
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             # orjson stops at 1024 levels by itself; that is the same refusal, not a syntax error.
             if "depth limit" in str(exc):
-                return Rejection(serial, [too_deep])
+                return Rejection(serial, [self._too_deep])
             if "infinity" in str(exc) and (found := rawjson.exact_problem(raw)):
                 return Rejection(serial, [reason(*found.split(": ", 1))])
             return Rejection(serial, [reason("payload", f"not valid UTF-8 JSON ({preview(str(exc), 120)})")])
-        if not isinstance(doc, dict):
+        if type(doc) is not dict:
             return Rejection(serial, [f"payload: must be a JSON object, got {type(doc).__name__}"])
-        # Numbers are looked at one by one only when the text holds one that could be wrong (a rare status).
-        seen = rawjson.hints(raw)
-        walked = rawjson.shape(doc, self.max_depth, numbers=seen.numbers and len(raw) <= rawjson.NAMED_EXACT_MAX)
-        if walked.depth > self.max_depth:
-            return Rejection(serial, [too_deep])
-        if problem := rawjson.problem(raw, walked, seen):
-            return Rejection(serial, [reason(*problem.split(": ", 1))])
+        if problem := rawjson.screen(raw, doc, self.max_depth):
+            return Rejection(
+                serial, [self._too_deep if problem is rawjson.TOO_DEEP else reason(*problem.split(": ", 1))]
+            )
         if errors := self._errors(doc):
             return Rejection(serial, errors)
         if b"\\u0000" in raw:
@@ -214,7 +212,10 @@ class StatusValidator:
 
     def _record(self, serial: str, doc: dict[str, Any], raw: bytes, received_at: datetime) -> StatusRecord | Rejection:
         location = doc["location"]
-        if problem := _finite_location(location):
+        latitude, longitude, height = location["latitude"], location["longitude"], location["height"]
+        if not (isfinite(latitude) and isfinite(longitude) and isfinite(height)) and (
+            problem := _finite_location(location)
+        ):
             return Rejection(serial, [problem])
         stamp = doc.get("timestamp")
         try:
@@ -236,10 +237,10 @@ class StatusValidator:
             battery_status=str(doc["battery_status"]),
             driving_status=str(doc["driving_status"]),
             current_drive_id=drive_id.lower() if drive_id is not None else None,
-            latitude=float(location["latitude"]),
-            longitude=float(location["longitude"]),
-            height=float(location["height"]),
-            payload=bytes(raw),
+            latitude=float(latitude),
+            longitude=float(longitude),
+            height=float(height),
+            payload=raw if type(raw) is bytes else bytes(raw),
             payload_hash=payload_digest(raw),
         )
 

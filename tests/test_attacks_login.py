@@ -15,7 +15,7 @@ import aiohttp
 import aiomqtt
 import pytest
 
-from spotbox.mqtt.admission import address_key
+from spotbox.mqtt.admission import LoginSlots, address_key
 from spotbox.settings import Settings
 from spotbox.users import User, Users
 from tests.conformance import settings_with
@@ -158,9 +158,9 @@ async def test_sockets_that_never_log_in_do_not_lock_out_robots(make_box: BoxFac
 
 
 async def test_idle_sockets_from_one_address_do_not_hold_back_another(make_box: BoxFactory, tmp_path: Path) -> None:
-    """Test that 60 sockets from 127.0.0.1 that never send a CONNECT hold only that address's share of the 16 login
-    slots: a robot from 127.0.0.2 logs in at once, long before their CONNECT deadline, with no credentials needed
-    to attempt the lock-out; and that the sockets past the address's share of waiting places are closed at once."""
+    """Test that 60 sockets from 127.0.0.1 that never send a CONNECT leave a quarter of the 16 login slots free: a
+    robot from 127.0.0.2 logs in at once, long before their CONNECT deadline (no credentials are needed to try the
+    lock-out); and that the sockets past that address's half of the 40 waiting places are closed at once."""
     box = await make_box(settings_with(tmp_path, max_pending_logins=16, max_connections=40, connect_timeout_s=10))
     idle = [await asyncio.open_connection("127.0.0.1", box.mqtt_port, local_addr=("127.0.0.1", 0)) for _ in range(60)]
     try:
@@ -170,14 +170,48 @@ async def test_idle_sockets_from_one_address_do_not_hold_back_another(make_box: 
             async with asyncio.timeout(5):
                 assert await robot.connack() == CONNACK_ACCEPTED
         waited = time.monotonic() - started
-        # 4 holding slots and 5 waiting (a share of 40) are kept; the other 51 were closed without a byte.
+        # 12 holding slots (4 stay free) and 20 waiting are kept; the other 28 were closed without a byte.
         async with asyncio.timeout(5):
-            closed = sum([await reader.read(1) == b"" for reader, _ in idle[9:]])
-        assert closed == 51
+            closed = sum([await reader.read(1) == b"" for reader, _ in idle[32:]])
+        assert closed == 28
     finally:
         for _, writer in idle:
             writer.close()
     assert waited < 5  # the idle sockets' CONNECT deadline is 10 s: it did not wait for them
+
+
+async def test_a_freed_login_slot_goes_to_an_address_under_its_share_first() -> None:
+    """Test the login slots' order: one busy address fills all but the reserve and queues the rest; a connection
+    from another address then takes a free reserved slot at once, and when slots free up, a second other address
+    is served before the busy one's queue, which is served once no one else waits."""
+    slots = LoginSlots(8, max_waiting=100)  # share 4, reserve 2
+    for _ in range(6):
+        await slots.acquire("busy")
+    assert slots.free == 2
+    queued = [asyncio.create_task(slots.acquire("busy")) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert not any(task.done() for task in queued)  # past its share, it leaves the reserve alone
+    await slots.acquire("other-1")
+    await slots.acquire("other-1")
+    assert slots.free == 0
+    late = asyncio.create_task(slots.acquire("other-2"))
+    await asyncio.sleep(0)
+    slots.release("busy")
+    await asyncio.sleep(0)
+    assert late.done()
+    assert not any(task.done() for task in queued)
+    slots.release("other-1")
+    slots.release("other-1")
+    await asyncio.sleep(0)
+    assert sum(task.done() for task in queued) == 0  # free 2, the reserve: still kept from the busy address
+    slots.release("other-2")
+    await asyncio.sleep(0)
+    assert sum(task.done() for task in queued) == 1  # free 3 > reserve: the busy address's next one
+    await asyncio.gather(*(asyncio.wait_for(task, 0.1) for task in queued[:1]))
+    for task in queued[1:]:
+        task.cancel()
+    await asyncio.gather(*queued[1:], return_exceptions=True)
+    assert slots.waiting == 0
 
 
 @pytest.mark.parametrize(
@@ -230,7 +264,7 @@ async def test_tls_handshakes_never_finished_count_as_logins_and_end_at_the_dead
     make_box: BoxFactory, tmp_path: Path, certificate: tuple[Path, Path]
 ) -> None:
     """Test that sockets to the MQTT TLS port that never send a ClientHello take the places of connections still
-    logging in (--max-pending-logins 10, of which one address takes 4) and are closed at the CONNECT deadline: each
+    logging in (--max-pending-logins 10, of which one address takes 8) and are closed at the CONNECT deadline: each
     held about 256 KB for 60 s, uncounted (1,500 of them took 300 MB), before the listener handed them to spotbox;
     a robot then logs in over TLS and stores its status."""
     cert, key = certificate
@@ -239,8 +273,9 @@ async def test_tls_handshakes_never_finished_count_as_logins_and_end_at_the_dead
     idle = [await asyncio.open_connection("127.0.0.1", box.mqtt_port) for _ in range(15)]
     try:
         await asyncio.sleep(0.1)
-        # The handshakes in progress: one address's share of the 10 places (4); the other 11 wait their turn.
-        assert len(box.broker.connections) == 4
+        # The handshakes in progress: one address takes 8 of the 10 places (a quarter stays free for others); the
+        # other 7 wait their turn.
+        assert len(box.broker.connections) == 8
         async with asyncio.timeout(5):
             for reader, _ in idle:
                 with contextlib.suppress(ConnectionResetError):

@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import socket
 from pathlib import Path
+from typing import Any
 
 import mqtt5
 import orjson
@@ -18,6 +19,8 @@ from spotbox.loadgen import remaining_length
 from spotbox.mqtt import broker, sessions
 from spotbox.mqtt.broker import INFLIGHT_MAX, SUBSCRIPTIONS_PER_SESSION_MAX, TOPIC_FILTER_MAX_LEVELS
 from spotbox.mqtt.connection import OUTGOING_ALIASES_MAX
+from spotbox.mqtt.message import Message
+from spotbox.mqtt.wire import Wire5
 from tests.conformance import DROPPED, VERSIONS, metric, peer, start
 from tests.conftest import Box, BoxFactory
 from tests.helpers import payload, stamp, status
@@ -300,26 +303,32 @@ async def test_bytes_of_wills_kept_are_bounded(sbox: Box, version: str, monkeypa
 
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_sessions_kept_are_bounded(sbox: Box, version: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Test that past SESSIONS_MAX sessions kept (here 3), a CONNECT that would start another is refused (3.1.1:
-    CONNACK 3, MQTT 5: 0x97) and gets none, while a kept persistent session is still resumed: client ids cost
-    nothing to make, and each persistent session stays until it expires, which may be never."""
+    """Test that past SESSIONS_MAX persistent sessions kept (here 3), a CONNECT that would start another is refused
+    (3.1.1: CONNACK 3, MQTT 5: 0x97) and gets none, while a kept persistent session is still resumed and a clean
+    session (3.1.1 clean session, MQTT 5 expiry 0) still connects: client ids cost nothing to make, and each
+    persistent session stays until it expires, which may be never; a clean one ends with its connection, bounded by
+    --max-connections, so one user's persistent sessions cannot lock the clean-session robots out."""
     monkeypatch.setattr(broker, "SESSIONS_MAX", 3)
     monkeypatch.setattr(sbox.broker, "limits", dataclasses.replace(sbox.broker.limits, max_connections=3))
-    for n in range(3):
-        async with peer(sbox.mqtt_port, version, f"kept-{n}", clean=False):
-            pass
-    await until(lambda: len(sbox.broker.sessions) == 3)
+    async with peer(sbox.mqtt_port, version, "clean-before"):
+        for n in range(3):
+            async with peer(sbox.mqtt_port, version, f"kept-{n}", clean=False):
+                pass
+        await until(lambda: len(sbox.broker.sessions) == 4)
     async with raw_client(sbox.mqtt_port) as client:
         if version == "3.1.1":
-            await client.send(connect_packet("one-more"))
+            await client.send(connect_packet("one-more", clean=False))
             assert await client.connack() == 3
         else:
-            await client.send(mqtt5.ConnectPacket("one-more").write())
+            await client.send(mqtt5.ConnectPacket("one-more", session_expiry_interval=300).write())
             first, body = await client.read_packet()
             assert (first, body[1]) == (0x20, 0x97)
     assert sbox.broker.sessions.get("one-more") is None
+    async with peer(sbox.mqtt_port, version, "clean-robot") as (_, present):
+        assert not present
     async with peer(sbox.mqtt_port, version, "kept-1", clean=False) as (_, present):
         assert present
+    assert sbox.broker.sessions.persistent == 3
 
 
 async def test_topic_aliases_to_a_client_are_bounded(sbox: Box) -> None:
@@ -336,3 +345,35 @@ async def test_topic_aliases_to_a_client_are_bounded(sbox: Box) -> None:
     aliases = [d.v5.topic_alias for d in deliveries if d.v5 is not None]
     assert aliases[: len(topics)] == [*range(1, OUTGOING_ALIASES_MAX + 1), *[None] * 8]
     assert [(d.topic, d.v5.topic_alias if d.v5 else None) for d in deliveries[-2:]] == [("", 1), ("", 2)]
+
+
+async def test_a_publish_that_fails_to_encode_holds_no_bytes(sbox: Box, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that a delivery whose PUBLISH fails to encode (a fault injected at the wire's encoder) holds none of the
+    session's or the broker's byte budget and no packet id, whether it was routed straight to the subscriber or sent
+    from its queue after an acknowledgement, and the messages after it still arrive: held bytes never released would
+    exhaust SESSION_HELD_MAX_BYTES and drop every later QoS 1/2 delivery as queue_full."""
+    encode = Wire5.publish
+
+    def failing(self: Wire5, message: Message, *args: Any) -> bytes:
+        if message.payload.startswith(b"poison"):
+            raise ValueError("injected encoding failure")
+        return encode(self, message, *args)
+
+    monkeypatch.setattr(Wire5, "publish", failing)
+    async with peer(sbox.mqtt_port, "5", "fragile", receive_max=1) as (subscriber, _):
+        assert await subscriber.subscribe(("enc/#", 1)) == [1]
+        async with peer(sbox.mqtt_port, "3.1.1") as (publisher, _):
+            # poison-1 goes straight to the subscriber; good-1 fills its Receive Maximum of 1, so poison-2 and good-2
+            # wait in its queue for good-1's PUBACK.
+            for body in (b"poison-1", b"good-1", b"poison-2", b"good-2"):
+                await publisher.publish("enc/t", body, 1)
+        first = await subscriber.next()
+        assert first.payload == b"good-1"
+        await subscriber.ack(first)
+        second = await subscriber.next()
+        assert second.payload == b"good-2"
+        await subscriber.ack(second)
+        await subscriber.sync()
+        session = sbox.broker.sessions.get("fragile")
+        assert session is not None
+        assert (session.held_bytes, sbox.broker.sessions.held_bytes, session.inflight) == (0, 0, {})

@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 import pytest
 
-from spotbox.mqtt.connection import READ_WINDOW
 from spotbox.settings import Settings
 from tests.conftest import BoxFactory
 from tests.helpers import raw_publisher
@@ -33,16 +32,17 @@ def small_queue(settings: Settings) -> Settings:
 async def test_connection_window_pauses_reading(
     make_box: BoxFactory, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Test that a publisher whose statuses cannot be committed is read no further than READ_WINDOW, then loses none."""
+    """Test that a 3.1.1 publisher whose statuses cannot be committed is read no further than --receive-maximum,
+    then loses none."""
     # A queue with room for everything: here the connection's own window is what stops the reading.
-    box = await make_box(dataclasses.replace(settings, batch_max=5))
+    box = await make_box(dataclasses.replace(settings, batch_max=5, receive_maximum=40))
     outage = Outage(box.storage, monkeypatch)
-    sent = READ_WINDOW * 3
+    sent = 40 * 3
     async with raw_publisher(box.mqtt_port, "ROBOT-WIN") as robot:
         await robot.publish_many(range(sent))
-        await until(lambda: box.pipeline.stats.received == READ_WINDOW and box.broker.paused_connections == 1)
+        await until(lambda: box.pipeline.stats.received == 40 and box.broker.paused_connections == 1)
         # Paused: no PUBLISH past the window is read until a commit frees a slot, and none is acknowledged.
-        assert box.pipeline.stats.received == READ_WINDOW
+        assert box.pipeline.stats.received == 40
         outage.down = False
         async with asyncio.timeout(20):
             acked = await robot.acked_ids(sent)

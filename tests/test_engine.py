@@ -16,7 +16,6 @@ import pytest
 from spotbox.loadgen import mqtt_string
 from spotbox.loadgen import publish_packet as loadgen_publish
 from spotbox.mqtt.broker import Broker
-from spotbox.mqtt.connection import READ_WINDOW
 from spotbox.mqtt.wire import REASON_MAX_CHARS
 from spotbox.settings import Settings
 from tests.conftest import Box, BoxFactory
@@ -170,7 +169,7 @@ async def test_time_paused_by_backpressure_is_not_keep_alive_silence(
     is not disconnected as silent: once storage is back every status is acknowledged on the same connection."""
     box = await make_box(sqlite_settings)
     outage = Outage(box.storage, monkeypatch)
-    sent = READ_WINDOW + 10
+    sent = box.broker.limits.receive_maximum + 10
     async with raw_client(box.mqtt_port) as robot:
         await robot.send(connect_packet("paused", keep_alive=1))
         assert await robot.connack() == CONNACK_ACCEPTED

@@ -8,8 +8,10 @@ from typing import Any
 import pytest
 
 from spotbox.status import StatusRecord
+from spotbox.storage import sqlite_read
+from spotbox.storage.base import HistoryQuery
 from tests.conftest import Box
-from tests.test_storage import T0, record
+from tests.test_storage import T0, record, record_at
 
 
 async def seed(box: Box, serial: str, minutes: list[int]) -> list[StatusRecord]:
@@ -151,3 +153,50 @@ async def test_unknown_route_uses_the_error_shape(box: Box) -> None:
     status, body = await get(box, "/nothing/here")
     assert status == 404
     assert set(body) == {"error", "detail"}
+
+
+@pytest.mark.sqlite_only
+async def test_a_page_joined_out_of_order_is_built_from_rows(box: Box, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that a history page SQLite joins out of (ts, id) order (a fault injected into the one-statement page,
+    whose group_concat order SQLite does not promise) is answered with the same JSON and cursors as a page in
+    order, built from rows: items in time order, the next page after the right item."""
+    whole = T0 + timedelta(seconds=30)
+    times = [whole + timedelta(minutes=2), whole, whole + timedelta(minutes=1), whole + timedelta(microseconds=1)]
+    await box.storage.write_batch([record_at("R1", ts) for ts in times])
+
+    async def walk() -> list[Any]:
+        pages: list[Any] = []
+        params: dict[str, Any] = {"limit": 3}
+        while True:
+            status, page = await get(box, "/robots/R1/history", **params)
+            assert status == 200
+            pages.append(page)
+            if page["next_cursor"] is None:
+                return pages
+            params["cursor"] = page["next_cursor"]
+
+    in_order = await walk()
+    assert [item["ts"][14:] for page in in_order for item in page["items"]] == [
+        "00:30Z",
+        "00:30.000001Z",
+        "01:30Z",
+        "02:30Z",
+    ]
+    text_sql = sqlite_read.history_text_sql
+
+    def joined_in_reverse(query: HistoryQuery) -> tuple[str, list[Any]]:
+        sql, params = text_sql(query)
+        head, rows = sql.split(" FROM (", 1)
+        return f"{head} FROM (SELECT * FROM ({rows} ORDER BY item DESC)", params
+
+    monkeypatch.setattr(sqlite_read, "history_text_sql", joined_in_reverse)
+    assert await walk() == in_order
+
+
+def test_page_order_puts_a_whole_second_before_its_fractions() -> None:
+    """Test that the order check of a joined page reads the ts text as time: 10:00:00Z comes before
+    10:00:00.000001Z (as strings, 'Z' sorts after '.'), and the id breaks ties."""
+    whole, fraction = {"ts": "2026-11-22T10:00:00Z", "id": 2}, {"ts": "2026-11-22T10:00:00.000001Z", "id": 1}
+    assert sqlite_read.in_page_order([whole, fraction, {**fraction, "id": 3}])
+    assert not sqlite_read.in_page_order([fraction, whole])
+    assert not sqlite_read.in_page_order([{**whole, "id": 3}, whole])

@@ -16,7 +16,7 @@ import pytest
 from spotbox.errors import StorageUnavailableError
 from spotbox.settings import BUNDLED_SCHEMA, DatabaseURL
 from spotbox.status import RESEND_WINDOW, Delivery, StatusRecord
-from spotbox.storage import HistoryQuery, Storage, open_storage
+from spotbox.storage import HistoryQuery, Storage, open_storage, sqlite_write
 from spotbox.storage import postgres as postgres_backend
 from spotbox.storage import sqlite as sqlite_backend
 from spotbox.storage.base import COLUMNS
@@ -224,20 +224,20 @@ async def test_forward_cursors_are_kept_per_target(storage: Storage) -> None:
 
 
 async def test_full_disk_is_reported_as_such_and_writes_resume(tmp_path: Path) -> None:
-    """Test that a write on a full disk fails naming the cause (not "cannot rollback"), and the next write works."""
+    """Test that a write on a full disk fails naming the cause (not "cannot rollback"), for a usual batch (one
+    INSERT, its own commit) and for one with a resend (an explicit transaction), and the next write works."""
     store = SQLiteStorage(tmp_path / "full.db")
     await store.open()
     try:
-        writer = store._writer  # the fault: SQLite's own size limit on this connection
-        assert writer is not None
-        async with writer.execute("PRAGMA page_count") as cursor:
-            row = await cursor.fetchone()
-        assert row is not None
-        # The file may not grow: the next batch hits SQLITE_FULL, and SQLite rolls the transaction back itself.
-        await writer.execute(f"PRAGMA max_page_count = {row[0]}")
+        # The fault: SQLite's own size limit on the writer connection. The file may not grow: the next batch hits
+        # SQLITE_FULL, and SQLite rolls the statement (or the transaction) back itself.
+        [[pages]] = await store.query("PRAGMA page_count", [])
+        await store.execute([(f"PRAGMA max_page_count = {pages}", [])])
         with pytest.raises(StorageUnavailableError, match="database or disk is full"):
             await store.write_batch([record("R1", 1, firmware="x" * 200_000)])
-        await writer.execute("PRAGMA max_page_count = 1073741823")
+        with pytest.raises(StorageUnavailableError, match="database or disk is full"):
+            await store.write_batch([_delivered(0, resend=True, firmware="x" * 200_000)])
+        await store.execute([("PRAGMA max_page_count = 1073741823", [])])
         [row_id] = await store.write_batch([record("R1", 2)])
         assert row_id is not None
         assert [row.id for row in await store.history(HistoryQuery("R1"))] == [row_id]
@@ -245,36 +245,12 @@ async def test_full_disk_is_reported_as_such_and_writes_resume(tmp_path: Path) -
         await store.close()
 
 
-async def test_failed_commit_keeps_its_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Test that a COMMIT failing on a full disk (SQLite then rolls back by itself) reports the full disk."""
-    store = SQLiteStorage(tmp_path / "full.db")
-    await store.open()
-    try:
-        writer = store._writer  # the fault: a COMMIT that the disk refuses, at the connection
-        assert writer is not None
-        execute = writer.execute
-
-        async def full_disk_commit() -> None:
-            await execute("ROLLBACK")  # what SQLite does when it cannot write the commit
-            raise sqlite3.OperationalError("database or disk is full")
-
-        def faulty(sql: str, parameters: Any = None) -> Any:
-            return full_disk_commit() if sql == "COMMIT" else execute(sql, parameters)
-
-        monkeypatch.setattr(writer, "execute", faulty)
-        with pytest.raises(StorageUnavailableError, match="database or disk is full"):
-            await store.write_batch([record("R1", 1)])
-        monkeypatch.undo()
-        [row_id] = await store.write_batch([record("R1", 2)])
-        assert [row.id for row in await store.history(HistoryQuery("R1"))] == [row_id]
-    finally:
-        await store.close()
-
-
-def _delivered(minute: int, *, resend: bool, client: str = "c1", received: timedelta = timedelta(0)) -> StatusRecord:
+def _delivered(
+    minute: int, *, resend: bool, client: str = "c1", received: timedelta = timedelta(0), **changes: object
+) -> StatusRecord:
     """An unstamped status of R1 received at T0 + minute + `received`, delivered by `client` with packet id 7."""
     at = T0 + timedelta(minutes=minute) + received
-    verdict = VALIDATOR.check("R1", payload(timestamp=...), at)
+    verdict = VALIDATOR.check("R1", payload(timestamp=..., **changes), at)
     assert isinstance(verdict, StatusRecord)
     key = Delivery(client, 7, resend).key(verdict.payload_hash)
     return dataclasses.replace(verdict, delivery_key=key, resend=resend)
@@ -307,11 +283,15 @@ async def test_older_schema_is_migrated_keeping_rows(database_url: str, monkeypa
     row = record("R1", 0)
     columns = ", ".join(COLUMNS)
     if module is sqlite_backend:
-        values = sqlite_backend._row_values(row)[: len(COLUMNS)]  # the old release's row
+        values = sqlite_write._row_values(row)[: len(COLUMNS)]  # the old release's row
         with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db, db:
             db.execute(f"INSERT INTO status ({columns}) VALUES ({', '.join('?' * len(COLUMNS))})", values)
     else:
-        values = postgres_backend._values(row)[: len(COLUMNS)]  # the old release's row
+        values = (  # the old release's row
+            *(getattr(row, column) for column in COLUMNS[:10]),
+            row.payload.decode(),
+            row.payload_hash,
+        )
         conn = await asyncpg.connect(database_url)
         try:
             marks = ", ".join(f"${n + 1}" for n in range(len(COLUMNS)))

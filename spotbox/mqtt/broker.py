@@ -53,9 +53,11 @@ KICK_GRACE_S = 2.0
 # The longest client id accepted, in bytes: 3.1.1 servers must take 23 and may take more [MQTT-3.1.3-5]; a session
 # is keyed by it and every log line of the connection repeats it (one of 65,535 bytes made each line 64 KB).
 CLIENT_ID_MAX_BYTES = 256
-# Sessions kept, connected or not (at least --max-connections): a CONNECT that would start one more is refused (a
-# session already kept can always be resumed). An empty persistent session costs about 1.7 KB, and nothing bounds
-# how many client ids one user makes.
+# Persistent sessions kept, connected or not (at least --max-connections): a CONNECT that would start one more is
+# refused (a session already kept can always be resumed). An empty persistent session costs about 1.7 KB, and
+# nothing bounds how many client ids one user makes. A clean session (3.1.1 clean session, MQTT 5 expiry 0) is not
+# counted: it ends with its connection, so --max-connections bounds it, and a user's persistent sessions must not
+# lock out the robots that connect with clean sessions.
 SESSIONS_MAX = 100_000
 # QoS 1/2 messages sent to one client and not yet acknowledged, whatever Receive Maximum it announced (a 3.1.1
 # client announces none): the rest wait in its session's queue. Each holds its message until acknowledged; see
@@ -260,12 +262,12 @@ class Broker:
         if will is not None and (codes := self._will_refused(user, client_id, will)) is not None:
             return self._refuse(conn, *codes)
         session = self.sessions.get(client_id)
-        if (codes := self._session_refused(session, client_id, user)) is not None:
+        if (codes := self._session_refused(session, client_id, user, connect.session_expiry_s > 0)) is not None:
             return self._refuse(conn, *codes)
         if session is not None and session.connection is not None:
             session.connection.kick(0x8E, "session taken over")  # [MQTT-3.1.4-3]
         session, present = self.sessions.open(client_id, user, connect.version, connect.clean_start)
-        session.expiry_s = connect.session_expiry_s
+        self.sessions.set_expiry(session, connect.session_expiry_s)
         if will is not None:
             will.created = time.monotonic()
             self.sessions.set_will(session, Will(will, connect.will_delay_s))
@@ -300,16 +302,20 @@ class Broker:
         conn.resume()
         return True
 
-    def _session_refused(self, session: Session | None, client_id: str, user: str | None) -> tuple[int, int] | None:
-        """(3.1.1 code, MQTT 5 code) refusing a CONNECT for the session it would take, with one warning line."""
+    def _session_refused(
+        self, session: Session | None, client_id: str, user: str | None, persistent: bool
+    ) -> tuple[int, int] | None:
+        """(3.1.1 code, MQTT 5 code) refusing a CONNECT for the session it would take, with one warning line;
+        `persistent`: the session would outlive the connection."""
         if session is not None and session.user != user:
             # Taking over another user's session would hand over its subscriptions and queued messages.
             logger.warning(
                 "mqtt connection refused: client id %r is in use by user %r, not %r", client_id, session.user, user
             )
             return 0x05, 0x87
-        if session is None and len(self.sessions) >= (bound := max(SESSIONS_MAX, self.limits.max_connections)):
-            logger.warning("mqtt connection of %r refused: %d sessions are kept already", client_id, bound)
+        bound = max(SESSIONS_MAX, self.limits.max_connections)
+        if session is None and persistent and self.sessions.persistent >= bound:
+            logger.warning("mqtt connection of %r refused: %d persistent sessions are kept already", client_id, bound)
             return 0x03, 0x97  # server unavailable / quota exceeded
         return None
 
@@ -417,7 +423,7 @@ class Broker:
     def connection_ended(self, conn: Connection, session: Session, *, publish_will: bool) -> None:
         """A logged-in connection left its session: the will and the session's end are decided now."""
         if session.version != MQTT_5 and session.expiry_s:
-            session.expiry_s = NEVER_EXPIRES
+            self.sessions.set_expiry(session, NEVER_EXPIRES)
         self.sessions.connection_ended(session, publish_will=publish_will and not self._closing)
 
     def connection_closed(self, conn: Connection) -> None:

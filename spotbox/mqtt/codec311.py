@@ -199,6 +199,12 @@ def connect_level(body: bytes | memoryview) -> int:
 
 
 def _publish(first_byte: int, body: bytes | memoryview) -> Publish:
+    return Publish(*publish_fields(first_byte, body))
+
+
+def publish_fields(first_byte: int, body: bytes | memoryview) -> tuple[str, bytes, int, bool, bool, int | None]:
+    """A PUBLISH's topic, payload, QoS, retain, DUP and packet id, in Publish's order (for a broker's own Publish
+    type without building this module's first); raises MalformedPacket."""
     qos = (first_byte >> 1) & 3
     if qos == 3:
         raise MalformedPacket("PUBLISH with QoS 3")  # [MQTT-3.3.1-4]
@@ -212,7 +218,7 @@ def _publish(first_byte: int, body: bytes | memoryview) -> Publish:
     if end > size:
         raise MalformedPacket("PUBLISH topic name overruns the packet")
     try:
-        topic = bytes(body[2:end]).decode()
+        topic = str(body[2:end], "utf-8")
     except UnicodeDecodeError:
         raise MalformedPacket("PUBLISH topic name is not valid UTF-8") from None  # [MQTT-1.5.3-1]
     if not topic:
@@ -229,7 +235,7 @@ def _publish(first_byte: int, body: bytes | memoryview) -> Publish:
         if not packet_id:
             raise MalformedPacket("PUBLISH with packet identifier 0")  # [MQTT-2.3.1-1]
         end += 2
-    return Publish(topic, bytes(body[end:]), qos, bool(first_byte & 0x01), bool(dup), packet_id)
+    return topic, bytes(body[end:]), qos, bool(first_byte & 0x01), bool(dup), packet_id
 
 
 def _string(body: bytes | memoryview, pos: int, what: str) -> tuple[str, int]:

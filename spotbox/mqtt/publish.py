@@ -88,7 +88,8 @@ class PublishPath:
         if publish.qos and publish.packet_id is not None:
             # Kept with a status without a timestamp, so a resend after a restart is stored once.
             delivery = Delivery(session.client_id, publish.packet_id, publish.dup)
-        verdict = pipeline.check(serial, publish.payload, self._first_received_at(conn, publish), delivery=delivery)
+        first_received_at = self._first_received_at(conn, publish) if publish.dup else None
+        verdict = pipeline.check(serial, publish.payload, first_received_at, delivery=delivery)
         if isinstance(verdict, Rejection):
             self.report_rejection(topic, verdict, publish.payload)
             return Pending(publish, None, refusal=(PAYLOAD_FORMAT_INVALID, verdict.reason))

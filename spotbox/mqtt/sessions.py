@@ -146,6 +146,7 @@ class Sessions:
         self.counters = SessionCounters()
         self.held_bytes = 0  # of every session's queued and in-flight messages, against HELD_MAX_BYTES
         self.will_bytes = 0  # of every will kept, against WILLS_MAX_BYTES (checked at CONNECT)
+        self.persistent = 0  # sessions kept with an expiry above 0, against broker.SESSIONS_MAX
         self._sessions: dict[str, Session] = {}
         self._publish_will = publish_will
         self._discard = discard
@@ -180,6 +181,13 @@ class Sessions:
         session = Session(client_id, user, version)
         self._sessions[client_id] = session
         return session, False
+
+    def set_expiry(self, session: Session, expiry_s: int) -> None:
+        """Set the session's expiry interval, counting the persistent sessions kept (the clean ones are not bounded
+        by broker.SESSIONS_MAX but by --max-connections: they end with their connection)."""
+        if self._sessions.get(session.client_id) is session:
+            self.persistent += (expiry_s > 0) - session.persistent
+        session.expiry_s = expiry_s
 
     def enqueue(self, session: Session, item: Queued) -> bool:
         """Queue a message for a client that cannot take it now; False (and counted) when the queue is full."""
@@ -275,6 +283,7 @@ class Sessions:
                 timer.cancel()
         if self._sessions.get(session.client_id) is session:
             del self._sessions[session.client_id]
+            self.persistent -= session.persistent
             self.held_bytes -= session.held_bytes
             session.held_bytes = 0
         self._discard(session)

@@ -165,6 +165,8 @@ class SubscriptionTree(Generic[K]):
         """Every key with all its subscriptions matching topic name `topic`; for each shared subscription, one
         member in turn among those `available` accepts [MQTT-4.8.2-3] (MQTT 5, 4.8.2)."""
         out: dict[K, list[Subscription]] = {}
+        if not self._root.children:
+            return out  # no subscription at all: nothing to walk
         levels = topic.split("/")
         last = len(levels)
         # [MQTT-4.7.2-1] a filter starting with a wildcard does not match a topic starting with "$".

@@ -243,7 +243,10 @@ class Wire311:
 
     def decode(self, frame: memoryview, header_len: int) -> Packet:  # noqa: PLR0911 - one return per packet type
         """One client packet after CONNECT."""
-        packet = codec311.decode(frame[0], frame[header_len:])
+        first = frame[0]
+        if first >> 4 == codec311.PUBLISH:  # most packets: straight into this module's Publish
+            return Publish(*codec311.publish_fields(first, frame[header_len:]))
+        packet = codec311.decode(first, frame[header_len:])
         match packet:
             case codec311.Publish():
                 return Publish(packet.topic, packet.payload, packet.qos, packet.retain, packet.dup, packet.packet_id)

@@ -1,36 +1,33 @@
-"""SQLite storage: one aiosqlite writer connection in WAL mode, and a pool of reader threads beside it."""
+"""SQLite storage: one writer thread and connection in WAL mode, and a pool of reader threads beside it."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import re
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
-
-import aiosqlite
+from typing import Any, TypeVar
 
 from spotbox.errors import StorageConflictError, StorageError, StorageUnavailableError
 from spotbox.status import StatusRecord, StatusRow, StoredStatus, from_micros, to_micros
-from spotbox.storage import base, sqlite_read
+from spotbox.storage import base, sqlite_read, sqlite_write
 from spotbox.storage.base import (
     COLUMNS,
     PAGE_PAYLOAD_BUDGET,
-    WRITE_COLUMNS,
     Bucket,
     DownsampleQuery,
     HistoryPage,
     HistoryQuery,
-    assign_ids,
 )
 from spotbox.storage.lock import DatabaseLock
 from spotbox.storage.sqlite_read import API_SELECT, ReadPool, status_row
+from spotbox.storage.sqlite_write import WriterThread, transaction
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Each entry migrates the schema from version N to N+1. Never edit a released step: append a new one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -139,8 +136,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
-# 32766 bound variables per statement since SQLite 3.32; stay well below.
-_ROWS_PER_INSERT = 32000 // len(WRITE_COLUMNS)
 _SELECT = "SELECT id, " + ", ".join(COLUMNS) + " FROM status"
 # Floor of ts (integer microseconds) to a multiple of the interval, also before 1970 where % is negative.
 _BUCKET = "ts - ((ts % ?4) + ?4) % ?4"
@@ -156,58 +151,20 @@ DELETE FROM status WHERE id IN ({base.ROBOTS_CTE}
 _NO_KEEP = 2**63 - 1
 
 
-async def _rollback(db: aiosqlite.Connection) -> None:
-    """Roll back after a failed statement, keeping the failure the caller re-raises as the one reported.
-
-    On a full disk or an I/O error SQLite has often rolled back by itself, and ROLLBACK then fails with "no
-    transaction is active": that must not hide "database or disk is full".
-    """
-    try:
-        await db.execute("ROLLBACK")
-    except sqlite3.Error as exc:
-        if db.in_transaction:
-            logger.error("rollback failed, the connection is still in a transaction: %s", exc)
-        else:
-            logger.debug("rollback not needed, SQLite already rolled back: %s", exc)
-
-
-async def _without_resent(db: aiosqlite.Connection, records: Sequence[StatusRecord]) -> Sequence[StatusRecord]:
-    """`records` without the resends (DUP) whose first delivery is a recent row already."""
-    keys = base.resent_keys(records)
-    if not keys:
-        return records
-    stored: list[tuple[bytes, datetime]] = []
-    cutoff = to_micros(base.resend_cutoff(records))
-    for start in range(0, len(keys), _ROWS_PER_INSERT):
-        chunk = keys[start : start + _ROWS_PER_INSERT]
-        marks = ", ".join("?" * len(chunk))
-        sql = f"SELECT delivery_key, received_at FROM status WHERE delivery_key IN ({marks}) AND received_at >= ?"
-        async with db.execute(sql, [*chunk, cutoff]) as cursor:
-            stored.extend([(row[0], from_micros(row[1])) async for row in cursor])
-    return base.without_resent(records, stored)
-
-
 def _numbered(sql: str) -> str:
     """PostgreSQL's `$1` placeholders as SQLite's `?1`, so that the operations tables share their SQL."""
     return re.sub(r"\$(\d+)", r"?\1", sql)
 
 
-def _row_values(record: StatusRecord) -> tuple[Any, ...]:
-    return (
-        record.serial_number,
-        to_micros(record.ts),
-        to_micros(record.received_at),
-        record.battery_level,
-        record.battery_status,
-        record.driving_status,
-        record.current_drive_id,
-        record.latitude,
-        record.longitude,
-        record.height,
-        record.payload.decode(),
-        record.payload_hash,
-        record.delivery_key,
-    )
+def _rowcount(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> int:
+    cursor = conn.execute(sql, params)
+    count = cursor.rowcount
+    cursor.close()
+    return count
+
+
+def _rowcounts(conn: sqlite3.Connection, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
+    return [_rowcount(conn, sql, params) for sql, params in statements]
 
 
 def _stored(row: sqlite3.Row) -> StoredStatus:
@@ -235,106 +192,77 @@ class SQLiteStorage:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: WriterThread | None = None
         self._readers: ReadPool | None = None
-        # Ingest and retention share the writer connection; a statement of one must not land in the other's
-        # transaction.
-        self._write_lock = asyncio.Lock()
         self._file_lock = DatabaseLock(path)
-
-    async def _connect(self) -> aiosqlite.Connection:
-        try:
-            db = await aiosqlite.connect(self.path, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot open SQLite database {self.path}: {exc}") from exc
-        await db.execute("PRAGMA busy_timeout = 5000")
-        return db
 
     async def open(self) -> None:
         """Open the file (created if missing), switch to WAL and migrate."""
         if not self.path.parent.is_dir():
             raise StorageError(f"cannot open SQLite database {self.path}: folder {self.path.parent} does not exist")
         self._file_lock.acquire()
+        writer = self._writer = WriterThread(self.path)
         try:
-            self._writer = await self._connect()
+            await writer.open()
+        except sqlite3.Error as exc:
+            await self.close()
+            raise StorageError(f"cannot open SQLite database {self.path}: {exc}") from exc
         except BaseException:
-            self._file_lock.release()
+            await self.close()
             raise
         try:
-            await self._writer.execute("PRAGMA journal_mode = WAL")
-            # FULL: a committed batch survives power loss as well as a crash, since acks wait for it.
-            await self._writer.execute("PRAGMA synchronous = FULL")
-            await self._migrate(self._writer)
+            await writer.run(self._prepare)
         except sqlite3.Error as exc:
             await self.close()
             raise StorageError(f"cannot prepare SQLite database {self.path}: {exc}") from exc
+        except BaseException:
+            await self.close()
+            raise
         self._readers = ReadPool(self.path)
 
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            await db.execute("CREATE TABLE IF NOT EXISTS spotbox_schema (version INTEGER NOT NULL)")
-            async with db.execute("SELECT version FROM spotbox_schema") as cursor:
-                row = await cursor.fetchone()
-            version = row[0] if row else 0
-            if version > len(MIGRATIONS):
-                raise StorageError(  # noqa: TRY301 - rolled back by the handler below
-                    f"{self.path} has schema version {version}, newer than this spotbox knows ({len(MIGRATIONS)})"
-                )
-            for step in MIGRATIONS[version:]:
-                for statement in step:
-                    await db.execute(statement)
-            if row is None:
-                await db.execute("INSERT INTO spotbox_schema (version) VALUES (?)", (len(MIGRATIONS),))
-            elif version < len(MIGRATIONS):
-                await db.execute("UPDATE spotbox_schema SET version = ?", (len(MIGRATIONS),))
-            await db.execute("COMMIT")
-            if version < len(MIGRATIONS):
-                logger.info("sqlite schema of %s migrated from version %d to %d", self.path, version, len(MIGRATIONS))
-        except BaseException:
-            await _rollback(db)
-            raise
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a committed batch survives power loss as well as a crash, since acks wait for it.
+        conn.execute("PRAGMA synchronous = FULL")
+        version = transaction(conn, self._migrate)
+        if version < len(MIGRATIONS):
+            logger.info("sqlite schema of %s migrated from version %d to %d", self.path, version, len(MIGRATIONS))
 
-    def _db(self, db: aiosqlite.Connection | None) -> aiosqlite.Connection:
-        if db is None:
+    def _migrate(self, conn: sqlite3.Connection) -> int:
+        """Bring the schema to the latest version (in the caller's transaction); the version it was at."""
+        conn.execute("CREATE TABLE IF NOT EXISTS spotbox_schema (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT version FROM spotbox_schema").fetchone()
+        version = int(row[0]) if row else 0
+        if version > len(MIGRATIONS):
+            raise StorageError(
+                f"{self.path} has schema version {version}, newer than this spotbox knows ({len(MIGRATIONS)})"
+            )
+        for step in MIGRATIONS[version:]:
+            for statement in step:
+                conn.execute(statement)
+        if row is None:
+            conn.execute("INSERT INTO spotbox_schema (version) VALUES (?)", (len(MIGRATIONS),))
+        elif version < len(MIGRATIONS):
+            conn.execute("UPDATE spotbox_schema SET version = ?", (len(MIGRATIONS),))
+        return version
+
+    async def _write(self, what: str, work: Callable[..., T], *args: Any) -> T:
+        """`work(connection, *args)` in the writer thread, its SQLite errors as storage errors."""
+        if self._writer is None:
             raise StorageUnavailableError(f"SQLite database {self.path} is not open")
-        return db
+        try:
+            return await self._writer.run(work, *args)
+        except sqlite3.OperationalError as exc:
+            # Locked, disk full, I/O error: the write may succeed when retried.
+            raise StorageUnavailableError(f"SQLite {what} failed: {exc}") from exc
+        except sqlite3.IntegrityError as exc:
+            raise StorageConflictError(f"SQLite {what} failed: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite {what} failed: {exc}") from exc
 
     async def write_batch(self, records: Sequence[StatusRecord]) -> list[int | None]:
         """Insert the batch in one transaction; duplicates are skipped by the unique dedup index."""
-        db = self._db(self._writer)
-        async with self._write_lock:
-            returned = await self._insert(db, records)
-        return assign_ids(records, returned)
-
-    @staticmethod
-    async def _insert(db: aiosqlite.Connection, records: Sequence[StatusRecord]) -> dict[tuple[str, int, bytes], int]:
-        returned: dict[tuple[str, int, bytes], int] = {}
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                records = await _without_resent(db, records)
-                for start in range(0, len(records), _ROWS_PER_INSERT):
-                    chunk = records[start : start + _ROWS_PER_INSERT]
-                    placeholders = ", ".join(["(" + ", ".join("?" * len(WRITE_COLUMNS)) + ")"] * len(chunk))
-                    params = [value for record in chunk for value in _row_values(record)]
-                    sql = (
-                        f"INSERT INTO status ({', '.join(WRITE_COLUMNS)}) VALUES {placeholders} "
-                        "ON CONFLICT DO NOTHING RETURNING id, serial_number, ts, payload_hash"
-                    )
-                    async with db.execute(sql, params) as cursor:
-                        async for row in cursor:
-                            returned[(row[1], row[2], row[3])] = row[0]
-                await db.execute("COMMIT")
-            except BaseException:
-                await _rollback(db)
-                raise
-        except sqlite3.OperationalError as exc:
-            # Locked, disk full, I/O error: the batch may succeed when retried.
-            raise StorageUnavailableError(f"SQLite write failed: {exc}") from exc
-        except sqlite3.Error as exc:
-            raise StorageError(f"SQLite write failed: {exc}") from exc
-        return returned
+        return await self._write("write", sqlite_write.write_batch, records)
 
     async def history(self, query: HistoryQuery) -> list[StoredStatus]:
         """Rows of one robot in (ts, id) order, after the cursor, within the time range, payloads included."""
@@ -405,16 +333,8 @@ class SQLiteStorage:
 
     async def delete_before(self, cutoff: datetime, limit: int, *, keep_after_id: int | None = None) -> int:
         """One DELETE of at most `limit` old rows on the writer connection, between two ingest batches."""
-        db = self._db(self._writer)
         keep = _NO_KEEP if keep_after_id is None else keep_after_id
-        async with self._write_lock:
-            try:
-                async with db.execute(_DELETE_BEFORE, (to_micros(cutoff), limit, keep)) as cursor:
-                    return cursor.rowcount
-            except sqlite3.OperationalError as exc:
-                raise StorageUnavailableError(f"SQLite delete failed: {exc}") from exc
-            except sqlite3.Error as exc:
-                raise StorageError(f"SQLite delete failed: {exc}") from exc
+        return await self._write("delete", _rowcount, _DELETE_BEFORE, (to_micros(cutoff), limit, keep))
 
     async def forward_cursor(self, target: str) -> int:
         """The target's acknowledged row id, 0 when it has none yet."""
@@ -423,16 +343,14 @@ class SQLiteStorage:
 
     async def save_forward_cursor(self, target: str, row_id: int) -> None:
         """Upsert the cursor on the writer connection (SQLite's one writer), committed before returning."""
-        db = self._db(self._writer)
         sql = (
             "INSERT INTO forward_cursor (target, row_id) VALUES (?, ?) "
             "ON CONFLICT (target) DO UPDATE SET row_id = excluded.row_id"
         )
-        async with self._write_lock:
-            try:
-                await db.execute(sql, (target, row_id))
-            except sqlite3.Error as exc:
-                raise StorageUnavailableError(f"SQLite write failed: {exc}") from exc
+        try:
+            await self._write("write", _rowcount, sql, (target, row_id))
+        except StorageError as exc:
+            raise StorageUnavailableError(str(exc)) from exc
 
     async def count_after(self, after_id: int) -> int:
         """Rows past `after_id`, counted on the primary key."""
@@ -449,29 +367,8 @@ class SQLiteStorage:
 
     async def execute(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
         """Run write statements (numbered `$n` placeholders) in one transaction; each one's row count."""
-        db = self._db(self._writer)
-        counts: list[int] = []
-        async with self._write_lock:
-            try:
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    for sql, params in statements:
-                        async with db.execute(_numbered(sql), params) as cursor:
-                            counts.append(cursor.rowcount)
-                    await db.execute("COMMIT")
-                except BaseException:
-                    # A cancelled COMMIT may still complete in aiosqlite's thread: then there is nothing to roll
-                    # back, and the cancellation (not that) must go on.
-                    with contextlib.suppress(sqlite3.Error):
-                        await db.execute("ROLLBACK")
-                    raise
-            except sqlite3.OperationalError as exc:
-                raise StorageUnavailableError(f"SQLite write failed: {exc}") from exc
-            except sqlite3.IntegrityError as exc:
-                raise StorageConflictError(f"SQLite write failed: {exc}") from exc
-            except sqlite3.Error as exc:
-                raise StorageError(f"SQLite write failed: {exc}") from exc
-        return counts
+        numbered = [(_numbered(sql), params) for sql, params in statements]
+        return await self._write("write", transaction, _rowcounts, numbered)
 
     async def query(self, sql: str, params: Sequence[Any]) -> list[Sequence[Any]]:
         """Rows of a read statement with numbered `$n` placeholders."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import sqlite3
 import threading
@@ -181,9 +182,13 @@ def history_text_sql(query: HistoryQuery) -> tuple[str, list[Any]]:
 def history_page_text(
     conn: sqlite3.Connection, text_sql: str, text_params: Sequence[Any], sql: str, params: Sequence[Any], limit: int
 ) -> HistoryPage:
-    """Run `history_text_sql`; when its floats could not all be kept exact, `history_page` (from rows) instead.
+    """Run `history_text_sql`; when its floats could not all be kept exact, or its items are not in (ts, id) order,
+    `history_page` (from rows) instead.
 
     orjson parses the text and writes it again: the JSON is then byte for byte what `api_items_json` writes.
+    The subquery picks the right rows (ORDER BY with LIMIT), but SQLite does not promise that group_concat joins
+    them in the subquery's order (it does today; group_concat(... ORDER BY ...) needs SQLite 3.44, and the SQLite a
+    Python links depends on its build: 3.40 on Debian bookworm), so the order is checked, which costs one pass.
     """
     text, exact = conn.execute(text_sql, text_params).fetchone()
     if text is None:
@@ -191,12 +196,24 @@ def history_page_text(
     if not exact:
         return history_page(conn, sql, params, limit, None)
     items = orjson.loads(text)
+    if not in_page_order(items):
+        logger.debug("SQLite joined a history page out of (ts, id) order: built from rows instead")
+        return history_page(conn, sql, params, limit, None)
     after = None
     if len(items) > limit:
         del items[limit:]
         last = items[-1]
         after = (parse_utc(last["ts"].removesuffix("Z")), last["id"])
     return HistoryPage(dumps(items), len(items), after)
+
+
+def in_page_order(items: list[Any]) -> bool:
+    """True when the items (as `history_text_sql` writes them) are in strictly increasing (ts, id) order.
+
+    The ts text has fixed-width seconds, then `.ffffff` only when the microseconds are not 0, then Z: without the
+    Z, a whole second sorts before the same second with a fraction, as a string."""
+    keys = [(item["ts"].removesuffix("Z"), item["id"]) for item in items]
+    return all(a < b for a, b in itertools.pairwise(keys))
 
 
 def history_page(
