@@ -94,6 +94,8 @@ async def idle_leg(box: Box) -> float:
         await stream_count_reaches(box, 0)
 
 
+# A ratio of CPU seconds: beside three other test processes on two cores it swung from 0.48 to 0.89 in one run.
+@pytest.mark.slow
 async def test_idle_streams_keep_ingest_above_90_percent(make_box: BoxFactory, tmp_path: Path) -> None:
     """Test that 300 open feeds that read nothing (consoles and robot pages) keep ingest at 90% of its rate or more
     (statuses per CPU second), against legs without them just before and after.
