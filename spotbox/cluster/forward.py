@@ -263,8 +263,10 @@ class Forwarder:
             await asyncio.sleep(_SAVE_EVERY_S)
             try:
                 await self._save()
-                self.lag_rows = await self.storage.count_after(self.cursor)
-                oldest = await self.storage.rows_after(None, self.cursor, 1) if self.lag_rows else []
+                lag_rows = await self.storage.count_after(self.cursor)
+                oldest = await self.storage.rows_after(None, self.cursor, 1) if lag_rows else []
+                # Both at once: GET /forward read between the two queries showed the new rows with the old age.
+                self.lag_rows = lag_rows
                 self.lag_seconds = (datetime.now(UTC) - oldest[0].received_at).total_seconds() if oldest else 0.0
             except StorageError as exc:
                 logger.warning("forward %s: cannot save its cursor: %s", self.target, exc)

@@ -470,7 +470,28 @@
     }
   }
 
-  async function loadAlerts() {
+  // One snapshot of the open alerts at a time: a second load begun while one was on its way (the page's first
+  // load, then the feed's "open") cleared the events the first one merged, and the first, older snapshot then
+  // overwrote an alert event that came in between (an alert shown pending after it had become active).
+  let alertsLoading = null;
+  let alertsAgain = false;
+
+  function loadAlerts() {
+    if (alertsLoading) {
+      alertsAgain = true;
+      return alertsLoading;
+    }
+    alertsLoading = (async () => {
+      do {
+        alertsAgain = false;
+        await loadAlertsOnce();
+      } while (alertsAgain);
+      alertsLoading = null;
+    })();
+    return alertsLoading;
+  }
+
+  async function loadAlertsOnce() {
     alertEvents.clear(); // from now on, what the feed brings is newer than or as new as the snapshot
     const open = new Map();
     let query = "alerts?state=open&limit=1000";
