@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from spotbox import loadgen
+from spotbox.cli import collect_less
 from spotbox.keys import HUB
 from spotbox.settings import Settings
 from tests.conftest import Box, BoxFactory
@@ -105,6 +107,22 @@ async def test_idle_streams_keep_ingest_above_90_percent(make_box: BoxFactory, t
     """
     settings = Settings(http_port=0, mqtt_port=0, database_url=f"sqlite:///{tmp_path / 'spotbox.db'}", batch_wait_ms=1)
     box = await make_box(settings)
+    # The collector as `spotbox run` sets it: with CPython's defaults, opening 300 feeds in this process (which also
+    # holds pytest's whole heap) set off full collections of that heap within a leg of 0.1 CPU s, and the ratio
+    # measured pytest (0.48 in one run), not spotbox.
+    thresholds = gc.get_threshold()
+    collect_less()
+    gc.freeze()
+    try:
+        runs = await idle_runs(box)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+    assert max(runs)[0] >= 0.9, f"(ratio, idle, before, after) per CPU s: {runs}"
+
+
+async def idle_runs(box: Box) -> list[tuple[float, float, float, float]]:
+    """Up to three runs of (ratio, idle leg, leg before, leg after), until one reaches 0.9."""
     await ingest_rate(box)  # warm up: first connections, first pages of the file
     runs = []
     for _ in range(3):
@@ -114,4 +132,4 @@ async def test_idle_streams_keep_ingest_above_90_percent(make_box: BoxFactory, t
         runs.append((idle / ((before + after) / 2), idle, before, after))
         if runs[-1][0] >= 0.9:
             break
-    assert max(runs)[0] >= 0.9, f"(ratio, idle, before, after) per CPU s: {runs}"
+    return runs
