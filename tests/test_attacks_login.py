@@ -15,7 +15,8 @@ import aiohttp
 import aiomqtt
 import pytest
 
-from spotbox.mqtt.admission import LoginSlots, address_key
+from spotbox.mqtt.admission import LoginSlots
+from spotbox.mqtt.auth import source_of
 from spotbox.settings import Settings
 from spotbox.users import User, Users
 from tests.conformance import settings_with
@@ -226,7 +227,7 @@ async def test_a_freed_login_slot_goes_to_an_address_under_its_share_first() -> 
 )
 def test_an_ipv6_host_is_its_64_for_its_share_of_login_slots(address: str, key: str) -> None:
     """Test that an IPv6 client cannot take a share per address of its /64 (it usually holds all of it)."""
-    assert address_key(address) == key
+    assert source_of(address) == key
 
 
 async def test_wrong_password_flood_does_not_slow_other_addresses(make_box: BoxFactory, tmp_path: Path) -> None:

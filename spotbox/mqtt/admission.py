@@ -4,8 +4,8 @@ A connection holds a slot from its admission until it logs in or ends; one that 
 it until its CONNECT deadline. Were the slots first come, first served, one host opening idle sockets would hold
 every slot, and every robot arriving meanwhile would wait behind them until refused, no password needed. So:
 
-- An address (an IPv6 /64, which one host usually has whole) takes a free slot at once while it holds fewer
-  than its share (an eighth, at least MIN_SHARE). Past its share it takes one only while more than a quarter of
+- An address (as failed logins count it, `auth.source_of`: an IPv6 /64, which one host usually has whole) takes
+  a free slot at once while it holds fewer than its share (an eighth, at least MIN_SHARE). Past its share it takes one only while more than a quarter of
   the slots stay free: a busy host (a depot behind one NAT reconnecting its fleet) uses most of an idle box's
   slots, and a quarter always stays for everyone else.
 - Connections that must wait queue per address, and freed slots go round the waiting addresses in turn, those
@@ -16,7 +16,6 @@ every slot, and every robot arriving meanwhile would wait behind them until refu
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -25,19 +24,6 @@ from dataclasses import dataclass, field
 ADMISSION_SHARE = 8
 MIN_SHARE = 4
 RESERVE_FRACTION = 4
-
-
-def address_key(address: str) -> str:
-    """What one client host is, for its share: the address itself, or its /64 for IPv6."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return address
 
 
 @dataclass(slots=True)

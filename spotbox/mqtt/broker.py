@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from spotbox.errors import ListenError
-from spotbox.mqtt.admission import LoginSlots, address_key
-from spotbox.mqtt.auth import Authenticator
+from spotbox.mqtt.admission import LoginSlots
+from spotbox.mqtt.auth import Authenticator, source_of
 from spotbox.mqtt.connection import Closed, Connection, Stream
 from spotbox.mqtt.listeners import MqttLimits, TcpStream, WebSocketStream, start_tcp
 from spotbox.mqtt.message import Message, footprint
@@ -177,7 +177,7 @@ class Broker:
         try:
             conn = Connection(self, stream)
         except BaseException:
-            self._login_slots.release(address_key(stream.address))
+            self._login_slots.release(source_of(stream.address))
             raise
         # Holds its login slot, TLS handshake included, until it logs in or ends (`connection_closed`).
         self.connections.add(conn)
@@ -202,7 +202,7 @@ class Broker:
         address's share of them) already waiting, is refused.
         """
         limits = self.limits
-        key = address_key(stream.address)
+        key = source_of(stream.address)
         if not self._login_slots.may_wait(key):
             logger.warning("mqtt connection from %s refused: too many connections waiting to log in", stream.peer)
             return False
@@ -274,7 +274,7 @@ class Broker:
         session.connection = conn
         conn.session, conn.client_id, conn.logged_in = session, client_id, True
         self.logged_in += 1
-        self._login_slots.release(address_key(conn.stream.address))
+        self._login_slots.release(source_of(conn.stream.address))
         keep_alive = connect.keep_alive
         if v5 and not 0 < keep_alive <= self.limits.max_keepalive:
             keep_alive = self.limits.max_keepalive  # told in CONNACK [MQTT-3.2.2-21]
@@ -434,7 +434,7 @@ class Broker:
         if self.presence is not None:
             self.presence.connection_closed(conn)
         if not conn.logged_in:
-            self._login_slots.release(address_key(conn.stream.address))  # it never logged in: its slot is free
+            self._login_slots.release(source_of(conn.stream.address))  # it never logged in: its slot is free
         else:
             self.logged_in -= 1
             if self.on_connection_closed is not None and conn.client_id is not None:
