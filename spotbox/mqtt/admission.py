@@ -5,9 +5,9 @@ it until its CONNECT deadline. Were the slots first come, first served, one host
 every slot, and every robot arriving meanwhile would wait behind them until refused, no password needed. So:
 
 - An address (as failed logins count it, `auth.source_of`: an IPv6 /64, which one host usually has whole) takes
-  a free slot at once while it holds fewer than its share (an eighth, at least MIN_SHARE). Past its share it takes one only while more than a quarter of
-  the slots stay free: a busy host (a depot behind one NAT reconnecting its fleet) uses most of an idle box's
-  slots, and a quarter always stays for everyone else.
+  a free slot at once while it holds fewer than its share (an eighth, at least MIN_SHARE). Past its share it
+  takes one only while more than a quarter of the slots stay free: a busy host (a depot behind one NAT
+  reconnecting its fleet) uses most of an idle box's slots, and a quarter always stays for everyone else.
 - Connections that must wait queue per address, and freed slots go round the waiting addresses in turn, those
   under their share first: an address's excess waits behind its own connections, never in front of others'.
 - At most `max_waiting` connections wait, of which one address at most half.
