@@ -167,26 +167,7 @@ class FeedStream:
 
 def status_event(row: StoredStatus | StatusRow) -> FeedEvent:
     """The `status` event of a committed row; its SSE id is the row id. Encoded when first sent."""
-    if isinstance(row, StatusRow):
-        return FeedEvent("status", row.id, row=row)
-    rec = row.record
-    return FeedEvent(
-        "status",
-        row.id,
-        row=StatusRow(
-            row.id,
-            rec.serial_number,
-            rec.ts,
-            rec.received_at,
-            rec.battery_level,
-            rec.battery_status,
-            rec.driving_status,
-            rec.current_drive_id,
-            rec.latitude,
-            rec.longitude,
-            rec.height,
-        ),
-    )
+    return FeedEvent("status", row.id, row=row if isinstance(row, StatusRow) else row.to_row())
 
 
 class FeedHub:

@@ -128,8 +128,13 @@ class StoredStatus:
 
     def to_api(self, *, include_payload: bool = False) -> dict[str, Any]:
         """The one JSON shape of a status, wherever the API shows it (built by `api_item`)."""
+        row = self.to_row()
+        return api_item((*row, self.record.payload) if include_payload else row)
+
+    def to_row(self) -> StatusRow:
+        """The columns the read routes show, in their order (no raw payload)."""
         rec = self.record
-        row: tuple[Any, ...] = (
+        return StatusRow(
             self.id,
             rec.serial_number,
             rec.ts,
@@ -142,7 +147,6 @@ class StoredStatus:
             rec.longitude,
             rec.height,
         )
-        return api_item((*row, rec.payload) if include_payload else row)
 
 
 class StatusRow(NamedTuple):
