@@ -11,6 +11,7 @@ A PUBLISH without properties, the common case, costs one topic decode here (abou
 
 from __future__ import annotations
 
+from spotbox.mqtt.codec311 import field_span
 from spotbox.mqtt.errors import MalformedPacket
 from spotbox.mqtt.topics import valid_topic_name
 
@@ -48,12 +49,7 @@ def publish(frame: memoryview, header_len: int) -> None:
     """A PUBLISH, the hot path: checked on `frame` itself, without copies."""
     first = frame[0]
     size = len(frame)
-    pos = header_len + 2
-    if pos > size:
-        raise MalformedPacket("topic name overruns the packet")
-    end = pos + (frame[header_len] << 8 | frame[header_len + 1])
-    if end > size:
-        raise MalformedPacket("topic name overruns the packet")
+    pos, end = field_span(frame, header_len, "topic name")
     try:
         str(frame[pos:end], "utf-8")  # U+0000 in a topic is refused after decoding (valid_topic_name)
     except UnicodeDecodeError:
@@ -154,12 +150,7 @@ def _properties(body: memoryview, pos: int) -> tuple[int, set[int]]:
 
 def _string(body: memoryview, pos: int, what: str) -> int:
     """Check the UTF-8 string at `pos` (well-formed, no U+0000 [MQTT-1.5.4-1] [MQTT-1.5.4-2]); the position after."""
-    start = pos + 2
-    if start > len(body):
-        raise MalformedPacket(f"{what} overruns the packet")
-    end = start + (body[pos] << 8 | body[pos + 1])
-    if end > len(body):
-        raise MalformedPacket(f"{what} overruns the packet")
+    start, end = field_span(body, pos, what)
     raw = bytes(body[start:end])
     if not raw.isascii():
         try:
@@ -172,12 +163,7 @@ def _string(body: memoryview, pos: int, what: str) -> int:
 
 
 def _skip_binary(body: memoryview, pos: int, what: str) -> int:
-    if pos + 2 > len(body):
-        raise MalformedPacket(f"{what} overruns the packet")
-    end = pos + 2 + (body[pos] << 8 | body[pos + 1])
-    if end > len(body):
-        raise MalformedPacket(f"{what} overruns the packet")
-    return end
+    return field_span(body, pos, what)[1]
 
 
 def _varint(body: memoryview, pos: int) -> tuple[int, int]:

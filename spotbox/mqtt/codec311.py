@@ -250,14 +250,20 @@ def _string(body: bytes | memoryview, pos: int, what: str) -> tuple[str, int]:
     return text, end
 
 
-def _binary(body: bytes | memoryview, pos: int, what: str) -> tuple[bytes, int]:
-    """A two-byte-length binary field at `pos`: (bytes, position after it)."""
+def field_span(body: bytes | memoryview, pos: int, what: str) -> tuple[int, int]:
+    """Where the two-byte-length field at `pos` starts and ends; MalformedPacket if it overruns the packet."""
     start = pos + 2
     if start > len(body):
         raise MalformedPacket(f"{what} overruns the packet")
     end = start + (body[pos] << 8 | body[pos + 1])
     if end > len(body):
         raise MalformedPacket(f"{what} overruns the packet")
+    return start, end
+
+
+def _binary(body: bytes | memoryview, pos: int, what: str) -> tuple[bytes, int]:
+    """A two-byte-length binary field at `pos`: (bytes, position after it)."""
+    start, end = field_span(body, pos, what)
     return bytes(body[start:end]), end
 
 
