@@ -102,11 +102,16 @@ class LoadResult:
     connected_at: list[float] = field(default_factory=list)
 
 
-def status_payload(n: int) -> bytes:
-    """A valid robot status whose `timestamp` is now, so a reader can compute publish-to-delivery latency."""
+def status_payload(n: int, robot: int = 0) -> bytes:
+    """A valid robot status (the `n`th of robot number `robot`) whose `timestamp` is now, so a reader can compute
+    publish-to-delivery latency.
+
+    The battery level runs through 1 to 100, starting where the robot's number puts it: a fleet's robots are not
+    charged in step, so each one's battery alert opens and clears at its own moment, not all 10,000 in one
+    second."""
     return orjson.dumps(
         {
-            "battery_level": 1 + n % 100,
+            "battery_level": 1 + (n + robot) % 100,
             "battery_status": "DISCHARGING",
             "driving_status": "IDLE",
             "current_drive_id": None,
@@ -229,7 +234,7 @@ class _Robot(asyncio.Protocol):
         load = self.load
         if load.pre_encoded:
             self.packets = [
-                publish_packet(self.topic, n % 65535 + 1, status_payload(n), load.qos, version=load.version)
+                publish_packet(self.topic, n % 65535 + 1, status_payload(n, self.index), load.qos, version=load.version)
                 for n in range(self.messages)
             ]
         self.next_at = time.perf_counter() + (
@@ -259,7 +264,9 @@ class _Robot(asyncio.Protocol):
             n = self.sent
             if not result.first_send:
                 result.first_send = now
-            transport.write(self.packets[n] if self.packets is not None else _status_packet(self.topic, n, load))
+            transport.write(
+                self.packets[n] if self.packets is not None else _status_packet(self.topic, n, self.index, load)
+            )
             self.sent_at[n % 65535 + 1] = now
             self.sent += 1
             result.sent += 1
@@ -279,8 +286,8 @@ class _Robot(asyncio.Protocol):
         self._send_due()
 
 
-def _status_packet(topic: bytes, n: int, load: Load) -> bytes:
-    return publish_packet(topic, n % 65535 + 1, status_payload(n), load.qos, version=load.version)
+def _status_packet(topic: bytes, n: int, robot: int, load: Load) -> bytes:
+    return publish_packet(topic, n % 65535 + 1, status_payload(n, robot), load.qos, version=load.version)
 
 
 async def robot(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spotbox.errors import ConfigError
 from spotbox.keys import OPS
-from spotbox.ops.alerts import AlertEngine
+from spotbox.ops.alerts import Alert, AlertEngine, Transition
 from spotbox.ops.rules import DEFAULT_RULES, load_rules
-from spotbox.settings import Settings
+from spotbox.ops.store import WRITE_BATCH_MAX, AlertWriter
+from spotbox.settings import DatabaseURL, Settings
 from spotbox.status import StatusRecord, StoredStatus
+from spotbox.storage import open_storage
 from spotbox.users import Users, make_user
 from tests.conftest import Box, BoxFactory
 from tests.helpers import mqtt_client, open_feed, payload
@@ -408,3 +412,33 @@ def test_operations_settings_are_checked(tmp_path: Path, changes: dict[str, Any]
     """Test the operations settings checked across fields or without an option (the rest: tests/test_settings.py)."""
     with pytest.raises(ConfigError, match=option):
         Settings(database_url=f"sqlite:///{tmp_path / 'x.db'}", **changes)
+
+
+async def test_a_burst_of_alert_changes_does_not_hold_status_commits(database_url: str) -> None:
+    """Test that a burst of alert changes (a fleet's robots crossing a threshold in the same second) is written
+    in transactions that status batches take turns with: a status written during the burst is committed before
+    the burst is, and every change of the burst is written in the end."""
+    burst_size = 8 * WRITE_BATCH_MAX
+    storage = open_storage(DatabaseURL.parse(database_url))
+    await storage.open()
+    try:
+        writer = AlertWriter(storage)
+        now = datetime.now(UTC)
+        for n in range(burst_size):
+            serial = f"R-{n:05d}"
+            alert = Alert(str(uuid.uuid4()), "battery_low", serial, "warning", "pending", now, now, "low", 5.0)
+            writer.add(alert, Transition(now, None, "pending"))
+        burst = asyncio.create_task(writer.write_pending())
+        for _ in range(10):
+            await asyncio.sleep(0)  # turns enough for the burst's first transaction to reach the database
+        clock = Clock()
+        (row_id,) = await storage.write_batch([row("R-STATUS", 50, clock).record])
+        assert row_id is not None
+        assert not burst.done()
+        ((written,),) = await storage.query("SELECT count(*) FROM alert", [])
+        assert written < burst_size
+        await burst
+        ((written,),) = await storage.query("SELECT count(*) FROM alert", [])
+        assert written == burst_size
+    finally:
+        await storage.close()

@@ -35,6 +35,8 @@ from spotbox.validation import Rejection
 logger = logging.getLogger(__name__)
 
 ALERTS_TOPIC = "spotbox/alerts/{serial}"
+# Robots whose retained alerts topic is published between two turns of the event loop.
+PUBLISH_TURN = 100
 # Publishes a retained MQTT message (topic, payload): the broker's one entry point for spotbox's own messages.
 RetainedPublisher = Callable[[str, bytes], Awaitable[None]]
 
@@ -170,7 +172,9 @@ class Operations:
             if self.publish_retained is None:
                 continue
             dirty, self._dirty = self._dirty, set()
-            for serial in sorted(dirty):
+            for n, serial in enumerate(sorted(dirty)):
+                if n and n % PUBLISH_TURN == 0:
+                    await asyncio.sleep(0)  # a burst of changed robots takes turns with the connections
                 alerts = [alert.to_api() for alert in self.alerts.open_alerts(serial)]
                 try:
                     await self.publish_retained(ALERTS_TOPIC.format(serial=serial), dumps_kept(alerts))

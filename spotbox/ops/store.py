@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 # The first 4 KiB of a rejected payload are kept: enough to see what was wrong, bounded whatever was sent.
 REJECTED_PAYLOAD_KEPT = 4096
 _RETRY_FIRST_S = 0.1
+# Most alert changes written in one transaction. SQLite has one writer, so a burst of 10,000 changes (every robot
+# of a fleet crossing a threshold in the same second) written whole held the status batches behind it for about
+# a second; in transactions of this size, status commits take turns with it.
+WRITE_BATCH_MAX = 250
 _RETRY_MAX_S = 5.0
 
 
@@ -317,8 +321,7 @@ class AlertWriter:
                 await self._inflight
         delay = _RETRY_FIRST_S
         while self._pending:
-            batch = list(self._pending)
-            self._pending.clear()
+            batch = [self._pending.popleft() for _ in range(min(len(self._pending), WRITE_BATCH_MAX))]
             try:
                 # Shielded: a shutdown cancelling this loop lets a started write finish instead of tearing a
                 # connection mid-transaction.

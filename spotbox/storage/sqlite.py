@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sqlite3
@@ -151,8 +152,12 @@ DELETE FROM status WHERE id IN ({base.ROBOTS_CTE}
 _NO_KEEP = 2**63 - 1
 
 
+@functools.lru_cache(maxsize=256)
 def _numbered(sql: str) -> str:
-    """PostgreSQL's `$1` placeholders as SQLite's `?1`, so that the operations tables share their SQL."""
+    """PostgreSQL's `$1` placeholders as SQLite's `?1`, so that the operations tables share their SQL.
+
+    Cached: the operations code has a few dozen statements, and a burst of alert changes (a fleet's batteries
+    low in the same second) runs them tens of thousands of times."""
     return re.sub(r"\$(\d+)", r"?\1", sql)
 
 
