@@ -55,28 +55,37 @@ class _Bucket:
 
 class _Robot:
     """One robot's hour: received and valid counts in a ring of per-minute slots (two 32-bit integers a minute),
-    and its rejections by field, kept only for the minutes that have any."""
+    their sums over the ring, and its rejections by field, kept only for the minutes that have any."""
 
-    __slots__ = ("counts", "last", "rejected")
+    __slots__ = ("counts", "last", "received", "rejected", "valid")
 
     def __init__(self, span: int, index: int) -> None:
         self.counts = array("I", bytes(8 * span))  # slot i: received at 2i, valid at 2i + 1
         self.last = index
+        # The sums of the ring's slots: a snapshot of a robot heard from this minute reads them, not 60 slots
+        # (at 10,000 robots, 92 ms of the event loop for each /stats and each save of the cluster's window).
+        self.received = 0
+        self.valid = 0
         self.rejected: dict[int, Counter[str]] | None = None
 
     def count(self, span: int, index: int, rejected_field: str | None) -> None:
+        counts = self.counts
         if index != self.last:
             # Clear the slots of the minutes skipped since the last count (all of them after an hour or more).
             for skipped in range(max(self.last + 1, index - span + 1), index + 1):
                 slot = skipped % span
-                self.counts[2 * slot] = self.counts[2 * slot + 1] = 0
+                self.received -= counts[2 * slot]
+                self.valid -= counts[2 * slot + 1]
+                counts[2 * slot] = counts[2 * slot + 1] = 0
             self.last = index
             if self.rejected is not None:
                 self.rejected = {i: c for i, c in self.rejected.items() if i > index - span} or None
         slot = index % span
-        self.counts[2 * slot] += 1
+        counts[2 * slot] += 1
+        self.received += 1
         if rejected_field is None:
-            self.counts[2 * slot + 1] += 1
+            counts[2 * slot + 1] += 1
+            self.valid += 1
             return
         if self.rejected is None:
             self.rejected = {}
@@ -84,11 +93,12 @@ class _Robot:
 
     def total(self, span: int, now: int) -> Counts:
         """The counts of the minutes after `now - span`."""
-        counts = Counts()
-        for index in range(max(self.last - span + 1, now - span + 1), self.last + 1):
+        counts = Counts(self.received, self.valid)
+        # The ring holds the minutes up to `last`; those up to `now - span` have left the window since.
+        for index in range(self.last - span + 1, min(now - span, self.last) + 1):
             slot = index % span
-            counts.received += self.counts[2 * slot]
-            counts.valid += self.counts[2 * slot + 1]
+            counts.received -= self.counts[2 * slot]
+            counts.valid -= self.counts[2 * slot + 1]
         for index, reasons in (self.rejected or {}).items():
             if index > now - span:
                 counts.rejected_by_reason.update(reasons)

@@ -6,6 +6,8 @@ import tracemalloc
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spotbox.stats import StatsWindow
 from tests.conftest import Box
@@ -96,6 +98,31 @@ def test_window_slides_by_the_minute() -> None:
     }
     clock.now = 5400.0  # minute 90: everything is older than an hour
     assert window.snapshot() == EMPTY
+
+
+# A robot's statuses: minutes to wait before each (0: the same minute; up to past the hour) and whether it is valid.
+STATUS_GAPS = st.lists(st.tuples(st.sampled_from([0, 0, 1, 2, 59, 60, 61, 200]), st.booleans()), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(gaps=STATUS_GAPS, wait=st.sampled_from([0, 1, 30, 59, 60, 61]))
+def test_robot_counts_are_those_of_its_last_hour(gaps: list[tuple[int, bool]], wait: int) -> None:
+    """Test that a robot's received and valid counts are those of the statuses of the last 60 minutes, whatever
+    minutes it was silent for before and since (the window keeps running sums, not a sum of slots)."""
+    clock = Clock()
+    window = StatsWindow(clock)
+    minute = 0
+    sent: list[tuple[int, bool]] = []
+    for gap, valid in gaps:
+        minute += gap
+        clock.now = minute * 60.0 + 1
+        window.count("R1", None if valid else "battery_level")
+        sent.append((minute, valid))
+    minute += wait
+    clock.now = minute * 60.0 + 1
+    inside = [valid for at, valid in sent if at > minute - 60]
+    robot = window.snapshot()["robots"].get("R1", {"received": 0, "valid": 0})
+    assert (robot["received"], robot["valid"]) == (len(inside), sum(inside))
 
 
 def test_window_memory_is_bounded() -> None:
