@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import queue
 import re
+import sys
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -93,12 +97,88 @@ class BadRequestFilter(logging.Filter):
         return True
 
 
+# Lines waiting for the log thread. Past this many (stderr not taken: a stalled terminal or log driver), new ones
+# are dropped and counted, rather than held without bound or waited for.
+LOG_QUEUE_MAX = 10_000
+# Most lines the log thread writes with one call.
+LOG_WRITE_LINES = 512
+
+
+class _Handoff(logging.Handler):
+    """Formats each record where it is logged and hands the line to the log thread, which writes it.
+
+    A write to stderr blocks whenever its reader is slow (a pipe holds 64 KiB): on the event loop, that stopped
+    MQTT and HTTP alike until someone read the log. Formatting stays here: a thread formatting records holds the
+    GIL for up to 5 ms each time the event loop lets go of it for a system call, which slowed the loop more than
+    the formatting itself (a burst of 10,000 records, a fleet coming online: p99 700 ms instead of 240).
+    """
+
+    def __init__(self, lines: queue.Queue[str | None]) -> None:
+        super().__init__()
+        self.lines = lines
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            if self.dropped:
+                self.lines.put_nowait(self.format(_dropped(self.dropped)))
+                self.dropped = 0
+            self.lines.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+
+
+def _dropped(count: int) -> logging.LogRecord:
+    return logging.LogRecord(
+        "spotbox.logs", logging.WARNING, __file__, 0, "%d log records dropped: stderr was not read", (count,), None
+    )
+
+
+class _LogThread:
+    """Writes the handed-off lines to a stream, as many as are waiting in one write."""
+
+    def __init__(self, lines: queue.Queue[str | None], stream: Any) -> None:
+        self.lines = lines
+        self.stream = stream
+        self.thread = threading.Thread(target=self._run, name="spotbox-log", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.lines.get()]
+            while batch[-1] is not None and len(batch) < LOG_WRITE_LINES:
+                try:
+                    batch.append(self.lines.get_nowait())
+                except queue.Empty:
+                    break
+            done = batch[-1] is None
+            text = "".join(f"{line}\n" for line in batch if line is not None)
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):  # stderr closed: nothing more can be said
+                return
+            if done:
+                return
+
+    def stop(self) -> None:
+        """Write what is waiting, then end (at exit)."""
+        self.lines.put(None)
+        self.thread.join(timeout=5)
+
+
 def configure_logging(level: str, fmt: str) -> None:
-    """Configure the root logger once, for the CLI."""
-    handler = logging.StreamHandler()
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(TextFormatter())
+    """Configure the root logger once, for the CLI: each record formatted where it is logged, written to stderr
+    by a thread of its own (which writes what it holds at exit)."""
+    lines: queue.Queue[str | None] = queue.Queue(LOG_QUEUE_MAX)
+    handler = _Handoff(lines)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.getLogger("aiohttp.server").addFilter(BadRequestFilter())
+    writer = _LogThread(lines, sys.stderr)
+    writer.thread.start()
+    atexit.register(writer.stop)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import aiohttp
 
-from spotbox.loadgen import connect_packet, mqtt_string, publish_packet
-from spotbox.logs import JsonFormatter, TextFormatter
+from spotbox.loadgen import connect_packet, mqtt_string, publish_packet, read_packet
+from spotbox.logs import LOG_QUEUE_MAX, JsonFormatter, TextFormatter
 from spotbox.users import Users, make_user
 from tests.helpers import payload
 from tests.test_cli import start_spotbox
@@ -107,6 +107,41 @@ async def test_client_strings_cannot_forge_log_lines(tmp_path: Path) -> None:
     assert_clean(log)
     assert b"serial=robot/x" not in log  # the serial is the topic level only
     assert b"\\n2026-11-30 12:00:00,000 INFO spotbox.broker.auth: user admin logged in\\x1b[2J" in log
+
+
+async def test_a_log_reader_that_stops_reading_never_stalls_the_broker(tmp_path: Path) -> None:
+    """Test that with its stderr not read (a stalled terminal or log driver), `spotbox run` keeps acknowledging
+    statuses while it logs far more than a pipe holds, and, once stderr is read again, says how many records it
+    dropped meanwhile."""
+    args = ("--mqtt-port", "0", "--http-port", "0", "--database-url", f"sqlite:///{tmp_path / 'db'}")
+    box = await start_spotbox(*args, "--log-format", "text")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", box.mqtt_port)
+        writer.write(connect_packet("flooder"))
+        async with asyncio.timeout(10):
+            assert (await read_packet(reader))[0] == 0x20
+        # A rejection is a warning line of about 300 bytes: more lines than the log queue holds, and megabytes
+        # more than the 64 KiB of a pipe nobody reads.
+        topic = mqtt_string("robot/R-1/status")
+        invalid = publish_packet(topic, 0, payload(battery_level=500), 0)
+        for _ in range(LOG_QUEUE_MAX + 2_000):
+            writer.write(invalid)
+        writer.write(publish_packet(topic, 7, payload(), 1))
+        await writer.drain()
+        async with asyncio.timeout(30):
+            first, body = await read_packet(reader)
+        assert (first, body) == (0x40, b"\x00\x07")  # PUBACK: stored and acknowledged
+        writer.close()
+    finally:
+        box.proc.terminate()
+    assert box.proc.stderr is not None
+    async with asyncio.timeout(30):
+        log = await box.proc.stderr.read()
+        await box.proc.wait()
+    notes = re.findall(rb"WARNING spotbox.logs: (\d+) log records dropped: stderr was not read", log)
+    assert notes, log[-2000:]
+    # Every rejection is in the log or in the count of a note.
+    assert log.count(b"rejected status") + sum(int(dropped) for dropped in notes) >= LOG_QUEUE_MAX + 2_000
 
 
 def test_json_format_stays_safe() -> None:
