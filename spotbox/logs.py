@@ -166,8 +166,11 @@ class _LogThread:
                 return
 
     def stop(self) -> None:
-        """Write what is waiting, then end (at exit)."""
-        self.lines.put(None)
+        """Write what is waiting, then end (at exit); a stderr that takes nothing holds the exit 5 s at most."""
+        try:
+            self.lines.put(None, timeout=5)
+        except queue.Full:
+            return
         self.thread.join(timeout=5)
 
 
