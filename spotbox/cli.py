@@ -9,7 +9,6 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,27 +61,11 @@ def run(**values: Any) -> None:
     raise_open_files_limit(settings.max_connections + settings.max_pending_logins + settings.max_streams)
     collect_less()
     try:
-        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-            runner.run(serve(settings, dataclasses.replace(runtime, mqtt_socket=bound.mqtt), bound.http))
+        asyncio.run(serve(settings, dataclasses.replace(runtime, mqtt_socket=bound.mqtt), bound.http))
     except SpotboxError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         bound.close()
-
-
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop where it is installed (not on Windows), else asyncio's own.
-
-    A fleet's robots each publish on their own connection, so each status costs a socket read, a write and
-    turns of the event loop; uvloop does those in C. At 10,000 robots publishing once a second it cut the
-    server's CPU a status by about 8% (100 to 92 microseconds, README "Performance"), and the tail of the
-    latency is that of a loop close to busy.
-    """
-    try:
-        import uvloop  # noqa: PLC0415 - optional: not built for Windows
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 # Collect young objects once 50,000 more are alive than were (CPython's default: 700), see `collect_less`.
