@@ -138,14 +138,14 @@ class IngestPipeline:
         if len(self._queue) >= self._queue_size:
             raise asyncio.QueueFull
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        if not self._queue:
-            self._first_queued_at = time.monotonic()
-        self._queue.append((record, future))
-        self._arrived.set()
+        self._append((record, future))
         return future
 
     async def _put(self, item: _Item | None) -> None:
         await self.wait_for_room()
+        self._append(item)
+
+    def _append(self, item: _Item | None) -> None:
         if not self._queue:
             self._first_queued_at = time.monotonic()
         self._queue.append(item)

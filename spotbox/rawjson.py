@@ -238,10 +238,8 @@ def screen(raw: bytes, doc: dict[str, Any], max_depth: int) -> str | None:
     """Everything these checks refuse, in one call: TOO_DEEP past `max_depth` levels, `field: rule` for a repeated
     key or a number spotbox refuses, None for an ordinary status (one translate of the text, one walk of its
     objects and arrays)."""
-    shaped = raw.translate(_SHAPE)
-    seen = Hints(_LONG_DIGITS in shaped or _NEGATIVE_EXPONENT in shaped, _SPACED_COLON in shaped)
-    exact = seen.numbers and len(raw) <= NAMED_EXACT_MAX
-    walked = shape(doc, max_depth) if exact else _containers(doc, max_depth)
+    seen = hints(raw)
+    walked = shape(doc, max_depth, numbers=seen.numbers and len(raw) <= NAMED_EXACT_MAX)
     if walked.depth > max_depth:
         return TOO_DEEP
     return problem(raw, walked, seen)
