@@ -81,11 +81,15 @@ def unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+# The Debian package of each tool a test drives, where its name differs (.ci/run installs them all).
+TOOL_PACKAGES = {"mosquitto_pub": "mosquitto-clients", "mosquitto_sub": "mosquitto-clients", "stdbuf": "coreutils"}
+
+
 def require_tool(name: str) -> str:
     """Path of a command-line tool the test drives (mosquitto_pub, ...)."""
     path = shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/sbin")
     if path is None:
-        unavailable(f"{name} is not installed (apt-get install mosquitto mosquitto-clients)")
+        unavailable(f"{name} is not installed (apt-get install {TOOL_PACKAGES.get(name, name)})")
     assert path is not None
     return path
 
