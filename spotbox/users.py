@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -210,7 +211,7 @@ class Users:
         """The user when `password` is theirs, else None; an unknown name costs the same hash check."""
         user = self.by_name.get(name)
         try:
-            HASHER.verify(user.password_hash if user else _UNKNOWN_USER_HASH, password)
+            HASHER.verify(user.password_hash if user else _unknown_user_hash(), password)
         except (VerificationError, InvalidHashError):
             return None
         return user
@@ -235,5 +236,11 @@ def locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-# Verified against for unknown names, so that a refusal takes as long whether or not the name exists.
-_UNKNOWN_USER_HASH = HASHER.hash(os.urandom(16).hex())
+@functools.cache
+def _unknown_user_hash() -> str:
+    """Verified against for unknown names, so that a refusal takes as long whether or not the name exists.
+
+    Made at the first login, not at import: a hash costs tens of milliseconds, which every `spotbox` command paid
+    at start, `spotbox users list` and `--help` included.
+    """
+    return HASHER.hash(os.urandom(16).hex())
