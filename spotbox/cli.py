@@ -103,8 +103,13 @@ async def serve(settings: Settings, runtime: Runtime, http_socket: socket.socket
         for host, port, *_ in runner.addresses:
             logger.info("http listening on %s://%s:%d", scheme, host, port)
         if runtime.mqtt_socket is not None:  # None in cluster mode: robots publish to the cluster
+            users = runtime.users is not None
             watch, publish = try_lines(
-                http_socket, runtime.mqtt_socket, tls_cert=settings.tls_cert, users=runtime.users is not None
+                http_socket,
+                runtime.mqtt_socket,
+                tls_cert=settings.tls_cert,
+                users=users,
+                read_login=users and not settings.open_reads,
             )
             logger.info("watch a robot live: %s", watch)
             logger.info("publish a status: %s", publish)

@@ -74,8 +74,11 @@ def _reachable(sock: socket.socket) -> tuple[str, int]:
     return host, port
 
 
-def try_lines(http: socket.socket, mqtt: socket.socket, *, tls_cert: Path | None, users: bool) -> list[str]:
-    """The `mosquitto_pub` and `curl` commands that reach this spotbox, for its real ports, ready to copy."""
+def try_lines(
+    http: socket.socket, mqtt: socket.socket, *, tls_cert: Path | None, users: bool, read_login: bool
+) -> list[str]:
+    """The `mosquitto_pub` and `curl` commands that reach this spotbox, for its real ports, ready to copy but for the
+    password: with `users`, both log in as the example robot (`read_login`: the feed asks for it too)."""
     mqtt_host, mqtt_port = _reachable(mqtt)
     http_host, http_port = _reachable(http)
     url_host = f"[{http_host}]" if ":" in http_host else http_host
@@ -88,6 +91,9 @@ def try_lines(http: socket.socket, mqtt: socket.socket, *, tls_cert: Path | None
         watch += ["--cacert", str(tls_cert)]
     if users:
         publish += ["-u", EXAMPLE_SERIAL, "-P", "PASSWORD"]
+    if read_login:
+        # A robot reads its own feed.
+        watch += ["-u", f"{EXAMPLE_SERIAL}:PASSWORD"]
     publish += ["-t", f"robot/{EXAMPLE_SERIAL}/status", "-m", EXAMPLE_STATUS]
     watch.append(f"{scheme}://{url_host}:{http_port}/robots/{EXAMPLE_SERIAL}/feed")
     return [shlex.join(watch), shlex.join(publish)]

@@ -20,6 +20,7 @@ import aiohttp
 import orjson
 import pytest
 
+from spotbox.users import Users, make_user
 from tests.conftest import SPOTBOX, fresh_postgres_database, require_tool
 from tests.helpers import mqtt_client, open_feed, payload
 
@@ -239,11 +240,17 @@ async def test_json_logs_are_one_object_per_line_with_rejections(tmp_path: Path)
     assert rejection["level"] == "warning"
 
 
-async def test_logged_commands_reach_the_live_feed(tmp_path: Path) -> None:
-    """Test the quick start: the curl and mosquitto_pub lines spotbox logs, run as they are, show a status live."""
+@pytest.mark.parametrize("users", [False, True], ids=["open", "users"])
+async def test_logged_commands_reach_the_live_feed(tmp_path: Path, users: bool) -> None:
+    """Test the quick start: the curl and mosquitto_pub lines spotbox logs, run as they are (with --users, with the
+    robot's password for PASSWORD), show a status live."""
     tools = {"curl": require_tool("curl"), "mosquitto_pub": require_tool("mosquitto_pub")}
     # aiohttp sends an SSE answer's headers with its first bytes: a short ping gets them to curl soon.
-    args = ("--mqtt-port", "0", "--http-port", "0", "--sse-ping-s", "0.2")
+    args: tuple[str, ...] = ("--mqtt-port", "0", "--http-port", "0", "--sse-ping-s", "0.2")
+    if users:
+        robots = Users(tmp_path / "users.json").with_user(make_user("ROBOT-001", "pw-1"))
+        robots.save()
+        args += ("--users", str(robots.path))
     async with spotbox_process(*args, "--database-url", f"sqlite:///{tmp_path / 'x.db'}") as box:
         stderr = box.proc.stderr
         assert stderr is not None
@@ -253,7 +260,7 @@ async def test_logged_commands_reach_the_live_feed(tmp_path: Path) -> None:
                 logged = (await stderr.readline()).decode()
                 for prefix in ("watch a robot live: ", "publish a status: "):
                     if prefix in logged:
-                        command = shlex.split(logged.split(prefix, 1)[1])
+                        command = shlex.split(logged.split(prefix, 1)[1].replace("PASSWORD", "pw-1"))
                         commands[command[0]] = [tools[command[0]], *command[1:]]
         assert f"-p {box.mqtt_port}" in shlex.join(commands["mosquitto_pub"])
         curl = await asyncio.create_subprocess_exec(
