@@ -245,6 +245,13 @@ def simulate(
     except* aiomqtt.MqttError as group:
         raise click.ClickException(f"MQTT broker {host}:{port}: {group.exceptions[0]}") from None
     click.echo(f"sent {stats.valid + stats.invalid} statuses ({stats.invalid} invalid, {stats.failed} failed)")
+    if stats.invalid and not stats.refused and mqtt_version == "5" and qos:
+        # spotbox answers each invalid MQTT 5 status with 0x99; a plain broker acknowledges anything.
+        click.echo(
+            f"warning: none of the {stats.invalid} invalid statuses was refused: {host}:{port} is not spotbox's MQTT "
+            "port (the port of the mosquitto_pub line spotbox logs), or spotbox does not validate them",
+            err=True,
+        )
     # Without --count, Ctrl-C is how a run ends: a success, like ping's. Stopped short of --count, the asked-for
     # work is not done: 128 + the signal, as the shell reports a program a signal ended.
     if fleet.stopped_by is not None and count is not None:

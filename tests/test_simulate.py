@@ -8,6 +8,7 @@ import random
 import re
 import signal
 from datetime import UTC, datetime
+from pathlib import Path
 
 import orjson
 import pytest
@@ -18,6 +19,7 @@ from spotbox.status import StatusRecord
 from spotbox.validation import Rejection, StatusValidator
 from tests.conftest import SPOTBOX, Box
 from tests.helpers import open_feed
+from tests.mosquitto import mosquitto_process
 
 pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
 
@@ -99,6 +101,7 @@ async def test_simulate_command_with_fleet_env_vars(box: Box) -> None:
         out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     assert b"sent 20 statuses" in out
+    assert b"was refused" not in err
     rejected = box.pipeline.stats.rejected.total()
     # The robots (MQTT 5 by default) log each 0x99 PUBACK with the failing field.
     assert err.decode().count("publish refused by spotbox: Payload format invalid") == rejected
@@ -136,3 +139,21 @@ async def test_ctrl_c_prints_the_summary(box: Box, count: list[str], code: int) 
     assert match is not None, out
     # Every status it counts as sent was acknowledged, so stored.
     assert int(match.group(1)) == box.pipeline.stats.stored
+
+
+async def test_simulate_against_another_broker_warns(tmp_path: Path) -> None:
+    """Test that invalid statuses all acknowledged without a refusal (a plain broker on the port given, as when
+    Mosquitto holds 1883 and spotbox runs elsewhere) end with a warning naming the port, not silence."""
+    with mosquitto_process(tmp_path) as broker:
+        await broker.start()
+        proc = await asyncio.create_subprocess_exec(
+            *(SPOTBOX, "simulate", "--count", "4", "--invalid-rate", "1", "--port", str(broker.port)),
+            env={**os.environ, "ROBOT_COUNT": "2", "PUBLISH_INTERVAL_SEC": "0.01", "JITTER_MAX_SEC": "0"},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(30):
+            out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert b"sent 4 statuses (4 invalid, 0 failed)" in out
+    assert f"warning: none of the 4 invalid statuses was refused: 127.0.0.1:{broker.port} is not".encode() in err
