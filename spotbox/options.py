@@ -240,8 +240,15 @@ def main(argv: Sequence[str] = ()) -> int:
     current = README.read_text(encoding="utf-8")
     wanted = replace_table(current, readme_table(Settings))
     if "--check" in argv:
-        return 0 if wanted == current else 1
+        if wanted != current:
+            print(f"{README.name}: the settings table is out of date; run python -m spotbox.options")  # noqa: T201
+            return 1
+        return 0
+    if wanted == current:
+        print(f"{README.name}: the settings table is up to date")  # noqa: T201
+        return 0
     README.write_text(wanted, encoding="utf-8")
+    print(f"{README.name}: the settings table rewritten from spotbox/settings.py")  # noqa: T201
     return 0
 
 
