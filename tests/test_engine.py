@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import socket
 from pathlib import Path
 
@@ -21,7 +22,20 @@ from spotbox.settings import Settings
 from tests.conftest import Box, BoxFactory
 from tests.helpers import mqtt_client, nth_status, payload, stamp
 from tests.mqtt5_clients import wire_client
-from tests.raw_mqtt import CONNACK_ACCEPTED, connect_packet, publish, raw_client, subscribe
+from tests.raw_mqtt import (
+    CONNACK_ACCEPTED,
+    PUBACK,
+    PUBCOMP,
+    PUBREC,
+    PUBREL,
+    SUBACK,
+    ack,
+    connect_packet,
+    publish,
+    raw_client,
+    raw_session,
+    subscribe,
+)
 from tests.test_durability import Outage
 
 
@@ -244,3 +258,76 @@ async def test_client_still_writing_reads_why_it_was_disconnected(
     assert isinstance(packet, mqtt5.DisconnectPacket)
     assert packet.reason_code == mqtt5.DisconnectReasonCode.RECEIVE_MAX_EXCEEDED
     assert [p.packet_id for p in received if isinstance(p, mqtt5.PubRecPacket)] == [1, 2, 3, 4, 5]
+
+
+async def test_a_qos2_resend_before_its_pubrec_is_answered_twice_and_routed_once(
+    make_box: BoxFactory, sqlite_settings: Settings
+) -> None:
+    """Test that a QoS 2 PUBLISH sent again (DUP) while the first is still waiting behind a commit gets a PUBREC of
+    its own and reaches a subscriber once [MQTT-4.3.3-9]."""
+    box = await make_box(sqlite_settings)
+    async with raw_session(box.mqtt_port, "watcher") as (watcher, _):
+        await watcher.send(subscribe(1, ("dup/#", 0)))
+        await watcher.expect(SUBACK)
+        async with raw_session(box.mqtt_port, "resender") as (client, _):
+            once = publish("dup/x", b"once", qos=2, packet_id=11)
+            resend = bytes([once[0] | 0x08]) + once[1:]
+            # In one write, behind a status whose commit is pending: both copies wait for it.
+            await client.send(publish("robot/DUPQ2/status", payload(), qos=1, packet_id=10) + once + resend)
+            answers = [await client.read_packet() for _ in range(3)]
+            assert answers == [(PUBACK, b"\x00\x0a"), (PUBREC, b"\x00\x0b"), (PUBREC, b"\x00\x0b")]
+            await client.send(ack(PUBREL, 11))
+            assert await client.expect(PUBCOMP) == b"\x00\x0b"
+        delivered = await watcher.expect_publish()
+        assert (delivered.topic, delivered.payload) == ("dup/x", b"once")
+        assert await watcher.silent_for(0.5)
+
+
+async def test_qos2_resends_do_not_count_against_the_receive_maximum(
+    make_box: BoxFactory, sqlite_settings: Settings
+) -> None:
+    """Test that an MQTT 5 client that sends each QoS 2 status twice before its PUBREC (one in flight at a time)
+    is never disconnected for the Receive Maximum: a resend holds no place of its own."""
+    box = await make_box(dataclasses.replace(sqlite_settings, receive_maximum=3))
+    async with wire_client(box.mqtt_port) as (wire, _):
+        for n in range(1, 9):
+            first, again = (
+                mqtt5.PublishPacket(
+                    "robot/RM2/status", nth_status(n), qos=mqtt5.QoS.EXACTLY_ONCE, packet_id=n, duplicate=dup
+                )
+                for dup in (False, True)
+            )
+            await wire.send(first.write() + again.write())
+            for _ in range(2):
+                rec = await wire.expect(mqtt5.PubRecPacket)
+                assert (rec.packet_id, rec.reason_code) == (n, mqtt5.PubRecReasonCode.SUCCESS)
+            await wire.send(mqtt5.PubRelPacket(n))
+            assert (await wire.expect(mqtt5.PubCompPacket)).packet_id == n
+        await wire.send(mqtt5.PingReqPacket())
+        await wire.expect(mqtt5.PingRespPacket)
+    assert len(await box.history("RM2")) == 8
+
+
+async def test_commits_landing_after_a_receive_maximum_disconnect_write_nothing(
+    make_box: BoxFactory, sqlite_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Test that statuses whose commits land after spotbox sent DISCONNECT 0x93 (and half-closed the socket) are
+    stored, with no acknowledgement written after the DISCONNECT and no error logged."""
+    box = await make_box(dataclasses.replace(sqlite_settings, receive_maximum=3))
+    async with wire_client(box.mqtt_port) as (wire, _):
+        flood = [
+            mqtt5.PublishPacket("robot/RMX/status", nth_status(n), qos=mqtt5.QoS.EXACTLY_ONCE, packet_id=n)
+            for n in range(1, 6)
+        ]
+        await wire.send(b"".join(packet.write() for packet in flood))
+        answers = []
+        while (packet := await wire.receive()) is not None:
+            answers.append(packet)
+    assert isinstance(answers[-1], mqtt5.DisconnectPacket)
+    assert answers[-1].reason_code == mqtt5.DisconnectReasonCode.RECEIVE_MAX_EXCEEDED
+    async with asyncio.timeout(10):
+        while len(await box.history("RMX")) < 3:  # noqa: ASYNC110 - polled over HTTP, as a client would
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)
+    errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert not errors, [record.getMessage() for record in errors]

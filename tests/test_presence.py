@@ -6,12 +6,14 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from spotbox.ops.presence import Presence, RobotPresence, State
 from spotbox.settings import Settings
 from tests.conftest import Box, BoxFactory
 from tests.helpers import mqtt_client, open_feed, payload
+from tests.raw_mqtt import publish, raw_session
 
 T0 = datetime(2026, 11, 30, 6, 0, tzinfo=UTC)
 
@@ -190,3 +192,24 @@ async def test_restart_does_not_mark_the_fleet_offline(make_box: BoxFactory, tmp
     second = await make_box(settings)
     assert await presence_of(second, "R1") == "unknown"
     assert (await gauges(second))["unknown"] == 1
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+async def test_a_status_committed_after_its_client_left_leaves_the_robot_offline(
+    make_box: BoxFactory, tmp_path: Path, qos: int
+) -> None:
+    """Test that a robot whose client closes the connection before its status is committed (at QoS 0 at once, at
+    QoS 1 before the PUBACK) is offline once the status is stored, not online for --offline-after."""
+    box = await make_box(
+        Settings(http_port=0, mqtt_port=0, database_url=f"sqlite:///{tmp_path / 'p.db'}", batch_wait_ms=1.0)
+    )
+    async with raw_session(box.mqtt_port, f"leaver-{qos}") as (client, _):
+        await client.send(publish("robot/LEAVER/status", payload(), qos=qos, packet_id=1))
+    async with asyncio.timeout(10):
+        while not await box.history("LEAVER"):  # noqa: ASYNC110 - polled over HTTP, as a client would
+            await asyncio.sleep(0.02)
+        while (state := await presence_of(box, "LEAVER")) != "offline":
+            assert state in ("unknown", "online")
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # nothing brings it back online afterwards
+    assert await presence_of(box, "LEAVER") == "offline"

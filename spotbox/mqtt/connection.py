@@ -130,6 +130,8 @@ class Connection:
         self.pending: deque[Pending] = deque()
         self.uncommitted = 0  # statuses waiting for their commit (a 3.1.1 connection's read window)
         self.unacked_in = 0  # QoS 1/2 PUBLISHes received and not yet fully acknowledged (MQTT 5 Receive Maximum)
+        # Packet ids of QoS 2 PUBLISHes received and not yet answered with PUBREC (their commit pending).
+        self.receiving_qos2: set[int] = set()
         self.paused_depth = 0
         # Over its outbound budget, or with messages queued for room: the clock watches it (stuck? room again?).
         self.congested = False
@@ -138,6 +140,7 @@ class Connection:
         self._stuck_at = 0
         self.stopping = False
         self.ended = False
+        self.sealed = False  # True once the last packet is written (the socket half-closed), though not yet ended
         self.kicked_at: float | None = None  # when spotbox closed it (the clock cuts it if it does not go)
         self._window_free = asyncio.Event()
         self._buffer = bytearray()
@@ -164,6 +167,7 @@ class Connection:
                     # reach it before the reason; let it finish, unread, for a moment. Not after other errors: some
                     # clients wait forever on a half-closed connection where a reset ends them.
                     self._flush()
+                    self.sealed = True  # the DISCONNECT is the last packet: commits that land meanwhile send nothing
                     await self.stream.finish(LINGER_S)
         except (ConnectionError, OSError) as exc:
             logger.info("mqtt connection %s (%r) lost: %s", self.stream.peer, self.client_id, exc)
@@ -330,6 +334,12 @@ class Connection:
                 # Already routed and answered: a resend gets its PUBREC again, nothing more [MQTT-4.3.3-9].
                 self.write(self.wire.ack(PUBREC, publish.packet_id or 0))
                 return
+            if publish.qos == 2 and publish.packet_id in self.receiving_qos2:
+                # A resend of a QoS 2 PUBLISH still on its way to its PUBREC (its commit pending, so it is in
+                # `pending`): it gets a PUBREC of its own after the first one's, and nothing is routed twice
+                # [MQTT-4.3.3-9]; nor does it take a second place of the Receive Maximum.
+                self.pending.append(Pending(publish, None))
+                return
             if isinstance(self.wire, Wire5) and self.unacked_in >= self.broker.limits.receive_maximum:
                 raise Closed(
                     f"more than Receive Maximum {self.broker.limits.receive_maximum} unacknowledged PUBLISHes",
@@ -337,6 +347,8 @@ class Connection:
                     level=logging.WARNING,
                 )
             self.unacked_in += 1
+            if publish.qos == 2:
+                self.receiving_qos2.add(publish.packet_id or 0)
         if isinstance(self.wire, Wire311) and self.uncommitted >= self.broker.limits.receive_maximum:
             await self.paused(self._window_wait())
         pending = await self.broker.publish_path.receive(self, publish, time.monotonic())
@@ -397,6 +409,8 @@ class Connection:
 
     def _settle(self, pending: Pending) -> None:
         publish = pending.publish
+        if publish.qos == 2:
+            self.receiving_qos2.discard(publish.packet_id or 0)
         self.broker.publish_path.settle(self, pending)
         if publish.qos == 1 or (
             publish.qos == 2 and self.session is not None and publish.packet_id not in self.session.awaiting_pubrel
@@ -418,7 +432,7 @@ class Connection:
 
     def write(self, data: bytes) -> None:
         """Queue bytes; everything queued in this event-loop turn leaves in one write."""
-        if self.ended:
+        if self.ended or self.sealed:
             return
         self._out += data
         if self._flush_handle is None and not self._settling:
@@ -428,7 +442,7 @@ class Connection:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if self._out and not self.ended:
+        if self._out and not self.ended and not self.sealed:
             data = bytes(self._out)
             self._out.clear()
             self.stream.write(data)

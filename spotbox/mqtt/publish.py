@@ -109,14 +109,19 @@ class PublishPath:
                 logger.error("status of %r not stored, not acknowledged: %s", pending.serial, exc)
                 return
             conn.serials.add(pending.serial or "")
-            if self.broker.presence is not None:
-                # The robot is online while this connection is up.
-                self.broker.presence.bind(pending.serial or "", conn)
-        # 4. route
+            presence = self.broker.presence
+            if presence is not None:
+                if conn.ended:
+                    presence.committed_after_close(pending.serial or "")
+                else:
+                    # The robot is online while this connection is up.
+                    presence.bind(pending.serial or "", conn)
+        # 4. route (a status committed after its client left is still delivered: it is stored)
         if pending.message is not None:
             self.route(pending.message, conn.client_id)
-        # 5. acknowledge
-        if publish.qos == 0:
+        # 5. acknowledge, unless the client has left (it sends the status again on its next connection)
+        session = conn.session
+        if publish.qos == 0 or session is None:
             return
         assert publish.packet_id is not None
         code, reason = pending.refusal or (0, None)
@@ -125,9 +130,8 @@ class PublishPath:
             return
         conn.send_ack(PUBREC, publish.packet_id, code, reason)
         if code == 0 or conn.wire.version == 4:
-            # The packet id is held until PUBREL [MQTT-4.3.3-?]; a refusal ends an MQTT 5 flow at PUBREC.
-            assert conn.session is not None
-            conn.session.awaiting_pubrel.add(publish.packet_id)
+            # The packet id is held until PUBREL [MQTT-4.3.3-9]; a refusal ends an MQTT 5 flow at PUBREC.
+            session.awaiting_pubrel.add(publish.packet_id)
 
     def route(self, message: Message, sender: str | None) -> None:
         """Deliver to subscribers and keep a retained message (an empty one deletes it) [MQTT-3.3.1-5..7]."""

@@ -150,15 +150,25 @@ class Presence:
     def connection_closed(self, connection: object) -> None:
         """The connection ended: each robot whose last status came over it is offline from now."""
         serials = self._by_connection.pop(connection, set())
-        now = self.clock()
         for serial in serials:
             robot = self.robots.get(serial)
             if robot is not None and robot.connection is connection:
                 robot.connection = None
-                if robot.state != "offline":
-                    self._move(robot, "offline", now)
-                    for listener in self.ended_listeners:
-                        listener(robot)
+                self._went_offline(robot)
+
+    def committed_after_close(self, serial: str) -> None:
+        """A status of `serial` was committed after the connection it came over had ended (a QoS 0 status, or a
+        client that closed before its PUBACK): offline as that connection is, unless a newer connection of the
+        robot's is up."""
+        robot = self.robots.get(serial)
+        if robot is not None and robot.connection is None:
+            self._went_offline(robot)
+
+    def _went_offline(self, robot: RobotPresence) -> None:
+        if robot.state != "offline":
+            self._move(robot, "offline", self.clock())
+            for listener in self.ended_listeners:
+                listener(robot)
 
     def tick(self) -> None:
         """Apply the time rules: online -> stale -> offline without statuses; unknown resolves after a start.
