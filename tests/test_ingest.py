@@ -12,6 +12,7 @@ import pytest
 from tests.cases import INVALID
 from tests.conftest import Box, require_tool
 from tests.helpers import mqtt_client, open_feed, payload, stamp
+from tests.mqtt5_clients import paho_v5
 
 
 async def test_valid_status_reaches_feed_and_history(box: Box) -> None:
@@ -168,6 +169,32 @@ async def test_retained_status_is_the_last_valid_one(box: Box) -> None:
             message = await anext(aiter(late.messages))
     assert isinstance(message.payload, bytes)
     assert orjson.loads(message.payload)["battery_level"] == 55
+
+
+async def test_an_empty_retained_message_clears_the_retained_status(box: Box) -> None:
+    """Test that a zero-byte retained PUBLISH on a status topic deletes the retained status [MQTT-3.3.1-10 (3.1.1),
+    MQTT-3.3.1-6 (5.0)]: acknowledged as a success, not refused as an invalid status, and nothing stored."""
+    async with mqtt_client(box.mqtt_port) as robot:
+        await robot.publish("robot/ROBOT-011/status", payload(battery_level=55), qos=1, retain=True)
+        await robot.publish("robot/ROBOT-011/status", b"", qos=1, retain=True)
+    async with mqtt_client(box.mqtt_port) as late, mqtt_client(box.mqtt_port) as robot:
+        await late.subscribe("robot/ROBOT-011/status", qos=1)
+        # The first message the late subscriber gets is this live one: no retained status came before it.
+        await robot.publish("robot/ROBOT-011/status", payload(battery_level=66), qos=1)
+        async with asyncio.timeout(10):
+            message = await anext(aiter(late.messages))
+    assert isinstance(message.payload, bytes)
+    assert orjson.loads(message.payload)["battery_level"] == 66
+    assert len(await box.history("ROBOT-011")) == 2
+    assert box.pipeline.stats.rejected.total() == 0
+
+
+async def test_an_empty_status_that_is_not_retained_is_still_refused(box: Box) -> None:
+    """Test that a zero-byte status without RETAIN is an invalid status (0x99 over MQTT 5), as before."""
+    async with paho_v5(box.mqtt_port) as robot:
+        code, _ = await robot.publish("robot/ROBOT-012/status", b"", qos=1)
+    assert code.value == 0x99
+    assert box.pipeline.stats.rejected.total() == 1
 
 
 async def test_mqtt_over_websocket_on_the_http_port(box: Box) -> None:

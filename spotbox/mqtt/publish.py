@@ -78,7 +78,9 @@ class PublishPath:
                 publish, None, refusal=(NOT_AUTHORIZED, f"user {session.user!r} may not publish to {topic!r}")
             )
         serial = status_topic_serial(topic)
-        if serial is None:
+        if serial is None or (publish.retain and not publish.payload):
+            # Not a status: any other topic, or a zero-byte retained message, which deletes the retained status
+            # and reaches subscribers as it is [MQTT-3.3.1-10 (3.1.1), MQTT-3.3.1-6 (5.0)].
             return Pending(publish, message)
         # 2. validate (the payload alone), once the writer's queue has room for the status (backpressure)
         pipeline = broker.pipeline
