@@ -249,6 +249,8 @@ def connect5(client_id: bytes = b"c", flags: int = 0x02, properties: bytes = b""
 
 MQTT5_BAD_CONNECTS = {
     "reserved-flag": connect5(flags=0x03),
+    "will-qos-without-will": connect5(flags=0x0A),  # [MQTT-3.1.2-11]
+    "will-retain-without-will": connect5(flags=0x22),  # [MQTT-3.1.2-13]
     "client-id-nul": connect5(b"c\0"),
     "client-id-surrogate": connect5(b"c\xed\xa0\x80"),
     "user-name-nul": connect5(flags=0x82, tail=mqtt_string("u\0")),
@@ -283,7 +285,8 @@ async def test_client_id_over_the_limit_is_refused(sbox: Box, version: str, capl
 @pytest.mark.parametrize("name", list(MQTT5_BAD_CONNECTS))
 async def test_mqtt5_connect_the_codec_would_accept_is_refused(sbox: Box, name: str) -> None:
     """Test that an MQTT 5 CONNECT breaking a rule the mqtt5 codec does not check (U+0000 or bad UTF-8 in a
-    string, the reserved flag, Authentication Data alone, a will's Response Topic with a wildcard) gets CONNACK 0x81
+    string, the reserved flag, will QoS or retain without a will, Authentication Data alone, a will's Response Topic
+    with a wildcard) gets CONNACK 0x81
     and is closed, and the client gets no session."""
     async with raw_client(sbox.mqtt_port) as client:
         await client.send(MQTT5_BAD_CONNECTS[name] + b"\xc0\x00")

@@ -74,6 +74,8 @@ def connect(body: memoryview) -> None:
     flags = body[pos]
     if flags & 0x01:
         raise MalformedPacket("CONNECT reserved flag is set")  # [MQTT-3.1.2-3]
+    if not flags & 0x04 and flags & 0x38:
+        raise MalformedPacket("CONNECT Will QoS or Will Retain set without the Will Flag")  # [MQTT-3.1.2-11, -13]
     pos, found = _properties(body, pos + 3)
     if _AUTH_DATA in found and _AUTH_METHOD not in found:
         raise MalformedPacket("CONNECT Authentication Data without an Authentication Method")  # 3.1.2.11.10
