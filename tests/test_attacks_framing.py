@@ -185,7 +185,6 @@ async def test_pubrel_for_an_unknown_packet_id_is_completed(sbox: Box, version: 
 
 
 MQTT5_CONNECTED = {
-    "topic-alias-0": (publish5(0x32, b"sm/x", b"a", b"\x23\x00\x00"), {MALFORMED, PROTOCOL_ERROR, TOPIC_ALIAS_INVALID}),
     "topic-alias-65535": (publish5(0x32, b"sm/x", b"a", b"\x23\xff\xff"), {TOPIC_ALIAS_INVALID}),
     "empty-topic-without-alias": (publish5(0x32, b"", b"a"), {PROTOCOL_ERROR}),
     "subscription-identifier-0": (
@@ -225,6 +224,9 @@ MQTT5_CONNECTED = {
         {QUOTA_EXCEEDED},
     ),
     "unsubscribe-packet-id-0": (packet(0xA2, b"\x00\x00\x00" + mqtt_string("#")), {MALFORMED}),
+    # MQTT 5.0 3.3.2.3.4: a Topic Alias of 0 is invalid; a property that may appear once, twice, a Protocol Error.
+    "topic-alias-0": (publish5(0x32, b"sm/x", b"a", b"\x23\0\0"), {TOPIC_ALIAS_INVALID}),
+    "topic-alias-twice": (publish5(0x32, b"sm/x", b"a", b"\x23\0\1\x23\0\2"), {PROTOCOL_ERROR}),
 }
 
 
@@ -280,6 +282,26 @@ async def test_client_id_over_the_limit_is_refused(sbox: Box, version: str, capl
     assert (first, body[-1] if version == "3.1.1" else body[1]) == (0x20, 0x02 if version == "3.1.1" else 0x85)
     assert len(sbox.broker.sessions) == 0
     assert max(len(record.getMessage()) for record in caplog.records) < 1000
+
+
+# Well-formed CONNECTs that MQTT 5.0 calls a Protocol Error: CONNACK 0x82 (3.1.2.11.2-4, 2.2.2.2).
+MQTT5_PROTOCOL_ERROR_CONNECTS = {
+    "session-expiry-twice": connect5(properties=b"\x11\0\0\0\1\x11\0\0\0\2"),
+    "receive-maximum-twice": connect5(properties=b"\x21\0\1\x21\0\2"),
+    "receive-maximum-0": connect5(properties=b"\x21\0\0"),
+    "maximum-packet-size-0": connect5(properties=b"\x27\0\0\0\0"),
+}
+
+
+@pytest.mark.parametrize("name", list(MQTT5_PROTOCOL_ERROR_CONNECTS))
+async def test_mqtt5_connect_protocol_errors_get_connack_0x82(sbox: Box, name: str) -> None:
+    """Test that a CONNECT repeating a once-only property, or with a Receive Maximum or Maximum Packet Size of 0,
+    gets CONNACK 0x82 Protocol Error (not 0x81 Malformed Packet) and is closed, and the client gets no session."""
+    async with raw_client(sbox.mqtt_port) as client:
+        await client.send(MQTT5_PROTOCOL_ERROR_CONNECTS[name] + b"\xc0\x00")
+        answer = await client.answers_until_closed(2)
+    assert [(first, body[1]) for first, body in answer] == [(0x20, PROTOCOL_ERROR)], answer
+    assert len(sbox.broker.sessions) == 0
 
 
 @pytest.mark.parametrize("name", list(MQTT5_BAD_CONNECTS))

@@ -216,8 +216,10 @@ class Connection:
             self.stream.write(Wire311().connack(False, 0x02))  # [MQTT-3.1.3-8]
             raise Closed(f"CONNECT refused: {exc.reason}", level=logging.WARNING) from None
         except MalformedPacket as exc:
-            if body[len(body) > 6 and 6] == 5:  # an MQTT 5 CONNECT: CONNACK 0x81 Malformed Packet [MQTT-4.13.1-1]
-                self.stream.write(Wire5().connack(False, 0x81))
+            if body[len(body) > 6 and 6] == 5:
+                # An MQTT 5 CONNECT: CONNACK 0x81 Malformed Packet [MQTT-4.13.1-1], or 0x82 Protocol Error.
+                code = int(exc.code) if isinstance(exc, ProtocolViolation) else 0x81
+                self.stream.write(Wire5().connack(False, code))
             raise Closed(f"malformed CONNECT: {exc.reason}", level=logging.WARNING) from None
 
     async def _serve(self) -> None:

@@ -36,6 +36,30 @@ class ProtocolViolation(MalformedPacket):
         self.code = code
 
 
+# What the codec refuses that MQTT 5.0 calls a Protocol Error (0x82, or the code given), not a malformed packet: a
+# property that may appear once appearing twice (2.2.2.2), a Receive Maximum or Maximum Packet Size of 0
+# (3.1.2.11.3, 3.1.2.11.4), a PUBLISH with neither topic nor alias, and a Topic Alias of 0 (3.3.2.3.4).
+_PROTOCOL_ERRORS = {
+    "Duplicate value for unique property": (mqtt5.DisconnectReasonCode.PROTOCOL_ERROR, None),
+    "Receive maximum must be != 0": (mqtt5.DisconnectReasonCode.PROTOCOL_ERROR, "Receive Maximum 0"),
+    "Maximum packet size must be != 0": (mqtt5.DisconnectReasonCode.PROTOCOL_ERROR, "Maximum Packet Size 0"),
+    "Topic alias must be set": (
+        mqtt5.DisconnectReasonCode.PROTOCOL_ERROR,
+        "a PUBLISH without a topic name or topic alias",
+    ),
+    "Topic alias must be != 0": (mqtt5.DisconnectReasonCode.TOPIC_ALIAS_INVALID, "topic alias 0"),
+}
+
+
+def _refusal(exc: Exception, what: str) -> MalformedPacket:
+    """The codec's error as the standard classes it: a ProtocolViolation with its reason code, or malformed."""
+    text = str(exc)
+    for start, (code, reason) in _PROTOCOL_ERRORS.items():
+        if text.startswith(start):
+            return ProtocolViolation(reason or text, code)
+    return MalformedPacket(f"{what}: {text}")
+
+
 @dataclass(slots=True)
 class Connect:
     """A CONNECT of either version, with MQTT 5's requests at their 3.1.1 meaning when absent."""
@@ -185,7 +209,7 @@ def decode_connect(version: int, frame: memoryview, header_len: int) -> Connect:
     try:
         connect, used = _read5(frame)
     except _CODEC_ERRORS as exc:
-        raise MalformedPacket(f"malformed MQTT 5 CONNECT: {exc}") from None
+        raise _refusal(exc, "malformed MQTT 5 CONNECT") from None
     if used != len(frame) or not isinstance(connect, mqtt5.ConnectPacket):
         raise MalformedPacket("malformed MQTT 5 CONNECT")
     will5 = None
@@ -196,8 +220,6 @@ def decode_connect(version: int, frame: memoryview, header_len: int) -> Connect:
         if len(w.user_properties) > USER_PROPERTIES_MAX:
             raise MalformedPacket(f"a will with more than {USER_PROPERTIES_MAX} user properties")
         will5 = Message(w.topic, w.payload or b"", int(w.qos), w.retain, _properties(w), 0.0)
-    if connect.receive_max == 0:
-        raise ProtocolViolation("Receive Maximum 0")  # a Protocol Error (MQTT 5.0 3.1.2.11.3)
     return Connect(
         MQTT_5,
         connect.client_id,
@@ -330,10 +352,7 @@ class Wire5:
         try:
             packet, used = _read5(frame)
         except _CODEC_ERRORS as exc:
-            if "Topic alias must be set" in str(exc):
-                # Well-formed, but neither a topic nor an alias: a Protocol Error (MQTT 5.0 3.3.2.3.4).
-                raise ProtocolViolation("a PUBLISH without a topic name or topic alias") from None
-            raise MalformedPacket(f"malformed packet: {exc}") from None
+            raise _refusal(exc, "malformed packet") from None
         if used != len(frame):
             raise MalformedPacket("packet shorter than its remaining length")
         match packet:
