@@ -178,9 +178,17 @@ async def test_shared_subscription_is_granted_as_the_filter_it_shares(make_box: 
 
 
 async def test_no_local_on_a_shared_subscription_is_a_protocol_error(port: int) -> None:
-    """Test that No Local on a shared subscription ends the connection with DISCONNECT 0x82 [MQTT-3.8.3-4]."""
-    async with wire_client(port) as (wire, _):
-        await wire.send(mqtt5.SubscribePacket(1, [plain("$share/g/robot/+/cmd", no_local=True)]))
+    """Test that No Local on a shared subscription ends the connection with DISCONNECT 0x82 [MQTT-3.8.3-4], and
+    that no other filter of the same SUBSCRIBE is applied: the session, resumed, gets nothing on it."""
+    session = {"client_id": "no-local-shared", "clean_start": False, "session_expiry_interval": 60}
+    async with wire_client(port, **session) as (wire, _):
+        await wire.send(mqtt5.SubscribePacket(1, [plain("part/a"), plain("$share/g/robot/+/cmd", no_local=True)]))
         disconnect = await wire.expect(mqtt5.DisconnectPacket)
         assert disconnect.reason_code == mqtt5.DisconnectReasonCode.PROTOCOL_ERROR
         assert await wire.closed()
+    async with wire_client(port, **session) as (wire, _), wire_client(port) as (publisher, _):
+        # Routed before its PUBACK: once that is back, a subscription would have had it.
+        await publisher.send(mqtt5.PublishPacket("part/a", b"not for it", qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=1))
+        await publisher.expect(mqtt5.PubAckPacket)
+        await wire.send(mqtt5.PingReqPacket())
+        assert isinstance(await wire.receive(), mqtt5.PingRespPacket)  # not the PUBLISH

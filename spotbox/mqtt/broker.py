@@ -342,6 +342,10 @@ class Broker:
         """SUBACK with a code per filter, then the retained messages of the new filters (Retain Handling)."""
         session = conn.session
         assert session is not None
+        # A Protocol Error in any filter ends the connection before any filter of the packet is applied.
+        for request in packet.requests:
+            if request.no_local and isinstance(parse_shared(request.filter), tuple):
+                raise Closed("No Local on a shared subscription", 0x82)  # [MQTT-3.8.3-4]
         codes: list[int] = []
         retained_for: list[Subscription] = []
         refused: list[str] = []
@@ -351,8 +355,6 @@ class Broker:
                 codes.append(0x8F)  # topic filter invalid
                 continue
             group, inner = shared if shared is not None else (None, request.filter)
-            if group is not None and request.no_local:
-                raise Closed("No Local on a shared subscription", 0x82)  # [MQTT-3.8.3-4]
             if not self.auth.may_subscribe(session.user, request.filter):
                 logger.warning("mqtt subscribe denied: user %r may not subscribe to %r", session.user, request.filter)
                 codes.append(0x87)
