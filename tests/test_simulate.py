@@ -82,24 +82,23 @@ async def test_fleet_stores_exactly_its_valid_statuses(box: Box) -> None:
         assert times == sorted(times)
 
 
-async def test_simulate_command_with_fleet_env_vars(box: Box) -> None:
-    """Test `spotbox simulate --count 20 --invalid-rate 0.3` as a user runs it, robots from ROBOT_COUNT."""
+async def simulate(port: int, count: int, invalid_rate: float, robots: int) -> tuple[bytes, bytes]:
+    """Run `spotbox simulate` as a user does (robots from ROBOT_COUNT) to the end; its stdout and stderr."""
     proc = await asyncio.create_subprocess_exec(
-        SPOTBOX,
-        "simulate",
-        "--count",
-        "20",
-        "--invalid-rate",
-        "0.3",
-        "--port",
-        str(box.mqtt_port),
-        env={**os.environ, "ROBOT_COUNT": "3", "PUBLISH_INTERVAL_SEC": "0.01", "JITTER_MAX_SEC": "0"},
+        *(SPOTBOX, "simulate", "--count", str(count), "--invalid-rate", str(invalid_rate), "--port", str(port)),
+        env={**os.environ, "ROBOT_COUNT": str(robots), "PUBLISH_INTERVAL_SEC": "0.01", "JITTER_MAX_SEC": "0"},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(30):
         out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
+    return out, err
+
+
+async def test_simulate_command_with_fleet_env_vars(box: Box) -> None:
+    """Test `spotbox simulate --count 20 --invalid-rate 0.3` as a user runs it, robots from ROBOT_COUNT."""
+    out, err = await simulate(box.mqtt_port, 20, 0.3, robots=3)
     assert b"sent 20 statuses" in out
     assert b"was refused" not in err
     rejected = box.pipeline.stats.rejected.total()
@@ -146,14 +145,6 @@ async def test_simulate_against_another_broker_warns(tmp_path: Path) -> None:
     Mosquitto holds 1883 and spotbox runs elsewhere) end with a warning naming the port, not silence."""
     with mosquitto_process(tmp_path) as broker:
         await broker.start()
-        proc = await asyncio.create_subprocess_exec(
-            *(SPOTBOX, "simulate", "--count", "4", "--invalid-rate", "1", "--port", str(broker.port)),
-            env={**os.environ, "ROBOT_COUNT": "2", "PUBLISH_INTERVAL_SEC": "0.01", "JITTER_MAX_SEC": "0"},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        async with asyncio.timeout(30):
-            out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
+        out, err = await simulate(broker.port, 4, 1, robots=2)
     assert b"sent 4 statuses (4 invalid, 0 failed)" in out
     assert f"warning: none of the 4 invalid statuses was refused: 127.0.0.1:{broker.port} is not".encode() in err
