@@ -63,6 +63,13 @@ async def shared_database() -> AsyncIterator[str]:
         yield url
 
 
+@pytest.fixture
+async def other_database() -> AsyncIterator[str]:
+    """A second schema of the same database, for a second deployment (dropped after the instances stop)."""
+    async with fresh_postgres_schema() as url:
+        yield url
+
+
 @contextlib.asynccontextmanager
 async def fresh_admin(url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection of the test's own to the shared database."""
@@ -514,3 +521,22 @@ async def test_statuses_and_rejections_committed_while_an_instance_takes_over_ar
 async def _count_is(box: Box, sql: str, expected: int) -> bool:
     ((count,),) = await box.storage.query(sql, [])
     return bool(count == expected)
+
+
+async def test_deployments_in_two_schemas_of_one_database_each_evaluate_their_alerts(
+    shared_database: str, other_database: str, make_box: BoxFactory, tmp_path: Path
+) -> None:
+    """Test that two deployments in two schemas of one database (search_path) each have an evaluator and each
+    open their robots' alerts: PostgreSQL's advisory locks are the whole database's, the evaluator's is keyed by
+    the schema too."""
+    first = await make_box(gateway(shared_database, tmp_path))
+    second = await make_box(gateway(other_database, tmp_path))
+    await until(lambda: shared(first).evaluator and shared(second).evaluator)
+    await post(first, "LOW-1", 0, battery_level=5)
+    await post(second, "LOW-2", 0, battery_level=5)
+
+    async def opened(box: Box, serial: str) -> bool:
+        return bool(await stored_alerts(box, serial))
+
+    await until(lambda: opened(first, "LOW-1"))
+    await until(lambda: opened(second, "LOW-2"))

@@ -10,8 +10,10 @@ Every instance commits statuses to one table, so every instance can know every r
   connection is seen only by the instance that held it: that instance records it (`presence_event`), and the
   others mark the robot offline unless a newer status came since (a robot that moved on does not flap).
 - **Alerts.** One instance evaluates the rules for all: the one holding the session advisory lock
-  `ALERT_EVALUATOR_LOCK` on a connection of its own. It evaluates the value rules on every instance's rows in
-  commit order (so "the robot's last status" is the same one whichever instance received it), the rejection rule
+  `ALERT_EVALUATOR_LOCK` on a connection of its own, keyed by its schema too (advisory locks are the whole
+  database's: deployments in two schemas of one database each have their evaluator). It evaluates the value
+  rules on every instance's rows in commit order (so "the robot's last status" is the same one whichever
+  instance received it), the rejection rule
   on every instance's rejections (read from the rejection table, written like alert changes under
   `OPS_ORDER_LOCK`), and the time rules (stale, offline, pending
   durations) on one timer. Its changes go to the database, and once committed to the webhook and upstream; the
@@ -212,7 +214,8 @@ class SharedOps:
         # rejections' read with it): statuses and rejections committed while it takes up the stored alerts below
         # are not evaluated as they come (that waits for the alerts), so they are read again from there.
         locked, rejection_id = await self._lock_conn.fetchrow(
-            "SELECT pg_try_advisory_lock($1), (SELECT coalesce(max(id), 0) FROM rejection)", ALERT_EVALUATOR_LOCK
+            "SELECT pg_try_advisory_lock($1, hashtext(current_schema())), (SELECT coalesce(max(id), 0) FROM rejection)",
+            ALERT_EVALUATOR_LOCK,
         )
         if not locked:
             return
