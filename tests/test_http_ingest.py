@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
+from spotbox.pipeline import OFF_LOOP_MIN
 from spotbox.settings import Settings
 from tests.cases import INVALID
 from tests.conftest import Box, BoxFactory
@@ -58,6 +59,19 @@ async def test_same_status_twice_is_a_duplicate(box: Box) -> None:
     assert first[1]["duplicate"] is False
     assert again[1] == {"id": None, "duplicate": True}
     assert len(await box.history("ROBOT-H2")) == 1
+
+
+@pytest.mark.sqlite_only
+async def test_a_large_status_is_checked_off_the_event_loop_with_the_same_verdicts(box: Box) -> None:
+    """Test that statuses past OFF_LOOP_MIN (validated on the validation thread) get the same answers: a valid one
+    stored, an invalid one 422 naming its field, both counted."""
+    extra = ["reading"] * (OFF_LOOP_MIN // 8)
+    valid = await post(box, "ROBOT-BIG", status(extra=extra))
+    invalid = await post(box, "ROBOT-BIG", status(extra=extra, battery_level=150))
+    assert valid[0] == 202
+    assert (invalid[0], invalid[1]["detail"]["field"]) == (422, "battery_level")
+    assert len(await box.history("ROBOT-BIG")) == 1
+    assert (box.pipeline.stats.received, box.pipeline.stats.rejected["battery_level"]) == (2, 1)
 
 
 @pytest.mark.sqlite_only

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,11 +11,10 @@ from pathlib import Path
 import pytest
 
 from spotbox import loadgen
-from spotbox.cli import collect_less
 from spotbox.keys import HUB
 from spotbox.settings import Settings
 from tests.conftest import Box, BoxFactory
-from tests.helpers import open_feed
+from tests.helpers import collector_as_spotbox_run, open_feed
 from tests.test_sse_load import open_stalled_feed
 
 # Statuses per ingest leg, and the robots publishing them (loadgen names them BENCH-0000, ...).
@@ -116,14 +114,10 @@ async def test_idle_streams_keep_ingest_above_90_percent(make_box: BoxFactory, t
         await make_box(Settings(http_port=0, mqtt_port=0, database_url=f"sqlite:///{tmp_path / db}", batch_wait_ms=1))
         for db in ("feeds.db", "plain.db")
     ]
-    # The collector as `spotbox run` sets it: with CPython's defaults, opening 300 feeds in this process (which also
-    # holds pytest's whole heap) set off full collections of that heap within a leg of 0.1 CPU s, and the ratio
-    # measured pytest (0.48 in one run), not spotbox.
-    thresholds = gc.get_threshold()
-    collect_less()
-    gc.freeze()
+    # With CPython's collector defaults, opening 300 feeds in this process set off full collections of pytest's
+    # whole heap within a leg of 0.1 CPU s, and the ratio measured pytest (0.48 in one run), not spotbox.
     legs: list[tuple[bool, float]] = []
-    try:
+    with collector_as_spotbox_run():
         await leg_cpu(without, 2000 * ROBOTS)  # the same first statuses as the other's
         async with idle_feeds(with_feeds):
             started = time.process_time()
@@ -133,9 +127,6 @@ async def test_idle_streams_keep_ingest_above_90_percent(make_box: BoxFactory, t
                 legs += [(feeds, await leg_cpu(with_feeds if feeds else without)) for feeds in ORDER]
                 if idle_ratio(legs) >= 0.9:
                     break
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*thresholds)
     assert idle_cpu < 0.05, f"{idle_cpu:.3f} CPU s in 1 s without statuses"
     assert idle_ratio(legs) >= 0.9, f"(idle feeds, CPU s) per leg: {legs}"
 

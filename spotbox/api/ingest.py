@@ -103,8 +103,8 @@ async def post_status(request: web.Request) -> web.Response:
         raise ForbiddenError("not authorized for this robot", {"topic": topic})
     raw = await _body(request, settings.max_payload)
     pipeline = request.app[PIPELINE]
-    # check() counts and logs the status exactly as it does one that came over MQTT.
-    verdict = pipeline.check(serial, raw)
+    # Counted and logged exactly as a status that came over MQTT (a large one validated off the event loop).
+    verdict = await pipeline.check_large(serial, raw)
     if isinstance(verdict, Rejection):
         # Operators watching spotbox/rejected/+ see every rejection, whatever the transport.
         await request.app[BROKER].report_rejection(topic, verdict, raw)

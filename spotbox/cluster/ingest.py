@@ -136,7 +136,7 @@ class ClusterIngest:
         # The delivery key: this instance's session and the cluster's packet id, as the embedded broker keys a
         # robot's session and packet id; stored with a status without a timestamp, it makes a DUP a duplicate.
         delivery = Delivery(self.client.client_id, packet_id, packet.duplicate)
-        verdict = self.pipeline.check(serial, payload, first, delivery=delivery)
+        verdict = await self.pipeline.check_large(serial, payload, first, delivery=delivery)
         if isinstance(verdict, Rejection):
             self._report(packet.topic, verdict, payload)
             return

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from spotbox.errors import StorageError
 from spotbox.mqtt.message import Message
 from spotbox.mqtt.wire import PUBACK, PUBREC, Publish
+from spotbox.pipeline import OFF_LOOP_MIN
 from spotbox.status import Delivery, payload_digest, status_topic_serial
 from spotbox.validation import Rejection, rejection_report
 
@@ -91,7 +92,10 @@ class PublishPath:
             # Kept with a status without a timestamp, so a resend after a restart is stored once.
             delivery = Delivery(session.client_id, publish.packet_id, publish.dup)
         first_received_at = self._first_received_at(conn, publish) if publish.dup else None
-        verdict = pipeline.check(serial, publish.payload, first_received_at, delivery=delivery)
+        if len(publish.payload) < OFF_LOOP_MIN:
+            verdict = pipeline.check(serial, publish.payload, first_received_at, delivery=delivery)
+        else:  # this connection waits, the others are served
+            verdict = await pipeline.check_large(serial, publish.payload, first_received_at, delivery=delivery)
         if isinstance(verdict, Rejection):
             self.report_rejection(topic, verdict, publish.payload)
             return Pending(publish, None, refusal=(PAYLOAD_FORMAT_INVALID, verdict.reason))
