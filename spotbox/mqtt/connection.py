@@ -140,7 +140,6 @@ class Connection:
         self._stuck_at = 0
         self.stopping = False
         self.ended = False
-        self.sealed = False  # True once the last packet is written (the socket half-closed), though not yet ended
         self.kicked_at: float | None = None  # when spotbox closed it (the clock cuts it if it does not go)
         self._window_free = asyncio.Event()
         self._buffer = bytearray()
@@ -167,7 +166,6 @@ class Connection:
                     # reach it before the reason; let it finish, unread, for a moment. Not after other errors: some
                     # clients wait forever on a half-closed connection where a reset ends them.
                     self._flush()
-                    self.sealed = True  # the DISCONNECT is the last packet: commits that land meanwhile send nothing
                     await self.stream.finish(LINGER_S)
         except (ConnectionError, OSError) as exc:
             logger.info("mqtt connection %s (%r) lost: %s", self.stream.peer, self.client_id, exc)
@@ -434,7 +432,7 @@ class Connection:
 
     def write(self, data: bytes) -> None:
         """Queue bytes; everything queued in this event-loop turn leaves in one write."""
-        if self.ended or self.sealed:
+        if self.ended:
             return
         self._out += data
         if self._flush_handle is None and not self._settling:
@@ -444,7 +442,7 @@ class Connection:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if self._out and not self.ended and not self.sealed:
+        if self._out and not self.ended:
             data = bytes(self._out)
             self._out.clear()
             self.stream.write(data)

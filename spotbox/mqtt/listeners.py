@@ -57,6 +57,7 @@ class TcpStream:
         self._writer = writer
         self._transport = writer.transport
         self._tls = tls
+        self._eof_written = False
         self.address, self.peer = _peer(writer.get_extra_info("peername"))
 
     async def handshake(self, timeout_s: float) -> bool:
@@ -87,8 +88,8 @@ class TcpStream:
         return await self._reader.read(65536)
 
     def write(self, data: bytes) -> None:
-        """Queue bytes for the client."""
-        if not self._transport.is_closing():
+        """Queue bytes for the client; nothing once the stream is half-closed (`finish`) or closing."""
+        if not self._eof_written and not self._transport.is_closing():
             self._transport.write(data)
 
     def buffered(self) -> int:
@@ -105,6 +106,9 @@ class TcpStream:
         transport = self._transport
         if transport.is_closing() or not transport.can_write_eof():
             return  # TLS has no half-close: the connection is simply closed after
+        # What the connection still writes (acknowledgements of commits landing now) goes nowhere: a write after
+        # write_eof() raises in the caller, a commit's callback.
+        self._eof_written = True
         transport.write_eof()
         with contextlib.suppress(TimeoutError, ConnectionError, OSError):
             async with asyncio.timeout(timeout_s):
