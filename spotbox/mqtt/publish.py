@@ -107,6 +107,7 @@ class PublishPath:
     def settle(self, conn: Connection, pending: Pending) -> None:
         """Steps 4 and 5 (route, acknowledge), once the commit (if any) is done."""
         publish = pending.publish
+        session = conn.session  # None once the client has left (the connection ended, or is being closed)
         if pending.commit is not None:
             try:
                 pending.commit.result()
@@ -117,7 +118,7 @@ class PublishPath:
             conn.serials.add(pending.serial or "")
             presence = self.broker.presence
             if presence is not None:
-                if conn.ended:
+                if session is None:
                     presence.committed_after_close(pending.serial or "")
                 else:
                     # The robot is online while this connection is up.
@@ -126,7 +127,6 @@ class PublishPath:
         if pending.message is not None:
             self.route(pending.message, conn.client_id)
         # 5. acknowledge, unless the client has left (it sends the status again on its next connection)
-        session = conn.session
         if publish.qos == 0 or session is None:
             return
         assert publish.packet_id is not None

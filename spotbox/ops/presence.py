@@ -157,9 +157,9 @@ class Presence:
                 self._went_offline(robot)
 
     def committed_after_close(self, serial: str) -> None:
-        """A status of `serial` was committed after the connection it came over had ended (a QoS 0 status, or a
-        client that closed before its PUBACK): offline as that connection is, unless a newer connection of the
-        robot's is up."""
+        """A status of `serial` was committed after the client it came from had left (a QoS 0 status, or a client
+        that closed before its PUBACK): offline as its connection is, unless the robot is bound to a connection
+        (that one's end decides, or a newer connection of the robot's is up)."""
         robot = self.robots.get(serial)
         if robot is not None and robot.connection is None:
             self._went_offline(robot)
