@@ -191,12 +191,3 @@ async def test_a_page_joined_out_of_order_is_built_from_rows(box: Box, monkeypat
 
     monkeypatch.setattr(sqlite_read, "history_text_sql", joined_in_reverse)
     assert await walk() == in_order
-
-
-def test_page_order_puts_a_whole_second_before_its_fractions() -> None:
-    """Test that the order check of a joined page reads the ts text as time: 10:00:00Z comes before
-    10:00:00.000001Z (as strings, 'Z' sorts after '.'), and the id breaks ties."""
-    whole, fraction = {"ts": "2026-11-22T10:00:00Z", "id": 2}, {"ts": "2026-11-22T10:00:00.000001Z", "id": 1}
-    assert sqlite_read.in_page_order([whole, fraction, {**fraction, "id": 3}])
-    assert not sqlite_read.in_page_order([fraction, whole])
-    assert not sqlite_read.in_page_order([{**whole, "id": 3}, whole])

@@ -23,12 +23,14 @@ from spotbox.storage.base import (
     HistoryQuery,
 )
 from spotbox.storage.lock import DatabaseLock
+from spotbox.storage.sqlite_library import without_memory_statistics
 from spotbox.storage.sqlite_read import API_SELECT, ReadPool, status_row
 from spotbox.storage.sqlite_write import WriterThread, transaction
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
 
 # Each entry migrates the schema from version N to N+1. Never edit a released step: append a new one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -135,6 +137,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "newer.state <> 'cleared' AND (newer.created_at, newer.id) > (alert.created_at, alert.id))",
         "CREATE UNIQUE INDEX alert_one_current ON alert (rule, serial_number) WHERE state <> 'cleared'",
     ),
+    # Issue 12's reads: each row's API JSON, written once by SQLite, kept in the history index (about 330 bytes a
+    # row), which replaces the one before it: besides the JSON it covers what downsampled history reads (pages of
+    # rows stored before this step read the table for the rest). `location_json` is the location object as orjson
+    # writes it (about 55 bytes a row in the table).
+    (
+        "ALTER TABLE status ADD COLUMN location_json TEXT",
+        f"ALTER TABLE status ADD COLUMN api_item TEXT GENERATED ALWAYS AS ({sqlite_read.API_ITEM}) VIRTUAL",
+        "CREATE INDEX status_robot_page ON status (serial_number, ts, id, battery_level, latitude, longitude, "
+        "height, api_item)",
+        "DROP INDEX status_robot_time_api",
+    ),
 )
 
 _SELECT = "SELECT id, " + ", ".join(COLUMNS) + " FROM status"
@@ -205,6 +218,7 @@ class SQLiteStorage:
         """Open the file (created if missing), switch to WAL and migrate."""
         if not self.path.parent.is_dir():
             raise StorageError(f"cannot open SQLite database {self.path}: folder {self.path.parent} does not exist")
+        without_memory_statistics()
         self._file_lock.acquire()
         writer = self._writer = WriterThread(self.path)
         try:

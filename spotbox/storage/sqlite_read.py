@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import sqlite3
 import threading
@@ -17,10 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
 from spotbox.errors import StorageUnavailableError
-from spotbox.status import API_COLUMN_COUNT, StatusRow, api_items_json, dumps, from_micros, parse_utc, to_micros
+from spotbox.status import API_COLUMN_COUNT, StatusRow, api_items_json, from_micros, parse_utc, to_micros
 from spotbox.storage.base import HistoryPage, HistoryQuery
 
 logger = logging.getLogger(__name__)
@@ -36,7 +33,8 @@ def _iso(column: str) -> str:
     """SQL for integer microseconds as the text orjson writes for a UTC datetime: seconds, `.ffffff` unless 0, Z.
 
     Floor division, so that times before 1970 come out right as well. datetime() and substr() cost less than
-    strftime() and printf() (about a third less for a page's 200 times).
+    strftime() and printf() (about a third less for a page's 200 times). Part of a released migration step (the
+    generated column API_ITEM): never change what it writes.
     """
     micros = f"(({column} % 1000000) + 1000000) % 1000000"
     return (
@@ -45,26 +43,24 @@ def _iso(column: str) -> str:
     )
 
 
+# A status's API object as JSON text, which SQLite computes when the row is written and keeps in the history
+# index only (a VIRTUAL generated column: not in the table). A history page is then these texts joined, read from
+# the index, instead of about 250 µs of SQLite's formatting a page. The location object is the `location_json`
+# text orjson wrote at insert (its floats exactly as orjson writes them, which SQLite's printf cannot promise);
+# rows stored before it existed have none, so no `api_item`, and their pages are built from rows. Part of a
+# released migration step: never edit.
+API_ITEM = (
+    "CASE WHEN location_json IS NOT NULL THEN printf('"
+    '{"id":%d,"serial_number":%s,"ts":"%s","received_at":"%s","battery_level":%d,"battery_status":%s,'
+    '"driving_status":%s,"current_drive_id":%s,"location":%s}'
+    f"', id, json_quote(serial_number), {_iso('ts')}, {_iso('received_at')}, battery_level, "
+    "json_quote(battery_status), json_quote(driving_status), json_quote(current_drive_id), location_json) END"
+)
+
 # StatusRow's columns with the two times already as text: the history page costs no Python per time.
 _API_TEXT = (
     f"SELECT id, serial_number, {_iso('ts')}, {_iso('received_at')}, battery_level, battery_status, driving_status, "
     "current_drive_id, latitude, longitude, height"
-)
-# A status as one JSON object, written by SQLite. Floats get 17 significant digits, which give the exact double
-# back (orjson then writes each the way the rest of spotbox does); SQLite 3.40's printf can miss the last digit
-# far from everyday magnitudes (seen from 1e139 up), so a page with a float outside 1e-30..1e30 is built from rows.
-_ITEM_FORMAT = (
-    '{"id":%d,"serial_number":%s,"ts":"%s","received_at":"%s","battery_level":%d,"battery_status":%s,'
-    '"driving_status":%s,"current_drive_id":%s,"location":{"latitude":%!.17g,"longitude":%!.17g,"height":%!.17g}}'
-)
-_ITEM_TEXT = (
-    f"printf('{_ITEM_FORMAT}', id, json_quote(serial_number), {_iso('ts')}, {_iso('received_at')}, battery_level, "
-    "json_quote(battery_status), json_quote(driving_status), json_quote(current_drive_id), latitude, longitude, height)"
-)
-_FLOAT_TEXT_MAX = 1e30
-_FLOATS_EXACT = " AND ".join(
-    f"(abs({column}) BETWEEN {1 / _FLOAT_TEXT_MAX!r} AND {_FLOAT_TEXT_MAX!r} OR {column} = 0)"
-    for column in ("latitude", "longitude", "height")
 )
 # StatusRow's columns, times as integers (turned into datetimes in Python).
 API_SELECT = (
@@ -169,51 +165,50 @@ def history_sql(query: HistoryQuery, include_payload: bool) -> tuple[str, list[A
 
 
 def history_text_sql(query: HistoryQuery) -> tuple[str, list[Any]]:
-    """The history page (one row more than the page) as one JSON array text, in one step of one statement.
+    """The history page as one JSON array text and what checks it, in one step of one statement.
 
-    One step: the thread holds the GIL once for the page instead of once per row, and builds no row objects.
-    The second column is 0 when a float is outside the range the text keeps exact.
+    Each row's JSON is the `api_item` SQLite wrote with the row, read from the history index. One step: the thread
+    holds the GIL once for the page instead of once per row, and builds no row objects. The subquery reads one row
+    more than the page (to tell whether another follows) and numbers the rows in (ts, id) order; the outer query
+    joins the page's items and their numbers, in the order it joins them: SQLite does not promise that
+    group_concat keeps the subquery's order (it does today; group_concat(... ORDER BY ...) needs SQLite 3.44, and
+    Python may link an older one: 3.40 on Debian bookworm), so the numbers, 1 to n when it did, show it. Columns:
+    the items, their numbers, the rows read, the rows without an `api_item`, and the last item's ts and id.
     """
     where, params = history_where(query)
-    rows = f"SELECT {_ITEM_TEXT} AS item, {_FLOATS_EXACT} AS exact FROM status WHERE {where} ORDER BY ts, id LIMIT ?"
-    return f"SELECT '[' || group_concat(item, ',') || ']', min(exact) FROM ({rows})", [*params, query.limit + 1]
+    page = query.limit
+    rows = (
+        f"SELECT api_item AS item, ts, id, row_number() OVER (ORDER BY ts, id) AS n FROM status WHERE {where} "
+        "ORDER BY ts, id LIMIT ?"
+    )
+    sql = (
+        f"SELECT group_concat(CASE WHEN n <= {page} THEN item END, ','), group_concat(n), count(*), "
+        f"count(*) - count(item), max(CASE WHEN n = {page} THEN ts END), max(CASE WHEN n = {page} THEN id END) "
+        f"FROM ({rows})"
+    )
+    return sql, [*params, page + 1]
 
 
 def history_page_text(
     conn: sqlite3.Connection, text_sql: str, text_params: Sequence[Any], sql: str, params: Sequence[Any], limit: int
 ) -> HistoryPage:
-    """Run `history_text_sql`; when its floats could not all be kept exact, or its items are not in (ts, id) order,
-    `history_page` (from rows) instead.
-
-    orjson parses the text and writes it again: the JSON is then byte for byte what `api_items_json` writes.
-    The subquery picks the right rows (ORDER BY with LIMIT), but SQLite does not promise that group_concat joins
-    them in the subquery's order (it does today; group_concat(... ORDER BY ...) needs SQLite 3.44, and the SQLite a
-    Python links depends on its build: 3.40 on Debian bookworm), so the order is checked, which costs one pass.
-    """
-    text, exact = conn.execute(text_sql, text_params).fetchone()
-    if text is None:
+    """Run `history_text_sql`; when a row has no `api_item`, or SQLite joined the items out of (ts, id) order,
+    `history_page` (from rows) instead. The text is byte for byte what `api_items_json` writes (test)."""
+    items, numbers, count, missing, last_ts, last_id = conn.execute(text_sql, text_params).fetchone()
+    if not count:
         return HistoryPage(b"[]", 0, None)
-    if not exact:
+    if missing or numbers != _numbers(count):
+        if not missing:
+            logger.debug("SQLite joined a history page out of (ts, id) order: built from rows instead")
         return history_page(conn, sql, params, limit, None)
-    items = orjson.loads(text)
-    if not in_page_order(items):
-        logger.debug("SQLite joined a history page out of (ts, id) order: built from rows instead")
-        return history_page(conn, sql, params, limit, None)
-    after = None
-    if len(items) > limit:
-        del items[limit:]
-        last = items[-1]
-        after = (parse_utc(last["ts"].removesuffix("Z")), last["id"])
-    return HistoryPage(dumps(items), len(items), after)
+    after = (from_micros(last_ts), last_id) if count > limit else None
+    return HistoryPage(f"[{items}]".encode(), min(count, limit), after)
 
 
-def in_page_order(items: list[Any]) -> bool:
-    """True when the items (as `history_text_sql` writes them) are in strictly increasing (ts, id) order.
-
-    The ts text has fixed-width seconds, then `.ffffff` only when the microseconds are not 0, then Z: without the
-    Z, a whole second sorts before the same second with a fraction, as a string."""
-    keys = [(item["ts"].removesuffix("Z"), item["id"]) for item in items]
-    return all(a < b for a, b in itertools.pairwise(keys))
+@functools.lru_cache(maxsize=64)
+def _numbers(count: int) -> str:
+    """1 to count as group_concat writes them."""
+    return ",".join(map(str, range(1, count + 1)))
 
 
 def history_page(

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from spotbox.errors import StorageUnavailableError
-from spotbox.status import StatusRecord, from_micros, to_micros
+from spotbox.status import StatusRecord, dumps, from_micros, to_micros
 from spotbox.storage import base
 from spotbox.storage.base import WRITE_COLUMNS, assign_ids
 
@@ -31,9 +31,12 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# What an INSERT writes: the columns of both backends, and the location object's JSON that the history index's
+# `api_item` uses (see sqlite_read.API_ITEM).
+_INSERT_COLUMNS = (*WRITE_COLUMNS, "location_json")
 # 32766 bound variables per statement since SQLite 3.32; stay well below.
-ROWS_PER_INSERT = 32000 // len(WRITE_COLUMNS)
-_ROW_MARKS = "(" + ", ".join("?" * len(WRITE_COLUMNS)) + ")"
+ROWS_PER_INSERT = 32000 // len(_INSERT_COLUMNS)
+_ROW_MARKS = "(" + ", ".join("?" * len(_INSERT_COLUMNS)) + ")"
 # The rows one INSERT added, read back by id when the dedup index skipped some of the batch.
 _READ_BACK = "SELECT id, serial_number, ts, payload_hash FROM status WHERE id > ?"
 
@@ -162,7 +165,7 @@ def _without_resent(conn: sqlite3.Connection, records: Sequence[StatusRecord]) -
 def _insert_sql(rows: int) -> str:
     """INSERT of `rows` rows that skips a status already stored (the dedup index)."""
     marks = ", ".join([_ROW_MARKS] * rows)
-    return f"INSERT INTO status ({', '.join(WRITE_COLUMNS)}) VALUES {marks} ON CONFLICT DO NOTHING"
+    return f"INSERT INTO status ({', '.join(_INSERT_COLUMNS)}) VALUES {marks} ON CONFLICT DO NOTHING"
 
 
 def _params(records: Sequence[StatusRecord]) -> list[Any]:
@@ -184,4 +187,14 @@ def _row_values(record: StatusRecord) -> tuple[Any, ...]:
         record.payload.decode(),
         record.payload_hash,
         record.delivery_key,
+        location_json(record.latitude, record.longitude, record.height),
     )
+
+
+def location_json(latitude: float, longitude: float, height: float) -> str:
+    """A status's location object as the API writes it (orjson's floats) from the row SQLite keeps.
+
+    SQLite stores -0.0 as 0 (a whole REAL is stored as an integer), so the row reads back 0.0: adding 0.0 turns
+    -0.0 into 0.0 and leaves every other float as it is.
+    """
+    return dumps({"latitude": latitude + 0.0, "longitude": longitude + 0.0, "height": height + 0.0}).decode()
