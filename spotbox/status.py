@@ -204,6 +204,12 @@ def dumps(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_UTC_Z)
 
 
+def location_json(latitude: float, longitude: float, height: float) -> str:
+    """A status's location object as the API writes it (orjson's floats): kept with each row, so that a history
+    page is the database joining stored texts (see the storage backends)."""
+    return orjson.dumps({"latitude": latitude, "longitude": longitude, "height": height}).decode()
+
+
 def dumps_kept(value: Any) -> bytes:
     """`dumps` for JSON held for long (a retained message, a queued webhook call): a copy of its own length.
 

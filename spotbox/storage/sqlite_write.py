@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from spotbox.errors import StorageUnavailableError
-from spotbox.status import StatusRecord, dumps, from_micros, to_micros
+from spotbox.status import StatusRecord, from_micros, location_json, to_micros
 from spotbox.storage import base
 from spotbox.storage.base import WRITE_COLUMNS, assign_ids
 
@@ -187,14 +187,7 @@ def _row_values(record: StatusRecord) -> tuple[Any, ...]:
         record.payload.decode(),
         record.payload_hash,
         record.delivery_key,
-        location_json(record.latitude, record.longitude, record.height),
+        # SQLite stores -0.0 as 0 (a whole REAL is kept as an integer) and reads back 0.0: adding 0.0 turns -0.0
+        # into 0.0 and leaves every other float as it is, so the JSON is what the row reads back as.
+        location_json(record.latitude + 0.0, record.longitude + 0.0, record.height + 0.0),
     )
-
-
-def location_json(latitude: float, longitude: float, height: float) -> str:
-    """A status's location object as the API writes it (orjson's floats) from the row SQLite keeps.
-
-    SQLite stores -0.0 as 0 (a whole REAL is stored as an integer), so the row reads back 0.0: adding 0.0 turns
-    -0.0 into 0.0 and leaves every other float as it is.
-    """
-    return dumps({"latitude": latitude + 0.0, "longitude": longitude + 0.0, "height": height + 0.0}).decode()
