@@ -195,8 +195,18 @@ async def test_latest_routes_keep_their_json(box: Box) -> None:
         "last_seen": ITEMS[2]["received_at"],
         "latest": expected_item(ids[1], 1),
     }
-    assert literal(await text(box, f"/robots/{SERIAL}")) == robot
-    assert literal(await text(box, "/robots")) == {"items": [robot]}
+    one, fleet = literal(await text(box, f"/robots/{SERIAL}")), literal(await text(box, "/robots"))
+    if backend(box) == "postgresql":
+        # Rows committed by any writer reach an instance through its row source (LISTEN/NOTIFY, as in a cluster),
+        # which may see these and mark the robot online before either request: its presence is timing, not JSON.
+        for shown in (one, fleet["items"][0]):
+            assert (shown.pop("presence"), shown.pop("presence_since") is None) in {
+                ("unknown", True),
+                ("online", False),
+            }
+        del robot["presence"], robot["presence_since"]
+    assert one == robot
+    assert fleet == {"items": [robot]}
 
 
 async def test_feed_data_keeps_its_json(box: Box) -> None:
