@@ -207,7 +207,8 @@ def dumps(value: Any) -> bytes:
 def location_json(latitude: float, longitude: float, height: float) -> str:
     """A status's location object as the API writes it (orjson's floats): kept with each row, so that a history
     page is the database joining stored texts (see the storage backends)."""
-    return orjson.dumps({"latitude": latitude, "longitude": longitude, "height": height}).decode()
+    # float(): a whole number given as an int is written 34.0, as the stored double reads back.
+    return orjson.dumps({"latitude": float(latitude), "longitude": float(longitude), "height": float(height)}).decode()
 
 
 def dumps_kept(value: Any) -> bytes:

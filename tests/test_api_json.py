@@ -277,6 +277,21 @@ async def test_history_page_text_is_the_rows_json(database_url: str) -> None:
     await _assert_pages_are_rows_json(database_url, records, start + timedelta(seconds=3), (1, 7, 100, 500))
 
 
+async def test_long_escaped_statuses_are_stored_and_paged(database_url: str) -> None:
+    """Test that a status whose texts escape to more than a PostgreSQL index entry holds (a schema of the user's own
+    may allow them) is still stored, and its page, formatted at read, is the JSON built from rows."""
+    ts = datetime(2026, 11, 22, 10, tzinfo=UTC)
+    odd = ('"\\\n\x01' * 300)[:1200]
+    records = []
+    for second, battery in enumerate((odd, "CHARGING", odd[::-1])):
+        raw = orjson.dumps({"n": second})
+        moment = ts + timedelta(seconds=second)
+        records.append(
+            StatusRecord(SERIAL, moment, moment, 50, battery, odd[::-1], None, 52.5, 13.4, 34, raw, payload_digest(raw))
+        )
+    await _assert_pages_are_rows_json(database_url, records, ts, (1, 2, 3))
+
+
 @pytest.mark.postgres
 async def test_postgres_page_text_needs_shortest_floats() -> None:
     """Test that with extra_float_digits below 1 (PostgreSQL's floats then lose digits) pages come from rows."""

@@ -204,10 +204,13 @@ _ITEM_TEXT = (
 # A status's API object after its id ("serial_number" up to the closing brace), written by the INSERT from the
 # typed values and the location object as orjson wrote it (its floats exactly orjson's, whatever their size).
 _API_REST = (
-    'format(\'"serial_number":"%s","ts":"%s","received_at":"%s","battery_level":%s,'
+    # A btree entry holds at most 2,704 bytes: a row whose texts could pass it (a schema of the user's own may
+    # allow long statuses, and to_json may write a character as six) has none, and its page is formatted at read.
+    "CASE WHEN octet_length(serial_number) + octet_length(battery_status) + octet_length(driving_status) <= 300 "
+    'THEN format(\'"serial_number":"%s","ts":"%s","received_at":"%s","battery_level":%s,'
     '"battery_status":%s,"driving_status":%s,"current_drive_id":%s,"location":%s}\', '
     f"serial_number, {_iso('ts')}, {_iso('received_at')}, battery_level, to_json(battery_status), "
-    "to_json(driving_status), coalesce('\"' || current_drive_id::text || '\"', 'null'), location)"
+    "to_json(driving_status), coalesce('\"' || current_drive_id::text || '\"', 'null'), location) END"
 )
 # The batch is one jsonb parameter, an array of rows in WRITE_COLUMNS order (see `_batch_json`): orjson writes it
 # in C, where 13 array parameters cost asyncpg an abstract-class check on every element (about 4 us a status of

@@ -33,6 +33,8 @@ def _library() -> ctypes.CDLL | None:
     try:
         library = ctypes.CDLL(_sqlite3.__file__)
         library.sqlite3_memory_used.restype = ctypes.c_int64
+        # The fixed argument declared: on some ABIs (Apple arm64) a variadic one is passed elsewhere.
+        library.sqlite3_config.argtypes = [ctypes.c_int]
         for name in ("sqlite3_shutdown", "sqlite3_config", "sqlite3_initialize"):
             getattr(library, name)
     except (OSError, AttributeError) as exc:
@@ -72,7 +74,7 @@ def without_memory_statistics() -> bool:
     initialized = library.sqlite3_initialize()
     if initialized != SQLITE_OK:
         raise sqlite3.OperationalError(f"SQLite did not initialize again (code {initialized})")
-    if configured != SQLITE_OK:
-        logger.debug("SQLite refused to turn its memory statistics off (code %d)", configured)
+    if configured != SQLITE_OK or statistics_on(library):
+        logger.debug("SQLite did not turn its memory statistics off (code %d)", configured)
         return False
     return True
