@@ -366,5 +366,7 @@ async def test_a_status_slow_to_check_does_not_hold_up_other_clients(
                 await pinger.expect(PINGRESP)
                 round_trips.append(time.perf_counter() - sent)
             assert await acknowledged == b"\x00\x01"
-    assert max(round_trips) < check_s / 3, (max(round_trips), check_s)
+    # Held for the whole check, the longest round trip was 0.83 of the check's time; not held, 0.1 to 0.38 (the
+    # parse, and other test processes sharing the cores): half tells them apart.
+    assert max(round_trips) < check_s / 2, (max(round_trips), check_s)
     assert len(await box.history("HEAVY")) == 1
