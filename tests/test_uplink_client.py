@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -116,3 +117,30 @@ async def test_a_refused_login_is_reported_and_retried(tmp_path: Path) -> None:
             assert client.state is not LinkState.UP
             assert "CONNECT refused" in client.last_error
             assert not client.connected
+
+
+async def test_a_connection_to_itself_is_dropped_and_the_port_freed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that when a reconnect reaches itself (TCP simultaneous open: the broker on this host is down and the
+    connect got the broker's port as its own), the link drops it at once and the broker can bind its port again."""
+    own = socket.socket()
+    own.bind(("127.0.0.1", 0))
+    port = own.getsockname()[1]
+    own.connect(("127.0.0.1", port))  # Linux lets a socket reach itself: the fault to inject
+    real_open = asyncio.open_connection
+
+    async def itself(*_args: object, **kwargs: object) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await real_open(sock=own, limit=kwargs.get("limit", 2**16))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncio, "open_connection", itself)
+    client = MqttClient(BrokerURL.parse(f"mqtt://127.0.0.1:{port}", "--forward"), "self", backoff_first_s=0.05)
+    async with running(client):
+        async with asyncio.timeout(5):
+            while client.last_error is None:
+                await client.wait_changed()
+        assert "connected to itself" in client.last_error
+        assert client.state is not LinkState.UP
+    assert own.fileno() == -1  # closed: the port is the broker's again
+    with socket.socket() as broker:
+        broker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as brokers bind (Mosquitto does)
+        broker.bind(("127.0.0.1", port))
+        broker.listen()

@@ -22,7 +22,9 @@ import contextlib
 import enum
 import logging
 import random
+import socket
 import ssl
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -334,6 +336,14 @@ class MqttClient:
             reader, writer = await asyncio.open_connection(
                 self.url.host, self.url.port, ssl=self.ssl_context, limit=_READ_CHUNK
             )
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.getsockname() == sock.getpeername():
+            # TCP's simultaneous open: with the broker down on this host and its port in the ephemeral range, a
+            # connect can get that very port as its own and reach itself; it would hold the port the broker needs.
+            # Closed with a reset (linger 0): a plain close leaves the port taken until its FIN exchange times out.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            raise ConnectionRefusedError(f"{self.url.host}:{self.url.port}: connected to itself (broker not listening)")
         buffer = bytearray()
         try:
             connack = await self._handshake(reader, writer, buffer)
