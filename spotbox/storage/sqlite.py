@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-
 # Each entry migrates the schema from version N to N+1. Never edit a released step: append a new one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
