@@ -6,7 +6,7 @@ import dataclasses
 import json
 import math
 import random
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -252,8 +252,9 @@ async def test_history_page_text_is_the_rows_json(database_url: str) -> None:
     """Test that the history page the database writes as text is byte for byte the JSON built from its rows.
 
     Floats of every kind (6 decimals, 17 digits, whole, tiny, huge), text that needs escapes, times with and
-    without microseconds around 1970 (some rows sharing one), a page size of 1 to 500 and the cursors between
-    pages. Pages with a float the database cannot write as orjson does come from rows: both kinds are here.
+    without microseconds around 1970 (some rows sharing one, some given in another zone), a page size of 1 to 500
+    and the cursors between pages. Pages with a float the database cannot write as orjson does come from rows:
+    both kinds are here.
     """
     rng = random.Random(12)
     start = datetime(1969, 12, 31, 23, 59, tzinfo=UTC)
@@ -262,6 +263,8 @@ async def test_history_page_text_is_the_rows_json(database_url: str) -> None:
         ts = start + timedelta(seconds=second, microseconds=rng.choice((0, 1, 250_000, 999_999)))
         if second % 7 == 1:  # rows of one time, in id order: a page may end between them
             ts = records[-1].ts
+        elif second % 11 == 3:  # an instant given in another zone is written as UTC
+            ts = ts.astimezone(timezone(timedelta(hours=-5)))
         lat, lon, height = (_float_mix(rng) if rng.random() < 0.3 else 52.5 + second * 1e-6 for _ in range(3))
         raw = orjson.dumps({"n": second})
         moving = second % 3 != 0

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 import yaml
@@ -29,8 +30,9 @@ from spotbox.cluster.ingest import ClusterIngest
 from spotbox.errors import ConfigError
 from spotbox.keys import CLUSTER, OPS
 from spotbox.settings import Settings
-from spotbox.status import StatusRecord, StoredStatus
+from spotbox.status import Delivery, StatusRecord, StoredStatus
 from spotbox.storage import Storage, open_storage
+from spotbox.storage.postgres import COMMIT_ORDER_LOCK
 from spotbox.validation import StatusValidator
 from tests.conftest import SPOTBOX, Box, BoxFactory, fresh_postgres_schema
 from tests.helpers import FeedReader, mqtt_client, nth_status, open_feed, payload, raw_publisher
@@ -362,7 +364,7 @@ async def test_postgres_restart_mid_load_both_instances_hold_acks_and_catch_up(
 
 
 class _HeldConnection:
-    """A pool connection whose transaction stops after its INSERT: ids drawn, not yet committed."""
+    """A pool connection whose transaction stops after its INSERT (its last fetch): ids drawn, not yet committed."""
 
     def __init__(self, conn: Any, inserted: asyncio.Event, release: asyncio.Event) -> None:
         self._conn = conn
@@ -374,22 +376,57 @@ class _HeldConnection:
 
     async def fetch(self, *args: Any) -> Any:
         rows = await self._conn.fetch(*args)
+        if not str(args[0]).lstrip().startswith("INSERT"):
+            return rows  # the lookup of the resends first
         self._inserted.set()
         await self._release.wait()
         return rows
 
 
+def checked(n: int) -> StatusRecord:
+    """The record of `nth_status(n)` of robot R1, validated now."""
+    verdict = StatusValidator(Settings().schema_path).check("R1", nth_status(n), datetime.now(UTC))
+    assert isinstance(verdict, StatusRecord)
+    return verdict
+
+
+def resend(record: StatusRecord, packet_id: int) -> StatusRecord:
+    """`record` as a resend (DUP) of an MQTT delivery, which storage looks up before inserting."""
+    record.delivery_key = Delivery("robot-1", packet_id, resend=True).key(record.payload_hash)
+    record.resend = True
+    return record
+
+
+async def test_a_batch_draws_its_ids_only_under_the_commit_order_lock(shared_database: str) -> None:
+    """Test that a batch written in one statement waits for the commit-order lock before drawing any id: while
+    another transaction holds the lock, the batch is not stored and the id sequence has not moved."""
+    holder = await asyncpg.connect(shared_database, timeout=10)
+    try:
+        async with opened(shared_database) as storage:
+            await storage.write_batch([checked(0)])
+            before = await holder.fetchval("SELECT last_value FROM status_id_seq")
+            holding = holder.transaction()
+            await holding.start()
+            await holder.execute("SELECT pg_advisory_xact_lock($1)", COMMIT_ORDER_LOCK)
+            writing = asyncio.create_task(storage.write_batch([checked(1)]))
+            done, _ = await asyncio.wait({writing}, timeout=0.5)
+            assert not done, "the batch committed while another transaction held the commit-order lock"
+            assert await holder.fetchval("SELECT last_value FROM status_id_seq") == before, (
+                "ids were drawn before the lock: a commit of another instance could land below them"
+            )
+            await holding.commit()
+            async with asyncio.timeout(10):
+                [row_id] = await writing
+            assert row_id == before + 1
+    finally:
+        await holder.close()
+
+
 async def test_row_ids_are_in_commit_order_across_writers(
     shared_database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Test that a second instance's batch waits for one in flight, so no row commits below an id already visible."""
-    validator = StatusValidator(Settings().schema_path)
-
-    def record(n: int) -> StatusRecord:
-        verdict = validator.check("R1", nth_status(n), datetime.now(UTC))
-        assert isinstance(verdict, StatusRecord)
-        return verdict
-
+    """Test that a second instance's batch waits for one in flight (a batch with a resend, written in a transaction
+    of several statements), so no row commits below an id already visible."""
     async with opened(shared_database) as a, opened(shared_database) as b:
         inserted, release = asyncio.Event(), asyncio.Event()
         acquire = a._acquire  # type: ignore[attr-defined]
@@ -400,10 +437,10 @@ async def test_row_ids_are_in_commit_order_across_writers(
                 yield _HeldConnection(conn, inserted, release)
 
         monkeypatch.setattr(a, "_acquire", held)
-        first = asyncio.create_task(a.write_batch([record(1)]))
+        first = asyncio.create_task(a.write_batch([resend(checked(1), 7)]))
         async with asyncio.timeout(10):
             await inserted.wait()
-        second = asyncio.create_task(b.write_batch([record(2)]))
+        second = asyncio.create_task(b.write_batch([checked(2)]))
         done, _ = await asyncio.wait({second}, timeout=0.5)
         assert not done, "B committed while A's ids were drawn and not committed: a reader could skip A's row"
         assert await b.rows_after(None, 0, 10) == []

@@ -3,7 +3,7 @@
 Several spotbox instances (cluster mode, or embedded-broker gateways sharing one PostgreSQL) commit statuses to one
 table. A feed served here must carry the rows every instance committed, in one order, so that `Last-Event-ID`
 resumes on any instance without a gap or a repeat. PostgreSQL storage draws row ids under a transaction-level
-advisory lock held until commit (`_COMMIT_ORDER_LOCK` in storage/postgres.py), so ids are in commit order: a read of
+advisory lock held until commit (`COMMIT_ORDER_LOCK` in storage/postgres.py), so ids are in commit order: a read of
 "rows after N" never passes a row still in flight. The RowSource is then the one path from the table to the hub:
 
 - It keeps `last_id`, the last row it handed to the hub, and reads `statuses_after(last_id)` page by page when

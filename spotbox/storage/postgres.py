@@ -6,14 +6,14 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import orjson
 
 from spotbox.errors import StorageConflictError, StorageError, StorageUnavailableError
-from spotbox.status import StatusRecord, StatusRow, StoredStatus, api_items_json, location_json, parse_utc
+from spotbox.status import StatusRecord, StatusRow, StoredStatus, api_items_json, dumps, location_json, parse_utc
 from spotbox.storage import base
 from spotbox.storage.base import (
     PAGE_PAYLOAD_BUDGET,
@@ -156,7 +156,7 @@ _MIGRATION_LOCK = 0x5B07B0C5
 # row ids are in commit order across every instance sharing the database: a reader that has seen row N has seen
 # every row below N, and a feed resuming after N skips nothing (an identity column alone hands out ids at insert
 # time, and a transaction with lower ids may commit later).
-_COMMIT_ORDER_LOCK = 0x5B07B0C6
+COMMIT_ORDER_LOCK = 0x5B07B0C6
 # The wake-up of every instance's live feeds (LISTEN/NOTIFY): a small payload naming the writer, sent on commit.
 STATUS_CHANNEL = "spotbox_status"
 _LOCK_AND_NOTIFY = f"SELECT pg_advisory_xact_lock($1), pg_notify('{STATUS_CHANNEL}', $2)"
@@ -202,34 +202,49 @@ _ITEM_TEXT = (
     f"{_float('latitude')}, {_float('longitude')}, {_float('height')})"
 )
 # A status's API object after its id ("serial_number" up to the closing brace), written by the INSERT from the
-# typed values and the location object as orjson wrote it (its floats exactly orjson's, whatever their size).
+# typed values, the times as `_batch_json` wrote them (orjson's, as a read writes them; to_char cost PostgreSQL
+# about 2 us a row) and the location object as orjson wrote it (its floats exactly orjson's, whatever their size).
 _API_REST = (
     # A btree entry holds at most 2,704 bytes: a row whose texts could pass it (a schema of the user's own may
     # allow long statuses, and to_json may write a character as six) has none, and its page is formatted at read.
     "CASE WHEN octet_length(serial_number) + octet_length(battery_status) + octet_length(driving_status) <= 300 "
     'THEN format(\'"serial_number":"%s","ts":"%s","received_at":"%s","battery_level":%s,'
     '"battery_status":%s,"driving_status":%s,"current_drive_id":%s,"location":%s}\', '
-    f"serial_number, {_iso('ts')}, {_iso('received_at')}, battery_level, to_json(battery_status), "
+    "serial_number, ts_text, received_at_text, battery_level, to_json(battery_status), "
     "to_json(driving_status), coalesce('\"' || current_drive_id::text || '\"', 'null'), location) END"
 )
 # The batch is one jsonb parameter, an array of rows in WRITE_COLUMNS order (see `_batch_json`): orjson writes it
 # in C, where 13 array parameters cost asyncpg an abstract-class check on every element (about 4 us a status of
 # the event loop's time, measured). Floats travel as their repr (exact, -0.0 included), times as RFC 3339 text
-# with microseconds, digests as hex, the payload as the JSON document it is, and last the location object as
-# orjson writes it (for `_API_REST`).
-_INSERT = f"""
+# as the API writes them (UTC, `Z`), digests as hex, the payload as the JSON document it is, and last the location
+# object as orjson writes it (for `_API_REST`).
+_INSERT_FROM = f"""
 INSERT INTO status ({", ".join(WRITE_COLUMNS)}, api_rest)
 SELECT {", ".join(WRITE_COLUMNS)}, {_API_REST} FROM (
     SELECT e->>0 AS serial_number, (e->>1)::timestamptz AS ts, (e->>2)::timestamptz AS received_at,
            (e->>3)::smallint AS battery_level, e->>4 AS battery_status, e->>5 AS driving_status,
            (e->>6)::uuid AS current_drive_id, (e->>7)::float8 AS latitude, (e->>8)::float8 AS longitude,
            (e->>9)::float8 AS height, e->10 AS payload, decode(e->>11, 'hex') AS payload_hash,
-           decode(e->>12, 'hex') AS delivery_key, e->>13 AS location
+           decode(e->>12, 'hex') AS delivery_key, e->>13 AS location, e->>1 AS ts_text, e->>2 AS received_at_text
     FROM jsonb_array_elements($1::jsonb) AS e
-) AS new
+) AS new"""
+_INSERT_END = """
 ON CONFLICT (serial_number, ts, payload_hash) DO NOTHING
 RETURNING id, serial_number, ts, payload_hash
 """
+# In a transaction that took the commit-order lock already.
+_INSERT = _INSERT_FROM + _INSERT_END
+# The usual batch in one statement, so one round trip (the four of BEGIN, the lock, the INSERT and COMMIT each
+# waited for the event loop's next turn, about 7 ms a batch under load): run alone, it is its own transaction,
+# acknowledged once committed. It takes the commit-order lock and queues the wake-up first: no row leaves a join
+# before both its sides have one, so the lock is held before the first row draws its id.
+_INSERT_ORDERED = (
+    "WITH ordered AS MATERIALIZED ("
+    f"SELECT pg_advisory_xact_lock($2) AS locked, pg_notify('{STATUS_CHANNEL}', $3) AS notified)"
+    + _INSERT_FROM
+    + " CROSS JOIN ordered"
+    + _INSERT_END
+)
 # Rows a history page with payloads reads from its cursor at a time (each payload up to --max-payload).
 _PAYLOAD_PREFETCH = 8
 _RESENT = "SELECT delivery_key, received_at FROM status WHERE delivery_key = ANY($1::bytea[]) AND received_at >= $2"
@@ -351,14 +366,11 @@ class PostgresStorage:
         """Insert the whole batch with one statement, in one transaction (resends already stored left out)."""
         resent = base.resent_keys(records)
         try:
-            async with self._acquire() as conn, conn.transaction():
-                # First: ids are drawn after every earlier insert of any instance committed (commit order).
-                await conn.execute(_LOCK_AND_NOTIFY, _COMMIT_ORDER_LOCK, self.writer_tag)
-                records_to_write: Sequence[StatusRecord] = records
-                if resent:
-                    stored = await conn.fetch(_RESENT, resent, base.resend_cutoff(records))
-                    records_to_write = base.without_resent(records, [(bytes(row[0]), row[1]) for row in stored])
-                rows = await conn.fetch(_INSERT, _batch_json(records_to_write)) if records_to_write else []
+            async with self._acquire() as conn:
+                if not resent:
+                    rows = await conn.fetch(_INSERT_ORDERED, _batch_json(records), COMMIT_ORDER_LOCK, self.writer_tag)
+                else:
+                    rows = await self._write_resent(conn, records, resent)
         except _UNAVAILABLE as exc:
             raise StorageUnavailableError(f"PostgreSQL write failed: {exc!r}") from exc
         except asyncpg.PostgresError as exc:
@@ -366,6 +378,18 @@ class PostgresStorage:
         # assign_ids, keyed by the datetime (asyncpg gives an aware UTC one) rather than its microseconds.
         returned = {(row[1], row[2], row[3]): row[0] for row in rows}
         return [returned.pop((record.serial_number, record.ts, record.payload_hash), None) for record in records]
+
+    async def _write_resent(
+        self, conn: Any, records: Sequence[StatusRecord], resent: list[bytes]
+    ) -> list[asyncpg.Record]:
+        """A batch with resends (DUP): those whose first delivery is stored already are left out, read under the
+        commit-order lock so that another instance's commit of them is seen."""
+        async with conn.transaction():
+            # First: ids are drawn after every earlier insert of any instance committed (commit order).
+            await conn.execute(_LOCK_AND_NOTIFY, COMMIT_ORDER_LOCK, self.writer_tag)
+            stored = await conn.fetch(_RESENT, resent, base.resend_cutoff(records))
+            records_to_write = base.without_resent(records, [(bytes(row[0]), row[1]) for row in stored])
+            return await conn.fetch(_INSERT, _batch_json(records_to_write)) if records_to_write else []
 
     async def history(self, query: HistoryQuery) -> list[StoredStatus]:
         """Rows of one robot in (ts, id) order, after the cursor, within the time range, payloads included."""
@@ -617,14 +641,14 @@ def _joined_page(items: list[str | None], page: int) -> HistoryPage | None:
 
 
 def _batch_json(records: Sequence[StatusRecord]) -> str:
-    """The rows of `_INSERT`'s parameter, as one JSON array."""
+    """The rows of `_INSERT`'s parameter, as one JSON array; times in UTC, written as the API writes them."""
     fragment = orjson.Fragment
-    return orjson.dumps(
+    return dumps(
         [
             (
                 record.serial_number,
-                record.ts,
-                record.received_at,
+                _utc(record.ts),
+                _utc(record.received_at),
                 record.battery_level,
                 record.battery_status,
                 record.driving_status,
@@ -640,3 +664,8 @@ def _batch_json(records: Sequence[StatusRecord]) -> str:
             for record in records
         ]
     ).decode()
+
+
+def _utc(moment: datetime) -> datetime:
+    """`moment` in UTC: records are (parse_utc, datetime.now(UTC)), this keeps `api_rest` right if one is not."""
+    return moment if moment.tzinfo is UTC else moment.astimezone(UTC)
