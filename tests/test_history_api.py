@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -11,7 +11,8 @@ from spotbox.status import StatusRecord
 from spotbox.storage import sqlite_read
 from spotbox.storage.base import HistoryQuery
 from tests.conftest import Box
-from tests.test_storage import T0, record, record_at
+from tests.helpers import payload
+from tests.test_storage import T0, VALIDATOR, record, record_at
 
 
 async def seed(box: Box, serial: str, minutes: list[int]) -> list[StatusRecord]:
@@ -191,3 +192,31 @@ async def test_a_page_joined_out_of_order_is_built_from_rows(box: Box, monkeypat
 
     monkeypatch.setattr(sqlite_read, "history_text_sql", joined_in_reverse)
     assert await walk() == in_order
+
+
+async def test_pages_walk_rows_at_the_first_and_last_representable_times(box: Box) -> None:
+    """Test that statuses stamped 0001-01-01T00:00:00Z (a clock that was never set: .NET's DateTime.MinValue) and
+    9999-12-31T23:59:59.999999Z page like any others, each once and in order, and that a time range at those
+    instants holds them (asyncpg sends those two datetimes as -infinity and infinity)."""
+    received = datetime.now(UTC)
+    written = []
+    for n, ts in enumerate([datetime.min.replace(tzinfo=UTC)] * 3 + [datetime.max.replace(tzinfo=UTC)] * 3):
+        verdict = VALIDATOR.check("R1", payload(timestamp=ts.isoformat(), firmware=f"fw-{n}"), received)
+        assert isinstance(verdict, StatusRecord)
+        written.append(verdict)
+    ids = await box.storage.write_batch(written)
+    for limit in (1, 2, 4):
+        seen: list[int] = []
+        params: dict[str, Any] = {"limit": limit}
+        for _ in range(8):
+            status, page = await get(box, "/robots/R1/history", **params)
+            assert status == 200
+            seen.extend(item["id"] for item in page["items"])
+            if page["next_cursor"] is None:
+                break
+            params["cursor"] = page["next_cursor"]
+        assert seen == ids, f"limit {limit}"
+    _, page = await get(box, "/robots/R1/history", start_time="9999-12-31T23:59:59.999999Z")
+    assert [item["id"] for item in page["items"]] == ids[3:]
+    _, page = await get(box, "/robots/R1/history", end_time="0001-01-01T00:00:00Z")
+    assert [item["id"] for item in page["items"]] == ids[:3]

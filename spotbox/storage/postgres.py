@@ -616,14 +616,17 @@ def _history_where(query: HistoryQuery) -> tuple[str, list[Any]]:
     clauses = ["serial_number = $1"]
     params: list[Any] = [query.serial_number]
     if query.start is not None:
-        params.append(query.start)
-        clauses.append(f"ts >= ${len(params)}")
+        params.append(query.start.isoformat())
+        clauses.append(f"ts >= ${len(params)}::text::timestamptz")
     if query.end is not None:
-        params.append(query.end)
-        clauses.append(f"ts <= ${len(params)}")
+        params.append(query.end.isoformat())
+        clauses.append(f"ts <= ${len(params)}::text::timestamptz")
     if query.after is not None:
-        params.extend(query.after)
-        clauses.append(f"(ts, id) > (${len(params) - 1}, ${len(params)})")
+        ts, row_id = query.after
+        params.extend((ts.isoformat(), row_id))
+        clauses.append(f"(ts, id) > (${len(params) - 1}::text::timestamptz, ${len(params)})")
+    # Times travel as text: asyncpg sends datetime.min and datetime.max as -infinity and infinity, and a cursor at
+    # 0001-01-01T00:00:00Z (a robot clock never set) then gave the same page for ever.
     return " AND ".join(clauses), params
 
 
