@@ -120,7 +120,8 @@ def _dropped(broker: Broker) -> Iterator[Metric]:
     dropped = CounterMetricFamily(
         "spotbox_mqtt_messages_dropped",
         "MQTT messages not delivered to a subscriber: session queue full (--max-queued), QoS 0 past the outbound "
-        "budget (--max-outbound-bytes), expired, or over the client's Maximum Packet Size.",
+        "budget (--max-outbound-bytes), expired, over the client's Maximum Packet Size, or failed (the delivery "
+        "raised, and was logged).",
         labels=["reason"],
     )
     counters = broker.counters
@@ -128,6 +129,7 @@ def _dropped(broker: Broker) -> Iterator[Metric]:
     dropped.add_metric(["max_outbound_bytes"], counters.dropped_max_outbound_bytes)
     dropped.add_metric(["expired"], counters.dropped_expired)
     dropped.add_metric(["too_large"], counters.dropped_too_large)
+    dropped.add_metric(["failed"], broker.router.counters.failed)
     yield dropped
     yield CounterMetricFamily(
         "spotbox_mqtt_connections_refused",

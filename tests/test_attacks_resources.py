@@ -351,7 +351,8 @@ async def test_a_publish_that_fails_to_encode_holds_no_bytes(sbox: Box, monkeypa
     """Test that a delivery whose PUBLISH fails to encode (a fault injected at the wire's encoder) holds none of the
     session's or the broker's byte budget and no packet id, whether it was routed straight to the subscriber or sent
     from its queue after an acknowledgement, and the messages after it still arrive: held bytes never released would
-    exhaust SESSION_HELD_MAX_BYTES and drop every later QoS 1/2 delivery as queue_full."""
+    exhaust SESSION_HELD_MAX_BYTES and drop every later QoS 1/2 delivery as queue_full. Each such drop, QoS 0 ones
+    included, is counted in /metrics."""
     encode = Wire5.publish
 
     def failing(self: Wire5, message: Message, *args: Any) -> bytes:
@@ -367,6 +368,7 @@ async def test_a_publish_that_fails_to_encode_holds_no_bytes(sbox: Box, monkeypa
             # wait in its queue for good-1's PUBACK.
             for body in (b"poison-1", b"good-1", b"poison-2", b"good-2"):
                 await publisher.publish("enc/t", body, 1)
+            await publisher.publish("enc/t", b"poison-0", 0)
         first = await subscriber.next()
         assert first.payload == b"good-1"
         await subscriber.ack(first)
@@ -377,3 +379,4 @@ async def test_a_publish_that_fails_to_encode_holds_no_bytes(sbox: Box, monkeypa
         session = sbox.broker.sessions.get("fragile")
         assert session is not None
         assert (session.held_bytes, sbox.broker.sessions.held_bytes, session.inflight) == (0, 0, {})
+    assert (await metric(sbox, DROPPED))[(("reason", "failed"),)] == 3

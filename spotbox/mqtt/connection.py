@@ -511,6 +511,7 @@ class Connection:
             sent = self._send(item.message, item.qos, item.retain, packet_id, False, item.subscription_ids)
         except Exception:
             self.broker.sessions.release(session, item.message)
+            self.broker.router.counters.failed += 1
             logger.exception("message on %r not delivered to %r", item.message.topic, self.client_id)
             return
         if sent:

@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 class RouterCounters:
     """Messages not delivered, by why, for /metrics."""
 
-    offline_qos0: int = 0
+    # The delivery raised (a PUBLISH the subscriber's encoder refused, say): dropped for that subscriber.
+    failed: int = 0
 
 
 class Router:
@@ -59,6 +60,7 @@ class Router:
                     copies += self._deliver(session, message, plain)
             except Exception as exc:
                 # One subscriber's failure is neither the publisher's nor the other subscribers'.
+                self.counters.failed += 1
                 logger.error("message on %r not delivered to %r: %r", message.topic, client_id, exc)
         return copies
 
