@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -10,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
 from spotbox.settings import Settings
 from tests.conftest import Box, BoxFactory, unavailable
@@ -160,3 +161,57 @@ async def test_fleet_table_starts_from_robots_and_stats(sqlite_box: Box, page: P
     await expect(page.locator("#fleet-note")).to_be_hidden()
     await expect(page.locator("#stat-received")).to_have_text("3", timeout=UI_TIMEOUT_MS)
     await expect(page.locator("#stat-rejected")).to_have_text("1")
+
+
+async def test_an_older_stats_snapshot_never_lands_last(sqlite_box: Box, page: Page) -> None:
+    """Test in chromium that overlapping /stats loads (the page's first, then the feed's open) apply in the order
+    asked: with the first one's answer (1 received) held back until a newer one could have landed (3 received),
+    the totals never step back and end at the newest counts."""
+    async with mqtt_client(sqlite_box.mqtt_port) as client:
+        await client.publish("robot/EARLY-1/status", payload(), qos=1)
+    first_fetched, release, published = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    answered: list[int] = []
+
+    async def stats(route: Route) -> None:
+        call = len(answered) + 1
+        answered.append(0)
+        if call == 1:
+            response = await route.fetch()  # the counts as they are now
+            first_fetched.set()
+            await release.wait()
+            await route.fulfill(response=response)
+        else:
+            await published.wait()
+            await route.continue_()
+        answered[call - 1] = 1
+
+    await page.route(re.compile(r"/stats$"), stats)
+    await page.goto(f"{sqlite_box.base_url}/")
+    # Every text the received total takes, in order.
+    await page.evaluate(
+        """() => {
+            window.receivedTexts = [];
+            const element = document.querySelector("#stat-received");
+            new MutationObserver(() => window.receivedTexts.push(element.textContent))
+                .observe(element, { childList: true, characterData: true, subtree: true });
+        }"""
+    )
+    async with asyncio.timeout(UI_TIMEOUT_MS / 1000):
+        await first_fetched.wait()
+    await expect(page.locator("#connection")).to_have_text("live", timeout=UI_TIMEOUT_MS)
+    async with mqtt_client(sqlite_box.mqtt_port) as client:
+        for _ in range(2):
+            await client.publish("robot/EARLY-2/status", payload(), qos=1)
+    published.set()
+    await expect(page.locator('#fleet-table tbody tr[data-serial="EARLY-2"]')).to_have_count(1, timeout=UI_TIMEOUT_MS)
+    # A load that overlapped the held one has had every chance to land meanwhile.
+    await asyncio.sleep(0.5)
+    release.set()
+    texts: list[str] = []
+    async with asyncio.timeout(UI_TIMEOUT_MS / 1000):
+        while not ({"1", "3"} <= set(texts) and len(answered) >= 2 and all(answered)):
+            await asyncio.sleep(0.05)
+            texts = await page.evaluate("window.receivedTexts")
+    counts = [int(text) for text in texts if text.isdigit()]
+    assert counts == sorted(counts), f"the received total stepped back: {texts}"
+    await expect(page.locator("#stat-received")).to_have_text("3")

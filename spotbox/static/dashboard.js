@@ -470,26 +470,33 @@
     }
   }
 
-  // One snapshot of the open alerts at a time: a second load begun while one was on its way (the page's first
-  // load, then the feed's "open") cleared the events the first one merged, and the first, older snapshot then
-  // overwrote an alert event that came in between (an alert shown pending after it had become active).
-  let alertsLoading = null;
-  let alertsAgain = false;
-
-  function loadAlerts() {
-    if (alertsLoading) {
-      alertsAgain = true;
-      return alertsLoading;
-    }
-    alertsLoading = (async () => {
-      do {
-        alertsAgain = false;
-        await loadAlertsOnce();
-      } while (alertsAgain);
-      alertsLoading = null;
-    })();
-    return alertsLoading;
+  // One load of a kind at a time, in the order asked: a call while one is on its way makes it run once more when it
+  // ends. Two overlapping loads could land out of order, the older snapshot last: the /stats totals stepped back,
+  // and a second alerts load cleared the events the first one merged, whose older snapshot then overwrote an alert
+  // event that came in between (an alert shown pending after it had become active).
+  function oneAtATime(load) {
+    let running = null;
+    let again = false;
+    return () => {
+      if (running) {
+        again = true;
+        return running;
+      }
+      running = (async () => {
+        try {
+          do {
+            again = false;
+            await load();
+          } while (again);
+        } finally {
+          running = null;
+        }
+      })();
+      return running;
+    };
   }
+
+  const loadAlerts = oneAtATime(loadAlertsOnce);
 
   async function loadAlertsOnce() {
     alertEvents.clear(); // from now on, what the feed brings is newer than or as new as the snapshot
@@ -522,7 +529,9 @@
 
   // ---- loading and live updates -----------------------------------------------------------------------------
 
-  async function loadRobots() {
+  const loadRobots = oneAtATime(loadRobotsOnce);
+
+  async function loadRobotsOnce() {
     try {
       const body = await getJSON("robots");
       anyRegistered = body.items.some((item) => item.registered);
@@ -548,7 +557,9 @@
     }
   }
 
-  async function loadStats() {
+  const loadStats = oneAtATime(loadStatsOnce);
+
+  async function loadStatsOnce() {
     try {
       const body = await getJSON("stats");
       totals.received = body.received;
@@ -597,7 +608,9 @@
     empty.hidden = items.length > 0;
   }
 
-  async function loadRejections() {
+  const loadRejections = oneAtATime(loadRejectionsOnce);
+
+  async function loadRejectionsOnce() {
     try {
       const body = await getJSON(`rejections?limit=${SHOWN_REJECTIONS}`);
       showRejections($("#rejections"), $("#rejections-empty"), body.items, true);
@@ -657,7 +670,9 @@
   let opened = false;
 
   // Store and forward (--forward): each upstream target's link and lag, shown only when spotbox forwards.
-  async function loadForward() {
+  const loadForward = oneAtATime(loadForwardOnce);
+
+  async function loadForwardOnce() {
     const element = document.getElementById("uplink");
     try {
       const { targets } = await getJSON("forward");
