@@ -12,10 +12,12 @@ from functools import partial
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from spotbox import metrics
 from spotbox.api import alerts, auth, dashboard, docs, feeds, fleet, forward, health, ingest, rejections, robots, stats
 from spotbox.api.errors import error_middleware
+from spotbox.api.proxies import parse_networks, proxy_middleware
 from spotbox.cluster.client import BrokerURL
 from spotbox.cluster.contexts import cluster_ctx, row_source_ctx, shared_stats_ctx
 from spotbox.cluster.forward import ForwardConfig, Forwarder, keep_after_id
@@ -264,7 +266,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> web.Applic
     """Build the spotbox application (reading the files the settings name unless given); nothing starts yet."""
     # --max-payload bounds an HTTP status body as it bounds an MQTT payload.
     # The error shape wraps everything, the login check included.
-    middlewares = [error_middleware, auth.read_auth_middleware]
+    middlewares: list[Middleware] = [error_middleware, auth.read_auth_middleware]
+    if settings.trusted_proxies:
+        # First: every handler and the login check see the client's address.
+        middlewares.insert(0, proxy_middleware(parse_networks(settings.trusted_proxies)))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_payload)
     app[SETTINGS] = settings
     app[RUNTIME] = runtime if runtime is not None else load_runtime(settings)

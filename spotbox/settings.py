@@ -88,6 +88,16 @@ def _check_forward_urls(urls: tuple[str, ...]) -> str | None:
     return "the same target is given twice" if len(set(urls)) != len(urls) else None
 
 
+def _check_networks(values: tuple[str, ...]) -> str | None:
+    """What is wrong with the --trusted-proxies values, or None."""
+    for value in values:
+        try:
+            ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            return f"{value!r} is not an IP address or network (such as 10.0.0.5 or 10.0.0.0/8)"
+    return None
+
+
 def _check_broker_url(url: str) -> str | None:
     """What is wrong with --broker, or None."""
     try:
@@ -235,6 +245,15 @@ class Settings:
         "With --users, leave the read routes (history, feeds, console) open: only behind an authenticating proxy "
         "or on a trusted network.",
         group=SECURITY,
+    )
+    trusted_proxies: tuple[str, ...] = option(
+        (),
+        "Address or network (CIDR) of a reverse proxy in front of the HTTP port; repeat the option for several (the "
+        "variable takes them space-separated). A request from one counts as from the address its X-Forwarded-For "
+        "names: login penalties, the loopback-only anonymous mode, logs.",
+        group=SECURITY,
+        check=_check_networks,
+        default_text="none: the TCP peer",
     )
     tls_cert: Path | None = option(
         None,

@@ -250,7 +250,9 @@ class WsRawClient:
 
 
 @asynccontextmanager
-async def ws_raw_client(http: aiohttp.ClientSession, base_url: str) -> AsyncIterator[WsRawClient]:
-    """A raw MQTT-over-WebSocket connection to `/mqtt` (subprotocol "mqtt")."""
-    async with http.ws_connect(f"{base_url}/mqtt", protocols=["mqtt"]) as ws:
+async def ws_raw_client(
+    http: aiohttp.ClientSession, base_url: str, headers: dict[str, str] | None = None
+) -> AsyncIterator[WsRawClient]:
+    """A raw MQTT-over-WebSocket connection to `/mqtt` (subprotocol "mqtt"), the upgrade request with `headers`."""
+    async with http.ws_connect(f"{base_url}/mqtt", protocols=["mqtt"], headers=headers) as ws:
         yield WsRawClient(ws)

@@ -58,6 +58,7 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"tls_key": Path("/no/such/key.pem")}, "--tls-cert"),
     ({"forward": ("http://cloud.example",)}, "--forward"),
     ({"forward": ("mqtt://a", "mqtt://a")}, "--forward"),
+    ({"trusted_proxies": ("10.0.0.1", "proxy.local")}, "--trusted-proxies"),
     ({"forward_prefix": "cloud/+/"}, "--forward-prefix"),
     ({"gateway_id": "gw/1"}, "--gateway-id"),
     ({"forward_rate": 0}, "--forward-rate"),

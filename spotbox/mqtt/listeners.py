@@ -138,6 +138,9 @@ class WebSocketStream:
         self._closing = False
         self._transport = request.transport
         self.address, self.peer = _peer(request.transport.get_extra_info("peername") if request.transport else None)
+        if request.remote and request.remote != self.address:
+            # Through a trusted proxy (spotbox/api/proxies.py): logins count against the client's address.
+            self.address, self.peer = request.remote, f"{request.remote} via {self.peer}"
 
     async def read(self) -> bytes:
         """The bytes of the next binary message; b"" when the WebSocket ends (a text frame ends it too)."""
