@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
-from spotbox.status import from_micros, parse_utc, to_micros
+from spotbox.status import StatusRecord, from_micros, parse_utc, to_micros
 from tests.conftest import Box
+from tests.helpers import payload
 from tests.test_history_api import get
-from tests.test_storage import record_at
+from tests.test_storage import VALIDATOR, record_at
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 INTERVALS = {"1m": 60, "90s": 90, "7m": 420, "1h": 3600}
@@ -94,6 +95,32 @@ async def test_buckets_before_1970_are_floored(box: Box) -> None:
         {"bucket": "1969-12-31T23:59:00Z", "count": 1, "battery_level": 2},
         {"bucket": "1970-01-01T00:00:00Z", "count": 2, "battery_level": 4},
     ]
+
+
+async def test_buckets_at_the_first_and_last_representable_times(box: Box) -> None:
+    """Test that statuses stamped 0001-01-01T00:00:00Z (a clock never set) and 9999-12-31T23:59:59.999999Z are
+    bucketed like any others, with the range left to the robot's own or given at those instants (asyncpg sends
+    those two datetimes as -infinity and infinity)."""
+    received = datetime.now(UTC)
+    first, last = datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
+    records = []
+    for serial, ts in (("EARLY", first), ("EARLY", first), ("LATE", last)):
+        verdict = VALIDATOR.check(serial, payload(timestamp=ts.isoformat(), firmware=str(len(records))), received)
+        assert isinstance(verdict, StatusRecord)
+        records.append(verdict)
+    await box.storage.write_batch(records)
+    early = {"bucket": "0001-01-01T00:00:00Z", "count": 2, "battery_level": 80.0}
+    late = {"bucket": "9999-12-31T23:00:00Z", "count": 1, "battery_level": 80.0}
+    for params, items in (
+        ({}, [early]),
+        ({"end_time": "0001-01-01T00:00:00Z"}, [early]),
+        ({"start_time": "0001-01-01T00:00:00Z", "end_time": "0001-01-01T00:59:59Z"}, [early]),
+    ):
+        _, body = await get(box, "/robots/EARLY/history", interval="1h", **params)
+        assert body["items"] == items, params
+    for params in ({}, {"start_time": "9999-12-31T23:59:59.999999Z"}):
+        _, body = await get(box, "/robots/LATE/history", interval="1h", **params)
+        assert body["items"] == [late], params
 
 
 async def test_bucket_limit_is_5000(box: Box) -> None:

@@ -39,7 +39,14 @@ def folder(path: Path) -> Path:
         ("10.1.2.3", ["198.51.100.1, 10.9.9.9"], "198.51.100.1"),  # two proxies in a row
         ("10.1.2.3", ["10.7.7.7, 10.9.9.9"], "10.7.7.7"),  # proxies all the way: the first of them
         ("10.1.2.3", ["198.51.100.1, not-an-address"], "10.1.2.3"),  # garbage ends the walk at the proxy
-        ("10.1.2.3", ["6.6.6.6, ::ffff:198.51.100.1"], "::ffff:198.51.100.1"),
+        ("10.1.2.3", ["6.6.6.6, ::ffff:198.51.100.1"], "198.51.100.1"),  # written plainly
+        ("10.1.2.3", ["198.51.100.1:5555"], "198.51.100.1"),  # proxies that append the client's port
+        ("10.1.2.3", ["[2001:db8::1]:443"], "2001:db8::1"),
+        ("10.1.2.3", ["fe80::1%eth0"], "fe80::1"),  # no zone text reaches the logs
+        # Loopback named by a proxy on another host is that host's: the client is not on this machine.
+        ("10.1.2.3", ["127.0.0.1"], "10.1.2.3"),
+        ("10.1.2.3", ["203.0.113.9, 127.0.0.1"], "10.1.2.3"),
+        ("127.0.0.1", ["127.0.0.1"], "127.0.0.1"),
         ("fd00::1", ["2001:db8::7"], "2001:db8::7"),
         ("::ffff:127.0.0.1", [" 2001:db8::7 "], "2001:db8::7"),  # an IPv4-mapped proxy address is that proxy
     ],
@@ -48,6 +55,12 @@ def test_the_client_address_is_read_past_trusted_proxies_only(peer: str, headers
     """Test the walk of X-Forwarded-For from the right past trusted proxies, and nothing an untrusted peer says."""
     assert client_address(peer, headers, PROXIES) == expected
     assert client_address(peer, headers, ()) == peer
+
+
+def test_a_proxy_given_as_an_ipv4_mapped_address_is_that_ipv4_proxy() -> None:
+    """Test that `--trusted-proxies ::ffff:10.0.0.5` (the form dual-stack logs show) trusts the peer 10.0.0.5."""
+    assert client_address("10.0.0.5", ["198.51.100.1"], parse_networks(["::ffff:10.0.0.5"])) == "198.51.100.1"
+    assert client_address("10.0.0.6", ["198.51.100.1"], parse_networks(["::ffff:10.0.0.4/127"])) == "10.0.0.6"
 
 
 def test_a_trusted_proxy_that_is_no_address_is_refused_at_start(tmp_path: Path) -> None:

@@ -23,13 +23,34 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
-    """Each `--trusted-proxies` value as a network (an address alone is a network of one); raises ValueError."""
-    return tuple(ipaddress.ip_network(value.strip(), strict=False) for value in values)
+    """Each `--trusted-proxies` value as a network (an address alone is a network of one); raises ValueError.
+
+    An IPv4-mapped IPv6 value (`::ffff:10.0.0.5`, as dual-stack logs show addresses) is its IPv4 network: peers are
+    compared as IPv4.
+    """
+    networks: list[Network] = []
+    for value in values:
+        network = ipaddress.ip_network(value.strip(), strict=False)
+        mapped = network.network_address.ipv4_mapped if isinstance(network, ipaddress.IPv6Network) else None
+        if mapped is not None and network.prefixlen >= 96:
+            network = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+        networks.append(network)
+    return tuple(networks)
 
 
-def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _address(text: str) -> Address | None:
+    """An X-Forwarded-For entry or a peer as an address, without a port (`1.2.3.4:80`, `[2001:db8::1]:443`) or an
+    IPv6 zone, an IPv4-mapped one as IPv4; None when it is none."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1 : text.find("]")] if "]" in text else ""
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
     try:
-        ip = ipaddress.ip_address(text.strip())
+        ip = ipaddress.ip_address(text.partition("%")[0])
     except ValueError:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -39,22 +60,26 @@ def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 def client_address(peer: str | None, forwarded_for: Sequence[str], trusted: tuple[Network, ...]) -> str | None:
     """The client's address: `peer` unless it is a trusted proxy, then what the proxies' X-Forwarded-For headers
-    (`forwarded_for`, in the order received) name, read from the right past every trusted proxy.
+    (`forwarded_for`, in the order received) name, read from the right past every trusted proxy, as plain text.
 
-    An entry that is not an IP address ends the walk at the proxy that passed it: it is not believed.
+    An entry that is not an IP address ends the walk at the proxy that passed it: it is not believed. So does a
+    loopback address named by a proxy that is not on this machine: that client is on the proxy's host, not here
+    (the loopback-only anonymous mode must not take it for local).
     """
     if peer is None or not trusted:
         return peer
-    current = peer
+    current = _address(peer)
+    if current is None:
+        return peer
     hops = [hop for header in forwarded_for for hop in header.split(",")]
     for hop in reversed(hops):
-        ip = _address(current)
-        if ip is None or not any(ip in network for network in trusted):
-            return current
-        if _address(hop) is None:
-            return current
-        current = hop.strip()
-    return current
+        if not any(current in network for network in trusted):
+            break
+        named = _address(hop)
+        if named is None or (named.is_loopback and not current.is_loopback):
+            break
+        current = named
+    return str(current)
 
 
 def proxy_middleware(trusted: tuple[Network, ...]) -> Middleware:

@@ -252,12 +252,13 @@ _LEVEL_AGGREGATES = {
 }
 
 
-def downsample_sql(agg: Aggregate, mark: str, bucket: str) -> str:
-    """The downsampling query: parameters 1 serial, 2 start, 3 end; `bucket` is the backend's bucket start of ts.
+def downsample_sql(agg: Aggregate, mark: str, bucket: str, time_cast: str = "") -> str:
+    """The downsampling query: parameters 1 serial, 2 start, 3 end (each followed by `time_cast`); `bucket` is the
+    backend's bucket start of ts.
 
     Columns: bucket start, row count, battery level aggregate, then latitude, longitude, height (`last` only).
     """
-    where = f"serial_number = {mark}1 AND ts >= {mark}2 AND ts <= {mark}3"
+    where = f"serial_number = {mark}1 AND ts >= {mark}2{time_cast} AND ts <= {mark}3{time_cast}"
     if agg != "last":
         return (
             f"SELECT {bucket} AS bucket, count(*), {_LEVEL_AGGREGATES[agg]}, NULL, NULL, NULL "

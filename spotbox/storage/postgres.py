@@ -506,8 +506,8 @@ class PostgresStorage:
 
     async def downsample(self, query: DownsampleQuery) -> list[Bucket]:
         """Buckets computed by PostgreSQL with date_bin."""
-        params = (query.serial_number, query.start, query.end, query.interval)
-        rows = await self._fetch(base.downsample_sql(query.agg, "$", _BUCKET), params)
+        params = (query.serial_number, query.start.isoformat(), query.end.isoformat(), query.interval)
+        rows = await self._fetch(base.downsample_sql(query.agg, "$", _BUCKET, _TIME_TEXT), params)
         return [base.bucket_of(row[0], row) for row in rows]
 
     async def delete_before(self, cutoff: datetime, limit: int, *, keep_after_id: int | None = None) -> int:
@@ -611,22 +611,26 @@ class PostgresStorage:
                 pool.terminate()
 
 
+# A time a user gave (a range, a cursor) travels as text cast here: asyncpg sends datetime.min and datetime.max as
+# -infinity and infinity, and a cursor at 0001-01-01T00:00:00Z (a robot clock never set) gave the same page for
+# ever, a range ending there nothing.
+_TIME_TEXT = "::text::timestamptz"
+
+
 def _history_where(query: HistoryQuery) -> tuple[str, list[Any]]:
     """The WHERE clause of one robot's rows in the query's range after its cursor, and its parameters."""
     clauses = ["serial_number = $1"]
     params: list[Any] = [query.serial_number]
     if query.start is not None:
         params.append(query.start.isoformat())
-        clauses.append(f"ts >= ${len(params)}::text::timestamptz")
+        clauses.append(f"ts >= ${len(params)}{_TIME_TEXT}")
     if query.end is not None:
         params.append(query.end.isoformat())
-        clauses.append(f"ts <= ${len(params)}::text::timestamptz")
+        clauses.append(f"ts <= ${len(params)}{_TIME_TEXT}")
     if query.after is not None:
         ts, row_id = query.after
         params.extend((ts.isoformat(), row_id))
-        clauses.append(f"(ts, id) > (${len(params) - 1}::text::timestamptz, ${len(params)})")
-    # Times travel as text: asyncpg sends datetime.min and datetime.max as -infinity and infinity, and a cursor at
-    # 0001-01-01T00:00:00Z (a robot clock never set) then gave the same page for ever.
+        clauses.append(f"(ts, id) > (${len(params) - 1}{_TIME_TEXT}, ${len(params)})")
     return " AND ".join(clauses), params
 
 
