@@ -103,7 +103,7 @@ async def test_buckets_at_the_first_and_last_representable_times(box: Box) -> No
     those two datetimes as -infinity and infinity)."""
     received = datetime.now(UTC)
     first, last = datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
-    records = []
+    records: list[StatusRecord] = []
     for serial, ts in (("EARLY", first), ("EARLY", first), ("LATE", last)):
         verdict = VALIDATOR.check(serial, payload(timestamp=ts.isoformat(), firmware=str(len(records))), received)
         assert isinstance(verdict, StatusRecord)
