@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, deque
@@ -81,8 +82,10 @@ class IngestPipeline:
         self._queue: deque[_Item | None] = deque()
         self._queue_size = queue_size
         self._first_queued_at = 0.0  # when the queue last went from empty to not empty (time.monotonic)
-        # Set when something is queued; the writer clears it before it waits.
+        # Set when the queue goes from empty to not empty; the writer clears it before it waits for a first status.
         self._arrived = asyncio.Event()
+        # Set when the queue holds a full batch (or the stop sentinel): ends the writer's wait for a batch to fill.
+        self._filled = asyncio.Event()
         # Set whenever the writer has taken from the queue; readers of publishing sockets wait on it when full.
         self._room = asyncio.Event()
         self._room.set()
@@ -181,10 +184,13 @@ class IngestPipeline:
         self._append(item)
 
     def _append(self, item: _Item | None) -> None:
-        if not self._queue:
+        queue = self._queue
+        if not queue:
             self._first_queued_at = time.monotonic()
-        self._queue.append(item)
-        self._arrived.set()
+            self._arrived.set()
+        queue.append(item)
+        if item is None or len(queue) >= self._batch_max:
+            self._filled.set()
 
     @property
     def full(self) -> bool:
@@ -220,40 +226,34 @@ class IngestPipeline:
         await self._put(None)
 
     async def _next_batch(self) -> list[_Item]:
-        """Wait for a first status, then take all that is queued, and wait for more until `batch_wait_s` after the
-        first of them was queued (or until `batch_max`).
+        """Wait for a first status, then until `batch_wait_s` after it was queued (or until `batch_max` are queued);
+        take up to `batch_max`.
 
         Statuses that queued up while the last batch was being committed have waited that long already: they are
         committed at once. Waiting on until some time after the previous commit would hold a publisher's whole
         window of statuses, which then waits for its acknowledgements to send more, for nothing.
+
+        The writer wakes once a batch, not once a status: at 10,000 robots each status arrives alone, and a wake-up
+        with a new timeout for each (as before) cost the event loop a task step, a future and a timer a status.
         """
-        batch: list[_Item] = []
         queue = self._queue
-        deadline = 0.0
-        while len(batch) < self._batch_max and not self._stopping:
-            if not queue:
-                self._arrived.clear()
-                if not batch:
-                    await self._arrived.wait()
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(remaining):
-                        await self._arrived.wait()
-                except TimeoutError:
-                    break
-                continue
-            if not batch:
-                deadline = self._first_queued_at + self._batch_wait_s
-            for _ in range(min(len(queue), self._batch_max - len(batch))):
-                item = queue.popleft()
-                if item is None:
-                    self._stopping = True
-                    break
-                batch.append(item)
-            self._room.set()
+        while not queue:
+            self._arrived.clear()
+            await self._arrived.wait()
+        remaining = self._first_queued_at + self._batch_wait_s - time.monotonic()
+        if remaining > 0 and len(queue) < self._batch_max and queue[-1] is not None:
+            self._filled.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._filled.wait()
+        batch: list[_Item] = []
+        for _ in range(min(len(queue), self._batch_max)):
+            item = queue.popleft()
+            if item is None:
+                self._stopping = True
+                break
+            batch.append(item)
+        self._room.set()
         return batch
 
     async def _write(self, batch: list[_Item]) -> None:
