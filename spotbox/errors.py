@@ -93,6 +93,10 @@ class ForbiddenError(SpotboxError):
         self.detail = detail
 
 
+class RequestTimeoutError(SpotboxError):
+    """An HTTP request body did not arrive whole within --http-idle-timeout-s; answered with 408, connection closed."""
+
+
 class TooManyStreamsError(SpotboxError):
     """Every SSE stream `--max-streams` allows is open; answered with 503 until one ends."""
 

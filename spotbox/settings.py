@@ -289,7 +289,7 @@ class Settings:
     http_idle_timeout_s: float = option(
         15.0,
         "Seconds an HTTP connection may stay without a whole request (idle between requests, or sending its headers "
-        "slowly) before it is closed.",
+        "slowly) before it is closed; also how long a request body may take to arrive (then 408).",
         group=PIPELINE,
         check=positive,
     )

@@ -121,6 +121,14 @@ async def test_buckets_at_the_first_and_last_representable_times(box: Box) -> No
     for params in ({}, {"start_time": "9999-12-31T23:59:59.999999Z"}):
         _, body = await get(box, "/robots/LATE/history", interval="1h", **params)
         assert body["items"] == [late], params
+    # Epoch-aligned buckets of 7 days and of 10 years begin before year 1: the first starts at its first instant.
+    for interval in ("7d", "3650d"):
+        for agg in ("avg", "count", "last"):
+            status, body = await get(
+                box, "/robots/EARLY/history", interval=interval, agg=agg, end_time="0001-02-01T00:00:00Z"
+            )
+            assert status == 200, body
+            assert [(item["bucket"], item["count"]) for item in body["items"]] == [("0001-01-01T00:00:00Z", 2)]
 
 
 async def test_bucket_limit_is_5000(box: Box) -> None:

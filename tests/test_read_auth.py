@@ -133,12 +133,22 @@ async def test_wrong_password_in_the_form_sets_no_cookie(guarded: Box, browser: 
         assert resp.status == 401
 
 
-@pytest.mark.parametrize("target", ["//evil.example/", "https://evil.example/", "/\\evil.example"])
+@pytest.mark.parametrize(
+    "target",
+    # Browsers drop tabs and line breaks from a URL: "/\t/evil.example" leads to "//evil.example".
+    [
+        *("//evil.example/", "https://evil.example/", "/\\evil.example"),
+        *("/\t/evil.example", "/\n/evil.example", "/\r\nX: y", "/ /evil.example"),
+    ],
+)
 async def test_login_never_sends_elsewhere(guarded: Box, browser: aiohttp.ClientSession, target: str) -> None:
-    """Test that `next` can only lead to a path of this site (no open redirect)."""
+    """Test that `next` can only lead to a path of this site (no open redirect), from the form and the link alike."""
     form = {"username": "operator", "password": PASSWORDS["operator"], "next": target}
     async with browser.post(f"{guarded.base_url}/login", data=form, allow_redirects=False) as resp:
+        assert resp.status == 303
         assert resp.headers["Location"] == "/"
+    async with browser.get(f"{guarded.base_url}/login", params={"next": target}) as resp:
+        assert 'name="next" value="/"' in await resp.text()
 
 
 async def test_feed_streams_with_the_session_cookie(guarded: Box, browser: aiohttp.ClientSession) -> None:

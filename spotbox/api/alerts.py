@@ -22,14 +22,22 @@ ALERTS_LIMIT_MAX = 1000
 _STATES = (*ALERT_STATES, "open")
 
 
+def _is_alert_id(text: str) -> bool:
+    """Whether `text` can be an alert id (a UUID spotbox made): anything else names no alert, and PostgreSQL
+    refuses some text (NUL) outright."""
+    return len(text) <= 64 and text.isascii() and text.isprintable()
+
+
 def _cursor(raw: str | None) -> tuple[datetime, str] | None:
     if not raw:
         return None
     try:
         text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
         micros, alert_id = text.split(":", 1)
+        if not _is_alert_id(alert_id):
+            raise ValueError(alert_id)  # noqa: TRY301 - the one refusal below
         return from_micros(int(micros)), alert_id
-    except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError):
+    except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError, OSError):
         raise BadRequestError("cursor is not one this server issued", {"cursor": raw}) from None
 
 
@@ -65,6 +73,8 @@ def _newest(stored: Alert, live: Alert | None) -> Alert:
 
 async def _find(request: web.Request) -> Alert:
     alert_id = request.match_info["id"]
+    if not _is_alert_id(alert_id):
+        raise NotFoundError("no such alert", {"id": alert_id})
     ops = request.app[OPS]
     alert = ops.alerts.open.get(alert_id)
     if alert is None:

@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 from aiohttp import hdrs, web
 
+from spotbox.api.body import reading
 from spotbox.api.errors import BASIC_CHALLENGE, Handler, error_response
 from spotbox.api.ingest import basic_credentials, check_password
 from spotbox.keys import RUNTIME, SETTINGS
@@ -174,8 +175,18 @@ def _see_other(location: str) -> web.Response:
 
 
 def _safe_next(target: str) -> str:
-    """Where to go after logging in: a path of this site only (never `//other.host`), else the console."""
-    if target.startswith("/") and not target.startswith("//") and "\\" not in target:
+    """Where to go after logging in: a path of this site only (never `//other.host`), else the console.
+
+    Printable ASCII without spaces only: browsers drop tabs and line breaks from a URL, so `/<TAB>/evil.com`
+    would lead to `//evil.com`, and a line break cannot go into the Location header at all."""
+    if (
+        target.startswith("/")
+        and not target.startswith("//")
+        and "\\" not in target
+        and target.isascii()
+        and target.isprintable()
+        and " " not in target
+    ):
         return target
     return "/"
 
@@ -198,7 +209,8 @@ async def login(request: web.Request) -> web.Response:
     A wrong password goes back to the form; either way the answer is a 303.
     """
     users = request.app[RUNTIME].users
-    form = await request.post()
+    async with reading(request):
+        form = await request.post()
     next_path = str(form.get("next", "/"))
     name, password = str(form.get("username", "")), str(form.get("password", ""))
     user = await check_password(request, users, name, password) if users is not None and name and password else None

@@ -14,6 +14,7 @@ from spotbox.errors import (
     InvalidStatusError,
     NotFoundError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     StorageUnavailableError,
     TooManyStreamsError,
     UnauthorizedError,
@@ -66,7 +67,7 @@ def client_error_response(exc: ClientError) -> web.Response:
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:  # noqa: PLR0911 - one per kind
     """Translate spotbox and aiohttp errors into the one JSON error shape, at the HTTP edge only."""
     try:
         return await handler(request)
@@ -79,6 +80,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         ForbiddenError,
     ) as exc:
         return client_error_response(exc)
+    except RequestTimeoutError as exc:
+        logger.warning("%s %s from %s: %s", request.method, request.path, request.remote, exc)
+        response = error_response(408, str(exc), None)
+        response.force_close()  # the rest of the body is not waited for
+        return response
+    except ConnectionResetError as exc:
+        # The client left while its request was read or answered: one line, no traceback (a flood of them is a
+        # flood of lines otherwise). Nobody reads the answer.
+        logger.info("%s %s from %s: the client went away (%s)", request.method, request.path, request.remote, exc)
+        return error_response(400, "the client went away", None)
     except TooManyStreamsError as exc:
         detail = {"max_streams": exc.max_streams}
         return error_response(503, str(exc), detail, {"Retry-After": str(RETRY_AFTER_S)})

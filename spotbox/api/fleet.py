@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from spotbox.api.body import read_body
 from spotbox.api.errors import error_response, json_response
 from spotbox.api.login import operator
 from spotbox.api.params import serial_param
@@ -83,7 +84,7 @@ async def get_robot(request: web.Request) -> web.Response:
 
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
-        body = orjson.loads(await request.read())
+        body = orjson.loads(await read_body(request))
     except orjson.JSONDecodeError:
         raise BadRequestError("body is not JSON", None) from None
     if not isinstance(body, dict):
@@ -100,17 +101,21 @@ def _fields(body: dict[str, Any], *, partial: bool) -> dict[str, Any]:
     for name in _TEXT_FIELDS:
         if name in body:
             value = body[name]
-            if value is not None and (not isinstance(value, str) or len(value) > _TEXT_MAX):
-                raise BadRequestError(f"{name} must be a string of at most {_TEXT_MAX} characters or null", None)
+            if value is not None and (not isinstance(value, str) or len(value) > _TEXT_MAX or "\x00" in value):
+                raise BadRequestError(
+                    f"{name} must be a string of at most {_TEXT_MAX} characters (no NUL) or null", None
+                )
             fields[name] = value
     if "tags" in body:
         tags = body["tags"]
         if (
             not isinstance(tags, list)
             or len(tags) > _TAGS_MAX
-            or not all(isinstance(t, str) and 0 < len(t) <= 64 for t in tags)
+            or not all(isinstance(t, str) and 0 < len(t) <= 64 and "\x00" not in t for t in tags)
         ):
-            raise BadRequestError(f"tags must be a list of at most {_TAGS_MAX} strings of 1 to 64 characters", None)
+            raise BadRequestError(
+                f"tags must be a list of at most {_TAGS_MAX} strings of 1 to 64 characters (no NUL)", None
+            )
         fields["tags"] = tuple(dict.fromkeys(tags))
     return fields
 

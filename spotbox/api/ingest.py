@@ -10,13 +10,13 @@ import logging
 import orjson
 from aiohttp import hdrs, web
 
+from spotbox.api.body import read_body
 from spotbox.api.errors import json_response
 from spotbox.api.params import serial_param
 from spotbox.errors import (
     BadRequestError,
     ForbiddenError,
     InvalidStatusError,
-    PayloadTooLargeError,
     StorageUnavailableError,
     UnauthorizedError,
 )
@@ -68,17 +68,6 @@ async def _login(request: web.Request, users: Users) -> User:
     return user
 
 
-async def _body(request: web.Request, max_bytes: int) -> bytes:
-    # A declared length over the limit is refused before a byte of the body is read; client_max_size (the same
-    # --max-payload) stops a streamed body while it is read.
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise PayloadTooLargeError(max_bytes)
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLargeError(max_bytes) from None
-
-
 def _is_json(raw: bytes) -> bool:
     try:
         orjson.loads(raw)
@@ -101,7 +90,7 @@ async def post_status(request: web.Request) -> web.Response:
     if user is not None and not user.may_publish(topic):
         logger.warning("http ingest refused: user %r may not publish to %r", user.name, topic)
         raise ForbiddenError("not authorized for this robot", {"topic": topic})
-    raw = await _body(request, settings.max_payload)
+    raw = await read_body(request)
     pipeline = request.app[PIPELINE]
     # Counted and logged exactly as a status that came over MQTT (a large one validated off the event loop).
     verdict = await pipeline.check_large(serial, raw)

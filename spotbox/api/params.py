@@ -28,6 +28,8 @@ def time_param(request: web.Request, name: str) -> datetime | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return None
+    if not (raw.isascii() and raw.isprintable()):
+        raise BadRequestError(f"{name} is not an ISO 8601 date-time", {name: raw})
     try:
         return parse_utc(raw.strip())
     except ValueError:
@@ -42,10 +44,12 @@ def int_param(request: web.Request, name: str, default: int, low: int, high: int
     raw = request.query.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequestError(f"{name} must be an integer from {low} to {high}", {name: raw}) from None
+    # ASCII digits only: int() also takes " 1", "1_0" and other scripts' digits. Length first: int() refuses strings
+    # over 4300 digits with an error of its own.
+    digits = raw.removeprefix("-")
+    if not (digits.isascii() and digits.isdecimal() and len(digits) <= 19):
+        raise BadRequestError(f"{name} must be an integer from {low} to {high}", {name: raw})
+    value = int(raw)
     if not low <= value <= high:
         raise BadRequestError(f"{name} must be an integer from {low} to {high}", {name: raw})
     return value
@@ -80,7 +84,8 @@ def cursor_param(request: web.Request) -> tuple[datetime, int] | None:
         if not 0 <= row_id <= _ROW_ID_MAX:
             raise ValueError(row_id)  # noqa: TRY301 - the one refusal below
         return from_micros(micros), row_id
-    except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError):
+    except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError, OSError):
+        # OSError: a time far outside the years 1 to 9999 (EOVERFLOW from the C library).
         raise BadRequestError("cursor is not one this server issued", {"cursor": raw}) from None
 
 

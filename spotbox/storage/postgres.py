@@ -252,8 +252,11 @@ _SELECT = (
     "SELECT id, serial_number, ts, received_at, battery_level, battery_status, driving_status, "
     "current_drive_id::text, latitude, longitude, height, payload::text, payload_hash FROM status"
 )
-# Buckets aligned on the Unix epoch, like SQLite's; date_bin is exact (integer microseconds inside).
-_BUCKET = "date_bin($4::interval, ts, TIMESTAMPTZ '1970-01-01 00:00:00+00')"
+# Buckets aligned on the Unix epoch, like SQLite's; date_bin is exact (integer microseconds inside). Not before
+# 0001-01-01T00:00:00Z, as on SQLite: the floor of a time in year 1 can be a date no datetime holds.
+_BUCKET = (
+    "greatest(date_bin($4::interval, ts, TIMESTAMPTZ '1970-01-01 00:00:00+00'), TIMESTAMPTZ '0001-01-01 00:00:00+00')"
+)
 # LATERAL makes the planner probe the (serial_number, ts, id) index robot by robot instead of scanning.
 _DELETE_BEFORE = f"""{base.ROBOTS_CTE}
 DELETE FROM status WHERE id = ANY(ARRAY(

@@ -7,7 +7,7 @@ import logging
 import re
 import sqlite3
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -150,8 +150,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 _SELECT = "SELECT id, " + ", ".join(COLUMNS) + " FROM status"
-# Floor of ts (integer microseconds) to a multiple of the interval, also before 1970 where % is negative.
-_BUCKET = "ts - ((ts % ?4) + ?4) % ?4"
+# Floor of ts (integer microseconds) to a multiple of the interval, also before 1970 where % is negative; not
+# before 0001-01-01T00:00:00Z, the first instant a datetime holds (the first bucket of a robot whose clock was
+# never set starts there).
+_BUCKET = f"max(ts - ((ts % ?4) + ?4) % ?4, {to_micros(datetime.min.replace(tzinfo=UTC))})"
 # Each robot's old rows through the (serial_number, ts, id) index; no full scan to find what to delete.
 # (The statement starts with DELETE, not WITH, so that sqlite3 reports its rowcount.)
 # The row with the greatest id is never deleted: SQLite gives a new row max(id) + 1, so deleting it would hand its
