@@ -2,7 +2,7 @@
 
 aiohttp's idle timeout covers a request's headers, not its body: a client that sent its headers and a few bytes of
 a declared 100 KB body held its connection (and a handler) for ever. A body is now read within the same timeout
-(408, and the connection is closed). A body aiohttp cannot decode (a Content-Encoding it is not in, a broken
+(408 with Connection: close). A body aiohttp cannot decode (a Content-Encoding it is not in, a broken
 chunked encoding) or a form it cannot parse (no multipart boundary, an unknown charset, bytes that are not the
 charset) is a 400, not an error of spotbox's.
 """

@@ -83,7 +83,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except RequestTimeoutError as exc:
         logger.warning("%s %s from %s: %s", request.method, request.path, request.remote, exc)
         response = error_response(408, str(exc), None)
-        response.force_close()  # the rest of the body is not waited for
+        response.force_close()  # Connection: close (aiohttp drops what still comes for its lingering time)
         return response
     except ConnectionResetError as exc:
         # The client left while its request was read or answered: one line, no traceback (a flood of them is a
