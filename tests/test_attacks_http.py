@@ -52,12 +52,17 @@ async def test_forged_cursors_are_400(box: Box, caplog: pytest.LogCaptureFixture
 
 async def test_nul_in_the_registry_and_alert_ids_is_refused(box: Box) -> None:
     """Test that a NUL in a registry field or tag is a 400 and an alert id with one a 404, on both backends
-    (PostgreSQL's text cannot hold it: these were 500s there)."""
+    (PostgreSQL's text cannot hold it: these were 500s there), and that a registry body naming a field twice is a
+    400 (orjson keeps the last one silently; a status with a repeated key is refused)."""
     for body in ({"serial_number": "REG-1", "name": "a\x00b"}, {"serial_number": "REG-1", "tags": ["x\x00"]}):
         status, answered = await answer(box, "POST", "/robots", json=body)
         assert status == 400, answered
         assert "no NUL" in answered["error"]
-    status, _ = await answer(box, "POST", "/robots", json={"serial_number": "REG-1"})
+    status, answered = await answer(
+        box, "POST", "/robots", data=b'{"serial_number": "REG-1", "name": "a", "name": "b"}'
+    )
+    assert (status, answered["error"]) == (400, "body: name: is a duplicate key (a JSON object names each key once)")
+    status, _ = await answer(box, "POST", "/robots", json={"serial_number": "REG-1", "name": 'say ":"'})
     assert status == 201
     status, answered = await answer(box, "PATCH", "/robots/REG-1", json={"site": "\x00"})
     assert status == 400, answered

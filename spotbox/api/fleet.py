@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from spotbox import rawjson
 from spotbox.api.body import read_body
 from spotbox.api.errors import error_response, json_response
 from spotbox.api.login import operator
@@ -83,12 +84,17 @@ async def get_robot(request: web.Request) -> web.Response:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await read_body(request)
     try:
-        body = orjson.loads(await read_body(request))
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise BadRequestError("body is not JSON", None) from None
     if not isinstance(body, dict):
         raise BadRequestError("body must be a JSON object", None)
+    # orjson keeps the last of two equal keys; a status with one is refused, and so is a registry body.
+    spaced = rawjson.hints(raw).spaced_colon
+    if rawjson.may_repeat_keys(raw, len(body), spaced_colon=spaced) and (problem := rawjson.exact_problem(raw)):
+        raise BadRequestError(f"body: {problem}", None)
     return body
 
 
