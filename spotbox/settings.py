@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from spotbox.api.proxies import parse_networks
 from spotbox.cluster.client import BrokerURL
 from spotbox.errors import ConfigError
 from spotbox.options import (
@@ -92,7 +93,7 @@ def _check_networks(values: tuple[str, ...]) -> str | None:
     """What is wrong with the --trusted-proxies values, or None."""
     for value in values:
         try:
-            ipaddress.ip_network(value.strip(), strict=False)
+            parse_networks([value])
         except ValueError:
             return f"{value!r} is not an IP address or network (such as 10.0.0.5 or 10.0.0.0/8)"
     return None

@@ -15,7 +15,7 @@ from spotbox.api.errors import error_response, json_response
 from spotbox.api.login import operator
 from spotbox.api.params import serial_param
 from spotbox.errors import BadRequestError, NotFoundError
-from spotbox.keys import OPS, STORAGE
+from spotbox.keys import OPS, SETTINGS, STORAGE
 from spotbox.ops.presence import STATES
 from spotbox.ops.store import RegisteredRobot, delete_robot, save_robot
 from spotbox.status import StatusRow, is_valid_serial
@@ -91,10 +91,11 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise BadRequestError("body is not JSON", None) from None
     if not isinstance(body, dict):
         raise BadRequestError("body must be a JSON object", None)
-    # orjson keeps the last of two equal keys; a status with one is refused, and so is a registry body.
-    spaced = rawjson.hints(raw).spaced_colon
-    if rawjson.may_repeat_keys(raw, len(body), spaced_colon=spaced) and (problem := rawjson.exact_problem(raw)):
-        raise BadRequestError(f"body: {problem}", None)
+    # The checks a status's text gets (orjson keeps the last of two equal keys, and so on): refused alike.
+    max_depth = request.app[SETTINGS].max_json_depth
+    if problem := rawjson.screen(raw, body, max_depth):
+        too_deep = f"nests objects and arrays deeper than {max_depth} levels"
+        raise BadRequestError(f"body: {too_deep if problem is rawjson.TOO_DEEP else problem}", None)
     return body
 
 
