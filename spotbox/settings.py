@@ -270,7 +270,7 @@ class Settings:
     )
     batch_max: int = option(500, "Most statuses committed in one transaction.", group=PIPELINE, check=at_least(1))
     batch_wait_ms: float = option(
-        5.0,
+        2.0,
         "Longest wait, in milliseconds, for a batch to fill once it has one status.",
         group=PIPELINE,
         check=at_least(0),
