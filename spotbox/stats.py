@@ -7,7 +7,11 @@ from array import array
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
+
+import orjson
+
+from spotbox.status import is_valid_serial
 
 WINDOW_S = 3600
 BUCKET_S = 60
@@ -91,18 +95,36 @@ class _Robot:
             self.rejected = {}
         self.rejected.setdefault(index, Counter())[rejected_field] += 1
 
-    def total(self, span: int, now: int) -> Counts:
-        """The counts of the minutes after `now - span`."""
-        counts = Counts(self.received, self.valid)
+    def to_json(self, span: int, now: int) -> str | None:
+        """The /stats JSON of its counts in the minutes after `now - span`; None when it sent nothing in them.
+
+        Written as text, not built as dicts: at 10,000 robots a snapshot through objects held the event loop 16 ms
+        (each /stats, and every 2 s on PostgreSQL to share the window), and its 20,000 dicts set off the garbage
+        collector's young collections, which then walked them (30 to 40 ms every 2 s with a lower threshold).
+        """
+        received = self.received
+        valid = self.valid
         # The ring holds the minutes up to `last`; those up to `now - span` have left the window since.
-        for index in range(self.last - span + 1, min(now - span, self.last) + 1):
-            slot = index % span
-            counts.received -= self.counts[2 * slot]
-            counts.valid -= self.counts[2 * slot + 1]
-        for index, reasons in (self.rejected or {}).items():
-            if index > now - span:
-                counts.rejected_by_reason.update(reasons)
-        return counts
+        gone = min(now - span, self.last)
+        if gone > self.last - span:
+            counts = self.counts
+            for index in range(self.last - span + 1, gone + 1):
+                slot = index % span
+                received -= counts[2 * slot]
+                valid -= counts[2 * slot + 1]
+        if not received:
+            return None
+        rejected = 0
+        by_reason = "{}"
+        if self.rejected is not None:
+            reasons: Counter[str] = Counter()
+            for index, by_field in self.rejected.items():
+                if index > now - span:
+                    reasons.update(by_field)
+            if reasons:
+                rejected = reasons.total()
+                by_reason = orjson.dumps(reasons).decode()
+        return f'{{"received":{received},"valid":{valid},"rejected":{rejected},"rejected_by_reason":{by_reason}}}'
 
 
 class StatsWindow:
@@ -137,24 +159,32 @@ class StatsWindow:
             return
         robot = self._robots.get(serial)
         if robot is None:
-            if len(self._robots) >= self._max_robots:
+            if len(self._robots) >= self._max_robots or not is_valid_serial(serial):
                 return
             robot = self._robots[serial] = _Robot(self._span, bucket.index)
         robot.count(self._span, bucket.index, rejected_field)
 
     def snapshot(self) -> dict[str, Any]:
         """The window summed over its buckets: totals, then per robot, as /stats shows it."""
+        return cast(dict[str, Any], orjson.loads(self.snapshot_json()))
+
+    def snapshot_json(self) -> bytes:
+        """`snapshot` as the JSON /stats answers with."""
         now = self._index()
         self._expire(now)
         total = Counts()
         for bucket in self._buckets:
             total.add(bucket.total)
-        robots = {serial: self._robots[serial].total(self._span, now) for serial in sorted(self._robots)}
-        return {
-            "window_s": self.window_s,
-            **total.to_api(),
-            "robots": {serial: counts.to_api() for serial, counts in robots.items() if counts.received},
-        }
+        span = self._span
+        robots = self._robots
+        # Serials are itemised only when valid (`count`): letters, digits, "_", "." and "-" need no escaping.
+        listed = ",".join(
+            f'"{serial}":{counts}'
+            for serial in sorted(robots)
+            if (counts := robots[serial].to_json(span, now)) is not None
+        )
+        head = orjson.dumps({"window_s": self.window_s, **total.to_api()})
+        return head[:-1] + b',"robots":{' + listed.encode() + b"}}"
 
     @property
     def bucket_count(self) -> int:

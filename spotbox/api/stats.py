@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from spotbox.api.errors import json_response
 from spotbox.keys import PIPELINE, SHARED_STATS
 
 
 async def stats(request: web.Request) -> web.Response:
     """GET /stats: received, valid and rejected statuses by reason over the last hour, in all and per robot."""
     shared = request.app.get(SHARED_STATS)  # on PostgreSQL: every instance sharing the database
-    return json_response(await shared.snapshot() if shared is not None else request.app[PIPELINE].window.snapshot())
+    body = await shared.snapshot_json() if shared is not None else request.app[PIPELINE].window.snapshot_json()
+    return web.Response(body=body, content_type="application/json")
 
 
 def add_routes(app: web.Application) -> None:

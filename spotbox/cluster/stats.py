@@ -62,22 +62,22 @@ class SharedStats:
         self.window = window
         self.instance = instance
 
-    async def snapshot(self) -> dict[str, Any]:
+    async def snapshot_json(self) -> bytes:
         """This instance's live window plus the others' saved ones (its own only, while the database is away)."""
-        own = self.window.snapshot()
+        own = self.window.snapshot_json()
         try:
             saved = await self.storage.instance_stats(self.window.window_s)
         except StorageError as exc:
             logger.warning("/stats: other instances' counts unavailable: %s", exc)
             return own
         others = [orjson.loads(raw) for name, raw in saved.items() if name != self.instance]
-        return merge([own, *others]) if others else own
+        return dumps(merge([orjson.loads(own), *others])) if others else own
 
     async def run(self) -> None:
         """Save the window every SAVE_EVERY_S until cancelled."""
         while True:
             await asyncio.sleep(SAVE_EVERY_S)
             try:
-                await self.storage.save_instance_stats(self.instance, dumps(self.window.snapshot()))
+                await self.storage.save_instance_stats(self.instance, self.window.snapshot_json())
             except StorageError as exc:
                 logger.debug("cannot save this instance's /stats window: %s", exc)
