@@ -22,7 +22,7 @@ import statistics
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,12 @@ class Presence:
         """
         now = self.clock()
         shortest = self.stale_after_s if self.stale_after_s is not None else STALE_FLOOR_S
+        # Heard from after this, an online robot is neither stale nor offline: one comparison, no arithmetic (at
+        # 10,000 robots the silence of each, as a timedelta, held the event loop 3 ms every tick).
+        quiet_since = now - timedelta(seconds=min(shortest, self.offline_after_s))
         for robot in list(self.robots.values()):
+            if robot.state == "online" and robot.last_seen is not None and robot.last_seen > quiet_since:
+                continue
             silent = (now - robot.last_seen).total_seconds() if robot.last_seen is not None else None
             if robot.state == "unknown":
                 stale_after = self.stale_after(robot)
