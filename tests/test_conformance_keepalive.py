@@ -8,6 +8,9 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
+from spotbox.mqtt import broker
 from tests.conformance import Peer, peer, start
 from tests.conftest import BoxFactory
 from tests.mqtt5_clients import wire_client
@@ -28,9 +31,14 @@ async def ping_every(client: Peer, seconds: float, count: int) -> None:
         await asyncio.sleep(seconds)
 
 
-async def test_silent_client_is_disconnected_and_its_will_published(make_box: BoxFactory, tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk", [broker.TICK_CHUNK, 1])
+async def test_silent_client_is_disconnected_and_its_will_published(
+    make_box: BoxFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
     """Test that 3.1.1 and MQTT 5 clients silent with a 1 s keep alive are closed after about 1.5 s and their wills
-    published, while a client pinging every 0.4 s stays connected."""
+    published, while a client pinging every 0.4 s stays connected; also when the clock looks at each connection in
+    a turn of the event loop of its own (as it does past TICK_CHUNK connections)."""
+    monkeypatch.setattr(broker, "TICK_CHUNK", chunk)
     box = await start(make_box, tmp_path)
     async with (
         peer(box.mqtt_port, "5") as (watcher, _),
