@@ -200,6 +200,17 @@ async def _stored_at(database_url: str, expected: int) -> float:
         await asyncio.sleep(0.02)
 
 
+def followed(config: BenchConfig) -> list[int]:
+    """The robots followed over SSE (`--sse`): spread evenly over the fleet, so over the phases of a paced load.
+
+    A paced robot publishes at its own phase of the second, by its number: the first 20 of 10,000 robots all
+    publish within the same 2 ms, so their deliveries were 20 copies of one moment a second, and the p99 of a
+    30 s run was the latency of its worst moment or two.
+    """
+    count = min(config.sse, config.robots)
+    return [i * config.robots // count for i in range(count)]
+
+
 async def _follow(
     http: aiohttp.ClientSession,
     url: str,
@@ -333,7 +344,7 @@ async def bench_spotbox(
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
             followers = [
                 asyncio.create_task(_follow(http, f"{base}/robots/BENCH-{i:04d}/feed", per_robot, latencies))
-                for i in range(min(config.sse, config.robots))
+                for i in followed(config)
             ]
             ending, held, per_feed = _fanout_followers(http, base, config, per_robot, overflows)
             await asyncio.sleep(0.5 + (config.sse_consoles + config.sse_robot_pages) / 500)  # feeds subscribe first
@@ -347,6 +358,7 @@ async def bench_spotbox(
                     server.mqtt_port,
                     config.load(per_robot * config.robots),
                     lambda: cpu_connected.append(cpu_seconds(server.proc.pid)),
+                    collect=False,
                 )
             finally:
                 sampler.cancel()
@@ -505,7 +517,7 @@ async def bench_classic(config: BenchConfig, database_url: str, workdir: Path) -
             async with asyncio.timeout(30):
                 await subscriber.stdout.readline()  # subscribed
             started_wall = time.time()
-            await loadgen.drive("127.0.0.1", port, config.load(count))
+            await loadgen.drive("127.0.0.1", port, config.load(count), collect=False)
             async with asyncio.timeout(600):
                 done = orjson.loads(await subscriber.stdout.readline())
             peak = peak_rss_mb(subscriber.pid) + peak_rss_mb(broker_pid)
@@ -605,10 +617,12 @@ async def _live_load(config: BenchConfig, server: Server, messages: int) -> dict
             asyncio.create_task(
                 _follow(http, f"http://127.0.0.1:{server.http_port}/robots/BENCH-{i:04d}/feed", per_robot, latencies)
             )
-            for i in range(min(config.sse, config.robots))
+            for i in followed(config)
         ]
         await asyncio.sleep(0.5)  # let the feeds subscribe before the first publish
-        result = await loadgen.drive("127.0.0.1", server.mqtt_port, config.load(per_robot * config.robots))
+        result = await loadgen.drive(
+            "127.0.0.1", server.mqtt_port, config.load(per_robot * config.robots), collect=False
+        )
         async with asyncio.timeout(60):
             await asyncio.gather(*followers)
     latency = _latency_figures(latencies)
@@ -636,9 +650,8 @@ async def run_forward_catch_up(config: BenchConfig, backlog: int) -> dict[str, A
             scratch_database(config.database_url, workdir, "catchup") as database_url,
             spotbox_server(database_url, *args) as server,
         ):
-            fill = await loadgen.drive(
-                "127.0.0.1", server.mqtt_port, loadgen.Load(config.robots, backlog, max(config.window, 50))
-            )
+            backlog_load = loadgen.Load(config.robots, backlog, max(config.window, 50))
+            fill = await loadgen.drive("127.0.0.1", server.mqtt_port, backlog_load, collect=False)
             if fill.acked != backlog:
                 raise BenchError(f"only {fill.acked} of {backlog} backlog statuses were acknowledged")
             alone = await _live_load(config, server, config.messages)

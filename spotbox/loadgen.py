@@ -331,17 +331,25 @@ async def robot(
         transport.close()
 
 
-async def drive(host: str, port: int, load: Load, on_connected: Callable[[], None] | None = None) -> LoadResult:
+async def drive(
+    host: str,
+    port: int,
+    load: Load,
+    on_connected: Callable[[], None] | None = None,
+    *,
+    collect: bool = True,
+) -> LoadResult:
     """Spread `load.messages` over `load.robots` connections; `load.rate` (total per second) paces them.
 
-    `on_connected` is called once every robot has its CONNACK, before any publishes.
-
-    The collector is off while the load runs: the generator's objects only grow (the latencies it records), and
-    its collections (up to 85 ms at 10,000 robots) held its event loop while acknowledgements waited in its
-    sockets, which the bench then counted as the server's latency.
+    `on_connected` is called once every robot has its CONNACK, before any publishes. With `collect` False the
+    garbage collector is off while the load runs, for a generator in a process of its own (`spotbox bench`): its
+    objects only grow (the latencies it records), and its collections (up to 85 ms at 10,000 robots) held its
+    event loop while acknowledgements waited in its sockets, which the bench then counted as the server's latency.
+    Tests that drive a server in their own process keep collecting, as the server would.
     """
     collecting = gc.isenabled()
-    gc.disable()
+    if not collect:
+        gc.disable()
     try:
         return await _drive(host, port, load, on_connected)
     finally:

@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from spotbox import loadgen
+from spotbox.bench import BenchConfig, followed
 from tests.conftest import SPOTBOX, require_tool
 
 
@@ -170,3 +171,17 @@ async def test_paced_robot_keeps_one_timer(monkeypatch: pytest.MonkeyPatch) -> N
     assert result.acked == result.sent == messages
     # One call per acknowledgement and one per timer at most, plus the start.
     assert calls <= 2 * messages + 1
+
+
+@pytest.mark.parametrize(
+    ("robots", "sse", "expected"),
+    [
+        (10, 10, list(range(10))),
+        (3, 10, [0, 1, 2]),
+        (10_000, 4, [0, 2500, 5000, 7500]),
+    ],
+)
+def test_followed_robots_are_spread_over_the_fleet(robots: int, sse: int, expected: list[int]) -> None:
+    """Test that the robots followed over SSE are spread over the fleet, so over the phases of a paced load (the
+    first robots of a large fleet all publish within a few milliseconds of each other)."""
+    assert followed(BenchConfig(robots=robots, sse=sse)) == expected

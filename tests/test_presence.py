@@ -213,3 +213,14 @@ async def test_a_status_committed_after_its_client_left_leaves_the_robot_offline
             await asyncio.sleep(0.05)
     await asyncio.sleep(0.3)  # nothing brings it back online afterwards
     assert await presence_of(box, "LEAVER") == "offline"
+
+
+def test_time_rules_set_past_any_date_keep_robots_online() -> None:
+    """Test that stale and offline times longer than dates reach (`--stale-after inf --offline-after inf`, a way
+    to turn the time rules off) leave a silent robot online, tick after tick, instead of failing each tick."""
+    clock = Clock()
+    presence = Presence(stale_after_s=float("inf"), offline_after_s=float("inf"), clock=clock)
+    presence.status_committed("R1", clock.advance(5))
+    clock.advance(10**9)
+    presence.tick()
+    assert str(presence.robots["R1"].state) == "online"

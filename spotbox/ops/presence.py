@@ -180,7 +180,10 @@ class Presence:
         shortest = self.stale_after_s if self.stale_after_s is not None else STALE_FLOOR_S
         # Heard from after this, an online robot is neither stale nor offline: one comparison, no arithmetic (at
         # 10,000 robots the silence of each, as a timedelta, held the event loop 3 ms every tick).
-        quiet_since = now - timedelta(seconds=min(shortest, self.offline_after_s))
+        try:
+            quiet_since = now - timedelta(seconds=min(shortest, self.offline_after_s))
+        except OverflowError:  # times longer than datetime's range (`--stale-after inf`): no robot gets there
+            quiet_since = datetime.min.replace(tzinfo=UTC)
         for robot in list(self.robots.values()):
             if robot.state == "online" and robot.last_seen is not None and robot.last_seen > quiet_since:
                 continue
