@@ -19,6 +19,7 @@ from aiohttp import web
 
 from spotbox.app import create_app
 from spotbox.bench import LEAN, BenchConfig, format_table, run_bench, run_forward_bench, run_forward_catch_up
+from spotbox.bench_logins import format_logins, run_logins
 from spotbox.bench_reads import ReadsConfig, format_reads, run_reads
 from spotbox.errors import SpotboxError
 from spotbox.listeners import bind_both, raise_open_files_limit, try_lines
@@ -318,10 +319,11 @@ async def _until_stopped(fleet: Fleet) -> FleetStats:
 )
 @click.option(
     "--scenario",
-    type=click.Choice(["ingest", "reads"]),
+    type=click.Choice(["ingest", "reads", "logins"]),
     default="ingest",
     show_default=True,
-    help="ingest: robots publish over MQTT; reads: history requests against a filled database.",
+    help="ingest: robots publish over MQTT; reads: history requests against a filled database; logins: --robots "
+    "log in at once to spotbox run --users, then again.",
 )
 @click.option(
     "--rows", type=click.IntRange(min=1), default=1_000_000, show_default=True, help="reads: statuses stored first."
@@ -380,8 +382,16 @@ def bench(
     """Measure stored statuses per second, publish-to-SSE latency and memory, against the classic stack.
 
     With --scenario reads: history requests per second and their latency, on a database filled with --rows.
+    With --scenario logins: how fast --robots log in with a password, the first time and again.
     """
     configure_logging("warning", "text")
+    if scenario == "logins":
+        try:
+            logins = asyncio.run(run_logins(robots, database_url))
+        except SpotboxError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(orjson.dumps(logins).decode() if as_json else format_logins(logins))
+        return
     if scenario == "reads":
         reads = ReadsConfig(
             rows=rows,

@@ -12,6 +12,7 @@ import pytest
 
 from spotbox import loadgen
 from spotbox.bench import BenchConfig, followed
+from spotbox.bench_logins import run_logins
 from tests.conftest import SPOTBOX, require_tool
 
 
@@ -185,3 +186,14 @@ def test_followed_robots_are_spread_over_the_fleet(robots: int, sse: int, expect
     """Test that the robots followed over SSE are spread over the fleet, so over the phases of a paced load (the
     first robots of a large fleet all publish within a few milliseconds of each other)."""
     assert followed(BenchConfig(robots=robots, sse=sse)) == expected
+
+
+async def test_logins_bench_logs_every_robot_in_and_reconnects_cost_no_hash() -> None:
+    """Test that `spotbox bench --scenario logins` logs every robot in to a real `spotbox run --users` twice, and
+    that the second time (passwords remembered) costs the server far less CPU a login than the argon2 check."""
+    figures = await run_logins(12)
+    assert figures["robots"] == 12
+    first, again = figures["first"], figures["again"]
+    # An argon2 check is about 18 ms of CPU here; a remembered login a fraction of a millisecond.
+    assert first["server_cpu_ms_per_login"] > 5 * again["server_cpu_ms_per_login"], figures
+    assert again["logins_per_s"] > first["logins_per_s"], figures
