@@ -80,16 +80,16 @@ async def run_logins(robots: int, database_url: str | None = None) -> dict[str, 
     return {
         "scenario": "logins",
         "robots": robots,
-        "first": {
-            "seconds": round(first_s, 3),
-            "logins_per_s": round(robots / first_s, 1),
-            "server_cpu_ms_per_login": round(first_cpu * 1000 / robots, 2),
-        },
-        "again": {
-            "seconds": round(again_s, 3),
-            "logins_per_s": round(robots / again_s, 1),
-            "server_cpu_ms_per_login": round(again_cpu * 1000 / robots, 2),
-        },
+        "first": _wave_figures(robots, first_s, first_cpu),
+        "again": _wave_figures(robots, again_s, again_cpu),
+    }
+
+
+def _wave_figures(robots: int, seconds: float, cpu_s: float) -> dict[str, float]:
+    return {
+        "seconds": round(seconds, 3),
+        "logins_per_s": round(robots / seconds, 1),
+        "server_cpu_ms_per_login": round(cpu_s * 1000 / robots, 2),
     }
 
 
