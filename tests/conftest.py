@@ -53,6 +53,13 @@ from spotbox.pipeline import IngestPipeline
 from spotbox.settings import Settings
 from spotbox.storage import Storage
 
+# Python caches what it compiles, in __pycache__ (ignored by git), even where the environment says not to
+# (PYTHONDONTWRITEBYTECODE=1, as on this project's machines). Unset, every test worker rewrote every test module's
+# asserts again at each run, and every `spotbox run` a test starts compiled spotbox's sources again: a sixth of
+# the suite's CPU. Set here, before the workers and those processes start, so that they inherit it.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
+
 PG_ADMIN_URL = os.environ.get("SPOTBOX_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # The console script a user runs, from the environment the tests run in.
