@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import gc
 import struct
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ import orjson
 
 from spotbox.cli import collect_less
 from spotbox.loadgen import connect_packet, mqtt_string, publish_packet
+from spotbox.users import User, make_user
 
 VERSIONS = {"3.1.1": aiomqtt.ProtocolVersion.V311, "5": aiomqtt.ProtocolVersion.V5}
 
@@ -209,3 +211,20 @@ def collector_as_spotbox_run() -> Iterator[None]:
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+
+
+def known_user(
+    name: str, password: str, publish: Iterable[str] = (), subscribe: Iterable[str] = (), *, manage: bool = False
+) -> User:
+    """`make_user`, hashed once per test process for the same arguments.
+
+    An argon2 hash costs about 20 ms of CPU by design, and the users files of the tests were hashed over 400 times a
+    run, the same few users each time. The hash is real (what `spotbox users add` writes) and every login still
+    checks a password against it; tests of hashing itself call `make_user`.
+    """
+    return _known_user(name, password, tuple(publish), tuple(subscribe), manage)
+
+
+@functools.cache
+def _known_user(name: str, password: str, publish: tuple[str, ...], subscribe: tuple[str, ...], manage: bool) -> User:
+    return make_user(name, password, publish, subscribe, manage=manage)

@@ -23,9 +23,9 @@ from spotbox.ops.store import WRITE_BATCH_MAX, AlertWriter
 from spotbox.settings import DatabaseURL, Settings
 from spotbox.status import StatusRecord, StoredStatus
 from spotbox.storage import open_storage
-from spotbox.users import Users, make_user
+from spotbox.users import Users
 from tests.conftest import Box, BoxFactory
-from tests.helpers import mqtt_client, open_feed, payload
+from tests.helpers import known_user, mqtt_client, open_feed, payload
 from tests.test_presence import Clock
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "alerts.toml"
@@ -220,8 +220,8 @@ def fast_settings(settings: Settings, tmp_path: Path, **changes: Any) -> Setting
     """`settings` with the fast battery rule, a quick tick, and a users file holding a robot and an operator."""
     rules = tmp_path / "rules.toml"
     rules.write_text(FAST_RULES)
-    users = Users(tmp_path / "users.json").with_user(make_user("R1", "pw-r1"))
-    users.with_user(make_user(*OPERATOR, subscribe=["spotbox/#", "robot/#"])).save()
+    users = Users(tmp_path / "users.json").with_user(known_user("R1", "pw-r1"))
+    users.with_user(known_user(*OPERATOR, subscribe=["spotbox/#", "robot/#"])).save()
     return dataclasses.replace(
         settings, alerts_path=rules, ops_tick_s=0.05, users_path=tmp_path / "users.json", **changes
     )

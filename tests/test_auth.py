@@ -13,9 +13,9 @@ import pytest
 from spotbox.loadgen import connect_packet
 from spotbox.runtime import load_runtime
 from spotbox.settings import Settings
-from spotbox.users import Users, make_user
+from spotbox.users import Users
 from tests.conftest import Box
-from tests.helpers import mqtt_client, payload, stamp
+from tests.helpers import known_user, mqtt_client, payload, stamp
 from tests.raw_mqtt import CONNACK_ACCEPTED, CONNACK_NOT_AUTHORIZED, raw_client
 
 pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
@@ -28,8 +28,8 @@ def write_users(path: Path) -> Path:
     """A users file with two robots and an operator who may watch every robot and command them."""
     users = Users(path)
     for name in ("ROBOT-A", "ROBOT-B"):
-        users = users.with_user(make_user(name, PASSWORDS[name]))
-    operator = make_user("operator", PASSWORDS["operator"], publish=["robot/+/cmd"], subscribe=["robot/#"])
+        users = users.with_user(known_user(name, PASSWORDS[name]))
+    operator = known_user("operator", PASSWORDS["operator"], publish=["robot/+/cmd"], subscribe=["robot/#"])
     users.with_user(operator).save()
     return path
 

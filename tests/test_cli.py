@@ -20,9 +20,9 @@ import aiohttp
 import orjson
 import pytest
 
-from spotbox.users import Users, make_user
+from spotbox.users import Users
 from tests.conftest import SPOTBOX, fresh_postgres_database, require_tool
-from tests.helpers import mqtt_client, open_feed, payload
+from tests.helpers import known_user, mqtt_client, open_feed, payload
 
 LISTENING = re.compile(rb"(mqtt|http) listening on (?:https?://)?([\d.]+):(\d+)")
 
@@ -248,7 +248,7 @@ async def test_logged_commands_reach_the_live_feed(tmp_path: Path, users: bool) 
     # aiohttp sends an SSE answer's headers with its first bytes: a short ping gets them to curl soon.
     args: tuple[str, ...] = ("--mqtt-port", "0", "--http-port", "0", "--sse-ping-s", "0.2")
     if users:
-        robots = Users(tmp_path / "users.json").with_user(make_user("ROBOT-001", "pw-1"))
+        robots = Users(tmp_path / "users.json").with_user(known_user("ROBOT-001", "pw-1"))
         robots.save()
         args += ("--users", str(robots.path))
     async with spotbox_process(*args, "--database-url", f"sqlite:///{tmp_path / 'x.db'}") as box:

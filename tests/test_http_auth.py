@@ -10,9 +10,9 @@ import aiohttp
 import pytest
 
 from spotbox.settings import Settings
-from spotbox.users import Users, make_user
+from spotbox.users import Users
 from tests.conftest import Box, BoxFactory
-from tests.helpers import mqtt_client, payload
+from tests.helpers import known_user, mqtt_client, payload
 from tests.test_auth import secured_settings
 
 pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
@@ -25,10 +25,10 @@ def write_users(path: Path) -> Path:
     """Two robots, `fleet` granted every robot's status, `commander` granted only robot/+/cmd, `watcher` reads all."""
     users = Users(path)
     for name in ("ROBOT-A", "ROBOT-B"):
-        users = users.with_user(make_user(name, PASSWORDS[name]))
-    users = users.with_user(make_user("fleet", PASSWORDS["fleet"], publish=["robot/+/status"]))
-    users = users.with_user(make_user("watcher", PASSWORDS["watcher"], subscribe=["robot/#"]))
-    users.with_user(make_user("commander", PASSWORDS["commander"], publish=["robot/+/cmd"])).save()
+        users = users.with_user(known_user(name, PASSWORDS[name]))
+    users = users.with_user(known_user("fleet", PASSWORDS["fleet"], publish=["robot/+/status"]))
+    users = users.with_user(known_user("watcher", PASSWORDS["watcher"], subscribe=["robot/#"]))
+    users.with_user(known_user("commander", PASSWORDS["commander"], publish=["robot/+/cmd"])).save()
     return path
 
 

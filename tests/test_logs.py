@@ -11,8 +11,8 @@ import aiohttp
 
 from spotbox.loadgen import connect_packet, mqtt_string, publish_packet, read_packet
 from spotbox.logs import LOG_QUEUE_MAX, JsonFormatter, TextFormatter
-from spotbox.users import Users, make_user
-from tests.helpers import payload
+from spotbox.users import Users
+from tests.helpers import known_user, payload
 from tests.test_cli import start_spotbox
 
 # A forged record: a newline, then what a real record looks like, then a terminal escape (clear screen, red).
@@ -67,7 +67,7 @@ async def test_client_strings_cannot_forge_log_lines(tmp_path: Path) -> None:
     """Test over the real broker and HTTP that a client id, a topic and a JSON key with a newline and ANSI escapes
     leave the text log one line per record, escaped."""
     users_path = tmp_path / "users.json"
-    Users(users_path).with_user(make_user("ROBOT-1", "secret")).save()
+    Users(users_path).with_user(known_user("ROBOT-1", "secret")).save()
     args = ("--mqtt-port", "0", "--http-port", "0", "--database-url", f"sqlite:///{tmp_path / 'db'}")
     box = await start_spotbox(*args, "--users", str(users_path), "--log-format", "text")
     try:

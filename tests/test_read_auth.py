@@ -10,9 +10,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from spotbox.users import Users, make_user
+from spotbox.users import Users
 from tests.conftest import Box, BoxFactory
-from tests.helpers import open_feed, payload, stamp
+from tests.helpers import known_user, open_feed, payload, stamp
 from tests.test_auth import secured_settings
 
 PASSWORDS = {"ROBOT-A": "pw-a", "ROBOT-B": "pw-b", "operator": "pw-op"}
@@ -30,8 +30,8 @@ async def guarded(make_box: BoxFactory, tmp_path: Path) -> Box:
     """spotbox with users: two robots (each reads its own topics) and an operator granted robot/#."""
     users = Users(tmp_path / "read-users.json")
     for name in ("ROBOT-A", "ROBOT-B"):
-        users = users.with_user(make_user(name, PASSWORDS[name]))
-    users.with_user(make_user("operator", PASSWORDS["operator"], subscribe=["robot/#"])).save()
+        users = users.with_user(known_user(name, PASSWORDS[name]))
+    users.with_user(known_user("operator", PASSWORDS["operator"], subscribe=["robot/#"])).save()
     box = await make_box(dataclasses.replace(secured_settings(tmp_path), users_path=users.path))
     async with box.http.post(f"{box.base_url}/robots/ROBOT-A/status", data=payload(), headers=basic("ROBOT-A")) as r:
         assert r.status == 202

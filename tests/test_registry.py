@@ -9,9 +9,9 @@ from typing import Any
 import aiohttp
 
 from spotbox.settings import Settings
-from spotbox.users import Users, make_user
+from spotbox.users import Users
 from tests.conftest import Box, BoxFactory
-from tests.helpers import payload
+from tests.helpers import known_user, payload
 
 
 async def call(box: Box, method: str, path: str, body: Any = None, **kwargs: Any) -> tuple[int, Any]:
@@ -89,9 +89,9 @@ async def test_bad_registrations_are_400(box: Box) -> None:
 
 async def test_managing_needs_a_login_with_the_manage_grant(make_box: BoxFactory, tmp_path: Path) -> None:
     """Test that with --users, POST/PATCH/DELETE /robots need a login (401) of a user with manage (403)."""
-    users = Users(tmp_path / "users.json").with_user(make_user("ROBOT-1", "pw-robot"))
-    users = users.with_user(make_user("viewer", "pw-viewer", subscribe=["robot/#"]))
-    users.with_user(make_user("admin", "pw-admin", subscribe=["robot/#"], manage=True)).save()
+    users = Users(tmp_path / "users.json").with_user(known_user("ROBOT-1", "pw-robot"))
+    users = users.with_user(known_user("viewer", "pw-viewer", subscribe=["robot/#"]))
+    users.with_user(known_user("admin", "pw-admin", subscribe=["robot/#"], manage=True)).save()
     assert Users.load(tmp_path / "users.json").by_name["admin"].manage is True
     settings = Settings(
         http_port=0, mqtt_port=0, database_url=f"sqlite:///{tmp_path / 'm.db'}", users_path=tmp_path / "users.json"
