@@ -7,7 +7,6 @@ import struct
 from datetime import UTC, datetime
 from pathlib import Path
 
-import aiomqtt
 import orjson
 import pytest
 
@@ -16,7 +15,7 @@ from spotbox.settings import BUNDLED_SCHEMA, Settings
 from spotbox.validation import Rejection, StatusValidator
 from tests.conftest import Box, BoxFactory
 from tests.helpers import mqtt_client, payload, stamp
-from tests.raw_mqtt import CONNACK_ACCEPTED, publish_packet, raw_client
+from tests.raw_mqtt import CONNACK_ACCEPTED, publish_packet, raw_client, ws_raw_client
 
 pytestmark = pytest.mark.sqlite_only  # asserts nothing that depends on the storage backend (tests/conftest.py)
 
@@ -73,13 +72,16 @@ async def test_payload_at_the_limit_is_accepted(limited: Box) -> None:
 
 
 async def test_oversized_payload_over_websocket_is_refused(limited: Box, caplog: pytest.LogCaptureFixture) -> None:
-    """Test that the payload limit holds for MQTT over WebSocket too, and the status is not stored."""
-    assert limited.server.port is not None
+    """Test that the payload limit holds for MQTT over WebSocket too: the connection is closed at once, without a
+    PUBACK, and the status is not stored."""
     # Small enough for one WebSocket message, one byte over the payload limit.
-    big = b"x" * (MAX_PAYLOAD + 1)
-    with pytest.raises(aiomqtt.MqttError):
-        async with mqtt_client(limited.server.port, transport="websockets", path="/mqtt", timeout=3) as robot:
-            await robot.publish("robot/ROBOT-WS/status", big, qos=1, timeout=3)
+    big = publish_packet(b"robot/ROBOT-WS/status", b"x" * (MAX_PAYLOAD + 1), qos=1, packet_id=7)
+    async with ws_raw_client(limited.http, limited.base_url) as client:
+        await client.send(connect_packet("ws-big"))
+        async with asyncio.timeout(10):
+            assert await client.read_packet() == (0x20, bytes([0, CONNACK_ACCEPTED]))
+            await client.send(big)
+            assert await client.read_packet() is None  # closed by the server, nothing answered
     assert "over --max-payload" in caplog.text
     assert await limited.history("ROBOT-WS") == []
     await still_stores(limited, 2)
