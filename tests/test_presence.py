@@ -224,3 +224,31 @@ def test_time_rules_set_past_any_date_keep_robots_online() -> None:
     clock.advance(10**9)
     presence.tick()
     assert str(presence.robots["R1"].state) == "online"
+
+
+def test_a_status_seen_elsewhere_long_ago_gives_the_state_of_its_age() -> None:
+    """Test that a status another instance stored long ago (read from the shared table late, after an outage of
+    this instance's) makes the robot stale or offline at once, never online for a tick first, and that a recent
+    one makes it online; a status older than the last one known changes nothing."""
+    clock = Clock()
+    presence = Presence(stale_after_s=30, offline_after_s=300, clock=clock)
+    seen = changes(presence)
+    clock.advance(10_000)
+    presence.seen_elsewhere("GONE", clock.now - timedelta(seconds=3_600))
+    presence.seen_elsewhere("QUIET", clock.now - timedelta(seconds=60))
+    presence.seen_elsewhere("HERE", clock.now - timedelta(seconds=2))
+    assert seen == [("GONE", "unknown", "offline"), ("QUIET", "unknown", "stale"), ("HERE", "unknown", "online")]
+    assert presence.robots["GONE"].last_seen == clock.now - timedelta(seconds=3_600)
+    assert presence.robots["HERE"].since == clock.now - timedelta(seconds=2)
+    # A newer status, recent: online again, and the gap since the last one is kept for stale-after.
+    presence.seen_elsewhere("GONE", clock.now - timedelta(seconds=1))
+    assert seen[-1] == ("GONE", "offline", "online")
+    assert list(presence.robots["GONE"].gaps) == [3_599.0]
+    presence.seen_elsewhere("GONE", clock.now - timedelta(seconds=5_000))  # older than the last one known
+    assert seen[-1] == ("GONE", "offline", "online")
+    presence.tick()
+    assert {serial: robot.state for serial, robot in presence.robots.items()} == {
+        "GONE": "online",
+        "QUIET": "stale",
+        "HERE": "online",
+    }

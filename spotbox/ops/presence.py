@@ -125,7 +125,25 @@ class Presence:
         if robot is not None and robot.connection is not None:
             self._by_connection.get(robot.connection, set()).discard(serial)
             robot.connection = None
-        self.status_committed(serial, received_at)
+        now = self.clock()
+        silent = (now - received_at).total_seconds()
+        if silent < self.offline_after_s and silent < (self.stale_after_s or STALE_FLOOR_S):
+            self.status_committed(serial, received_at)
+            return
+        # Received long enough ago to be past the time rules (an instance reading the table after an outage of its
+        # own, or rows it had not read yet): the robot goes straight to the state that age gives it, where online
+        # until the next tick announced it online, then offline, to every listener (presence alerts included).
+        if robot is None:
+            robot = self.robots[serial] = RobotPresence(serial, "unknown", received_at)
+        if robot.last_seen is not None and robot.state != "unknown":
+            robot.gaps.append((received_at - robot.last_seen).total_seconds())
+        robot.last_seen = received_at
+        if silent >= self.offline_after_s:
+            self._move(robot, "offline", now)
+        elif silent >= self.stale_after(robot):
+            self._move(robot, "stale", now)
+        else:
+            self._move(robot, "online", received_at)
 
     def ended_elsewhere(self, serial: str, at: datetime, last_seen: datetime | None) -> None:
         """Another instance saw the robot's connection end at `at`, its last status there received at
