@@ -131,8 +131,8 @@ class Presence:
             self.status_committed(serial, received_at)
             return
         # Received long enough ago to be past the time rules (an instance reading the table after an outage of its
-        # own, or rows it had not read yet): the robot goes straight to the state that age gives it, where online
-        # until the next tick announced it online, then offline, to every listener (presence alerts included).
+        # own): the robot goes straight to the state that age gives it. Through status_committed it was online
+        # until the next tick, and every listener (presence alerts included) heard it go online, then offline.
         if robot is None:
             robot = self.robots[serial] = RobotPresence(serial, "unknown", received_at)
         if robot.last_seen is not None and robot.state != "unknown":
