@@ -87,6 +87,11 @@ class Presence:
             return STALE_FLOOR_S
         return max(STALE_FLOOR_S, STALE_FACTOR * statistics.median(robot.gaps))
 
+    @property
+    def shortest_stale_after(self) -> float:
+        """The shortest stale-after time any robot can have: the setting, or the floor of the automatic one."""
+        return self.stale_after_s if self.stale_after_s is not None else STALE_FLOOR_S
+
     def seed(self, serials: Iterable[tuple[str, datetime | None]]) -> None:
         """Robots known before this start (stored or registered), with when each was last seen: unknown for now."""
         for serial, last_seen in serials:
@@ -127,7 +132,7 @@ class Presence:
             robot.connection = None
         now = self.clock()
         silent = (now - received_at).total_seconds()
-        if silent < self.offline_after_s and silent < (self.stale_after_s or STALE_FLOOR_S):
+        if silent < self.offline_after_s and silent < self.shortest_stale_after:
             self.status_committed(serial, received_at)
             return
         # Received long enough ago to be past the time rules (an instance reading the table after an outage of its
@@ -195,7 +200,7 @@ class Presence:
         costs one comparison: its own stale-after time (a median) is computed only once it could be past it.
         """
         now = self.clock()
-        shortest = self.stale_after_s if self.stale_after_s is not None else STALE_FLOOR_S
+        shortest = self.shortest_stale_after
         # Heard from after this, an online robot is neither stale nor offline: one comparison, no arithmetic (at
         # 10,000 robots the silence of each, as a timedelta, held the event loop 3 ms every tick).
         try:
